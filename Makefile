@@ -1,0 +1,39 @@
+# Two commands matter: `make sweep EXP=<name>` and `make test`. Both build .venv on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On this project's CPU machines these wheels lie on disk; on a cluster override, e.g. TORCH_SPEC="torch==2.5.1".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+EXP ?= conditioning_candidates
+CLUSTER ?= local
+PROFILE ?=
+SMOKE ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast lint sweep
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# Everything, the slow end-to-end tests included (this is what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The unit tests only (a few minutes).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# make sweep EXP=conditioning_candidates [SMOKE=1] [CLUSTER=local|debug|slurm] [PROFILE=<slurm/profiles/NAME>]
+sweep: $(STAMP)
+	$(PY) -m experiments.launch $(EXP) --cluster $(CLUSTER) $(if $(PROFILE),--profile $(PROFILE)) $(if $(SMOKE),--smoke)
