@@ -1,0 +1,145 @@
+"""Single-stream DiT (paper Sec. 2.2: "standard latent DiT with full self-attention and 2x2 patchification").
+
+    x (B, C, H, W), s (B,) in [0, 1], cond: Conditioning  ->  v (B, C, H, W)
+
+Condition tokens (B, T, D) and image patches (B, L, D) form one sequence ``[condition; image]`` that every block
+attends over with full self-attention; the condition's key padding mask masks padded tokens, so padding never
+changes an output. Timestep modulation is adaLN-zero on every token (as Flux/Krea2 single-stream blocks).
+The other two conditioning channels hook in per block:
+- ``cond.kv[i]`` (B, T, D): block i projects it to extra keys/values (layerwise KV fusion, Playground-v3 /
+  FuseDiT style); the block's queries are only its own tokens.
+- ``cond.inject[i]`` (B, T, D): added to the condition positions of the residual stream after block i
+  (hidden-state injection).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
+from torch import nn
+
+from models.conditioning.base import Conditioning
+from models.layers import MLP, Attention
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (B, S, D), shift/scale (B, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    """adaLN-zero transformer block; optional extra K/V from a per-block context (KV fusion)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, kv_context: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, qk_norm=True)
+        self.mlp = MLP(dim, mlp_ratio)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+        if kv_context:
+            self.ctx_norm = nn.RMSNorm(dim, eps=1e-6)
+            self.ctx_kv = nn.Linear(dim, 2 * dim)
+
+    def context_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ctx (B, T, D) -> k, v (B, heads, T, D/heads), k RMS-normed like the block's own keys."""
+        k, v = self.ctx_kv(self.ctx_norm(ctx)).chunk(2, dim=-1)
+        k, v = self.attn.split_heads(k), self.attn.split_heads(v)
+        return self.attn.k_norm(k), v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        mask: torch.Tensor | None,
+        ctx: torch.Tensor | None = None,
+        ctx_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        extra = (*self.context_kv(ctx), ctx_mask) if ctx is not None else None
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), mask, extra_kv=extra)
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class DiT(nn.Module):
+    """Diffusion transformer over 2x2 (configurable) patches of a (C, H, W) image or latent."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int = 32,
+        patch: int = 2,
+        dim: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        kv_context: bool = False,
+    ):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size={image_size} is not a multiple of patch={patch}")
+        self.in_channels, self.image_size, self.patch, self.dim, self.depth = (
+            in_channels, image_size, patch, dim, depth
+        )
+        self.grid = image_size // patch
+        self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+        pos = get_2d_sincos_pos_embed(dim, self.grid, output_type="pt")
+        self.register_buffer("pos", torch.as_tensor(pos, dtype=torch.float32)[None], persistent=False)
+        self.cond_type = nn.Parameter(torch.zeros(1, 1, dim))  # tells condition tokens from image tokens
+        self.t_embed = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio, kv_context) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.final = nn.Linear(dim, patch * patch * in_channels)
+        for m in (self.final_ada[1], self.final):  # zero-init output: the untrained model predicts v = 0
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, D) with L = (H/p)(W/p)."""
+        return self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L, p*p*C) -> (B, C, H, W)."""
+        b, p, g, c = tokens.shape[0], self.patch, self.grid, self.in_channels
+        x = tokens.view(b, g, g, p, p, c)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        img = self.patchify(x)
+        b, n_img = img.shape[:2]
+        t = get_timestep_embedding(s * 1000.0, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        c = self.t_embed(t.to(img.dtype))
+
+        if cond.kv is not None and len(cond.kv) != self.depth:
+            raise ValueError(f"KV fusion needs one context per DiT block: got {len(cond.kv)}, depth {self.depth}")
+        if cond.inject is not None and len(cond.inject) != self.depth:
+            raise ValueError(f"injection needs one entry per DiT block: got {len(cond.inject)}, depth {self.depth}")
+
+        n_cond = 0
+        mask = None
+        if cond.tokens is not None:
+            n_cond = cond.tokens.shape[1]
+            h = torch.cat([cond.tokens.to(img.dtype) + self.cond_type, img], dim=1)
+            mask = torch.cat([cond.mask, torch.ones(b, n_img, dtype=torch.bool, device=x.device)], dim=1)
+        else:
+            h = img
+        for i, block in enumerate(self.blocks):
+            ctx = cond.kv[i].to(img.dtype) if cond.kv is not None else None
+            h = block(h, c, mask, ctx=ctx, ctx_mask=cond.mask if ctx is not None else None)
+            if cond.inject is not None and cond.inject[i] is not None:
+                if n_cond == 0:
+                    raise ValueError("hidden-state injection needs condition tokens in the DiT sequence")
+                add = cond.inject[i].to(h.dtype) * cond.mask[..., None].to(h.dtype)
+                h = torch.cat([h[:, :n_cond] + add, h[:, n_cond:]], dim=1)
+        shift, scale = self.final_ada(c).chunk(2, dim=-1)
+        out = self.final(modulate(self.final_norm(h[:, n_cond:]), shift, scale))
+        return self.unpatchify(out)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Trainable parameter count."""
+    return int(np.sum([p.numel() for p in module.parameters() if p.requires_grad]))
