@@ -1,0 +1,100 @@
+"""Experiment configs: base.yaml + one YAML per ablation, expanded into named runs.
+
+An ablation YAML:
+
+    description: what the sweep answers
+    overrides: {...}            # applied to base.yaml for every run
+    runs:                       # named grid points, each an override dict
+      lap: {candidate: lap, conditioner: {refiner_blocks: 2}}
+    grid: {seed: [0, 1]}        # optional cartesian product applied on top of every run
+    smoke: {...}                # overrides for `--smoke` (tiny, for tests)
+    figure: fig4                # which analysis.figures drawer to use
+
+A run's directory name is ``<name>-<hash>`` where the hash covers the full resolved config, so re-running a
+sweep finds finished runs (skip) and unfinished ones (resume) and never mixes two configs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+FREE_FORM = ("conditioner",)  # validated by the candidate, not against base.yaml
+
+
+def available_experiments() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
+
+
+def load_base() -> dict[str, Any]:
+    return yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())
+
+
+def merge(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """Recursive merge; a key absent from ``base`` raises KeyError naming the valid keys."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        where = f"{path}{key}"
+        if key not in out and path.rstrip(".") not in FREE_FORM:
+            raise KeyError(f"unknown config key {where!r}; valid keys here: {sorted(out)}")
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in FREE_FORM:
+            out[key] = merge(out[key], value, f"{where}.")
+        elif isinstance(value, dict) and key in FREE_FORM:
+            out[key] = {**(out.get(key) or {}), **copy.deepcopy(value)}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    exp: str
+    name: str
+    config: dict[str, Any]
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.name}-{config_hash(self.config)}"
+
+
+def load_experiment(exp: str, smoke: bool = False) -> tuple[dict[str, Any], list[RunSpec]]:
+    """(experiment YAML, expanded runs). Unknown ``exp`` raises ValueError listing the valid names."""
+    path = CONFIG_DIR / f"{exp}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown experiment {exp!r}; valid: {', '.join(available_experiments())}")
+    spec = yaml.safe_load(path.read_text())
+    base = merge(load_base(), spec.get("overrides") or {})
+    if smoke:
+        base = merge(base, spec.get("smoke") or {})
+    grid = spec.get("grid") or {}
+    runs = []
+    for name, override in (spec.get("runs") or {"default": {}}).items():
+        run_cfg = merge(base, override or {})
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
+            cfg, suffix = run_cfg, []
+            for k, v in zip(keys, values, strict=True):
+                cfg = merge(cfg, set_dotted(k, v))
+                suffix.append(f"{k.split('.')[-1]}{v}")
+            runs.append(RunSpec(exp, "_".join([name, *suffix]), cfg))
+    return spec, runs
+
+
+def set_dotted(key: str, value: Any) -> dict[str, Any]:
+    """'train.steps', 5 -> {'train': {'steps': 5}}."""
+    out: dict[str, Any] = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
