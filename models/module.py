@@ -1,0 +1,186 @@
+"""The LightningModule: frozen encoder -> conditioner -> DiT, trained by flow matching.
+
+One config dict (``experiments/configs/base.yaml`` merged with an ablation's overrides) builds everything, so a
+checkpoint's hyper-parameters rebuild the same model. The frozen encoder is rebuilt from its preset rather than
+stored: its weights are stripped from checkpoints (an 8B encoder in every checkpoint would be absurd), and
+loading checks that nothing else is missing.
+
+Batches: {"image": (B, C, S, S) float in [-1, 1], "caption": list[str]}.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from models.conditioning import build_conditioner
+from models.dit import DiT
+from models.encoders import build_encoder
+from models.flow import cfg_velocity, euler_sample, flow_matching_loss, sample_sigmas
+
+ENCODER_PREFIX = "encoder."
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss is NaN/inf: the run stops instead of silently training on garbage."""
+
+
+class UniFusionModule(L.LightningModule):
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.config = config
+        enc_cfg, dit_cfg = config["encoder"], config["dit"]
+        self.encoder = build_encoder(
+            enc_cfg["preset"], layers=enc_cfg.get("layers"), stride=enc_cfg.get("stride"), start=enc_cfg.get("start")
+        )
+        n_layers = len(self.encoder.layer_ids)
+        self.conditioner = build_conditioner(
+            config["candidate"],
+            enc_dim=self.encoder.hidden_size,
+            num_layers=n_layers,
+            dit_dim=dit_cfg["dim"],
+            dit_depth=dit_cfg["depth"],
+            **config.get("conditioner", {}),
+        )
+        self.dit = DiT(
+            in_channels=3,
+            image_size=config["data"]["size"],
+            patch=dit_cfg["patch"],
+            dim=dit_cfg["dim"],
+            depth=dit_cfg["depth"],
+            heads=dit_cfg["heads"],
+            mlp_ratio=dit_cfg.get("mlp_ratio", 4.0),
+            kv_context=not self.conditioner.feeds_tokens,
+        )
+        # EMA of everything trainable; buffers follow too (use_buffers) so the EMA model is self-contained.
+        self.ema = AveragedModel(
+            nn.ModuleDict({"conditioner": self.conditioner, "dit": self.dit}),
+            multi_avg_fn=get_ema_multi_avg_fn(config["ema"]["decay"]),
+            use_buffers=True,
+        )
+        self.ema.requires_grad_(False)
+        self.strict_loading = False  # encoder keys are absent by design; on_load_checkpoint checks the rest
+
+    # ---------------------------------------------------------------- checkpoints without the frozen encoder
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith(ENCODER_PREFIX)]:
+            del sd[k]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = {k for k in self.state_dict() if not k.startswith(ENCODER_PREFIX)}
+        missing = expected - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trainable entries, e.g. {sorted(missing)[:3]}")
+
+    # ---------------------------------------------------------------- model
+    def velocity(
+        self,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        features: torch.Tensor,
+        mask: torch.Tensor,
+        drop: torch.Tensor | None = None,
+        ema: bool = False,
+    ) -> torch.Tensor:
+        """x (B, C, S, S), s (B,), features (B, T, N, D_enc), mask (B, T) -> v (B, C, S, S)."""
+        parts = self.ema.module if ema else {"conditioner": self.conditioner, "dit": self.dit}
+        cond_mod, dit = parts["conditioner"], parts["dit"]
+        return dit(x, s, cond_mod(features, mask, drop))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x0 = batch["image"]
+        enc = self.encoder(batch["caption"])
+        features, mask = enc.features.to(x0.device), enc.mask.to(x0.device)
+        b = x0.shape[0]
+        fcfg = self.config["flow"]
+        drop = torch.rand(b, device=x0.device) < fcfg["p_uncond"]
+        eps = torch.randn_like(x0)
+        s = sample_sigmas(b, None, fcfg["logit_mean"], fcfg["logit_std"], fcfg["shift"], device=x0.device)
+        loss = flow_matching_loss(lambda xs, ss: self.velocity(xs, ss, features, mask, drop), x0, eps, s)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss {loss.item()} at step {self.global_step} "
+                f"(candidate={self.config['candidate']}, lr={self.config['optim']['lr']}); stopping the run. "
+                "Lower optim.lr or check the data/encoder features."
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=b)
+        return loss
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.ema.update_parameters(nn.ModuleDict({"conditioner": self.conditioner, "dit": self.dit}))
+
+    def configure_optimizers(self):
+        o = self.config["optim"]
+        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(("ema.", "encoder."))]
+        opt = torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+        warmup, total = o["warmup_steps"], max(1, self.config["train"]["steps"])
+
+        def lr_lambda(step: int) -> float:  # linear warm-up, then cosine to 10% of the peak
+            if step < warmup:
+                return (step + 1) / warmup
+            frac = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        use_ema: bool = True,
+        layer_dropout: list[int] | None = None,
+    ) -> np.ndarray:
+        """Sample one image per (prompt, seed). Returns uint8 (B, S, S, 3).
+
+        The initial noise of each image comes from its own seed, so an image does not depend on what else is in
+        the batch. ``layer_dropout`` (LAP only) zeroes those layers' pooling weights for this call (paper Fig. 8).
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        scfg = self.config["sample"]
+        steps = steps or scfg["steps"]
+        scale = scfg["cfg_scale"] if cfg_scale is None else cfg_scale
+        size, dev = self.config["data"]["size"], self.device
+        noise = torch.stack(
+            [torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(sd))) for sd in seeds]
+        ).to(dev)
+        enc = self.encoder(prompts)
+        features, mask = enc.features.to(dev), enc.mask.to(dev)
+        b = len(prompts)
+        cond_mod = self.ema.module["conditioner"] if use_ema else self.conditioner
+        restore = None
+        if layer_dropout is not None:
+            if not hasattr(cond_mod, "set_layer_dropout"):
+                raise ValueError(f"layer dropout needs a LAP conditioner, not {self.config['candidate']!r}")
+            restore = cond_mod.layer_dropout
+            cond_mod.set_layer_dropout(layer_dropout)
+        try:
+            if scale == 1.0:
+                fn = lambda x, s: self.velocity(x, s, features, mask, None, ema=use_ema)
+            else:
+                feats2, mask2 = torch.cat([features, features]), torch.cat([mask, mask])
+                drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(dev)
+
+                def fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+                    v = self.velocity(torch.cat([x, x]), torch.cat([s, s]), feats2, mask2, drop, ema=use_ema)
+                    return cfg_velocity(v[:b], v[b:], scale)
+
+            x0 = euler_sample(fn, noise, steps, shift=scfg.get("shift", 1.0))
+        finally:
+            if restore is not None:
+                cond_mod.set_layer_dropout(restore)
+        img = ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return img.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,49 @@
+"""A file-free word-level tokenizer over the shapes world's closed vocabulary.
+
+The tiny offline encoder presets (``models/encoders.py``) pair randomly initialised HF models with this
+tokenizer, so tests and CPU sweeps never touch the Hub. Token ids are positions in
+``experiments.data.vocab.ALL_TOKENS``: "[PAD]" = 0, "[UNK]" = 1, "[BOS]" = 2, "[EOS]" = 3, then the words.
+
+The tokenizer itself adds no special tokens: whether a model sees BOS and/or EOS is the encoder preset's
+decision (``FrozenEncoder(add_bos=..., add_eos=...)``), made in one place for tiny and real models alike.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
+
+from experiments.data.vocab import ALL_TOKENS
+
+PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
+
+
+def shapes_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer of the shapes world: lower-cases, splits on whitespace and isolates punctuation.
+
+    ``"A red square."`` -> ``["a", "red", "square", "."]``; out-of-vocabulary words map to "[UNK]".
+    Batches pad on the right with "[PAD]" (id 0). Built in memory, deterministic, no files.
+    """
+    vocab = {tok: i for i, tok in enumerate(ALL_TOKENS)}
+    if len(vocab) != len(ALL_TOKENS):
+        raise ValueError("experiments.data.vocab.ALL_TOKENS holds duplicate tokens; ids must be unique positions")
+    for special, want in ((PAD, 0), (UNK, 1), (BOS, 2), (EOS, 3)):
+        if vocab.get(special) != want:
+            raise ValueError(f"{special} must have id {want} in ALL_TOKENS, found {vocab.get(special)}")
+
+    core = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    core.normalizer = normalizers.Lowercase()
+    # Isolated punctuation splits "square." and "?." into single-character tokens that are all in the vocab.
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        padding_side="right",
+        model_max_length=1024,
+    )
