@@ -101,9 +101,11 @@ class UniFusionModule(L.LightningModule):
         features, mask = enc.features.to(x0.device), enc.mask.to(x0.device)
         b = x0.shape[0]
         fcfg = self.config["flow"]
-        drop = torch.rand(b, device=x0.device) < fcfg["p_uncond"]
-        eps = torch.randn_like(x0)
-        s = sample_sigmas(b, None, fcfg["logit_mean"], fcfg["logit_std"], fcfg["shift"], device=x0.device)
+        # All training randomness comes from (seed, step, rank): a resumed run draws exactly what it would have.
+        g = torch.Generator().manual_seed((self.config["seed"] << 40) + (self.global_rank << 32) + self.global_step)
+        drop = (torch.rand(b, generator=g) < fcfg["p_uncond"]).to(x0.device)
+        eps = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+        s = sample_sigmas(b, g, fcfg["logit_mean"], fcfg["logit_std"], fcfg["shift"]).to(x0.device)
         loss = flow_matching_loss(lambda xs, ss: self.velocity(xs, ss, features, mask, drop), x0, eps, s)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
@@ -114,7 +116,10 @@ class UniFusionModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=b)
         return loss
 
-    def on_train_batch_end(self, *args: Any) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # EMA right after the weights change, before any callback (ModelCheckpoint) sees the step: a checkpoint
+        # then always holds the EMA of exactly the steps it claims, and a resumed run matches a straight one.
+        super().optimizer_step(*args, **kwargs)
         self.ema.update_parameters(nn.ModuleDict({"conditioner": self.conditioner, "dit": self.dit}))
 
     def configure_optimizers(self):

@@ -36,6 +36,6 @@ class ShapesDataModule(L.LightningDataModule):
         step = self.trainer.global_step if self.trainer is not None else 0
         stream = ShapesStream(
             seed=self.seed, size=self.size, long_caption_prob=self.long_caption_prob,
-            start_index=step * self.batch_size,
+            start_index=step * self.batch_size, batch_size=self.batch_size,  # workers take whole batches
         )
         return DataLoader(stream, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers)

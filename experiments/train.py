@@ -1,0 +1,197 @@
+"""One run: train (Lightning), then sample the synthetic GenEval prompts and score them.
+
+    python -m experiments.train --exp conditioning_candidates --run lap [--smoke] [--run-dir DIR]
+
+A run directory holds ``config.yaml``, ``checkpoints/last.ckpt`` (resume), ``final.ckpt``, Lightning's CSV log,
+``eval/`` (images + GenEval rows) and ``metrics.csv`` (tidy rows, DESIGN.md §4); ``DONE`` marks it finished.
+Every file that other tools read is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import submitit
+import torch
+import yaml
+
+RUNS_DIR = Path(os.environ.get("UNIFUSION_RUNS", "runs"))
+METRIC_COLUMNS = ["exp", "run", "candidate", "seed", "step", "metric", "value", "ci_low", "ci_high", "n"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def config_columns(config: dict[str, Any]) -> dict[str, Any]:
+    """The config facts that make a results row self-describing."""
+    enc = config["encoder"]
+    return {
+        "encoder": enc["preset"],
+        "layers": "" if enc.get("layers") is None else ",".join(map(str, enc["layers"])),
+        "stride": enc.get("stride"),
+        "refiner_blocks": config.get("conditioner", {}).get("refiner_blocks", 0),
+        "injection": config.get("conditioner", {}).get("injection", "input"),
+        "dit_dim": config["dit"]["dim"],
+        "dit_depth": config["dit"]["depth"],
+        "train_steps": config["train"]["steps"],
+        "batch_size": config["train"]["batch_size"],
+    }
+
+
+def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
+    """Train (or resume) to ``train.steps``; returns the module with its final weights.
+
+    ``stop_at`` stops early at that step as a preemption would (the schedule still targets ``train.steps``); the
+    next call resumes from ``checkpoints/last.ckpt``. Used by the exact-resume test.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from experiments.data.datamodule import ShapesDataModule
+    from models.module import UniFusionModule
+
+    L.seed_everything(config["seed"], workers=True, verbose=False)
+    module = UniFusionModule(config)
+    tcfg = config["train"]
+    if tcfg["steps"] == 0:
+        return module
+    data = ShapesDataModule(
+        seed=config["seed"], batch_size=tcfg["batch_size"], size=config["data"]["size"],
+        long_caption_prob=config["data"]["long_caption_prob"], num_workers=tcfg["num_workers"],
+    )
+    ckpt_dir = run_dir / "checkpoints"
+    gpu = torch.cuda.is_available()
+    trainer = L.Trainer(
+        max_steps=tcfg["steps"] if stop_at is None else stop_at,
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        precision="bf16-mixed" if gpu else "32-true",
+        gradient_clip_val=config["optim"]["grad_clip"],
+        logger=CSVLogger(run_dir, name="logs", version=""),
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=tcfg["ckpt_every"])],
+        log_every_n_steps=tcfg["log_every"],
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    last = ckpt_dir / "last.ckpt"
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    return module
+
+
+def evaluate(module, config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], list[dict]]:
+    """Sample GenEval-format prompts of the shapes world and score them with the exact detector."""
+    from evals.geneval import evaluate_folder
+    from evals.images import generate_geneval_folder
+    from experiments.data.shapes import write_geneval_metadata
+
+    gcfg = config["eval"]["geneval"]
+    eval_dir = run_dir / "eval"
+    metadata = write_geneval_metadata(eval_dir / "evaluation_metadata.jsonl", gcfg["n_per_task"], gcfg["seed"])
+    generate_geneval_folder(
+        module, metadata, eval_dir / "images", n_samples=gcfg["n_samples"], seed=gcfg["seed"],
+        batch_size=config["eval"]["batch_size"],
+    )
+    rows, summary = evaluate_folder(eval_dir / "images", detector="shapes", out_dir=eval_dir / "geneval")
+    return summary, rows
+
+
+def metric_rows(exp: str, run: str, config: dict[str, Any], step: int, summary: dict, rows: list[dict]) -> pd.DataFrame:
+    """Tidy rows: overall (bootstrap CI over prompts), each task (CI over that task's prompts), % images."""
+    from evals.geneval import per_prompt_scores
+    from evals.stats import bootstrap_ci
+
+    base = {"exp": exp, "run": run, "candidate": config["candidate"], "seed": config["seed"], "step": step}
+    lo, hi = summary["ci95"]["overall"]
+    per_prompt = per_prompt_scores(rows)
+    out = [{**base, "metric": "geneval.overall", "value": summary["overall"], "ci_low": lo, "ci_high": hi,
+            "n": len(per_prompt)}]
+    for task, value in summary["tasks"].items():
+        scores = per_prompt.loc[per_prompt["tag"] == task, "score"].to_numpy()
+        tlo, thi = bootstrap_ci(scores, lambda x: x.mean(axis=-1), seed=config["seed"]) if len(scores) else (None, None)
+        out.append({**base, "metric": f"geneval.{task}", "value": value, "ci_low": tlo, "ci_high": thi,
+                    "n": len(scores)})
+    out.append({**base, "metric": "geneval.images", "value": summary["images"], "ci_low": None, "ci_high": None,
+                "n": summary["counts"].get("images", len(rows))})
+    df = pd.DataFrame(out)
+    for key, value in config_columns(config).items():
+        df[key] = value
+    return df
+
+
+def run(exp: str, name: str, config: dict[str, Any], run_dir: Path, threads: int = 0) -> Path:
+    """Train + evaluate one run into ``run_dir``; a finished run (DONE present) is left untouched.
+
+    ``threads`` > 0 sets torch's CPU threads (the launcher splits the cores between parallel jobs); it is not
+    part of the config, so it never changes a run's identity.
+    """
+    run_dir = Path(run_dir)
+    done = run_dir / "DONE"
+    if done.exists():
+        return run_dir
+    if threads > 0:
+        torch.set_num_threads(threads)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({"exp": exp, "run": name, "config": config}))
+    t0 = time.time()
+    module = train(config, run_dir)
+    t_train = time.time() - t0
+    step = int(module.global_step)
+    module.eval()
+    t1 = time.time()
+    summary, rows = evaluate(module, config, run_dir)
+    t_eval = time.time() - t1
+    df = metric_rows(exp, name, config, step, summary, rows)
+    timing = pd.DataFrame(
+        [{"exp": exp, "run": name, "candidate": config["candidate"], "seed": config["seed"], "step": step,
+          "metric": m, "value": v, "n": 1} for m, v in (("time.train_s", t_train), ("time.eval_s", t_eval))]
+    )
+    for key, value in config_columns(config).items():
+        timing[key] = value
+    df = pd.concat([df, timing], ignore_index=True)
+    atomic_write_text(run_dir / "metrics.csv", df.to_csv(index=False))
+    atomic_write_text(done, json.dumps({"overall": summary["overall"], "step": step,
+                                        "train_s": round(t_train, 1), "eval_s": round(t_eval, 1)}))
+    return run_dir
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """A submitit job for one run. On timeout/preemption submitit calls ``checkpoint`` (inherited), which
+    resubmits the same callable; ``run`` then resumes from ``checkpoints/last.ckpt``."""
+
+    def __init__(self, exp: str, name: str, config: dict[str, Any], run_dir: str, threads: int = 0):
+        self.exp, self.name, self.config, self.run_dir, self.threads = exp, name, config, run_dir, threads
+
+    def __call__(self) -> str:
+        return str(run(self.exp, self.name, self.config, Path(self.run_dir), self.threads))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from experiments.config import load_experiment
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--run-dir", type=Path)
+    a = p.parse_args(argv)
+    _, runs = load_experiment(a.exp, smoke=a.smoke)
+    by_name = {r.name: r for r in runs}
+    if a.run not in by_name:
+        raise SystemExit(f"unknown run {a.run!r} in {a.exp}; valid: {', '.join(by_name)}")
+    spec = by_name[a.run]
+    out = run(spec.exp, spec.name, spec.config, a.run_dir or RUNS_DIR / spec.exp / spec.dirname)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
