@@ -117,7 +117,7 @@ def metric_rows(exp: str, run: str, config: dict[str, Any], step: int, summary: 
     out = [{**base, "metric": "geneval.overall", "value": summary["overall"], "ci_low": lo, "ci_high": hi,
             "n": len(per_prompt)}]
     for task, value in summary["tasks"].items():
-        scores = per_prompt.loc[per_prompt["tag"] == task, "score"].to_numpy()
+        scores = per_prompt.loc[per_prompt["tag"] == task, "correct"].to_numpy()
         tlo, thi = bootstrap_ci(scores, lambda x: x.mean(axis=-1), seed=config["seed"]) if len(scores) else (None, None)
         out.append({**base, "metric": f"geneval.{task}", "value": value, "ci_low": tlo, "ci_high": thi,
                     "n": len(scores)})

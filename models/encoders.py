@@ -353,7 +353,7 @@ class EncoderPreset:
     start: int | None = None  # start (default k - 1); neither -> last layer only
     add_bos: bool = False
     add_eos: bool = False
-    max_length: int = 64
+    max_length: int = 192  # long DPG-style shapes descriptions reach ~150 tokens
     seed: int = 0  # initialisation seed of tiny presets; hub presets ignore it
     blocks_path: str | None = None
 
@@ -379,7 +379,7 @@ def _tiny_llama(seed: int) -> tuple[nn.Module, Any]:
         num_hidden_layers=12,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=256,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

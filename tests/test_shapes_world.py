@@ -307,3 +307,19 @@ def test_render_geneval_folder_layout(tmp_path) -> None:
         assert files == ["00000.png", "00001.png"]
         png = np.asarray(Image.open(out / f"{i:05d}" / "samples" / "00001.png"))
         assert np.array_equal(png, render(scene_for_prompt(m, np.random.default_rng([9, i, 1]), 64)))
+
+
+def test_caption_block_makes_batches_all_short_or_all_long() -> None:
+    from experiments.data.shapes import ShapesStream, stream_item
+
+    stream = iter(ShapesStream(seed=4, long_caption_prob=0.5, batch_size=8))
+    kinds = []
+    for _ in range(12):
+        batch = [next(stream) for _ in range(8)]
+        long = {item["caption"].startswith("a picture of") for item in batch}
+        assert len(long) == 1, [item["caption"] for item in batch]  # one kind per batch
+        kinds.append(long.pop())
+    assert 0 < sum(kinds) < 12  # both kinds occur
+    # still a pure function of (seed, index, block)
+    a, b = stream_item(4, 13, caption_block=8), stream_item(4, 13, caption_block=8)
+    assert a["caption"] == b["caption"] and torch.equal(a["image"], b["image"])

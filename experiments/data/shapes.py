@@ -487,15 +487,22 @@ def caption(item: dict[str, Any] | Scene) -> str:
 # ------------------------------------------------------------------------------------------------ training stream
 
 
-def stream_item(seed: int, index: int, size: int = 32, long_caption_prob: float = 0.2) -> dict[str, Any]:
+def stream_item(seed: int, index: int, size: int = 32, long_caption_prob: float = 0.2,
+                caption_block: int = 1) -> dict[str, Any]:
     """Item ``index`` of the stream: a pure function of (seed, index) through ``default_rng([seed, index])``.
 
     With probability ``long_caption_prob`` a random scene captioned by ``describe``; otherwise a task drawn
     uniformly from TASKS, a ``sample_prompt`` for it, a ``scene_for_prompt`` and the prompt as caption.
+    ``caption_block`` > 1 draws that long-or-short coin once per block of indices (one batch), so a batch is all
+    short prompts or all long descriptions: a batch pads to its longest caption, and a single ~150-token
+    description in every batch would triple the condition length of every step.
     Returns ``{"image": float32 (3, S, S) in [-1, 1], "caption": str, "scene": dict, "index": int}``.
     """
     rng = np.random.default_rng([seed, index])
-    if rng.random() < long_caption_prob:
+    coin = rng.random()
+    if caption_block > 1:
+        coin = np.random.default_rng([seed, index // caption_block, 1]).random()
+    if coin < long_caption_prob:
         scene = sample_scene(rng, size)
         text = describe(scene)
     else:
@@ -511,7 +518,8 @@ class ShapesStream(IterableDataset):
     Item i is ``stream_item(seed, i, ...)``; iteration starts at ``start_index``. Under a DataLoader with W
     workers, worker k yields indices ``start_index + k + j*W`` (j = 0, 1, ...). If ``batch_size`` is given,
     workers take whole batches instead (worker k yields batches k, k+W, ...), which matches the DataLoader's
-    round-robin fetch order, so batches arrive exactly in index order for any W.
+    round-robin fetch order, so batches arrive exactly in index order for any W; it also makes each batch
+    all-short or all-long captions (``stream_item``'s ``caption_block``).
     """
 
     def __init__(self, seed: int, size: int = 32, long_caption_prob: float = 0.2, start_index: int = 0,
@@ -545,4 +553,4 @@ class ShapesStream(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for i in self.indices(wid, nw):
-            yield stream_item(self.seed, i, self.size, self.long_caption_prob)
+            yield stream_item(self.seed, i, self.size, self.long_caption_prob, self.batch_size or 1)

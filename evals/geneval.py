@@ -1,0 +1,472 @@
+"""GenEval: object-focused correctness of generated images, reimplemented without mmdet (notes A1–A9).
+
+Rules reproduced from djghosh13/geneval ``evaluation/evaluate_images.py`` and ``summary_scores.py``:
+
+- Detections per class: score ``> threshold`` (``counting_threshold`` for tag ``counting``) BEFORE the cut to the
+  ``max_objects`` highest scores; then greedy same-class NMS, off by default (``max_overlap == 1``), IoU with the
+  +1 pixel convention. Kept detections stay sorted by score, descending (ties keep the backend's order; numpy's
+  ``argsort[::-1]`` in the original leaves tie order implementation-defined).
+- Include clause: ``found = kept[class][:count]``; fails if fewer than ``count``. Colour (only if presence passed)
+  classifies the top-``count`` objects only and needs ``count`` of the required colour. Position (only if the
+  clause passed so far) needs the relation between every found object and every object of the target group; a
+  failed target group gives "no target". Exclude clause: fails if ``len(kept[class]) >= count``.
+- Summary: per-task accuracy over images; overall = unweighted mean of the task accuracies; "% correct prompts"
+  = ``any()`` over a prompt's images, prompts keyed by their metadata JSON string (as ``groupby('metadata')``).
+
+Deliberate differences: sample names must fully match ``\\d+\\.png`` (the original's ``re.match`` is a prefix
+match); non-PNG or misnamed samples, non-digit folders and prompt folders without samples are COUNTED in
+``summary["counts"]`` and reported on stderr instead of being skipped silently; a corrupt PNG raises (naming the
+file) rather than being scored as wrong, so a broken generation run cannot pass for a bad model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from evals.detectors import Detection, DetectorBackend, get_detector
+from evals.stats import bootstrap_ci
+
+TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+ROW_FIELDS: tuple[str, ...] = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
+_SAMPLE_NAME = re.compile(r"\d+\.png")
+
+ColorFn = Callable[[list[Detection], str], list[str]]
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+@dataclass(frozen=True)
+class GenevalOptions:
+    """The official ``--options`` that the rules read (defaults = GenEval's)."""
+
+    threshold: float = 0.3
+    counting_threshold: float = 0.9
+    max_objects: int = 16
+    max_overlap: float = 1.0  # NMS IoU; 1.0 = NMS off
+    position_threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.max_objects < 1:
+            raise ValueError(f"max_objects must be >= 1, got {self.max_objects}")
+        if not 0.0 < self.max_overlap <= 1.0:
+            raise ValueError(f"max_overlap must be in (0, 1], got {self.max_overlap}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> GenevalOptions:
+        """Options from ``{key: value}`` (values may be strings, as from ``--options key=value``)."""
+        types = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(values) - set(types))
+        if unknown:
+            raise ValueError(f"unknown GenEval option(s) {unknown}; valid: {sorted(types)}")
+        parsed = {}
+        for key, value in values.items():
+            try:
+                parsed[key] = int(value) if types[key] == "int" else float(value)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"option {key}={value!r} is not a {types[key]}") from err
+        return replace(cls(), **parsed)
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, str]:
+    """``["threshold=0.5", ...]`` -> ``{"threshold": "0.5"}``."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"option {pair!r} must look like key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+
+def compute_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
+    """IoU of ``(x1, y1, x2, y2)`` boxes with GenEval's +1 pixel convention (inclusive integer bounds)."""
+
+    def area(b: Sequence[float]) -> float:
+        return max(b[2] - b[0] + 1, 0) * max(b[3] - b[1] + 1, 0)
+
+    inter = area((max(box_a[0], box_b[0]), max(box_a[1], box_b[1]), min(box_a[2], box_b[2]), min(box_a[3], box_b[3])))
+    union = area(box_a) + area(box_b) - inter
+    return inter / union if union else 0.0
+
+
+def relative_position(box_a: Sequence[float], box_b: Sequence[float], threshold: float = 0.1) -> set[str]:
+    """Relations "A rel B" between ``(x1, y1, x2, y2)`` boxes (image y points down); empty if too close.
+
+    The centre offset shrinks per axis by ``threshold * (dim_a + dim_b)`` (clamped at 0, sign kept); the shrunk
+    offset divided by the raw offset's length gives (dx, dy); |component| > 0.5 names the relation.
+    """
+    a, b = np.asarray(box_a[:4], dtype=float), np.asarray(box_b[:4], dtype=float)
+    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    dims = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
+    revised = np.maximum(np.abs(offset) - threshold * dims, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    rels = {("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5)}
+    return {name for name, hit in rels if hit}
+
+
+# ------------------------------------------------------------------------------------------------ rules
+
+
+def select_detections(detections: Sequence[Detection], tag: str, options: GenevalOptions) -> list[Detection]:
+    """One class's kept detections: score threshold, then top-``max_objects``, then optional NMS; best first."""
+    cut = options.counting_threshold if tag == "counting" else options.threshold
+    ranked = sorted((d for d in detections if d.score > cut), key=lambda d: -d.score)[: options.max_objects]
+    kept: list[Detection] = []
+    while ranked:
+        best = ranked.pop(0)
+        kept.append(best)
+        if options.max_overlap < 1.0:
+            ranked = [d for d in ranked if compute_iou(best.box, d.box) < options.max_overlap]
+    return kept
+
+
+def _group(detections: Mapping[str, Sequence[Detection]] | Sequence[Detection]) -> dict[str, list[Detection]]:
+    if isinstance(detections, Mapping):
+        return {cls: list(dets) for cls, dets in detections.items()}
+    grouped: dict[str, list[Detection]] = {}
+    for d in detections:
+        grouped.setdefault(d.cls, []).append(d)
+    return grouped
+
+
+def _exact_colors(found: list[Detection], class_name: str) -> list[str]:
+    if any(d.color is None for d in found):
+        raise ValueError(f"detections of {class_name!r} carry no colour; pass classify_colors")
+    return [d.color for d in found]
+
+
+def evaluate_image(detections_by_class: Mapping[str, Sequence[Detection]] | Sequence[Detection],
+                   metadata: Mapping[str, Any], options: GenevalOptions | None = None,
+                   classify_colors: ColorFn | None = None) -> tuple[bool, str, dict[str, list[list[float]]]]:
+    """Score one image against one GenEval metadata object.
+
+    detections_by_class: RAW detections (class -> list, or a flat list), before thresholding; classify_colors:
+    ``(found, class_name) -> colours`` for the top-``count`` objects (default: each Detection's ``color``).
+    Returns ``(correct, reason, details)``: reason = newline-joined official failure messages ("" if correct),
+    details = ``{class: [[x1, y1, x2, y2, score], ...]}`` of the kept detections.
+    """
+    options = options or GenevalOptions()
+    classify_colors = classify_colors or _exact_colors
+    tag = metadata["tag"]
+    kept = {cls: sel for cls, dets in _group(detections_by_class).items()
+            if (sel := select_detections(dets, tag, options))}
+    correct, reasons = True, []
+    matched: list[list[Detection] | None] = []
+    for req in metadata["include"]:
+        cls, count = req["class"], int(req["count"])
+        found = kept.get(cls, [])[:count]
+        ok = len(found) >= count
+        if not ok:
+            reasons.append(f"expected {cls}>={count}, found {len(found)}")
+        else:
+            if "color" in req:
+                colors = classify_colors(found, cls)
+                n_ok = colors.count(req["color"])
+                if n_ok < count:
+                    ok = False
+                    seen = ", ".join(f"{colors.count(c)} {c}" for c in dict.fromkeys(colors))
+                    reasons.append(f"expected {req['color']} {cls}>={count}, found {n_ok} {req['color']}; and {seen}")
+            if "position" in req and ok:
+                rel, target = req["position"][0], int(req["position"][1])
+                if matched[target] is None:
+                    ok = False
+                    reasons.append(f"no target for {cls} to be {rel}")
+                else:
+                    for obj in found:
+                        for tgt in matched[target]:
+                            true_rels = relative_position(obj.box, tgt.box, options.position_threshold)
+                            if rel not in true_rels:
+                                ok = False
+                                names = " and ".join(r for r in RELATIONS if r in true_rels)
+                                reasons.append(f"expected {cls} {rel} target, found {names} target")
+                                break
+                        if not ok:
+                            break
+        correct = correct and ok
+        matched.append(found if ok else None)
+    for req in metadata.get("exclude", []):
+        cls, count = req["class"], int(req["count"])
+        if len(kept.get(cls, [])) >= count:
+            correct = False
+            reasons.append(f"expected {cls}<{count}, found {len(kept[cls])}")
+    details = {cls: [d.row() for d in dets] for cls, dets in kept.items()}
+    return correct, "\n".join(reasons), details
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+
+
+def validate_metadata(metadata: Any, where: str, classes: Sequence[str] | None = None,
+                      colors: Sequence[str] | None = None) -> dict[str, Any]:
+    """Check one GenEval metadata object; errors name ``where`` (a path) and the valid choices."""
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{where}: metadata must be one JSON object, got {type(metadata).__name__}")
+    missing = [k for k in ("tag", "prompt", "include") if k not in metadata]
+    if missing:
+        raise ValueError(f"{where}: metadata lacks key(s) {missing}")
+    if metadata["tag"] not in TASKS:
+        raise ValueError(f"{where}: unknown tag {metadata['tag']!r}; valid: {list(TASKS)}")
+    include, exclude = metadata["include"], metadata.get("exclude", [])
+    if not isinstance(include, list) or not include or not isinstance(exclude, list):
+        raise ValueError(f"{where}: 'include' must be a non-empty list and 'exclude' a list")
+    for i, req in enumerate(include + exclude):
+        if not isinstance(req, dict) or "class" not in req or "count" not in req:
+            raise ValueError(f"{where}: clause {req!r} needs 'class' and 'count'")
+        if not isinstance(req["count"], int) or req["count"] < 1:
+            raise ValueError(f"{where}: count must be an integer >= 1, got {req['count']!r}")
+        if classes is not None and req["class"] not in classes:
+            raise ValueError(f"{where}: class {req['class']!r} unknown to the detector; valid: {list(classes)}")
+        if colors is not None and "color" in req and req["color"] not in colors:
+            raise ValueError(f"{where}: colour {req['color']!r} unknown to the detector; valid: {list(colors)}")
+        if "position" in req:
+            pos = req["position"]
+            if not (isinstance(pos, list) and len(pos) == 2 and pos[0] in RELATIONS and isinstance(pos[1], int)):
+                raise ValueError(f"{where}: position must be [relation, target index] with relation in "
+                                 f"{list(RELATIONS)}, got {pos!r}")
+            if not 0 <= pos[1] < min(i, len(include)):
+                raise ValueError(f"{where}: position target {pos[1]} must index an earlier include clause")
+    return metadata
+
+
+def load_metadata_file(path: str | Path, classes: Sequence[str] | None = None,
+                       colors: Sequence[str] | None = None) -> dict[str, Any]:
+    """A prompt folder's ``metadata.jsonl``: ONE JSON object (read whole, as GenEval's ``json.load``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing metadata.jsonl (GenEval layout: <dir>/<NNNNN>/metadata.jsonl)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not one JSON object ({err})") from err
+    return validate_metadata(data, str(path), classes, colors)
+
+
+def read_metadata_lines(path: str | Path) -> list[dict[str, Any]]:
+    """An ``evaluation_metadata.jsonl`` prompt list: one metadata object per non-empty line."""
+    path = Path(path)
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(validate_metadata(json.loads(line), f"{path}:{n}"))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not a JSON object ({err})") from err
+    if not out:
+        raise ValueError(f"{path}: no metadata lines")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ folders
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return ImageOps.exif_transpose(img).convert("RGB")  # convert() forces a full decode
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"corrupt or unreadable PNG: {path} ({err})") from err
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Official aggregation: ``overall`` (unweighted task mean), ``tasks``, ``images`` and ``prompts`` (any())."""
+    if not rows:
+        raise ValueError("no rows to summarise")
+    df = pd.DataFrame(list(rows))
+    task_acc = df.groupby("tag", sort=False)["correct"].mean()
+    tasks = {t: float(task_acc[t]) for t in TASKS if t in task_acc}
+    return {
+        "overall": float(np.mean(list(tasks.values()))),
+        "tasks": tasks,
+        "images": float(df["correct"].mean()),
+        "prompts": float(df.groupby("metadata", sort=False)["correct"].any().mean()),
+    }
+
+
+def per_prompt_scores(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per prompt (keyed by metadata string, first-appearance order).
+
+    Columns: ``metadata, tag, prompt, n_images, n_correct, correct`` (mean over the prompt's images).
+    """
+    df = pd.DataFrame(list(rows))
+    out = df.groupby("metadata", sort=False).agg(tag=("tag", "first"), prompt=("prompt", "first"),
+                                                 n_images=("correct", "size"), n_correct=("correct", "sum"))
+    out["correct"] = out["n_correct"] / out["n_images"]
+    return out.reset_index()
+
+
+def _overall_from_prompts(table: np.ndarray) -> float:
+    """table (P, 3): task id, correct images, images -> mean over tasks of (correct / images) within the task."""
+    tasks = np.unique(table[:, 0])
+    return float(np.mean([table[table[:, 0] == t, 1].sum() / table[table[:, 0] == t, 2].sum() for t in tasks]))
+
+
+def geneval_bootstrap(rows: Sequence[Mapping[str, Any]], n_resamples: int = 1000, seed: int = 0,
+                      alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap CI of the overall score: prompts (all their images together) resampled per task."""
+    prompts = per_prompt_scores(rows)
+    task_id = prompts["tag"].map({t: i for i, t in enumerate(TASKS)}).to_numpy()
+    table = np.stack([task_id, prompts["n_correct"].to_numpy(), prompts["n_images"].to_numpy()], 1).astype(float)
+    return bootstrap_ci(table, _overall_from_prompts, n_resamples=n_resamples, seed=seed, alpha=alpha,
+                        strata=task_id)
+
+
+def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "shapes",
+                    out_dir: str | Path | None = None, ci_resamples: int = 1000, ci_seed: int = 0,
+                    **options: Any) -> tuple[list[dict], dict]:
+    """Score a GenEval image folder (``<dir>/<NNNNN>/metadata.jsonl`` + ``samples/<k>.png``).
+
+    ``options``: GenEval overrides (``threshold=0.5``, ...). Returns ``(rows, summary)``; with ``out_dir`` also
+    writes ``results.jsonl`` (official per-image rows) and ``summary.json``, atomically.
+    """
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {images_dir}")
+    opts = GenevalOptions.from_mapping(options)
+    backend = get_detector(detector) if isinstance(detector, str) else detector
+    counts = {"images": 0, "prompts": 0, "prompt_folders": 0, "prompts_without_samples": 0, "non_png_samples": 0,
+              "misnamed_samples": 0, "non_digit_folders": 0}
+    problems: list[str] = []
+    rows: list[dict] = []
+    for sub in sorted(images_dir.iterdir()):
+        if not sub.is_dir():
+            continue  # loose files beside the prompt folders (results, READMEs) are not GenEval input
+        if not sub.name.isdigit():
+            counts["non_digit_folders"] += 1
+            problems.append(f"non-digit folder skipped: {sub}")
+            continue
+        counts["prompt_folders"] += 1
+        meta = load_metadata_file(sub / "metadata.jsonl", backend.classes, backend.colors)
+        samples_dir = sub / "samples"
+        names = sorted(p.name for p in samples_dir.iterdir()) if samples_dir.is_dir() else []
+        n_before = len(rows)
+        for name in names:
+            path = samples_dir / name
+            if not name.lower().endswith(".png"):
+                counts["non_png_samples"] += 1
+                problems.append(f"non-PNG sample not scored (GenEval reads PNG only): {path}")
+                continue
+            if not _SAMPLE_NAME.fullmatch(name):
+                counts["misnamed_samples"] += 1
+                problems.append(f"sample name must match \\d+\\.png, not scored: {path}")
+                continue
+            image = _open_image(path)
+            correct, reason, details = evaluate_image(
+                backend.detect(image), meta, opts,
+                lambda found, cls, image=image: backend.classify_colors(image, found, cls))
+            rows.append({"filename": str(path), "tag": meta["tag"], "prompt": meta["prompt"], "correct": correct,
+                         "reason": reason, "metadata": json.dumps(meta), "details": json.dumps(details)})
+        if len(rows) == n_before:
+            counts["prompts_without_samples"] += 1
+            problems.append(f"prompt folder without PNG samples: {sub}")
+    for line in problems:
+        print(f"geneval: {line}", file=sys.stderr)
+    if not rows:
+        raise ValueError(f"no PNG samples scored under {images_dir}; problems: {problems[:5]}")
+    counts["images"] = len(rows)
+    counts["prompts"] = int(pd.Series([r["metadata"] for r in rows]).nunique())
+    summary = summarize(rows)
+    summary["detector"] = backend.name
+    summary["ci95"] = {"overall": list(geneval_bootstrap(rows, ci_resamples, ci_seed))}
+    summary["counts"] = counts
+    summary["problems"] = problems
+    summary["options"] = asdict(opts)
+    if out_dir is not None:
+        out = Path(out_dir)
+        _atomic_write(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        _atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return rows, summary
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def format_summary(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+    """Compact text table: one line per task, then overall with its CI, images and prompts."""
+    df = pd.DataFrame(list(rows))
+    lines = [f"GenEval [{summary['detector']}]: {summary['counts']['prompts']} prompts, "
+             f"{summary['counts']['images']} images", f"{'task':<14} {'acc':>6}  correct/images"]
+    for tag, acc in summary["tasks"].items():
+        sub = df[df["tag"] == tag]
+        lines.append(f"{tag:<14} {acc:>6.3f}  {int(sub['correct'].sum())}/{len(sub)}")
+    lo, hi = summary["ci95"]["overall"]
+    lines.append(f"{'overall':<14} {summary['overall']:>6.3f}  95% CI [{lo:.3f}, {hi:.3f}]")
+    lines.append(f"% correct images {summary['images']:.3f} | % correct prompts {summary['prompts']:.3f}")
+    issues = {k: v for k, v in summary["counts"].items() if k not in ("images", "prompts", "prompt_folders") and v}
+    if issues:
+        lines.append(f"problems: {issues}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m evals.geneval --images DIR | --ckpt CKPT (--metadata FILE | --n-per-task K) --out OUT``."""
+    parser = argparse.ArgumentParser(prog="python -m evals.geneval", description=__doc__.splitlines()[0])
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", type=Path, help="existing GenEval image folder")
+    src.add_argument("--ckpt", type=Path, help="checkpoint: generate OUT/images first, then score")
+    parser.add_argument("--out", type=Path, required=True, help="writes results.jsonl and summary.json here")
+    parser.add_argument("--detector", default="shapes")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--metadata", type=Path, help="evaluation_metadata.jsonl (with --ckpt)")
+    prompts.add_argument("--n-per-task", type=int, help="write a shapes-world prompt set (with --ckpt)")
+    parser.add_argument("--n-samples", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--ci-resamples", type=int, default=1000)
+    parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
+                        help=f"rule overrides; keys: {[f.name for f in fields(GenevalOptions)]}")
+    args = parser.parse_args(argv)
+    try:
+        options = parse_options(args.options)
+        GenevalOptions.from_mapping(options)  # fail before any generation
+    except ValueError as err:
+        parser.error(str(err))
+    images = args.images
+    if args.ckpt is not None:
+        if args.metadata is None and args.n_per_task is None:
+            parser.error("--ckpt needs --metadata FILE or --n-per-task K")
+        if args.metadata is not None:
+            metadata = read_metadata_lines(args.metadata)
+        else:
+            from experiments.data.shapes import write_geneval_metadata
+
+            metadata = write_geneval_metadata(args.out / "evaluation_metadata.jsonl", args.n_per_task, args.seed)
+        from evals.images import generate_geneval_folder
+
+        images = generate_geneval_folder(args.ckpt, metadata, args.out / "images", n_samples=args.n_samples,
+                                         seed=args.seed, batch_size=args.batch_size)
+    elif args.metadata is not None or args.n_per_task is not None:
+        parser.error("--metadata / --n-per-task only apply with --ckpt")
+    rows, summary = evaluate_folder(images, args.detector, args.out, ci_resamples=args.ci_resamples,
+                                    ci_seed=args.seed, **options)
+    print(format_summary(summary, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

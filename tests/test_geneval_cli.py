@@ -1,0 +1,164 @@
+"""GenEval folder scoring and CLI end to end on shapes-world renders, plus every bad-input path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("experiments.data.shapes", reason="experiments.data.shapes (synthetic world) not landed yet")
+pytest.importorskip("experiments.data.shapes_detector", reason="experiments.data.shapes_detector not landed yet")
+
+from evals import geneval  # noqa: E402
+from evals.geneval import ROW_FIELDS, TASKS, evaluate_folder, main  # noqa: E402
+from experiments.data.shapes import render_geneval_folder, write_geneval_metadata  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("geneval")
+    metadata = write_geneval_metadata(root / "evaluation_metadata.jsonl", n_per_task=3, seed=0)
+    render_geneval_folder(metadata, root / "images", n_samples=2, seed=0)
+    return root / "images", metadata
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_clean_renders_score_one(clean):
+    images, metadata = clean
+    rows, summary = evaluate_folder(images, "shapes")
+    assert summary["overall"] == 1.0 and summary["images"] == 1.0 and summary["prompts"] == 1.0
+    assert set(summary["tasks"]) == set(TASKS) and all(v == 1.0 for v in summary["tasks"].values())
+    assert summary["ci95"]["overall"] == [1.0, 1.0]
+    assert summary["counts"]["images"] == 2 * len(metadata) == len(rows)
+    assert summary["counts"]["prompts"] == len(metadata)
+    assert all(r["reason"] == "" for r in rows)
+
+
+def test_cli_images_end_to_end(clean, tmp_path, capsys):
+    images, metadata = clean
+    assert main(["--images", str(images), "--detector", "shapes", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "1.000" in printed
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == 2 * len(metadata)
+    assert all(tuple(r) == ROW_FIELDS for r in rows)
+    first = rows[0]
+    assert json.loads(first["metadata"]) == metadata[0] and first["correct"] is True
+    assert first["filename"].endswith("00000/samples/00000.png")
+    details = json.loads(first["details"])  # class -> [[x1, y1, x2, y2, score]]
+    assert all(len(box) == 5 and box[4] == 1.0 for boxes in details.values() for box in boxes)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["overall"] == 1.0 and summary["detector"] == "shapes"
+    assert not list((tmp_path / "out").glob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_cli_options_override_and_reject_unknown(clean, tmp_path, capsys):
+    images, _ = clean
+    # shapes scores clean objects exactly 1.0; the rule is score > threshold, so threshold=1 keeps nothing
+    main(["--images", str(images), "--out", str(tmp_path), "--options", "threshold=1.0", "counting_threshold=1.0"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["overall"] == 0.0 and summary["options"]["threshold"] == 1.0
+    with pytest.raises(SystemExit):
+        main(["--images", str(images), "--out", str(tmp_path), "--options", "thresh=1"])
+    assert "valid:" in capsys.readouterr().err
+
+
+def test_wrong_images_are_scored_as_wrong(clean, tmp_path):
+    images = copy_tree(clean[0], tmp_path / "images")
+    blank = np.full((32, 32, 3), 128, dtype=np.uint8)
+    Image.fromarray(blank).save(images / "00000" / "samples" / "00000.png")  # single_object: nothing drawn
+    rows, summary = evaluate_folder(images)
+    bad = [r for r in rows if not r["correct"]]
+    assert len(bad) == 1 and bad[0]["reason"].startswith("expected ") and "found 0" in bad[0]["reason"]
+    assert summary["tasks"]["single_object"] == pytest.approx(5 / 6)
+    assert summary["prompts"] == 1.0  # any() over the prompt's two images
+
+
+def test_problems_are_counted_and_reported(clean, tmp_path, capsys):
+    images = copy_tree(clean[0], tmp_path / "images")
+    Image.new("RGB", (32, 32)).save(images / "00000" / "samples" / "00002.jpg")
+    (images / "00001" / "samples" / "grid.png").write_bytes(b"")
+    (images / "notes").mkdir()
+    for p in (images / "00002" / "samples").iterdir():
+        p.unlink()
+    rows, summary = evaluate_folder(images)
+    counts = summary["counts"]
+    assert counts["non_png_samples"] == 1 and counts["misnamed_samples"] == 1
+    assert counts["non_digit_folders"] == 1 and counts["prompts_without_samples"] == 1
+    assert counts["images"] == len(rows) == summary["counts"]["prompt_folders"] * 2 - 2
+    err = capsys.readouterr().err
+    assert "00002.jpg" in err and "notes" in err and "00002" in err
+
+
+def test_metadata_errors_name_the_path(clean, tmp_path):
+    images = copy_tree(clean[0], tmp_path / "images")
+    meta_path = images / "00003" / "metadata.jsonl"
+    original = meta_path.read_text()
+    meta_path.unlink()
+    with pytest.raises(FileNotFoundError, match="00003/metadata.jsonl"):
+        evaluate_folder(images)
+    meta_path.write_text(original + "\n" + original)  # two objects: GenEval json.load fails too
+    with pytest.raises(ValueError, match="00003/metadata.jsonl: not one JSON object"):
+        evaluate_folder(images)
+    meta_path.write_text(json.dumps({"tag": "counting", "include": []}))
+    with pytest.raises(ValueError, match=r"00003/metadata.jsonl: metadata lacks key\(s\) \['prompt'\]"):
+        evaluate_folder(images)
+    meta_path.write_text(json.dumps({"tag": "counts", "prompt": "p", "include": [{"class": "circle", "count": 1}]}))
+    with pytest.raises(ValueError, match="unknown tag 'counts'; valid:.*'counting'"):
+        evaluate_folder(images)
+    meta_path.write_text(json.dumps({"tag": "colors", "prompt": "p",
+                                     "include": [{"class": "bench", "count": 1}]}))
+    with pytest.raises(ValueError, match="class 'bench' unknown to the detector; valid:.*'circle'"):
+        evaluate_folder(images)
+
+
+def test_corrupt_png_raises_naming_the_file(clean, tmp_path):
+    images = copy_tree(clean[0], tmp_path / "images")
+    (images / "00004" / "samples" / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match="corrupt or unreadable PNG: .*00004/samples/00001.png"):
+        evaluate_folder(images)
+
+
+def test_empty_folder_raises(tmp_path):
+    with pytest.raises(ValueError, match="no PNG samples"):
+        evaluate_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        evaluate_folder(tmp_path / "missing")
+
+
+def test_cli_ckpt_generates_then_scores(tmp_path, monkeypatch, capsys):
+    import evals.images
+
+    calls = {}
+
+    def fake_generate(ckpt_path, metadata, out_dir, n_samples=4, seed=0, batch_size=64):
+        calls.update(ckpt=ckpt_path, n=len(metadata), out=Path(out_dir), n_samples=n_samples, seed=seed)
+        return render_geneval_folder(metadata, out_dir, n_samples=n_samples, seed=seed)
+
+    monkeypatch.setattr(evals.images, "generate_geneval_folder", fake_generate)
+    out = tmp_path / "run"
+    main(["--ckpt", str(tmp_path / "model.ckpt"), "--n-per-task", "2", "--n-samples", "1", "--seed", "5",
+          "--out", str(out)])
+    assert calls["out"] == out / "images" and calls["n_samples"] == 1 and calls["seed"] == 5
+    written = (out / "evaluation_metadata.jsonl").read_text().splitlines()
+    assert calls["n"] == len(written) == 12
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["overall"] == 1.0 and summary["counts"]["images"] == 12
+    # --metadata path reads the prompt list instead of sampling one
+    main(["--ckpt", "m.ckpt", "--metadata", str(out / "evaluation_metadata.jsonl"), "--n-samples", "1",
+          "--out", str(tmp_path / "run2")])
+    assert calls["n"] == 12 and calls["out"] == tmp_path / "run2" / "images"
+    with pytest.raises(SystemExit):
+        main(["--ckpt", "m.ckpt", "--out", str(tmp_path / "run3")])
+    assert "--metadata FILE or --n-per-task K" in capsys.readouterr().err
+    assert geneval.read_metadata_lines(out / "evaluation_metadata.jsonl")[0]["tag"] == TASKS[0]
