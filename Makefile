@@ -12,7 +12,7 @@ PROFILE ?=
 SMOKE ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast lint sweep
+.PHONY: venv test test-fast lint sweep status collect
 
 venv: $(STAMP)
 
@@ -37,3 +37,11 @@ lint: $(STAMP)
 # make sweep EXP=conditioning_candidates [SMOKE=1] [CLUSTER=local|debug|slurm] [PROFILE=<slurm/profiles/NAME>]
 sweep: $(STAMP)
 	$(PY) -m experiments.launch $(EXP) --cluster $(CLUSTER) $(if $(PROFILE),--profile $(PROFILE)) $(if $(SMOKE),--smoke)
+
+# make status EXP=<name> [SMOKE=1]: one row per run (pending/running/requeued/done/failed, step, metric, log)
+status: $(STAMP)
+	$(PY) -m experiments.status $(EXP) $(if $(SMOKE),--smoke)
+
+# make collect EXP=<name> [SMOKE=1]: rebuild results/<EXP>/metrics.csv + figure from the run directories
+collect: $(STAMP)
+	$(PY) -m experiments.launch $(EXP) --collect $(if $(SMOKE),--smoke)

@@ -1,6 +1,7 @@
 """Expand an ablation sweep and run every grid point through submitit.
 
     python -m experiments.launch EXP [--cluster local|debug|slurm] [--profile NAME] [--smoke] [--parallel N]
+                                     [--runs a,b] [--collect]
 
 - ``local`` (default): submitit's LocalExecutor, one subprocess per run, at most ``--parallel`` at a time
   (default: one per 1-2 cores), torch threads split between them.
@@ -10,29 +11,59 @@
 Runs live in ``runs/<EXP>/<run>-<confighash>/``: finished runs are skipped, unfinished ones resume from their
 last checkpoint. When all runs end, their tidy rows are collected into ``results/<EXP>/metrics.csv`` and the
 figure is redrawn; failed runs are listed with the tail of their log, never silently missing.
+``--collect`` only rebuilds the results (`make collect`); `make status` is ``experiments.status``.
+
+On SLURM every input is checked before submitting: profile keys and types, the partition (``sinfo``), GPUs asked
+of a partition that has none. Job states come from ``scontrol`` (submitit's come from sacct, which needs slurmdbd).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import submitit
 import yaml
 
 from experiments.config import RunSpec, load_experiment
+from experiments.status import JOB_RECORD, SLURM_TERMINAL, experiment_root, format_status, slurm_jobs, status_table
 from experiments.train import RUNS_DIR, RunJob, atomic_write_text
 
 RESULTS_DIR = Path("results")
 SLURM_PROFILES = Path(__file__).resolve().parents[1] / "slurm" / "profiles"
 
 
-def slurm_parameters(profile: str | None) -> dict:
-    """submitit parameters from a SLURM profile YAML; unknown profile -> error listing the valid ones."""
+# profile key -> (type, what it means); slurm/README.md documents the same table
+PROFILE_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "partition": (str, "SLURM partition (sinfo lists them)"),
+    "account": (str, "--account"),
+    "qos": (str, "--qos"),
+    "constraint": (str, "--constraint, e.g. a100|h100"),
+    "nodes": (int, "nodes per run"),
+    "gpus_per_node": (int, "GPUs per node = tasks per node = Trainer(devices); 0 for CPU"),
+    "cpus_per_task": (int, "CPU cores per task"),
+    "mem_gb": ((int, float), "memory per node in GB"),
+    "time_min": (int, "time limit per job in minutes (a timed-out run checkpoints and requeues)"),
+    "array_parallelism": (int, "at most this many runs of the job array at once"),
+    "signal_delay_s": (int, "SIGUSR2 this many seconds before the time limit"),
+    "max_requeue": (int, "at most this many timeout requeues per run (submitit's slurm_max_num_timeout)"),
+}
+
+
+def load_profile(profile: str | None) -> dict[str, Any]:
+    """The validated YAML of ``slurm/profiles/<profile>.yaml``.
+
+    Raises ValueError for an unknown profile (listing the valid ones), an unknown key (listing the valid keys),
+    a wrongly typed value, or a non-positive count.
+    """
     valid = sorted(p.stem for p in SLURM_PROFILES.glob("*.yaml"))
     if profile is None:
         raise ValueError(f"--cluster slurm needs --profile; valid profiles: {', '.join(valid) or '(none)'}")
@@ -40,28 +71,108 @@ def slurm_parameters(profile: str | None) -> dict:
     if not path.is_file():
         raise ValueError(f"unknown SLURM profile {profile!r}; valid: {', '.join(valid) or '(none)'}")
     prof = yaml.safe_load(path.read_text()) or {}
-    gpus = int(prof.get("gpus_per_node", 0))
+    if not isinstance(prof, dict):
+        raise ValueError(f"{path}: expected a mapping of keys {sorted(PROFILE_KEYS)}")
+    unknown = sorted(set(prof) - set(PROFILE_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(PROFILE_KEYS)}")
+    for key, value in prof.items():
+        kind = PROFILE_KEYS[key][0]
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"{path}: {key} must be {getattr(kind, '__name__', 'a number')}, got {value!r}")
+        minimum = 0 if key == "gpus_per_node" else 1
+        if key not in ("partition", "account", "qos", "constraint") and value < minimum:
+            raise ValueError(f"{path}: {key} must be >= {minimum}, got {value!r}")
+    return prof
+
+
+def slurm_parameters(profile: str | None) -> dict[str, Any]:
+    """submitit parameters from a SLURM profile YAML; unknown profile -> error listing the valid ones."""
+    prof = load_profile(profile)
+    gpus = int(prof.get("gpus_per_node") or 0)
     params = {
         "slurm_partition": prof.get("partition"),
-        "timeout_min": int(prof.get("time_min", 60)),
-        "nodes": int(prof.get("nodes", 1)),
+        "timeout_min": int(prof.get("time_min") or 60),
+        "nodes": int(prof.get("nodes") or 1),
         # one task per GPU, as Lightning's SLURMEnvironment expects (notes/model_anchors.md §3)
         "tasks_per_node": max(1, gpus),
-        "gpus_per_node": gpus,
-        "cpus_per_task": int(prof.get("cpus_per_task", 2)),
+        "gpus_per_node": gpus or None,  # no --gpus-per-node line at all on CPU partitions
+        "cpus_per_task": int(prof.get("cpus_per_task") or 2),
         "mem_gb": prof.get("mem_gb"),
         "slurm_account": prof.get("account"),
         "slurm_constraint": prof.get("constraint"),
         "slurm_qos": prof.get("qos"),
-        "slurm_array_parallelism": int(prof.get("array_parallelism", 64)),
-        "slurm_signal_delay_s": int(prof.get("signal_delay_s", 120)),
+        "slurm_array_parallelism": int(prof.get("array_parallelism") or 64),
+        "slurm_signal_delay_s": int(prof.get("signal_delay_s") or 120),
+        "slurm_max_num_timeout": prof.get("max_requeue"),
     }
     return {k: v for k, v in params.items() if v is not None}
+
+
+def parse_partition_gpus(sinfo_out: str) -> dict[str, int]:
+    """``sinfo -h -o "%R|%G"`` lines -> {partition: most GPUs on one of its nodes}.
+
+    GRES strings look like ``gpu:8``, ``gpu:a100:4(S:0-1)``, ``gpu:4,shard:8`` or ``(null)``.
+    """
+    gpus: dict[str, int] = {}
+    for line in sinfo_out.splitlines():
+        name, _, gres = line.strip().partition("|")
+        if not name:
+            continue
+        count = 0
+        for item in gres.split(","):
+            parts = item.split("(")[0].split(":")
+            if parts[0] == "gpu":
+                count = max(count, int(parts[-1]) if parts[-1].isdigit() else 1)
+        gpus[name] = max(gpus.get(name, 0), count)
+    return gpus
+
+
+def partition_gpus() -> dict[str, int] | None:
+    """GPUs per node of each partition the cluster has (``sinfo``); None where sinfo is unavailable."""
+    if shutil.which("sinfo") is None:
+        return None
+    out = subprocess.run(["sinfo", "-h", "-o", "%R|%G"], capture_output=True, text=True, timeout=30)
+    return parse_partition_gpus(out.stdout) if out.returncode == 0 else None
+
+
+def check_profile_against_cluster(profile: str, partitions: dict[str, int] | None = None) -> None:
+    """Before submitting: the profile's partition exists and has the GPUs it asks for (checked via ``sinfo``).
+
+    ``partitions`` maps partition -> GPUs per node (default: ``partition_gpus()``); skipped without sinfo.
+    """
+    prof = load_profile(profile)
+    partitions = partition_gpus() if partitions is None else partitions
+    if partitions is None:
+        return
+    part = prof.get("partition")
+    if part is not None and part not in partitions:
+        raise ValueError(f"profile {profile!r}: partition {part!r} not on this cluster; valid: "
+                         f"{', '.join(sorted(partitions))}")
+    want = int(prof.get("gpus_per_node") or 0)
+    have = partitions.get(part, 0) if part is not None else max(partitions.values(), default=0)
+    if want > have:
+        with_gpus = ", ".join(p for p, g in sorted(partitions.items()) if g) or "(none)"
+        raise ValueError(f"profile {profile!r} asks for {want} GPU(s) per node but partition {part!r} has {have}; "
+                         f"partitions with GPUs: {with_gpus}")
 
 
 def default_parallel(n_runs: int) -> int:
     cores = os.cpu_count() or 1
     return max(1, min(n_runs, cores))
+
+
+def select_runs(runs: list[RunSpec], only: list[str] | None) -> list[RunSpec]:
+    """The runs named in ``only`` (all when None); an unknown name raises ValueError listing the valid ones."""
+    if only is None:
+        return runs
+    names = [r.name for r in runs]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise ValueError(f"unknown run(s) {unknown}; valid: {', '.join(names)}")
+    return [r for r in runs if r.name in only]
 
 
 def run_sweep(
@@ -72,12 +183,20 @@ def run_sweep(
     parallel: int | None = None,
     runs_dir: Path = RUNS_DIR,
     results_dir: Path | None = None,
+    only: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Run (or resume) every run of ``exp``; collect results; return the tidy metrics table."""
+    """Run (or resume) every run of ``exp`` (or those named in ``only``); collect results; return the tidy table.
+
+    Every input error (experiment, run name, config key, cluster, profile, partition, GPUs) is raised as
+    ValueError/KeyError before anything is submitted.
+    """
     if cluster not in ("local", "debug", "slurm"):
         raise ValueError(f"unknown cluster {cluster!r}; valid: local, debug, slurm")
+    if cluster == "slurm":
+        check_profile_against_cluster(profile)  # raises on unknown profile/partition, missing GPUs
     spec, runs = load_experiment(exp, smoke=smoke)
-    root = Path(runs_dir) / (f"{exp}-smoke" if smoke else exp)
+    runs = select_runs(runs, only)
+    root = experiment_root(exp, smoke, runs_dir)
     results_dir = Path(results_dir) if results_dir else (root / "results" if smoke else RESULTS_DIR / exp)
     todo = [r for r in runs if not (root / r.dirname / "DONE").exists()]
     for r in runs:
@@ -100,6 +219,43 @@ def run_sweep(
     return df
 
 
+def record_job(run_dir: Path, cluster: str, job: submitit.Job) -> None:
+    """``job.json`` in the run directory: what `make status` needs to find the job and its log."""
+    atomic_write_text(run_dir / JOB_RECORD, json.dumps({
+        "cluster": cluster, "job_id": str(job.job_id), "submitted": time.time(),
+        "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "result": str(job.paths.result_pickle),
+    }, indent=1))
+
+
+def wait_slurm(jobs: list[tuple[RunSpec, submitit.Job]], poll_s: float = 2.0) -> dict[str, str]:
+    """Block until every SLURM job has a result or has ended; returns {job_id: final scontrol state}.
+
+    submitit's own ``job.done()`` asks sacct, which fails without slurmdbd (state stays UNKNOWN), so a job killed
+    before it wrote its result would be waited on forever; scontrol answers without accounting.
+    """
+    pending = {str(j.job_id): j for _, j in jobs}
+    final: dict[str, str] = {}
+    missing_since: dict[str, float] = {}
+    while pending:
+        states = slurm_jobs()
+        for job_id, job in list(pending.items()):
+            info = states.get(job_id)
+            state = info.get("JobState", "") if info else ""
+            if job.paths.result_pickle.exists() or state in SLURM_TERMINAL:
+                final[job_id] = state or "COMPLETED"
+                del pending[job_id]
+            elif info is None:
+                # not listed: just submitted (array tasks appear late) or aged out after MinJobAge
+                if time.time() - missing_since.setdefault(job_id, time.time()) > 60:
+                    final[job_id] = "GONE"
+                    del pending[job_id]
+            else:
+                missing_since.pop(job_id, None)
+        if pending:
+            time.sleep(poll_s)
+    return final
+
+
 def submit(todo: list[RunSpec], root: Path, cluster: str, profile: str | None, parallel: int | None):
     executor = submitit.AutoExecutor(folder=root / ".submitit" / "%j", cluster=cluster)
     if cluster == "slurm":
@@ -110,6 +266,7 @@ def submit(todo: list[RunSpec], root: Path, cluster: str, profile: str | None, p
         threads = max(1, (os.cpu_count() or 1) // parallel)
         executor.update_parameters(timeout_min=24 * 60)
     jobs: list[tuple[RunSpec, submitit.Job]] = []
+    final: dict[str, str] = {}
 
     def make(r: RunSpec) -> RunJob:
         return RunJob(r.exp, r.name, r.config, str(root / r.dirname), threads)
@@ -119,7 +276,9 @@ def submit(todo: list[RunSpec], root: Path, cluster: str, profile: str | None, p
             futures = [(r, executor.submit(make(r))) for r in todo]
         jobs = futures
         for r, j in jobs:
+            record_job(root / r.dirname, cluster, j)
             print(f"[sweep] {r.name}: submitted as SLURM job {j.job_id}")
+        final = wait_slurm(jobs)
     else:
         queue = list(todo)
         running: list[tuple[RunSpec, submitit.Job]] = []
@@ -127,6 +286,8 @@ def submit(todo: list[RunSpec], root: Path, cluster: str, profile: str | None, p
             while queue and len(running) < parallel:
                 r = queue.pop(0)
                 job = executor.submit(make(r))
+                if cluster == "local":
+                    record_job(root / r.dirname, cluster, job)
                 print(f"[sweep] {r.name}: started (job {job.job_id}, {threads} threads)")
                 running.append((r, job))
                 jobs.append((r, job))
@@ -135,6 +296,8 @@ def submit(todo: list[RunSpec], root: Path, cluster: str, profile: str | None, p
     failures = []
     for r, job in jobs:
         try:
+            if cluster == "slurm" and not job.paths.result_pickle.exists():
+                raise RuntimeError(f"SLURM job {job.job_id} ended ({final.get(str(job.job_id))}) without a result")
             job.result()
             print(f"[sweep] {r.name}: done")
         except Exception as err:  # noqa: BLE001 - report every failure with its log, keep the others
@@ -163,6 +326,24 @@ def collect(exp: str, runs: list[RunSpec], root: Path, results_dir: Path, figure
     return df
 
 
+def collect_experiment(exp: str, smoke: bool = False, runs_dir: Path = RUNS_DIR,
+                       results_dir: Path | None = None) -> pd.DataFrame:
+    """`make collect`: rebuild the CSV + figure from whatever runs are done; list every run that is not.
+
+    Submits nothing. Runs that are not done are printed with their status (failed ones with the log tail).
+    """
+    spec, runs = load_experiment(exp, smoke=smoke)
+    root = experiment_root(exp, smoke, runs_dir)
+    results_dir = Path(results_dir) if results_dir else (root / "results" if smoke else RESULTS_DIR / exp)
+    df = collect(exp, runs, root, results_dir, figure=spec.get("figure"))
+    table = status_table(exp, smoke, runs_dir)
+    print(f"[collect] {exp}: {int((table.state == 'done').sum())}/{len(runs)} runs in {results_dir / 'metrics.csv'}")
+    missing = table[table.state != "done"]
+    if len(missing):
+        print(f"[collect] not in the CSV ({len(missing)} run(s)):\n{format_status(missing)}", file=sys.stderr)
+    return df
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("exp")
@@ -170,11 +351,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile")
     p.add_argument("--smoke", action="store_true", help="tiny settings, results under runs/<EXP>-smoke/")
     p.add_argument("--parallel", type=int, help="local: runs at a time (default: one per core)")
+    p.add_argument("--runs", help="comma-separated run names: only these grid points")
+    p.add_argument("--collect", action="store_true", help="only rebuild results from run directories")
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     p.add_argument("--results-dir", type=Path)
     a = p.parse_args(argv)
     try:
-        run_sweep(a.exp, a.cluster, a.profile, a.smoke, a.parallel, a.runs_dir, a.results_dir)
+        if a.collect:
+            collect_experiment(a.exp, a.smoke, a.runs_dir, a.results_dir)
+            return
+        only = [n for n in a.runs.split(",") if n] if a.runs else None
+        run_sweep(a.exp, a.cluster, a.profile, a.smoke, a.parallel, a.runs_dir, a.results_dir, only)
     except (ValueError, KeyError) as err:
         raise SystemExit(f"error: {err}") from None
 
