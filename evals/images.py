@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -65,4 +66,43 @@ def generate_geneval_folder(
         images = module.generate([p for p, _, _ in chunk], [s for _, s, _ in chunk])
         for (_, _, path), img in zip(chunk, images, strict=True):
             save_png(img, path)
+    return out
+
+
+def generate_dpg_folder(
+    ckpt_or_module: str | Path | UniFusionModule,
+    items: list[tuple[str, str]],
+    out_dir: str | Path,
+    n_samples: int = 4,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> Path:
+    """Write DPG-Bench's official layout: one ``<out>/<item_id>.png`` per (item_id, text), a 2x2 grid of 4 samples
+    (image k at tile TL, TR, BL, BR for k = 0..3, the official crop order), so a grid is (2S, 2S, 3) uint8.
+
+    Seeds as in the module docstring (``seed + 1000 * i + k`` for the i-th item). Grids that already exist are
+    kept (resume); each grid is written atomically once its 4 samples exist.
+    """
+    if n_samples != 4:
+        raise ValueError(f"the DPG-Bench layout is a 2x2 grid, so n_samples must be 4, got {n_samples}")
+    ids = [item_id for item_id, _ in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError("item_ids must be unique")
+    bad = [i for i in ids if not i or "." in i or "/" in i]
+    if bad:
+        raise ValueError(f"item_ids must be non-empty file stems without '.' or '/', got {bad[:3]}")
+    module = load_module(ckpt_or_module)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [(i, item_id, text) for i, (item_id, text) in enumerate(items) if not (out / f"{item_id}.png").exists()]
+    per_batch = max(1, batch_size // n_samples)  # whole grids per generate() call
+    for start in tqdm(range(0, len(todo), per_batch), desc="generating", disable=not todo):
+        chunk = todo[start : start + per_batch]
+        prompts = [text for _, _, text in chunk for _ in range(n_samples)]
+        seeds = [seed + 1000 * i + k for i, _, _ in chunk for k in range(n_samples)]
+        images = module.generate(prompts, seeds)
+        for j, (_, item_id, _) in enumerate(chunk):
+            tl, tr, bl, br = images[j * n_samples : (j + 1) * n_samples]
+            grid = np.concatenate([np.concatenate([tl, tr], axis=1), np.concatenate([bl, br], axis=1)], axis=0)
+            save_png(grid, out / f"{item_id}.png")
     return out

@@ -1,0 +1,721 @@
+"""Refined DPG-Bench (paper App. A.3.2): judge every tile with a VQA judge, then score with the fixed aggregation
+and, side by side, an exact emulation of the official ELLA ``compute_dpg_bench.py`` ("legacy").
+
+Pipeline: questions CSV (official header) + an image folder -> ``OUT/judgments.jsonl`` (one row per (item_id,
+image_index, proposition_id); the unit of resume) -> ``OUT/scores.json``, ``OUT/table.md``, ``OUT/per_prompt.csv``.
+
+    python -m evals.dpg_refined --images DIR --questions Q.csv --judge oracle|hf|openai --out OUT
+    python -m evals.dpg_refined --ckpt CKPT --questions Q.csv --judge ... --out OUT   (generates OUT/images first)
+    python -m evals.dpg_refined aggregate --questions Q.csv --judgments J.jsonl --out DIR
+
+Score definitions (all in [0, 1]) are those of issue #5; see ``aggregate`` and ``legacy_scores``. Image layouts:
+one ``<item_id>.<ext>`` 2x2 grid per prompt (tiles TL, TR, BL, BR = image 0..3, the official crop order) or
+per-seed files ``<item_id>/<k>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from evals.judges import JUDGE_MODES, JUDGES, Judge, JudgeRequest, make_judge
+from evals.stats import bootstrap_ci
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "item_id", "text", "keywords", "proposition_id", "dependency", "category_broad", "category_detailed", "tuple",
+    "question_natural_language",
+)
+L1_ORDER: tuple[str, ...] = ("entity", "attribute", "relation", "global", "other")
+IMAGE_EXTS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULT_PROMPTS = Path(__file__).parent / "data" / "dpg_bench" / "prompts.jsonl"
+HF_DATASET = "Jialuo21/DPG-Bench"
+
+
+# ----------------------------------------------------------------------------------------------------- questions
+@dataclass(frozen=True)
+class Question:
+    """One CSV row. ``parents``: dependency ids without the root 0; ``l2`` = tuple text before "(" stripped
+    (e.g. "entity - whole"); ``l1`` = l2 before the first "-" stripped; ``csv_index``: 0-based data-row index."""
+
+    item_id: str
+    proposition_id: int
+    parents: tuple[int, ...]
+    l2: str
+    l1: str
+    question: str
+    csv_index: int
+    row: dict[str, Any] = field(compare=False, repr=False)
+
+
+def category_of(tuple_text: str) -> tuple[str, str]:
+    """(L2, L1) names of a DSG ``tuple``: "attribute - color (cigar, brown)" -> ("attribute - color", "attribute")."""
+    l2 = str(tuple_text).split("(")[0].strip()
+    return l2, l2.split("-")[0].strip()
+
+
+def _parse_dependency(text: str, where: str) -> tuple[int, ...]:
+    try:
+        ids = [int(d.strip()) for d in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"{where}: dependency must be comma-separated integers ('0' = none), got {text!r}") from None
+    return tuple(i for i in ids if i != 0)
+
+
+def questions_from_rows(rows: Iterable[dict[str, Any]], source: str = "questions") -> list[Question]:
+    """Validated ``Question`` list in row order from dicts with the official columns."""
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{source} data row {i + 1} (item {row.get('item_id')!r})"
+        try:
+            pid = int(str(row["proposition_id"]).strip())
+        except ValueError:
+            raise ValueError(f"{where}: proposition_id must be an integer, got {row['proposition_id']!r}") from None
+        l2, l1 = category_of(row["tuple"])
+        out.append(Question(str(row["item_id"]).strip(), pid, _parse_dependency(row["dependency"], where), l2, l1,
+                            str(row["question_natural_language"]), i, dict(row)))
+    return out
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    """Read a DPG-Bench questions CSV (official header ``CSV_COLUMNS``; extra columns are kept in ``row``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"questions CSV not found: {path}")
+    with open(path, newline="", encoding="utf-8") as fp:
+        reader = csv.DictReader(fp)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in CSV_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; a DPG-Bench CSV needs {list(CSV_COLUMNS)}")
+        reader.fieldnames = header
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{path}: no question rows")
+    return questions_from_rows(rows, str(path))
+
+
+def load_questions_hf(prompts_path: str | Path = DEFAULT_PROMPTS) -> list[Question]:
+    """Questions from the HF dataset ``Jialuo21/DPG-Bench`` (online only). The dataset has no ``tuple`` column, so
+    it is rebuilt as "<broad> - <detailed>" (the category name the official script reads from it)."""
+    try:
+        import datasets
+    except ImportError:
+        raise RuntimeError("no --questions given and the `datasets` package is not installed; pass --questions "
+                           "dpg_bench.csv (official format) or install `datasets` and run online") from None
+    texts = {}
+    if Path(prompts_path).is_file():
+        with open(prompts_path, encoding="utf-8") as fp:
+            texts = {d["item_id"]: d["prompt"] for d in map(json.loads, fp)}
+    rows = []
+    for ex in datasets.load_dataset(HF_DATASET, split="train"):
+        for q in ex["questions"]:
+            broad, detailed = q["category_broad"], q["category_detailed"] or ""
+            rows.append({"item_id": ex["item_id"], "text": texts.get(ex["item_id"], ex.get("prompt", "")),
+                         "keywords": "", "proposition_id": q["proposition_id"], "dependency": q["dependency"],
+                         "category_broad": broad, "category_detailed": detailed, "tuple": f"{broad} - {detailed}",
+                         "question_natural_language": q["question"]})
+    return questions_from_rows(rows, HF_DATASET)
+
+
+def item_prompts(questions: Sequence[Question]) -> list[tuple[str, str]]:
+    """(item_id, prompt text) per item, in first-appearance order; the prompt is the CSV's ``text`` column."""
+    seen: dict[str, str] = {}
+    for q in questions:
+        text = str(q.row.get("text", "")).strip()
+        if not text:
+            raise ValueError(f"item {q.item_id!r} has an empty 'text' column: nothing to generate from")
+        seen.setdefault(q.item_id, text)
+    return list(seen.items())
+
+
+def group_items(questions: Sequence[Question]) -> dict[str, list[Question]]:
+    """Questions per item_id (first-appearance order; rows need not be contiguous). Raises on a duplicate
+    proposition id, a parent that is not in the item, or a dependency cycle."""
+    items: dict[str, list[Question]] = {}
+    for q in questions:
+        items.setdefault(q.item_id, []).append(q)
+    for item_id, qs in items.items():
+        ids = [q.proposition_id for q in qs]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"item {item_id!r}: duplicate proposition_id(s) {dup}")
+        for q in qs:
+            bad = [p for p in q.parents if p not in ids]
+            if bad:
+                raise ValueError(f"item {item_id!r} proposition {q.proposition_id}: parent(s) {bad} are not "
+                                 f"propositions of the item (valid: {sorted(ids)} or 0 = none)")
+        dependency_order(qs)
+    return items
+
+
+def dependency_order(qs: Sequence[Question]) -> list[Question]:
+    """Parents before children (stable w.r.t. the given order otherwise); raises on a cycle."""
+    by_id = {q.proposition_id: q for q in qs}
+    state: dict[int, int] = {}  # 1 = on the stack, 2 = done
+    order: list[Question] = []
+
+    def visit(pid: int, path: list[int]) -> None:
+        if state.get(pid) == 2:
+            return
+        if state.get(pid) == 1:
+            raise ValueError(f"item {qs[0].item_id!r}: dependency cycle {path + [pid]}")
+        state[pid] = 1
+        for parent in by_id[pid].parents:
+            visit(parent, path + [pid])
+        state[pid] = 2
+        order.append(by_id[pid])
+
+    for q in qs:
+        visit(q.proposition_id, [])
+    return order
+
+
+def post_dependency(raw: dict[int, float], order: Sequence[Question]) -> dict[int, float]:
+    """Scores after the dependency rule, transitively: a question scores 0 if any ancestor scores 0.
+    ``raw``: proposition_id -> 0/1; ``order``: from ``dependency_order``."""
+    out: dict[int, float] = {}
+    for q in order:
+        out[q.proposition_id] = 0.0 if any(out[p] == 0 for p in q.parents) else raw[q.proposition_id]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- judgments
+Key = tuple[str, int, int]
+_ANSWERS = ("yes", "no", None)
+
+
+def _check_row(row: Any, where: str) -> dict[str, Any]:
+    ok = (isinstance(row, dict) and isinstance(row.get("item_id"), str) and type(row.get("image_index")) is int
+          and type(row.get("proposition_id")) is int and row.get("answer", "?") in _ANSWERS)
+    if not ok:
+        raise ValueError(f"{where}: a judgment needs item_id (str), image_index (int), proposition_id (int) and "
+                         f"answer in {list(_ANSWERS)}, got {str(row)[:200]}")
+    return row
+
+
+def read_judgments(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Rows of a judgments JSONL. A last line without its newline (a run killed mid-write) is ignored, and with
+    ``repair`` also cut from the file, so it gets judged again; any other bad line raises."""
+    path = Path(path)
+    if not path.exists():
+        if repair:
+            return []
+        raise FileNotFoundError(f"judgments file not found: {path}")
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data):
+        print(f"note: ignoring a torn last line in {path} ({len(data) - cut} bytes); it will be re-judged",
+              file=sys.stderr)
+        if repair:
+            with open(path, "r+b") as fp:
+                fp.truncate(cut)
+    rows = []
+    for n, line in enumerate(data[:cut].decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); only a torn LAST line is tolerated") from None
+        rows.append(_check_row(row, f"{path}:{n}"))
+    return rows
+
+
+def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append JSONL rows and fsync: everything written survives a kill, at worst one torn last line."""
+    with open(path, "a", encoding="utf-8") as fp:
+        fp.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        fp.flush()
+        os.fsync(fp.fileno())
+
+
+# ----------------------------------------------------------------------------------------------------- aggregation
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def _category_table(sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+    """L1 names first (in ``L1_ORDER``), then L2 names sorted."""
+    l1 = [c for c in L1_ORDER if c in counts] + sorted(c for c in counts if "-" not in c and c not in L1_ORDER)
+    l2 = sorted(c for c in counts if c not in l1)
+    return {c: sums[c] / counts[c] for c in l1 + l2}
+
+
+def _macro(cats: dict[str, float]) -> float | None:
+    return _mean([v for c, v in cats.items() if "-" not in c])
+
+
+def legacy_scores(questions: Sequence[Question], answers: dict[Key, str | None], n_images: int,
+                  complete: set[str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """Exact emulation of the official ``compute_dpg_bench.py`` with ``pic_num = n_images``.
+
+    Its quirks, in order: the first CSV data row is skipped; rows are grouped by runs of equal item_id (a later run
+    replaces an earlier one); per tile, one pass of the dependency rule in CSV order (a parent zeroed later in the
+    pass does not propagate; the parent loop stops at the first zero parent) and a missing parent raises, which
+    drops the whole item; categories use the RAW answers of the LAST tile, micro-averaged over questions; only
+    items whose images all exist (``complete``) are scored. Answers are exact "yes" matches.
+    Returns ``({"overall", "categories"}, {item_id: legacy prompt score})``.
+    """
+    table: dict[str, dict[str, dict[int, Any]]] = {}
+    previous = None
+    for q in questions[1:]:  # BUG (official L72-74): `if i == 0: continue` drops the first question
+        if q.item_id != previous:
+            table[q.item_id] = {"tuple": {}, "dependency": {}}
+        table[q.item_id]["tuple"][q.proposition_id] = q.row["tuple"]
+        table[q.item_id]["dependency"][q.proposition_id] = q.parents
+        previous = q.item_id
+    per_item: dict[str, float] = {}
+    cat_values: dict[str, list[float]] = defaultdict(list)
+    for item_id in sorted(complete):
+        if item_id not in table:
+            continue  # the official lookup raises KeyError inside try/except: the item is skipped
+        entry = table[item_id]
+        tile_scores, last_raw, failed = [], {}, False
+        for k in range(n_images):
+            scores = {pid: float(answers.get((item_id, k, pid)) == "yes") for pid in entry["tuple"]}
+            last_raw = dict(scores)  # copied BEFORE the dependency loop (official L138)
+            try:
+                for pid, parents in entry["dependency"].items():
+                    for parent in parents:
+                        if scores[parent] == 0:  # KeyError for a dropped/unknown parent, as in the original
+                            scores[pid] = 0.0
+                            break
+            except KeyError:
+                failed = True
+                break
+            tile_scores.append(sum(scores.values()) / len(scores))
+        if failed:
+            continue
+        per_item[item_id] = sum(tile_scores) / len(tile_scores)
+        for pid, tup in entry["tuple"].items():
+            cat_values[category_of(tup)[0]].append(last_raw[pid])
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for l2, vals in cat_values.items():
+        for name in {l2, category_of(l2)[1]}:
+            sums[name] += sum(vals)
+            counts[name] += len(vals)
+    overall = _mean(list(per_item.values()))
+    return {"overall": overall, "categories": _category_table(sums, counts)}, per_item
+
+
+def _index_judgments(items: dict[str, list[Question]], judgments: Iterable[dict[str, Any]]) -> dict[Key, Any]:
+    answers: dict[Key, Any] = {}
+    for row in judgments:
+        _check_row(row, "judgment")
+        key = (row["item_id"], row["image_index"], row["proposition_id"])
+        if row["item_id"] not in items:
+            raise ValueError(f"judgment for unknown item_id {row['item_id']!r} (not in the questions CSV)")
+        if row["proposition_id"] not in {q.proposition_id for q in items[row["item_id"]]}:
+            raise ValueError(f"judgment for unknown proposition {key[2]} of item {key[0]!r}")
+        if row["image_index"] < 0:
+            raise ValueError(f"judgment with negative image_index: {key}")
+        if key in answers:
+            raise ValueError(f"duplicate judgment for (item_id, image_index, proposition_id) = {key}")
+        answers[key] = row["answer"]
+    return answers
+
+
+def aggregate(questions: Sequence[Question], judgments: Iterable[dict[str, Any]], n_images: int | None = None,
+              n_resamples: int = 1000, seed: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Scores of issue #5 from question rows and judgment rows. Returns ``(scores, per_prompt_rows)``.
+
+    a = [answer == "yes"]; post-dependency scores per image (transitive, in dependency order); image score
+    s(p, i) = mean over the prompt's questions (an image without any judgment is missing: all 0; a judged image
+    lacking some question's judgment scores that question 0). fixed: micro = mean_p mean_i s(p, i); categories =
+    micro means over (prompt, image, question), L1 pooling its L2s; macro = mean of the L1 scores. best_of_n: the
+    same on i* = argmax_i s(p, i) (lowest index on ties). legacy: ``legacy_scores``. ci95: percentile bootstrap over
+    prompts (``n_resamples``, ``seed``).
+    """
+    items = group_items(questions)
+    answers = _index_judgments(items, judgments)
+    seen_n = 1 + max((k[1] for k in answers), default=-1)
+    n = n_images if n_images is not None else seen_n
+    if n < 1:
+        raise ValueError("no judgments and no n_images: cannot tell how many images each prompt has")
+    if seen_n > n:
+        raise ValueError(f"judgments have image_index up to {seen_n - 1} but n_images = {n}")
+    judged_images = {(k[0], k[1]) for k in answers}
+    l1_names = [c for c in L1_ORDER if any(q.l1 == c for q in questions)]
+    l1_names += sorted({q.l1 for q in questions} - set(l1_names))
+    counts = {"prompts": len(items), "images": len(items) * n, "judgments": len(answers),
+              "unparsed": sum(a is None for a in answers.values()), "missing_images": 0, "missing_judgments": 0}
+    rows, complete = [], set()
+    # per prompt: [mean_i s, best s, then (sum, count) per L1 for all images, then for image i*]
+    boot = np.zeros((len(items), 2 + 4 * len(l1_names)))
+    sums = {"fixed": defaultdict(float), "best": defaultdict(float)}
+    cnts = {"fixed": defaultdict(int), "best": defaultdict(int)}
+    for pi, (item_id, qs) in enumerate(items.items()):
+        order = dependency_order(qs)
+        post_per_image, s, missing = [], [], 0
+        for k in range(n):
+            if (item_id, k) not in judged_images:
+                missing += 1
+            raw = {}
+            for q in qs:
+                ans = answers.get((item_id, k, q.proposition_id), "absent")
+                if ans == "absent" and (item_id, k) in judged_images:
+                    counts["missing_judgments"] += 1
+                raw[q.proposition_id] = 1.0 if ans == "yes" else 0.0
+            post = post_dependency(raw, order)
+            post_per_image.append(post)
+            s.append(sum(post.values()) / len(post))
+        counts["missing_images"] += missing
+        if missing == 0:
+            complete.add(item_id)
+        best = int(np.argmax(s))  # first maximum = lowest index on ties
+        for mode, images in (("fixed", range(n)), ("best", [best])):
+            for k in images:
+                for q in qs:
+                    v = post_per_image[k][q.proposition_id]
+                    for name in {q.l2, q.l1}:  # a tuple without "-" has L1 == L2: count once
+                        sums[mode][name] += v
+                        cnts[mode][name] += 1
+        boot[pi, 0], boot[pi, 1] = float(np.mean(s)), s[best]
+        for ci, l1 in enumerate(l1_names):
+            for j, images in enumerate((range(n), [best])):
+                vals = [post_per_image[k][q.proposition_id] for k in images for q in qs if q.l1 == l1]
+                boot[pi, 2 + 4 * ci + 2 * j], boot[pi, 3 + 4 * ci + 2 * j] = sum(vals), len(vals)
+        rows.append({"item_id": item_id, "n_questions": len(qs), **{f"image_{k}": s[k] for k in range(n)},
+                     "avg": float(np.mean(s)), "best_index": best, "best": s[best], "missing_images": missing,
+                     "unparsed": sum(answers.get((item_id, k, q.proposition_id), "x") is None
+                                     for k in range(n) for q in qs)})
+    legacy, legacy_items = legacy_scores(questions, answers, n, complete)
+    for row in rows:
+        row["legacy_included"] = row["item_id"] in legacy_items
+        row["legacy_score"] = legacy_items.get(row["item_id"], "")
+    scores: dict[str, Any] = {}
+    for mode, col, key in (("fixed", 0, "fixed"), ("best", 1, "best_of_n")):
+        cats = _category_table(sums[mode], cnts[mode])
+        scores[key] = {"micro_avg": float(boot[:, col].mean()), "macro_avg": _macro(cats), "categories": cats}
+    scores["legacy"] = legacy
+    scores["counts"] = counts
+    scores["n_images"] = n
+    scores["ci95"] = _bootstrap(boot, l1_names, np.array(list(legacy_items.values())), n_resamples, seed)
+    return scores, rows
+
+
+def _bootstrap(boot: np.ndarray, l1_names: list[str], legacy: np.ndarray, n_resamples: int,
+               seed: int) -> dict[str, list[float]]:
+    """Percentile CIs, resampling prompts (rows of ``boot``; see ``aggregate`` for its columns)."""
+
+    def category(j: int, ci: int) -> Callable[[np.ndarray], float]:
+        return lambda d: d[:, 2 + 4 * ci + 2 * j].sum() / d[:, 3 + 4 * ci + 2 * j].sum()
+
+    def macro(j: int) -> Callable[[np.ndarray], float]:
+        def stat(d: np.ndarray) -> float:
+            num, den = d[:, 2 + 2 * j::4], d[:, 3 + 2 * j::4]
+            den_sum = den.sum(axis=0)
+            return float(np.mean(num.sum(axis=0)[den_sum > 0] / den_sum[den_sum > 0]))
+        return stat
+
+    out: dict[str, list[float]] = {}
+    for j, key in enumerate(("fixed", "best_of_n")):
+        out[f"{key}.micro_avg"] = list(bootstrap_ci(boot, lambda d, j=j: d[:, j].mean(), n_resamples, seed))
+        out[f"{key}.macro_avg"] = list(bootstrap_ci(boot, macro(j), n_resamples, seed))
+        for ci, l1 in enumerate(l1_names):
+            has = boot[boot[:, 3 + 4 * ci + 2 * j] > 0]  # resample the prompts that have this category
+            out[f"{key}.categories.{l1}"] = list(bootstrap_ci(has, category(j, ci), n_resamples, seed))
+    if len(legacy):
+        out["legacy.overall"] = list(bootstrap_ci(legacy, np.mean, n_resamples, seed))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- reports
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _fmt(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    s = f"{v:.3f}"
+    return s[1:] if s.startswith("0.") else s  # the paper's ".786"
+
+
+def render_table(scores: dict[str, Any]) -> str:
+    """Markdown in the layout of the paper's Table 1 (Avg. / Top-n per row), then L2 detail and the legacy score."""
+    n, f, b = scores["n_images"], scores["fixed"], scores["best_of_n"]
+    lines = [f"| Category | Avg. | Top-{n} |", "|---|---|---|",
+             f"| Macro Avg | {_fmt(f['macro_avg'])} | {_fmt(b['macro_avg'])} |",
+             f"| Micro Avg | {_fmt(f['micro_avg'])} | {_fmt(b['micro_avg'])} |"]
+    for l1 in L1_ORDER:
+        lines.append(f"| {l1.capitalize()} | {_fmt(f['categories'].get(l1))} | {_fmt(b['categories'].get(l1))} |")
+    l2s = [c for c in f["categories"] if "-" in c]
+    lines += ["", f"| Subcategory | Avg. | Top-{n} | Legacy |", "|---|---|---|---|"]
+    lines += [f"| {c} | {_fmt(f['categories'][c])} | {_fmt(b['categories'][c])} | "
+              f"{_fmt(scores['legacy']['categories'].get(c))} |" for c in l2s]
+    c, ci = scores["counts"], scores["ci95"]
+    lines += ["", f"Legacy (official script) overall: {_fmt(scores['legacy']['overall'])}.",
+              f"95% CI (bootstrap over prompts): Micro Avg {_fmt(ci['fixed.micro_avg'][0])}–"
+              f"{_fmt(ci['fixed.micro_avg'][1])}, Macro Avg {_fmt(ci['fixed.macro_avg'][0])}–"
+              f"{_fmt(ci['fixed.macro_avg'][1])}.",
+              f"Counts: {c['prompts']} prompts, {c['images']} images ({c['missing_images']} missing, scored 0), "
+              f"{c['judgments']} judgments ({c['unparsed']} unparsed, scored 0).", ""]
+    return "\n".join(lines)
+
+
+def write_reports(scores: dict[str, Any], rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
+    """``scores.json``, ``table.md`` and ``per_prompt.csv`` in ``out_dir``, each written atomically."""
+    out = Path(out_dir)
+    _atomic_write(out / "scores.json", json.dumps(scores, indent=2) + "\n")
+    _atomic_write(out / "table.md", render_table(scores))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["item_id"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(out / "per_prompt.csv", buf.getvalue())
+    return out
+
+
+def aggregate_files(questions_csv: str | Path, judgments_path: str | Path, out_dir: str | Path,
+                    n_images: int | None = None, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """``aggregate`` on files, then ``write_reports``. Returns the scores."""
+    scores, rows = aggregate(load_questions(questions_csv), read_judgments(judgments_path), n_images, n_resamples,
+                             seed)
+    write_reports(scores, rows, out_dir)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------- images
+@dataclass
+class ImageSet:
+    """Image files found for the items. ``grids``: item_id -> 2x2 grid file; ``seeds``: item_id -> {k: file}."""
+
+    root: Path
+    n_images: int
+    grids: dict[str, Path]
+    seeds: dict[str, dict[int, Path]]
+
+    def available(self, item_id: str) -> list[int]:
+        """Image indices present for an item."""
+        if item_id in self.grids:
+            return list(range(self.n_images))
+        return sorted(self.seeds.get(item_id, {}))
+
+    def load(self, item_id: str) -> dict[int, Image.Image]:
+        """RGB tiles of an item, image index -> PIL image (grid tiles TL, TR, BL, BR = 0..3)."""
+        if item_id in self.grids:
+            grid = _open_image(self.grids[item_id])
+            r = grid.width // 2
+            boxes = [(0, 0, r, r), (r, 0, 2 * r, r), (0, r, r, 2 * r), (r, r, 2 * r, 2 * r)]
+            return {k: grid.crop(box) for k, box in enumerate(boxes)}
+        return {k: _open_image(p) for k, p in self.seeds.get(item_id, {}).items()}
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"corrupt or unreadable image {path}: {e}") from None
+
+
+def _check_image(path: Path, resolution: int | None, grid: bool) -> None:
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()  # checksums/structure, without decoding every pixel
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"corrupt or unreadable image {path}: {e}") from None
+    w, h = size
+    if grid:
+        if w != h or w % 2 or (resolution is not None and w != 2 * resolution):
+            want = f"{2 * resolution}x{2 * resolution}" if resolution else "square with an even side (2 x tile)"
+            raise ValueError(f"{path}: a DPG-Bench grid must be 2x2 tiles, i.e. {want}; got {w}x{h}")
+    elif resolution is not None and (w, h) != (resolution, resolution):
+        raise ValueError(f"{path}: expected a {resolution}x{resolution} image (--resolution), got {w}x{h}")
+
+
+def scan_images(images_dir: str | Path, item_ids: Iterable[str], n_images: int = 4,
+                resolution: int | None = None) -> ImageSet:
+    """Find and validate the images of ``item_ids`` under ``images_dir`` (official grids ``<item_id>.<ext>`` or
+    per-seed ``<item_id>/<k>.png``). Files with non-image extensions are ignored (the official script writes its
+    results .txt into this folder); an image for an unknown item_id, a bad grid size or a corrupt file raise."""
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"images folder not found: {root}")
+    known = set(item_ids)
+    grids: dict[str, Path] = {}
+    seeds: dict[str, dict[int, Path]] = {}
+
+    def unknown(path: Path, item: str) -> ValueError:
+        return ValueError(f"{path}: image for unknown item_id {item!r} (not in the questions); known ids look like "
+                          f"{sorted(known)[:3]}")
+
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            files = [p for p in sorted(entry.iterdir()) if p.suffix.lower() in IMAGE_EXTS]
+            if not files:
+                continue  # e.g. an output folder placed next to the images
+            if entry.name not in known:
+                raise unknown(entry, entry.name)
+            for p in files:
+                if not p.stem.isdigit() or int(p.stem) >= n_images:
+                    raise ValueError(f"{p}: per-seed images must be named <k>.png with k in 0..{n_images - 1}")
+                _check_image(p, resolution, grid=False)
+                seeds.setdefault(entry.name, {})[int(p.stem)] = p
+        elif entry.suffix.lower() in IMAGE_EXTS:
+            item = entry.name.rsplit(".", 1)[0]
+            if item not in known:
+                raise unknown(entry, item)
+            if item in grids:
+                raise ValueError(f"two grid images for item {item!r}: {grids[item].name} and {entry.name}")
+            if n_images != 4:
+                raise ValueError(f"{entry}: a grid holds 2x2 = 4 images, but n_images = {n_images}")
+            _check_image(entry, resolution, grid=True)
+            grids[item] = entry
+    both = sorted(set(grids) & set(seeds))
+    if both:
+        raise ValueError(f"items with both a grid and per-seed images (ambiguous): {both[:5]}")
+    return ImageSet(root, n_images, grids, seeds)
+
+
+# ----------------------------------------------------------------------------------------------------- judging
+def judge_images(images: str | Path | ImageSet, questions: Sequence[Question], judge: Judge, out_dir: str | Path,
+                 n_images: int = 4, resolution: int | None = None, progress: bool = True) -> Path:
+    """Judge every (item, image, question) not yet in ``OUT/judgments.jsonl`` and append the rows (resume unit).
+
+    Rows: ``{"item_id", "image_index", "proposition_id", "answer": "yes"|"no"|null, "raw"}``, written per judge
+    batch with fsync, so a killed run loses at most the batch in flight (and leaves at most a torn last line,
+    which the next run cuts and re-judges). Returns the judgments path.
+    """
+    items = group_items(questions)
+    image_set = images if isinstance(images, ImageSet) else scan_images(images, items, n_images, resolution)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "judgments.jsonl"
+    done = set(_index_judgments(items, read_judgments(path, repair=True)))
+    todo = {item_id: [(k, q) for k in image_set.available(item_id) for q in qs
+                      if (item_id, k, q.proposition_id) not in done] for item_id, qs in items.items()}
+    total = sum(map(len, todo.values()))
+    batch: list[JudgeRequest] = []
+    with tqdm(total=total, desc=f"judging ({getattr(judge, 'name', 'judge')})", disable=not progress or not total,
+              unit="q") as bar:
+
+        def flush() -> None:
+            results = judge.judge(batch)
+            _append_rows(path, [{"item_id": r.item_id, "image_index": r.image_index,
+                                 "proposition_id": r.proposition_id, "answer": res.answer, "raw": res.raw}
+                                for r, res in zip(batch, results, strict=True)])
+            bar.update(len(batch))
+            batch.clear()
+
+        for item_id, work in todo.items():
+            if not work:
+                continue
+            tiles = image_set.load(item_id)
+            for k, q in work:
+                batch.append(JudgeRequest(item_id, k, q.proposition_id, q.question, tiles[k], q.row))
+                if len(batch) >= judge.batch_size:
+                    flush()
+        if batch:
+            flush()
+    return path
+
+
+def run(images_dir: str | Path | ImageSet, questions_csv: str | Path | Sequence[Question], judge: Judge | str,
+        out_dir: str | Path, n_images: int = 4, resolution: int | None = None, n_resamples: int = 1000,
+        seed: int = 0, progress: bool = True, **judge_kwargs: Any) -> dict[str, Any]:
+    """Judge a folder of images (resumable), then aggregate into ``out_dir``. ``judge``: a ``Judge`` or a registry
+    name (oracle, hf, openai) built with ``judge_kwargs``. Returns the scores dict (as in scores.json)."""
+    questions = (load_questions(questions_csv) if isinstance(questions_csv, (str, Path)) else list(questions_csv))
+    judge = make_judge(judge, **judge_kwargs) if isinstance(judge, str) else judge
+    path = judge_images(images_dir, questions, judge, out_dir, n_images, resolution, progress)
+    scores, rows = aggregate(questions, read_judgments(path), n_images, n_resamples, seed)
+    write_reports(scores, rows, out_dir)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evals.dpg_refined", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    j = sub.add_parser("judge", help="judge an image folder, then aggregate (the default command)")
+    src = j.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder: <item_id>.png 2x2 grids or <item_id>/<k>.png")
+    src.add_argument("--ckpt", help="a checkpoint of this harness: generate 4 seeds per prompt into OUT/images "
+                     "(2x2 grids, resumable), then judge them")
+    j.add_argument("--gen-seed", type=int, default=0, help="--ckpt: image k of item i uses seed + 1000 i + k")
+    j.add_argument("--questions", help="DPG-Bench questions CSV (official header); default: HF dataset (online)")
+    j.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompts.jsonl used with the HF dataset")
+    j.add_argument("--judge", default="oracle", choices=sorted(JUDGES))
+    j.add_argument("--judge-mode", default="cot", choices=JUDGE_MODES)
+    j.add_argument("--judge-model", default=None, help="hf: preset or model id (default gemma-3-27b-it); "
+                   "openai: the served model name")
+    j.add_argument("--judge-url", default=None, help="openai: API base, e.g. http://localhost:8000/v1")
+    j.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="env var holding the endpoint's key")
+    j.add_argument("--batch-size", type=int, default=None)
+    j.add_argument("--size-hint", type=int, default=None, help="oracle: world canvas size the tiles depict")
+    j.add_argument("--out", required=True)
+    a = sub.add_parser("aggregate", help="scores from a judgments file")
+    a.add_argument("--questions", required=True)
+    a.add_argument("--judgments", required=True)
+    a.add_argument("--out", required=True)
+    for s in (j, a):
+        s.add_argument("--n-images", type=int, default=None, help="images per prompt (judge default 4)")
+        s.add_argument("--n-resamples", type=int, default=1000)
+        s.add_argument("--seed", type=int, default=0)
+    j.add_argument("--resolution", type=int, default=None, help="tile size in pixels (default: inferred)")
+    return p
+
+
+def _judge_from_args(args: argparse.Namespace) -> Judge:
+    kw: dict[str, Any] = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    if args.judge == "oracle":
+        return make_judge("oracle", size_hint=args.size_hint, **kw)
+    kw["mode"] = args.judge_mode
+    if args.judge == "hf":
+        return make_judge("hf", model_id=args.judge_model or "gemma-3-27b-it", **kw)
+    if not args.judge_url:
+        raise SystemExit("--judge openai needs --judge-url (an OpenAI-compatible API base, e.g. http://host:8000/v1)")
+    return make_judge("openai", url=args.judge_url, api_key=os.environ.get(args.judge_api_key_env),
+                      **({"model": args.judge_model} if args.judge_model else {}), **kw)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """CLI entry; ``judge`` is the default subcommand. Returns the scores."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("judge", "aggregate", "-h", "--help"):
+        argv = ["judge", *argv]
+    args = _parser().parse_args(argv)
+    if args.command == "aggregate":
+        scores = aggregate_files(args.questions, args.judgments, args.out, args.n_images, args.n_resamples, args.seed)
+    else:
+        questions = load_questions(args.questions) if args.questions else load_questions_hf(args.prompts)
+        images = args.images
+        if args.ckpt:
+            from evals.images import generate_dpg_folder
+
+            images = generate_dpg_folder(args.ckpt, item_prompts(questions), Path(args.out) / "images",
+                                         seed=args.gen_seed)
+        scores = run(images, questions, _judge_from_args(args), args.out, args.n_images or 4, args.resolution,
+                     args.n_resamples, args.seed)
+    print(render_table(scores))
+    return scores
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # bad input: a message, not a traceback
+        raise SystemExit(f"error: {err}") from None

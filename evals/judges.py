@@ -1,0 +1,250 @@
+"""VQA judges for DPG-style yes/no questions behind one interface: the shapes-world oracle, an HF transformers VLM,
+and an OpenAI-compatible chat endpoint (e.g. a vLLM server).
+
+A judge maps a batch of ``JudgeRequest`` (one image + one question row) to ``JudgeResult`` (answer "yes"/"no"/None
+and the raw model text). Text judges share one policy (``TextJudge``): the refined chain-of-thought prompt (paper
+App. A.3.2) or a plain ``direct`` prompt, a robust parse of the verdict, one retry of unparseable answers, then
+``None`` (scored 0 and counted as unparsed by the aggregation).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+JUDGE_MODES: tuple[str, ...] = ("cot", "direct")
+HF_PRESETS: dict[str, str] = {"gemma-3-27b-it": "google/gemma-3-27b-it", "gemma-3-12b-it": "google/gemma-3-12b-it"}
+
+COT_TEMPLATE = (
+    "You are a meticulous visual question answering judge for text-to-image evaluation.\n"
+    "Question about the image: {question}\n\n"
+    "First, reason step by step about every aspect of the image that is relevant to the question: which objects "
+    "are present, their count, colours, shapes, sizes, textures, text, their positions and relations to each "
+    "other, and whether any of them is missing or wrong. Be strict: answer yes only if the image clearly "
+    "satisfies the question.\n"
+    "Then finish with a final line of exactly 'Answer: yes' or 'Answer: no'."
+)
+DIRECT_TEMPLATE = "{question} Answer with a single word: yes or no."
+
+_MARKUP = re.compile(r"[*_`#>\[\]]")
+# "answer" must be followed by ":", "=", "-" or "is": "I could answer no" in the reasoning is not a verdict.
+_VERDICT = re.compile(r"\b(?:final\s+)?answer\s*(?:is\s*|[:\-=]\s*)\"?'?(yes|no)\b")
+_WORD = re.compile(r"[a-z]+")
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    """One question about one image. ``image``: RGB PIL image (one tile); ``row``: the question's CSV row."""
+
+    item_id: str
+    image_index: int
+    proposition_id: int
+    question: str
+    image: Image.Image
+    row: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JudgeResult:
+    """``answer``: "yes", "no" or None (unparseable after the retry); ``raw``: the model text (all attempts)."""
+
+    answer: str | None
+    raw: str
+
+
+def build_prompt(question: str, mode: str = "cot") -> str:
+    """The text sent with the image: the CoT prompt ending in an 'Answer: yes/no' line, or the direct one."""
+    if mode not in JUDGE_MODES:
+        raise ValueError(f"unknown judge mode {mode!r}; valid: {JUDGE_MODES}")
+    return (COT_TEMPLATE if mode == "cot" else DIRECT_TEMPLATE).format(question=question.strip())
+
+
+def parse_answer(text: str, mode: str = "cot") -> str | None:
+    """The verdict in a judge's reply: "yes", "no" or None.
+
+    Case, punctuation and markdown are ignored. The last "Answer: yes|no" wins (CoT text may quote the format
+    earlier). Without such a line: CoT mode accepts a last line that is only yes/no; direct mode takes the reply's
+    first word when it is yes/no ("Yes, there is..." -> "yes").
+    """
+    if mode not in JUDGE_MODES:
+        raise ValueError(f"unknown judge mode {mode!r}; valid: {JUDGE_MODES}")
+    clean = _MARKUP.sub(" ", text.lower())
+    verdicts = _VERDICT.findall(clean)
+    if verdicts:
+        return verdicts[-1]
+    lines = [ln for ln in clean.splitlines() if _WORD.search(ln)]
+    if not lines:
+        return None
+    if mode == "cot":
+        words = _WORD.findall(lines[-1])
+        return words[0] if len(words) == 1 and words[0] in ("yes", "no") else None
+    first = _WORD.findall(lines[0])[0]
+    return first if first in ("yes", "no") else None
+
+
+class Judge:
+    """Interface: ``judge(requests) -> results`` (same order). ``batch_size``: how many requests per call the
+    runner should group."""
+
+    name = "judge"
+    batch_size = 1
+
+    def judge(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
+        raise NotImplementedError
+
+
+class OracleJudge(Judge):
+    """Exact answers in the shapes world: ``detect_shapes`` on the tile, then ``answer_question`` on the row's
+    ``tuple``. ``size_hint``: the world canvas size the tiles depict (tiles of another size are resized)."""
+
+    name = "oracle"
+
+    def __init__(self, size_hint: int | None = None, batch_size: int = 256):
+        self.size_hint = size_hint
+        self.batch_size = batch_size
+
+    def judge(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
+        from experiments.data.dpg_questions import answer_question
+        from experiments.data.shapes_detector import detect_shapes
+
+        cache: dict[int, list] = {}  # detections per image object: a batch holds many questions per tile
+        out = []
+        for req in requests:
+            key = id(req.image)
+            if key not in cache:
+                cache[key] = detect_shapes(req.image, size_hint=self.size_hint)
+            yes = answer_question(req.row, cache[key])
+            out.append(JudgeResult("yes" if yes else "no", f"oracle: {'yes' if yes else 'no'}"))
+        return out
+
+
+class TextJudge(Judge):
+    """A judge that generates text: prompt building, parsing and the single retry live here; subclasses implement
+    ``generate(images, prompts) -> texts``."""
+
+    def __init__(self, mode: str = "cot", batch_size: int = 8):
+        if mode not in JUDGE_MODES:
+            raise ValueError(f"unknown judge mode {mode!r}; valid: {JUDGE_MODES}")
+        self.mode = mode
+        self.batch_size = batch_size
+
+    def generate(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
+        raise NotImplementedError
+
+    def judge(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
+        prompts = [build_prompt(r.question, self.mode) for r in requests]
+        raws = self.generate([r.image for r in requests], prompts)
+        answers = [parse_answer(t, self.mode) for t in raws]
+        retry = [i for i, a in enumerate(answers) if a is None]
+        if retry:  # one more try for the unparseable ones, batched together
+            again = self.generate([requests[i].image for i in retry], [prompts[i] for i in retry])
+            for i, text in zip(retry, again, strict=True):
+                raws[i] = f"{raws[i]}\n[retry]\n{text}"
+                answers[i] = parse_answer(text, self.mode)
+        return [JudgeResult(a, t) for a, t in zip(answers, raws, strict=True)]
+
+
+class HFJudge(TextJudge):
+    """A transformers image-text-to-text VLM (default preset ``gemma-3-27b-it``; any hub id or local path), greedy
+    decoding, batched with left padding. ``model``/``processor`` may be passed in (tests build tiny ones)."""
+
+    name = "hf"
+
+    def __init__(self, model_id: str = "gemma-3-27b-it", mode: str = "cot", batch_size: int = 8,
+                 max_new_tokens: int | None = None, model: Any = None, processor: Any = None,
+                 device: str | None = None):
+        super().__init__(mode, batch_size)
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.model_id = HF_PRESETS.get(model_id, model_id)
+        self.max_new_tokens = max_new_tokens or (512 if mode == "cot" else 8)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if processor is None:
+            processor = AutoProcessor.from_pretrained(self.model_id)
+        if model is None:
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+            model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=dtype).to(device)
+        self.model, self.processor = model.eval(), processor
+        self.processor.tokenizer.padding_side = "left"  # generation appends on the right
+
+    def generate(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
+        import torch
+
+        messages = [[{"role": "user", "content": [{"type": "image", "image": im.convert("RGB")},
+                                                  {"type": "text", "text": p}]}] for im, p in zip(images, prompts,
+                                                                                                  strict=True)]
+        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="pt",
+                                                    processor_kwargs={"padding": True})
+        inputs = inputs.to(self.model.device)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class OpenAIJudge(TextJudge):
+    """An OpenAI-compatible ``/chat/completions`` endpoint (vLLM, TGI, ...). ``url``: the API base, e.g.
+    ``http://host:8000/v1``. Requests in a batch run concurrently (``batch_size`` threads); temperature 0."""
+
+    name = "openai"
+
+    def __init__(self, url: str, model: str = "google/gemma-3-27b-it", mode: str = "cot", batch_size: int = 16,
+                 max_tokens: int | None = None, api_key: str | None = None, timeout: float = 300.0):
+        super().__init__(mode, batch_size)
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"--judge-url must start with http:// or https://, got {url!r}")
+        self.endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else
+                                           "/chat/completions")
+        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.max_tokens = max_tokens or (1024 if mode == "cot" else 8)
+
+    def _one(self, image: Image.Image, prompt: str) -> str:
+        body = {"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_data_uri(image)}},
+                                         {"type": "text", "text": prompt}]}]}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                payload = json.loads(resp.read().decode())
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"judge endpoint {self.endpoint} answered HTTP {e.code}: {e.read()[:300]!r}") from e
+        try:
+            return str(payload["choices"][0]["message"]["content"] or "").strip()
+        except (KeyError, IndexError, TypeError) as e:
+            raise RuntimeError(f"judge endpoint {self.endpoint} sent no choices[0].message.content: "
+                               f"{str(payload)[:300]}") from e
+
+    def generate(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
+        with ThreadPoolExecutor(max_workers=max(1, min(self.batch_size, len(prompts)))) as pool:
+            return list(pool.map(self._one, images, prompts))
+
+
+JUDGES: dict[str, Callable[..., Judge]] = {"oracle": OracleJudge, "hf": HFJudge, "openai": OpenAIJudge}
+
+
+def make_judge(name: str, **kwargs: Any) -> Judge:
+    """A judge by registry name (``JUDGES``: oracle, hf, openai) with its constructor's keyword arguments."""
+    if name not in JUDGES:
+        raise ValueError(f"unknown judge {name!r}; valid: {tuple(JUDGES)}")
+    return JUDGES[name](**kwargs)

@@ -1,0 +1,371 @@
+"""Refined DPG-Bench judging: answer parsing and retry, the oracle on shapes-world grids (known answers), resume after
+a crash, image-folder validation, the HF judge on a tiny offline Gemma3, an OpenAI-compatible endpoint served
+locally, and generation from a tiny checkpoint."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evals.dpg_refined import judge_images, load_questions, main, read_judgments, run, scan_images
+from evals.images import generate_dpg_folder, save_png
+from evals.judges import HFJudge, JudgeRequest, JudgeResult, OpenAIJudge, OracleJudge, TextJudge, parse_answer
+from experiments.data.dpg_questions import make_dpg_prompt_set, write_dpg_questions_csv
+from experiments.data.shapes import BACKGROUND, render
+
+
+def grid_of(tiles: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)], axis=0)
+
+
+def shapes_bench(tmp: Path, n: int = 3, blank_last: bool = False) -> tuple[Path, Path, list]:
+    """Questions CSV + a folder of 2x2 grids of the scenes' own renders (tile 3 optionally an empty canvas)."""
+    items = make_dpg_prompt_set(n, seed=0)
+    csv_path = tmp / "questions.csv"
+    write_dpg_questions_csv(csv_path, items)
+    folder = tmp / "images"
+    for item_id, scene, _ in items:
+        tile = render(scene)
+        blank = np.empty_like(tile)
+        blank[:] = BACKGROUND
+        save_png(grid_of([tile, tile, tile, blank if blank_last else tile]), folder / f"{item_id}.png")
+    return csv_path, folder, items
+
+
+# ------------------------------------------------------------------------------------------------ parsing / retry
+@pytest.mark.parametrize(("text", "mode", "expect"), [
+    ("The circle is red.\nAnswer: yes", "cot", "yes"),
+    ("**Answer:** No.", "cot", "no"),
+    ("I first checked... the format is 'Answer: yes' or 'Answer: no'.\n\nFinal answer: NO", "cot", "no"),
+    ("Reasoning.\n`ANSWER: Yes!`", "cot", "yes"),
+    ("There is a circle on the left.\nyes", "cot", "yes"),
+    ("There is a circle. I think yes, probably.", "cot", None),
+    ("", "cot", None),
+    ("Yes, there is a red circle.", "direct", "yes"),
+    ("no.", "direct", "no"),
+    ("Maybe", "direct", None),
+    ("answer - yes", "direct", "yes"),
+    # a later "answer no" inside the reasoning is not a verdict; the explicit "Answer: yes" line stands
+    ("Answer: yes\nThough I could answer no if I were strict.", "cot", "yes"),
+    ("The answer is no: the circle is blue.", "cot", "no"),
+])
+def test_parse_answer(text: str, mode: str, expect: str | None) -> None:
+    assert parse_answer(text, mode) == expect
+
+
+def test_parse_answer_rejects_unknown_mode() -> None:
+    with pytest.raises(ValueError, match=r"valid: \('cot', 'direct'\)"):
+        parse_answer("yes", "logprob")
+
+
+class ScriptedJudge(TextJudge):
+    """Replies from a list per question, in call order; records every generate() call."""
+
+    def __init__(self, script: dict[str, list[str]]):
+        super().__init__("cot", batch_size=8)
+        self.script, self.calls = {k: list(v) for k, v in script.items()}, []
+
+    def generate(self, images, prompts):
+        self.calls.append(len(prompts))
+        return [self.script[next(k for k in self.script if k in p)].pop(0) for p in prompts]
+
+
+def test_unparseable_answers_are_retried_once_then_null() -> None:
+    judge = ScriptedJudge({"Q-a": ["Answer: yes"], "Q-b": ["hmm", "ok.\nAnswer: no"], "Q-c": ["?", "still ?"]})
+    img = Image.new("RGB", (8, 8))
+    reqs = [JudgeRequest("i", 0, p, f"Q-{c}?", img, {}) for p, c in enumerate("abc", start=1)]
+    res = judge.judge(reqs)
+    assert [r.answer for r in res] == ["yes", "no", None]
+    assert judge.calls == [3, 2]  # one batched retry of the two unparseable answers
+    assert res[1].raw == "hmm\n[retry]\nok.\nAnswer: no" and res[2].raw == "?\n[retry]\nstill ?"
+
+
+# ------------------------------------------------------------------------------------------------ oracle pipeline
+def test_oracle_scores_clean_renders_one(tmp_path: Path) -> None:
+    csv_path, folder, items = shapes_bench(tmp_path)
+    (folder / "dpg_results.txt").write_text("stray file, ignored")
+    out = tmp_path / "out"
+    main(["--images", str(folder), "--questions", str(csv_path), "--judge", "oracle", "--out", str(out),
+          "--n-resamples", "50"])
+    scores = json.loads((out / "scores.json").read_text())
+    n_q = len(load_questions(csv_path))
+    assert scores["counts"] == {"prompts": 3, "images": 12, "judgments": 4 * n_q, "unparsed": 0,
+                                "missing_images": 0, "missing_judgments": 0}
+    assert scores["fixed"]["micro_avg"] == 1.0 and scores["fixed"]["macro_avg"] == 1.0
+    assert all(v == 1.0 for v in scores["fixed"]["categories"].values())
+    assert scores["best_of_n"]["micro_avg"] == 1.0
+    assert (out / "table.md").read_text().startswith("| Category | Avg. | Top-4 |")
+
+
+def test_oracle_known_failures_on_an_empty_tile(tmp_path: Path) -> None:
+    # tile 3 (bottom right) is an empty canvas: every question is "no" there -> s = 0 exactly
+    csv_path, folder, _ = shapes_bench(tmp_path, blank_last=True)
+    scores = run(folder, csv_path, "oracle", tmp_path / "out", n_resamples=50, progress=False)
+    assert scores["fixed"]["micro_avg"] == 0.75
+    assert scores["best_of_n"]["micro_avg"] == 1.0
+    assert scores["legacy"]["categories"]["entity"] == 0.0  # official: the last tile's raw answers only
+    rows = read_judgments(tmp_path / "out" / "judgments.jsonl")
+    assert {r["answer"] for r in rows if r["image_index"] == 3} == {"no"}
+    assert {r["answer"] for r in rows if r["image_index"] < 3} == {"yes"}
+
+
+class CrashingJudge(OracleJudge):
+    def __init__(self, crash_after: int | None):
+        super().__init__(batch_size=5)
+        self.crash_after, self.judged = crash_after, 0
+
+    def judge(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
+        if self.crash_after is not None and self.judged >= self.crash_after:
+            raise KeyboardInterrupt("killed")
+        self.judged += len(requests)
+        return super().judge(requests)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> None:
+    csv_path, folder, _ = shapes_bench(tmp_path, blank_last=True)
+    questions = load_questions(csv_path)
+    full = judge_images(folder, questions, CrashingJudge(None), tmp_path / "full", progress=False)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        judge_images(folder, questions, CrashingJudge(crash_after=10), out, progress=False)
+    path = out / "judgments.jsonl"
+    assert len(read_judgments(path)) == 10
+    with open(path, "a") as fp:
+        fp.write('{"item_id": "shapes1", "image_in')  # a kill in the middle of a write
+    second = CrashingJudge(None)
+    judge_images(folder, questions, second, out, progress=False)
+    total = 4 * len(questions)
+    assert second.judged == total - 10  # only what was missing
+    key = lambda r: (r["item_id"], r["image_index"], r["proposition_id"])  # noqa: E731
+    resumed, reference = sorted(read_judgments(path), key=key), sorted(read_judgments(full), key=key)
+    assert resumed == reference and len({key(r) for r in resumed}) == total
+    third = CrashingJudge(None)
+    judge_images(folder, questions, third, out, progress=False)
+    assert third.judged == 0 and len(read_judgments(path)) == total
+
+
+# ------------------------------------------------------------------------------------------------ image folders
+def test_per_seed_layout_with_a_missing_image(tmp_path: Path) -> None:
+    csv_path, _, items = shapes_bench(tmp_path)
+    folder = tmp_path / "seeds"
+    for item_id, scene, _ in items:
+        for k in (0, 1, 3) if item_id == "shapes0" else range(4):
+            save_png(render(scene), folder / item_id / f"{k}.png")
+    scores = run(folder, csv_path, OracleJudge(), tmp_path / "out", n_resamples=50, progress=False)
+    assert scores["counts"]["missing_images"] == 1
+    assert scores["fixed"]["micro_avg"] == pytest.approx((0.75 + 1 + 1) / 3)
+    assert scores["legacy"]["overall"] == 1.0  # the official script never sees the incomplete prompt
+
+
+@pytest.mark.parametrize(("name", "content", "kwargs", "message"), [
+    ("shapes0.png", "grid66", {}, r"must be 2x2 tiles.*got 64x66"),
+    ("shapes0.png", "grid64", {"resolution": 16}, r"32x32; got 64x64"),
+    ("shapes0.png", b"\x89PNG\r\n\x1a\nnot really a png", {}, "corrupt or unreadable image"),
+    ("shapes9.png", "grid64", {}, "unknown item_id 'shapes9'"),
+    ("shapes0/x.png", "tile", {}, r"named <k>.png with k in 0..3"),
+])
+def test_bad_image_folders_are_reported(tmp_path: Path, name: str, content, kwargs: dict, message: str) -> None:
+    csv_path, _, _ = shapes_bench(tmp_path)
+    folder = tmp_path / "bad"
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        shape = {"grid66": (66, 64), "grid64": (64, 64), "tile": (32, 32)}[content]
+        save_png(np.zeros((*shape, 3), np.uint8), path)
+    ids = [q.item_id for q in load_questions(csv_path)]
+    with pytest.raises(ValueError, match=message):
+        scan_images(folder, ids, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ HF judge
+@pytest.fixture(scope="module")
+def tiny_gemma():
+    """A random tiny Gemma3 (image-text-to-text) with a word-level tokenizer and a real Gemma3Processor."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+               "<start_of_turn>", "<end_of_turn>"]
+    words = special + ["user", "model", "answer:", "yes", "no", "is", "there", "a", "the", "circle", "square",
+                       "triangle", "red", "blue", "green", "left", "of", "exactly", "two", "?"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                  unk_token="<unk>", extra_special_tokens={
+                                      "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                      "image_token": "<image_soft_token>"})
+    template = ("{{ bos_token }}{% for m in messages %}<start_of_turn> {{ m['role'] }} {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<start_of_image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+                "<end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn> model {% endif %}")
+    proc = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 28, "width": 28}), tokenizer=tok,
+                           chat_template=template, image_seq_length=4)
+    cfg = Gemma3Config(
+        text_config={"vocab_size": len(words), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "sliding_window": 16,
+                     "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2},
+        vision_config={"image_size": 28, "patch_size": 14, "hidden_size": 32, "intermediate_size": 37,
+                       "num_hidden_layers": 1, "num_attention_heads": 2},
+        mm_tokens_per_image=4, image_token_index=6, boi_token_index=4, eoi_token_index=5)
+    torch.manual_seed(0)
+    return Gemma3ForConditionalGeneration(cfg).eval(), proc
+
+
+def test_hf_judge_end_to_end_on_tiny_gemma3(tmp_path: Path, tiny_gemma) -> None:
+    model, proc = tiny_gemma
+    csv_path, folder, _ = shapes_bench(tmp_path, n=1)
+    questions = load_questions(csv_path)
+    judge = HFJudge(mode="direct", batch_size=3, max_new_tokens=3, model=model, processor=proc, device="cpu")
+    path = judge_images(folder, questions, judge, tmp_path / "out", progress=False)
+    rows = read_judgments(path)
+    assert len(rows) == 4 * len(questions)
+    for r in rows:  # each recorded answer is the parse of the last attempt's text
+        assert r["answer"] == parse_answer(r["raw"].split("\n[retry]\n")[-1], "direct")
+    # batching with left padding changes nothing: a batch of prompts of different lengths == one by one
+    tiles = scan_images(folder, ["shapes0"]).load("shapes0")
+    prompts = ["is there a circle ?", "is the red circle left of the blue square exactly ?"]
+    batched = judge.generate([tiles[0], tiles[1]], prompts)
+    single = [judge.generate([tiles[0]], prompts[:1])[0], judge.generate([tiles[1]], prompts[1:])[0]]
+    assert batched == single and all(isinstance(t, str) for t in batched)
+
+
+# ------------------------------------------------------------------------------------------------ OpenAI endpoint
+class ChatHandler(BaseHTTPRequestHandler):
+    """Speaks /v1/chat/completions: "yes" for circles, "no" otherwise, an unparseable first reply for triangles."""
+
+    seen: list[dict] = []
+    tries: dict[str, int] = {}
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server API)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        if body.get("model") == "broken":
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b"boom")
+            return
+        text = next(c["text"] for c in body["messages"][0]["content"] if c["type"] == "text")
+        n = self.tries[text] = self.tries.get(text, 0) + 1
+        if "triangle" in text and n == 1:
+            reply = "I cannot tell."
+        else:
+            reply = "The shape is clearly visible.\n**Answer:** " + ("Yes" if "circle" in text else "no")
+        data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def chat_server():
+    ChatHandler.seen, ChatHandler.tries = [], {}
+    server = HTTPServer(("127.0.0.1", 0), ChatHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_judge_against_local_server(tmp_path: Path, chat_server: str) -> None:
+    img = Image.new("RGB", (32, 32), (10, 20, 30))
+    judge = OpenAIJudge(chat_server, model="served-gemma", api_key="k123", batch_size=2)
+    reqs = [JudgeRequest("i", 0, p, f"Is there a {s}?", img, {}) for p, s in enumerate(
+        ("circle", "square", "triangle"), start=1)]
+    res = judge.judge(reqs)
+    assert [r.answer for r in res] == ["yes", "no", "no"]
+    assert res[2].raw.startswith("I cannot tell.\n[retry]\n")
+    assert len(ChatHandler.seen) == 4  # three requests + one retry
+    first = ChatHandler.seen[0]
+    assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer k123"
+    assert first["body"]["model"] == "served-gemma" and first["body"]["temperature"] == 0.0
+    content = first["body"]["messages"][0]["content"]
+    url = next(c["image_url"]["url"] for c in content if c["type"] == "image_url")
+    assert url.startswith("data:image/png;base64,")
+    sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert sent.size == (32, 32) and sent.convert("RGB").getpixel((0, 0)) == (10, 20, 30)
+    assert "Answer: yes" in next(c["text"] for c in content if c["type"] == "text")
+    with pytest.raises(RuntimeError, match="HTTP 500"):
+        OpenAIJudge(chat_server, model="broken").judge(reqs[:1])
+    with pytest.raises(ValueError, match="http://"):
+        OpenAIJudge("localhost:8000")
+
+
+def test_openai_judge_through_the_cli(tmp_path: Path, chat_server: str) -> None:
+    csv_path, folder, _ = shapes_bench(tmp_path, n=1)
+    out = tmp_path / "out"
+    scores = main(["--images", str(folder), "--questions", str(csv_path), "--judge", "openai", "--judge-url",
+                   chat_server, "--out", str(out), "--n-resamples", "20"])
+    rows = read_judgments(out / "judgments.jsonl")
+    questions = {(q.item_id, q.proposition_id): q.question for q in load_questions(csv_path)}
+    for r in rows:
+        assert r["answer"] == ("yes" if "circle" in questions[(r["item_id"], r["proposition_id"])] else "no")
+    assert scores["counts"]["judgments"] == len(rows) == 4 * len(questions)
+
+
+# ------------------------------------------------------------------------------------------------ --ckpt path
+@pytest.mark.filterwarnings("ignore:Found keys that are in the model state dict")  # the encoder is rebuilt, not saved
+def test_generate_dpg_folder_from_tiny_checkpoint_then_oracle(tmp_path: Path) -> None:
+    import lightning as L
+    import torch
+
+    from experiments.config import load_base, merge
+    from models.module import UniFusionModule
+
+    cfg = merge(load_base(), {"candidate": "lap", "dit": {"dim": 32, "depth": 2, "heads": 2, "patch": 8},
+                              "sample": {"steps": 2}, "conditioner": {"heads": 2}})
+    torch.manual_seed(0)
+    module = UniFusionModule(cfg)
+    with torch.no_grad():  # adaLN-zero output layer: make samples depend on seeds
+        for p in module.ema.module["dit"].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "tiny.ckpt")
+    items = make_dpg_prompt_set(2, seed=1)
+    csv_path = tmp_path / "q.csv"
+    write_dpg_questions_csv(csv_path, items)
+    folder = generate_dpg_folder(tmp_path / "tiny.ckpt", [(i, t) for i, _, t in items], tmp_path / "imgs",
+                                 seed=5, batch_size=4)
+    grid = np.asarray(Image.open(folder / "shapes1.png"))
+    size = cfg["data"]["size"]
+    assert grid.shape == (2 * size, 2 * size, 3)
+    expect = module.generate([items[1][2]] * 4, [5 + 1000 + k for k in range(4)])
+    np.testing.assert_array_equal(grid[size:, :size], expect[2])  # bottom-left tile = image 2
+    mtime = (folder / "shapes1.png").stat().st_mtime_ns
+    generate_dpg_folder(module, [(i, t) for i, _, t in items], folder, seed=5)  # resume: nothing regenerated
+    assert (folder / "shapes1.png").stat().st_mtime_ns == mtime
+    scores = run(folder, csv_path, "oracle", tmp_path / "out", n_resamples=20, progress=False)
+    assert scores["counts"]["missing_images"] == 0
+    assert scores["counts"]["judgments"] == 4 * len(load_questions(csv_path))
+    assert 0.0 <= scores["fixed"]["micro_avg"] <= scores["best_of_n"]["micro_avg"] <= 1.0
+
+    # The same through the CLI: --ckpt generates OUT/images (same seeds -> same grids), then judges them.
+    cli = main(["--ckpt", str(tmp_path / "tiny.ckpt"), "--questions", str(csv_path), "--gen-seed", "5",
+                "--out", str(tmp_path / "cli"), "--n-resamples", "20"])
+    for item_id, _, _ in items:
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cli" / "images" / f"{item_id}.png")),
+                                      np.asarray(Image.open(folder / f"{item_id}.png")))
+    assert cli["fixed"] == scores["fixed"] and cli["counts"] == scores["counts"]
