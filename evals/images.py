@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,9 @@ def load_module(ckpt: str | Path | UniFusionModule, device: str | None = None) -
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return UniFusionModule.load_from_checkpoint(path, map_location=device).eval()
+    with warnings.catch_warnings():  # the frozen encoder's keys are absent by design (rebuilt from its preset)
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
+        return UniFusionModule.load_from_checkpoint(path, map_location=device).eval()
 
 
 def save_png(array, path: Path) -> None:

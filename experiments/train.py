@@ -48,6 +48,68 @@ def config_columns(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def resume_step(ckpt: Path) -> int | None:
+    """The global step a Lightning checkpoint resumes at (None when there is no checkpoint)."""
+    if not ckpt.is_file():
+        return None
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+
+
+def resumable_csv_logger(run_dir: Path, resume_at: int | None):
+    """Lightning's CSVLogger, except that a resumed run keeps its log.
+
+    The stock logger deletes ``logs/metrics.csv`` when the folder exists, so a requeued run would lose every step
+    it logged before the interruption. Here the rows of steps the checkpoint covers (step < ``resume_at``) are
+    kept and the later ones dropped, since the resumed run logs them again: every step appears exactly once.
+    """
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class KeepingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            path = Path(self.metrics_file_path)
+            if resume_at is None or not path.is_file():
+                return super()._check_log_dir_exists()
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                keys = list(reader.fieldnames or [])
+                rows = [r for r in reader if r.get("step") and int(float(r["step"])) < resume_at]
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, path)
+            self.metrics_keys = sorted(keys)
+
+    class ResumableCSVLogger(CSVLogger):
+        @property
+        def experiment(self) -> ExperimentWriter:
+            if self._experiment is None:
+                Path(self.root_dir).mkdir(parents=True, exist_ok=True)
+                self._experiment = KeepingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return ResumableCSVLogger(run_dir, name="logs", version="")
+
+
+def save_final(module, path: Path) -> Path:
+    """``final.ckpt``: the trained weights (EMA included, frozen encoder stripped) in Lightning's checkpoint format,
+    loadable with ``UniFusionModule.load_from_checkpoint`` / ``evals.images.load_module`` -- also for step 0."""
+    import lightning as L
+
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+            "global_step": int(module.global_step), "pytorch-lightning_version": L.__version__}
+    module.on_save_checkpoint(ckpt)  # drops the encoder's weights: it is rebuilt from its preset
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
     """Train (or resume) to ``train.steps``; returns the module with its final weights.
 
@@ -56,7 +118,6 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
     """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
 
     from experiments.data.datamodule import ShapesDataModule
     from models.module import UniFusionModule
@@ -71,6 +132,7 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
         long_caption_prob=config["data"]["long_caption_prob"], num_workers=tcfg["num_workers"],
     )
     ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
     gpu = torch.cuda.is_available()
     trainer = L.Trainer(
         max_steps=tcfg["steps"] if stop_at is None else stop_at,
@@ -78,13 +140,12 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
         devices=1,
         precision="bf16-mixed" if gpu else "32-true",
         gradient_clip_val=config["optim"]["grad_clip"],
-        logger=CSVLogger(run_dir, name="logs", version=""),
+        logger=resumable_csv_logger(run_dir, resume_step(last)),
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=tcfg["ckpt_every"])],
         log_every_n_steps=tcfg["log_every"],
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    last = ckpt_dir / "last.ckpt"
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
     return module
 
@@ -146,6 +207,7 @@ def run(exp: str, name: str, config: dict[str, Any], run_dir: Path, threads: int
     module = train(config, run_dir)
     t_train = time.time() - t0
     step = int(module.global_step)
+    save_final(module, run_dir / "final.ckpt")
     module.eval()
     t1 = time.time()
     summary, rows = evaluate(module, config, run_dir)

@@ -150,8 +150,10 @@ class StepCounter(submitit.helpers.Checkpointable):
 def test_requeued_checkpointable_resumes_without_lost_or_repeated_steps(
     slurm_cluster: str, tmp_path: Path, how: str
 ) -> None:
-    state, n = tmp_path / "state.json", 30
-    job = executor(tmp_path, slurm_cluster, slurm_signal_delay_s=5).submit(StepCounter(str(state), n))
+    # n * step_s - 5 steps must outlast KillWait (3 s in start_cluster.sh): submitit ignores the SIGTERM of
+    # `scontrol requeue`, so the first run goes on until SIGKILL and must not be able to finish by then.
+    state, n = tmp_path / "state.json", 40
+    job = executor(tmp_path, slurm_cluster, slurm_signal_delay_s=5).submit(StepCounter(str(state), n, step_s=0.5))
 
     def progressed() -> bool:
         return state.exists() and len(json.loads(state.read_text())["steps"]) >= 5

@@ -56,9 +56,56 @@ def test_smoke_sweep_end_to_end_and_resume(tmp_path: Path) -> None:
     assert (images > 0).all()
     print(f"smoke sweep wall time: {wall:.0f} s")
 
+    # final.ckpt of every run reloads into the model that drew the evaluation images (same seeds -> same pixels).
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from evals.images import load_module
+
+    for r in runs:
+        run_dir = tmp_path / "runs" / "conditioning_candidates-smoke" / r.dirname
+        module = load_module(run_dir / "final.ckpt", "cpu")
+        assert module.config == r.config
+        folder = run_dir / "eval" / "images" / "00000"
+        prompt = json.loads((folder / "metadata.jsonl").read_text())["prompt"]
+        seed = r.config["eval"]["geneval"]["seed"]
+        again = module.generate([prompt], [seed])[0]
+        np.testing.assert_array_equal(again, np.asarray(Image.open(folder / "samples" / "00000.png")))
+
     # A second sweep finds every run finished and redoes nothing.
     again = subprocess.run(["make", "sweep", "EXP=conditioning_candidates", "SMOKE=1"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done, skipped") == len(runs)
     pd.testing.assert_frame_equal(pd.read_csv(results / "metrics.csv"), df)
+
+
+@pytest.mark.slow
+def test_config_error_in_one_grid_point_fails_that_run_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad option in one run (caught when its model is built, inside its job) fails that run alone: the others
+    finish and are collected, the sweep exits non-zero naming it, and `status` shows the error."""
+    import shutil
+
+    from experiments import config
+    from experiments.status import format_status, status_table
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    shutil.copy(config.CONFIG_DIR / "base.yaml", configs / "base.yaml")
+    (configs / "mixed.yaml").write_text(
+        "description: one good and one broken grid point\nfigure: bars\n"
+        "overrides: {candidate: lap, train: {steps: 0}, eval: {geneval: {n_per_task: 1, n_samples: 1}}}\n"
+        "runs:\n  good: {}\n  broken: {conditioner: {lap_blocks: -1}}\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", configs)
+    runs_dir = tmp_path / "runs"
+    with pytest.raises(SystemExit, match=r"1 run\(s\) failed: broken"):
+        run_sweep("mixed", cluster="local", runs_dir=runs_dir, results_dir=tmp_path / "results")
+    df = pd.read_csv(tmp_path / "results" / "metrics.csv")
+    assert set(df.run) == {"good"}
+    table = status_table("mixed", runs_dir=runs_dir).set_index("run")
+    assert table.loc["good", "state"] == "done"
+    assert table.loc["broken", "state"] == "failed"
+    assert "LAP blocks must be an int >= 0" in table.loc["broken", "detail"]
+    assert "--- broken failed: ValueError: LAP blocks must be an int >= 0" in format_status(table.reset_index())

@@ -82,7 +82,8 @@ SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
 MinJobAge=300
-KillWait=10
+# SIGTERM -> SIGKILL delay. submitit ignores SIGTERM, so a requeued job runs on for KillWait seconds: keep it short.
+KillWait=3
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=120 State=UP
 CONF
