@@ -42,3 +42,35 @@ def test_conditioning_candidates_grid():
 def test_smoke_overrides_apply():
     _, runs = load_experiment("conditioning_candidates", smoke=True)
     assert all(r.config["train"]["steps"] in (0, 8) for r in runs)
+
+
+@pytest.mark.parametrize("exp", available_experiments())
+def test_every_ablation_builds_every_run(exp: str) -> None:
+    """Each YAML's every grid point (full and smoke) is a valid config: the module builds, the encoder taps what
+    the YAML asks, and the figure it names exists. A typo in any ablation fails here, not hours into a sweep."""
+    from analysis.figures import FIGURES
+    from models.encoders import select_layers
+    from models.module import UniFusionModule
+
+    spec, runs = load_experiment(exp)
+    assert spec.get("figure") in FIGURES and spec.get("description")
+    assert len({r.dirname for r in runs}) == len(runs)
+    _, smoke = load_experiment(exp, smoke=True)
+    assert [r.name for r in smoke] == [r.name for r in runs]
+    for run in runs:
+        module = UniFusionModule(run.config)
+        enc = run.config["encoder"]
+        assert module.encoder.layer_ids == select_layers(
+            module.encoder.num_layers, layers=enc["layers"], stride=enc["stride"], start=enc["start"])
+        assert module.config["candidate"] == run.config["candidate"]
+
+
+def test_ablation_grids_vary_what_they_claim() -> None:
+    by = {r.name: r.config for r in load_experiment("layer_stride")[1]}
+    assert {n: c["encoder"]["stride"] for n, c in by.items()} == {"stride1": 1, "stride2": 2, "stride3": 3,
+                                                                   "stride6": 6}
+    inj = {r.name: r.config["conditioner"]["injection"] for r in load_experiment("injection")[1]}
+    assert inj == {"input": "input", "per_layer": "per_layer"}
+    ref = {r.name: r.config for r in load_experiment("refiner")[1]}
+    assert ref["penultimate"]["encoder"]["layers"] == [-2] and "refiner_blocks" not in ref["penultimate"]["conditioner"]
+    assert ref["penultimate_refiner"]["conditioner"]["refiner_blocks"] == 2
