@@ -12,7 +12,7 @@ PROFILE ?=
 SMOKE ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast lint sweep status collect
+.PHONY: venv test test-fast lint sweep status collect figures
 
 venv: $(STAMP)
 
@@ -45,3 +45,7 @@ status: $(STAMP)
 # make collect EXP=<name> [SMOKE=1]: rebuild results/<EXP>/metrics.csv + figure from the run directories
 collect: $(STAMP)
 	$(PY) -m experiments.launch $(EXP) --collect $(if $(SMOKE),--smoke)
+
+# make figures: every figure, table (table.md, paired.csv) and checkpoint analysis of every results/<EXP>/, from files
+figures: $(STAMP)
+	$(PY) -m analysis.figures --all

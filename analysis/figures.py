@@ -1,13 +1,19 @@
-"""Figures drawn from a results table alone (``results/<EXP>/metrics.csv``, DESIGN.md §4).
+"""Figures and tables drawn from results files alone (``results/<EXP>/metrics.csv``, DESIGN.md §4).
 
     python -m analysis.figures results/conditioning_candidates/metrics.csv --figure fig4
+    python -m analysis.figures --all [--results results]          (`make figures`: every EXP present)
 
-Each drawer takes the tidy DataFrame and an output folder and writes PNG + PDF.
+Each drawer takes the tidy DataFrame and an output folder and writes PNG + PDF. With ``--all``, every
+``results/<EXP>/`` also gets ``table.md`` (the runs in the paper's bar-chart order: overall and per-task scores with
+95% CIs) and, where ``per_prompt.csv`` exists (written by ``make collect``), ``paired.csv``: a paired bootstrap
+of the GenEval-shapes overall difference for every pair of runs, over the same prompts and seeds (prompts
+resampled within tasks), whose lines are also printed under the figure and the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -35,10 +42,17 @@ def _errorbars(ax, x, values, lo, hi) -> None:
     )
 
 
-def fig4(df: pd.DataFrame, out_dir: Path) -> Path:
+def fig4(df: pd.DataFrame, out_dir: Path, caption: str = "") -> Path:
     """Paper Fig. 4 analogue: GenEval-shapes overall per candidate (95% bootstrap CI over prompts), plus the
     six task accuracies."""
-    import numpy as np
+    return bars(df, out_dir, name="fig4", title="Conditioning candidates", caption=caption)
+
+
+def bars(df: pd.DataFrame, out_dir: Path, name: str = "bars", title: str | None = None, caption: str = "") -> Path:
+    """Any sweep: GenEval-shapes overall per run (95% bootstrap CI over prompts) + the six task accuracies.
+    Writes ``<name>.png`` and ``<name>.pdf``; the title defaults to the experiment name in ``df.exp``."""
+    if title is None:
+        title = str(df.exp.iloc[0]) if "exp" in df and len(df) else "runs"
 
     overall = df[df.metric == "geneval.overall"].copy()
     order = _order(list(overall.run.unique()))
@@ -58,7 +72,7 @@ def fig4(df: pd.DataFrame, out_dir: Path) -> Path:
     ax1.set_ylabel("GenEval-shapes overall (95% CI)")
     ax1.set_ylim(0, 1)
     steps = int(overall.loc[overall.run != "untrained", "step"].max()) if (overall.run != "untrained").any() else 0
-    ax1.set_title(f"Conditioning candidates after {steps} steps")
+    ax1.set_title(f"{title} after {steps} steps")
     sns.barplot(data=tasks, x="task", y="value", hue="run", hue_order=order, order=TASK_ORDER, palette=palette,
                 ax=ax2, errorbar=None)
     ax2.set_ylim(0, 1)
@@ -67,29 +81,170 @@ def fig4(df: pd.DataFrame, out_dir: Path) -> Path:
     ax2.legend(fontsize=7, ncols=3, loc="upper right")
     ax2.set_title("Per GenEval task")
     fig.tight_layout()
+    if caption:
+        fig.text(0.01, -0.01, caption, ha="left", va="top", fontsize=7, family="monospace")
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "fig4.png"
-    fig.savefig(path, dpi=150)
-    fig.savefig(out_dir / "fig4.pdf")
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    fig.savefig(out_dir / f"{name}.pdf", bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-FIGURES: dict[str, Callable[[pd.DataFrame, Path], Path]] = {"fig4": fig4}
+FIGURES: dict[str, Callable[..., Path]] = {"fig4": fig4, "bars": bars}
 
 
-def draw(name: str, df: pd.DataFrame, out_dir: Path) -> Path:
+def draw(name: str, df: pd.DataFrame, out_dir: Path, caption: str = "") -> Path:
+    """Draw figure ``name``; a ``caption`` (e.g. the paired tests) is printed under it."""
     if name not in FIGURES:
         raise ValueError(f"unknown figure {name!r}; valid: {', '.join(FIGURES)}")
-    return FIGURES[name](df, Path(out_dir))
+    return FIGURES[name](df, Path(out_dir), caption=caption)
+
+
+def _task_table(prompts: pd.DataFrame) -> np.ndarray:
+    """Per-prompt rows -> (P, 3) float: task id, correct images, images (evals.geneval's bootstrap table)."""
+    from evals.geneval import TASKS
+
+    task_id = prompts["tag"].map({t: i for i, t in enumerate(TASKS)}).to_numpy()
+    return np.stack([task_id, prompts["n_correct"].to_numpy(), prompts["n_images"].to_numpy()], 1).astype(float)
+
+
+def paired_comparisons(per_prompt: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Every pair of runs (a, b) of one EXP: GenEval-shapes overall(a) - overall(b) over the prompts both scored,
+    paired bootstrap CI and two-sided p-value (``evals.stats.paired_bootstrap``, prompts resampled within tasks).
+
+    per_prompt: rows ``run, metadata, tag, n_correct, n_images`` (``per_prompt.csv``). Returns one row per pair:
+    ``run_a, run_b, diff, ci_low, ci_high, p_value, prompts``.
+    """
+    from evals.geneval import _overall_from_prompts
+    from evals.stats import paired_bootstrap
+
+    runs = _order(list(per_prompt.run.unique()))
+    rows = []
+    for a, b in itertools.combinations(runs, 2):
+        pa = per_prompt[per_prompt.run == a].set_index("metadata")
+        pb = per_prompt[per_prompt.run == b].set_index("metadata")
+        keys = [k for k in pa.index if k in pb.index]
+        if not keys:
+            continue
+        ta, tb = _task_table(pa.loc[keys]), _task_table(pb.loc[keys])
+        r = paired_bootstrap(ta, tb, _overall_from_prompts, n_resamples=n_resamples, seed=seed, strata=ta[:, 0])
+        rows.append({"run_a": a, "run_b": b, "diff": r.diff, "ci_low": r.lo, "ci_high": r.hi, "p_value": r.p_value,
+                     "prompts": len(keys)})
+    return pd.DataFrame(rows, columns=["run_a", "run_b", "diff", "ci_low", "ci_high", "p_value", "prompts"])
+
+
+def paired_caption(paired: pd.DataFrame, metrics: pd.DataFrame) -> str:
+    """Lines "best - other = d [lo, hi], p = x" for the best run (highest overall) against every other run."""
+    if paired.empty:
+        return ""
+    overall = metrics[metrics.metric == "geneval.overall"].set_index("run")["value"]
+    best = overall.idxmax()
+    lines = [f"paired bootstrap over the same prompts+seeds ({int(paired.prompts.max())} prompts):"]
+    for _, r in paired.iterrows():
+        if best not in (r.run_a, r.run_b):
+            continue
+        sign, other = (1, r.run_b) if r.run_a == best else (-1, r.run_a)
+        lo, hi = sorted((sign * r.ci_low, sign * r.ci_high))
+        lines.append(f"  {best} - {other}: {sign * r['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], p = {r.p_value:.3f}")
+    return "\n".join(lines)
+
+
+def table_markdown(metrics: pd.DataFrame, caption: str = "") -> str:
+    """Runs x (overall, six tasks): value [95% CI] in the figure's run order, then the caption."""
+    runs = _order(list(metrics.run.unique()))
+    cols = ["overall", *TASK_ORDER]
+    head = "| run | step | " + " | ".join(cols) + " |\n|---|---:|" + "---:|" * len(cols) + "\n"
+    body = []
+    for run in runs:
+        m = metrics[metrics.run == run].set_index("metric")
+        cells = []
+        for c in cols:
+            key = f"geneval.{c}"
+            if key not in m.index:
+                cells.append("")
+                continue
+            v, lo, hi = m.loc[key, "value"], m.loc[key, "ci_low"], m.loc[key, "ci_high"]
+            cells.append(f"{v:.3f}" + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and pd.notna(hi) else ""))
+        body.append(f"| {run} | {int(m['step'].iloc[0])} | " + " | ".join(cells) + " |")
+    text = head + "\n".join(body) + "\n"
+    return text + (f"\n```\n{caption}\n```\n" if caption else "")
+
+
+def experiment_figure(exp: str) -> str:
+    """The figure an experiment's YAML names (``bars`` when the YAML is gone or names none)."""
+    import yaml
+
+    from experiments.config import CONFIG_DIR
+
+    path = CONFIG_DIR / f"{exp}.yaml"
+    name = (yaml.safe_load(path.read_text()) or {}).get("figure") if path.is_file() else None
+    return name if name in FIGURES else "bars"
+
+
+def render_experiment(exp_dir: Path, figure: str | None = None) -> list[Path]:
+    """Figure + table.md (+ paired.csv) of one ``results/<EXP>/`` folder, from its files alone.
+    ``figure``: the drawer (default: the one ``experiments/configs/<folder name>.yaml`` names)."""
+    exp_dir = Path(exp_dir)
+    from analysis.common import write_csv
+
+    metrics = pd.read_csv(exp_dir / "metrics.csv", dtype={"layers": str})
+    paired = pd.DataFrame()
+    if (exp_dir / "per_prompt.csv").is_file():
+        paired = paired_comparisons(pd.read_csv(exp_dir / "per_prompt.csv"))
+        write_csv(paired, exp_dir / "paired.csv")
+    caption = paired_caption(paired, metrics)
+    fig = draw(figure or experiment_figure(exp_dir.name), metrics, exp_dir, caption)
+    table = exp_dir / "table.md"
+    table.write_text(f"# {exp_dir.name}\n\n" + table_markdown(metrics, caption))
+    return [fig, table]
+
+
+def render_checkpoint_analyses(exp_dir: Path) -> list[Path]:
+    """The LAP analyses (Figs. 6, 7, 8, 18) of every committed ``<EXP>/checkpoints/*.ckpt`` with a LAP, into
+    ``<EXP>/analysis/<ckpt stem>/<analysis>/``; checkpoints of other candidates get the layer similarity only."""
+    from analysis import layer_dropout, layer_similarity, pooling_weights, qk_norms
+    from analysis.common import load_checkpoint
+    from models.conditioning.lap import LAPConditioner
+
+    made = []
+    for ckpt in sorted(Path(exp_dir).glob("checkpoints/*.ckpt")):
+        out = Path(exp_dir) / "analysis" / ckpt.stem
+        made.append(layer_similarity.main(["--ckpt", str(ckpt), "--out", str(out / "layer_similarity")]))
+        if not isinstance(load_checkpoint(ckpt).conditioner, LAPConditioner):
+            continue
+        made.append(pooling_weights.main(["--ckpt", str(ckpt), "--out", str(out / "pooling_weights")]))
+        made.append(qk_norms.main(["--ckpt", str(ckpt), "--out", str(out / "qk_norms")]))
+        made.append(layer_dropout.main(["--ckpt", str(ckpt), "--out", str(out / "layer_dropout")]))
+    return made
+
+
+def render_all(results: Path = Path("results"), analyses: bool = True) -> list[Path]:
+    """``make figures``: figure + tables of every ``results/<EXP>/metrics.csv`` present, and (``analyses``) the
+    checkpoint analyses of every committed checkpoint."""
+    out = []
+    for metrics in sorted(Path(results).glob("*/metrics.csv")):
+        out += render_experiment(metrics.parent)
+        if analyses:
+            out += render_checkpoint_analyses(metrics.parent)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("metrics", type=Path)
+    p.add_argument("metrics", type=Path, nargs="?")
     p.add_argument("--figure", default="fig4", choices=sorted(FIGURES))
     p.add_argument("--out", type=Path)
+    p.add_argument("--all", action="store_true", help="every results/<EXP>/ folder: figure, table.md, paired.csv")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--no-analyses", action="store_true", help="with --all: skip the checkpoint analyses")
     a = p.parse_args(argv)
+    if a.all:
+        for path in render_all(a.results, analyses=not a.no_analyses):
+            print(path)
+        return
+    if a.metrics is None:
+        p.error("give a metrics.csv or --all")
     print(draw(a.figure, pd.read_csv(a.metrics), a.out or a.metrics.parent))
 
 

@@ -319,11 +319,35 @@ def collect(exp: str, runs: list[RunSpec], root: Path, results_dir: Path, figure
     df = pd.concat(frames, ignore_index=True)
     results_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results_dir / "metrics.csv", df.to_csv(index=False))
+    prompts = per_prompt_table(exp, [r for r in runs if (root / r.dirname / "DONE").exists()], root)
+    if len(prompts):
+        atomic_write_text(results_dir / "per_prompt.csv", prompts.to_csv(index=False))
     if figure:
-        from analysis.figures import draw
+        from analysis.figures import render_experiment
 
-        draw(figure, df, results_dir)
+        render_experiment(results_dir, figure)
     return df
+
+
+def per_prompt_table(exp: str, runs: list[RunSpec], root: Path) -> pd.DataFrame:
+    """Per-prompt GenEval outcomes of every run (``eval/geneval/results.jsonl``): what paired tests need.
+
+    Columns: ``exp, run, metadata, tag, prompt, n_images, n_correct, correct``.
+    """
+    from evals.geneval import per_prompt_scores
+
+    frames = []
+    for r in runs:
+        path = root / r.dirname / "eval" / "geneval" / "results.jsonl"
+        if not path.is_file():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows:
+            frames.append(per_prompt_scores(rows).assign(exp=exp, run=r.name))
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True)
+    return df[["exp", "run", *[c for c in df.columns if c not in ("exp", "run")]]]
 
 
 def collect_experiment(exp: str, smoke: bool = False, runs_dir: Path = RUNS_DIR,

@@ -1,0 +1,66 @@
+"""What every analysis shares: checkpoints, the LAP check, default prompts, atomic CSV and figure writing.
+
+An analysis is a module ``python -m analysis.<name> --ckpt CKPT ... --out DIR`` that writes the CSV it computed
+and a figure (PNG + PDF) drawn from that CSV alone, so the figure can be redrawn without the model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def load_checkpoint(ckpt: str | Path | Any, device: str = "cpu"):
+    """A ``UniFusionModule`` in eval mode from a checkpoint path (a module passes through)."""
+    from evals.images import load_module
+
+    return load_module(ckpt, device)
+
+
+def require_lap(module, analysis: str, ema: bool = True):
+    """The module's LAP conditioner (the EMA copy by default: what sampling uses).
+
+    Raises ValueError naming the checkpoint's candidate when it has no LAP (``last_layer``, ``kv_fusion``, ``hsi``).
+    """
+    from models.conditioning.lap import LAPConditioner
+
+    cond = module.ema.module["conditioner"] if ema else module.conditioner
+    if not isinstance(cond, LAPConditioner):
+        raise ValueError(f"{analysis} needs a checkpoint with a LAP conditioner (candidate 'lap'); this checkpoint's "
+                         f"candidate is {module.config['candidate']!r}, which has no layerwise attention pooling")
+    return cond
+
+
+def default_prompts(out_dir: Path, n_per_task: int = 2, seed: int = 1234) -> list[dict[str, Any]]:
+    """Shapes-world GenEval prompts (``n_per_task`` of each task), also written to ``out_dir/prompts.jsonl``."""
+    from experiments.data.shapes import write_geneval_metadata
+
+    return write_geneval_metadata(Path(out_dir) / "prompts.jsonl", n_per_task, seed)
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    """Atomic CSV write (tmp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def save_figure(fig: plt.Figure, out_dir: Path, name: str) -> Path:
+    """``out_dir/<name>.png`` (150 dpi) and ``.pdf``; closes the figure; returns the PNG path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / f"{name}.png"
+    fig.savefig(png, dpi=150, bbox_inches="tight")
+    fig.savefig(out_dir / f"{name}.pdf", bbox_inches="tight")
+    plt.close(fig)
+    return png
