@@ -12,7 +12,7 @@ PROFILE ?=
 SMOKE ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast lint sweep status collect figures
+.PHONY: venv test test-fast lint sweep status collect figures bench
 
 venv: $(STAMP)
 
@@ -49,3 +49,8 @@ collect: $(STAMP)
 # make figures: every figure, table (table.md, paired.csv) and checkpoint analysis of every results/<EXP>/, from files
 figures: $(STAMP)
 	$(PY) -m analysis.figures --all
+
+# make bench [BENCH_ARGS="--device cuda"]: speed/memory figures side by side -> results/bench/bench.csv (not a test)
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)

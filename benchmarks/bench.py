@@ -1,0 +1,378 @@
+"""`make bench`: the harness's speed and memory, measured side by side in one run (issue #8).
+
+    python benchmarks/bench.py [--device cpu|cuda] [--repeats 5] [--out results/bench]
+
+Every timed figure is the median of ``--repeats`` runs after warm-up; figures meant to be compared are measured in
+the same process, one right after the other, and reported as ratios (absolute times on shared machines are not
+comparable between runs). Writes ``<out>/bench.csv`` (``figure, value, unit, reference, ratio, goal, met,
+detail``) and prints the same table. On CUDA the model steps run under bf16 autocast.
+
+Figures:
+1. ``dit_step_vs_krea2``: one training step (forward, MSE, backward, AdamW) of our LAP + refiner + DiT at the
+   default sweep's size against diffusers' ``Krea2Transformer2DModel`` (the same design: layerwise text fusion,
+   refiner, single-stream DiT) at the same width, depth, heads, layer taps and token counts; its SwiGLU
+   intermediate sizes are set for the same parameter count as our GELU MLPs. Goal ours/peer <= 1.
+2. ``mfu``: model FLOPs (``torch.utils.flop_counter``) of our training step / its time, over the machine's
+   measured matmul peak (a large square matmul in the same run). Goal on H100 bf16: >= 40%.
+3. ``lap_refiner_overhead``: time of LAP (2 blocks) + refiner (2 blocks) forward+backward over one DiT
+   forward+backward at the paper's proportions scaled down: encoder width = DiT width, 11 taps (every 3rd of
+   Llama-3.1-8B's 32 layers), DiT depth 32, 4 image tokens per text token. Goal <= 5%.
+4. ``strided_capture``: features kept by stride-3 capture vs all hidden states (bytes), and the time of our hook
+   capture vs HF ``output_hidden_states=True``. Goal ~1/3 of the memory.
+5. ``feature_cache``: a training step on cached encoder features vs encoding the captions on the fly.
+6. ``judge_batching``: judged questions/s of the HF judge (tiny Gemma3) batched (8) vs one per forward.
+7. ``sweep_stages``: the committed default sweep's wall time and its share per stage (train from the runs' own
+   timings; sample / score / plot measured here on the committed LAP checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS: list[dict] = []
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], device: str, repeats: int, warmup: int = 2) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def record(figure: str, value: float, unit: str, reference: float | None = None, goal: str = "",
+           met: bool | None = None, detail: str = "") -> None:
+    ratio = value / reference if reference else None
+    ROWS.append({"figure": figure, "value": value, "unit": unit, "reference": reference, "ratio": ratio,
+                 "goal": goal, "met": met, "detail": detail})
+    shown = f"{value:.4g} {unit}" + (f"  (ref {reference:.4g}, ratio {ratio:.3f})" if ratio is not None else "")
+    print(f"{figure:>26}: {shown}  goal {goal or '-'}  {'' if met is None else ('MET' if met else 'MISSED')}"
+          f"  {detail}", flush=True)
+
+
+def autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------ 1 + 2
+def ours_default(device: str):
+    """The default sweep's LAP run: LAP(2) + refiner(2) over 4 taps of a 64-wide encoder, DiT 96 x 4, 4 px patches."""
+    from models.conditioning import build_conditioner
+    from models.dit import DiT
+
+    cond = build_conditioner("lap", enc_dim=64, num_layers=4, dit_dim=96, dit_depth=4, heads=4, refiner_blocks=2,
+                             lap_blocks=2).to(device)
+    dit = DiT(in_channels=3, image_size=32, patch=4, dim=96, depth=4, heads=4).to(device)
+    return cond, dit
+
+
+def krea2_default(device: str):
+    from diffusers import Krea2Transformer2DModel
+
+    # Width 96 = 4 heads x 24, depth 4, 4 taps of width 64 (4 heads), 2 layerwise + 2 refiner text blocks.
+    # SwiGLU has 3 matrices: intermediate 256 (DiT) and 171 (text) match our GELU MLPs' 4x width in parameters.
+    return Krea2Transformer2DModel(
+        in_channels=48, num_layers=4, attention_head_dim=24, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=256, text_hidden_dim=64, num_text_layers=4, text_num_attention_heads=4,
+        text_num_key_value_heads=4, text_intermediate_size=171, num_layerwise_text_blocks=2,
+        num_refiner_text_blocks=2, axes_dims_rope=(8, 8, 8)).to(device)
+
+
+def n_params(*mods: torch.nn.Module) -> int:
+    return sum(p.numel() for m in mods for p in m.parameters())
+
+
+def bench_dit_vs_peer(device: str, repeats: int, batch: int = 32, text: int = 10) -> None:
+    torch.manual_seed(0)
+    cond, dit = ours_default(device)
+    peer = krea2_default(device)
+    feats = torch.randn(batch, text, 4, 64, device=device)
+    mask = torch.ones(batch, text, dtype=torch.bool, device=device)
+    mask[: batch // 2, text - 3:] = False  # some padding, as real batches have
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    s = torch.rand(batch, device=device)
+    target = torch.randn_like(x)
+    opt_ours = torch.optim.AdamW([*cond.parameters(), *dit.parameters()], lr=1e-4)
+    opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
+    tokens = dit.patchify(x).shape[1]
+    x_packed = torch.randn(batch, tokens, 48, device=device)
+    target_packed = torch.randn_like(x_packed)
+    grid = torch.stack(torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij"), -1).reshape(-1, 2)
+    pos = torch.cat([torch.zeros(text, 3), torch.cat([torch.zeros(tokens, 1), grid.float()], 1)]).to(device)
+
+    def step_ours() -> None:
+        with autocast(device):
+            loss = torch.mean((dit(x, s, cond(feats, mask)).float() - target) ** 2)
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def step_peer() -> None:
+        with autocast(device):
+            out = peer(x_packed, feats, s, pos, encoder_attention_mask=mask, return_dict=False)[0]
+            loss = torch.mean((out.float() - target_packed) ** 2)
+        loss.backward()
+        opt_peer.step()
+        opt_peer.zero_grad(set_to_none=True)
+
+    t_ours = median_time(step_ours, device, repeats)
+    t_peer = median_time(step_peer, device, repeats)
+    record("dit_step_vs_krea2", t_ours * 1e3, "ms/step", t_peer * 1e3, "ratio <= 1.0", t_ours <= t_peer,
+           f"batch {batch}, {text} text + {tokens} image tokens; params ours {n_params(cond, dit) / 1e6:.2f}M, "
+           f"Krea2 {n_params(peer) / 1e6:.2f}M")
+
+    # 2. MFU: FLOPs of our step (forward + backward) over the measured matmul peak.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device):
+            loss = torch.mean((dit(x, s, cond(feats, mask)).float() - target) ** 2)
+        loss.backward()
+    opt_ours.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    n = 4096 if device.startswith("cuda") else 1024
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    t_mm = median_time(lambda: a @ b, device, repeats)
+    peak = 2 * n**3 / t_mm
+    achieved = flops / t_ours
+    goal = ">= 40% (H100 bf16)" if device.startswith("cuda") else "(GPU goal: 40%)"
+    record("mfu", 100 * achieved / peak, "%", None, goal, (achieved / peak >= 0.4) if device.startswith("cuda")
+           else None, f"{flops / 1e9:.2f} GFLOP/step, achieved {achieved / 1e9:.1f} GFLOP/s, "
+           f"matmul peak {peak / 1e9:.1f} GFLOP/s ({n}x{n} {str(dtype).split('.')[-1]}, "
+           f"{torch.get_num_threads()} threads)")
+
+
+# ------------------------------------------------------------------------------------------------ 3
+def bench_lap_overhead(device: str, repeats: int, width: int = 256, depth: int = 32, taps: int = 11,
+                       text: int = 64, batch: int = 2) -> None:
+    from models.conditioning import build_conditioner
+    from models.dit import DiT
+
+    torch.manual_seed(0)
+    cond = build_conditioner("lap", enc_dim=width, num_layers=taps, dit_dim=width, dit_depth=depth, heads=4,
+                             refiner_blocks=2, lap_blocks=2).to(device)
+    dit = DiT(in_channels=3, image_size=64, patch=4, dim=width, depth=depth, heads=4).to(device)
+    feats = torch.randn(batch, text, taps, width, device=device)
+    mask = torch.ones(batch, text, dtype=torch.bool, device=device)
+    x, s = torch.randn(batch, 3, 64, 64, device=device), torch.rand(batch, device=device)
+    with torch.no_grad():
+        fixed = cond(feats, mask)
+    tokens = fixed.tokens.detach().requires_grad_(True)
+
+    def cond_step() -> None:
+        with autocast(device):
+            out = cond(feats, mask).tokens
+        out.float().square().mean().backward()
+
+    def dit_step() -> None:
+        from models.conditioning.base import Conditioning
+
+        with autocast(device):
+            out = dit(x, s, Conditioning(mask=mask, tokens=tokens))
+        out.float().square().mean().backward()
+
+    t_cond = median_time(cond_step, device, repeats)
+    t_dit = median_time(dit_step, device, repeats)
+    frac = t_cond / t_dit
+    record("lap_refiner_overhead", 100 * frac, "% of a DiT step", None, "<= 5%", frac <= 0.05,
+           f"width {width}, {taps} taps, DiT depth {depth}, {text} text + {dit.grid**2} image tokens, batch {batch}: "
+           f"LAP+refiner {t_cond * 1e3:.0f} ms vs DiT {t_dit * 1e3:.0f} ms (fwd+bwd)")
+
+
+# ------------------------------------------------------------------------------------------------ 4 + 5
+def bench_capture(device: str, repeats: int) -> None:
+    from transformers import LlamaConfig, LlamaModel
+
+    from models.encoders import FrozenEncoder, select_layers
+    from models.tokenizer import shapes_tokenizer
+
+    torch.manual_seed(0)
+    tok = shapes_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=24,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaModel(cfg).to(device).eval()
+    from experiments.data.shapes import stream_item
+
+    prompts = [stream_item(0, i, 32, 1.0)["caption"] for i in range(16)]  # long descriptions (~150 tokens)
+    strided = FrozenEncoder(model, tok, select_layers(24, stride=3), add_bos=True, max_length=192)
+    everything = FrozenEncoder(model, tok, select_layers(24, stride=1, start=0), add_bos=True, max_length=192)
+    ids, mask = strided.tokenize(prompts)
+    ids, mask = ids.to(device), mask.to(device)
+    f_k = strided.encode_ids(ids, mask)
+    f_all = everything.encode_ids(ids, mask)
+    ratio = f_k.numel() / f_all.numel()
+    record("strided_capture_memory", f_k.numel() * 4 / 2**20, "MiB kept", f_all.numel() * 4 / 2**20, "~ 1/3",
+           abs(ratio - 1 / 3) < 0.05, f"stride 3 keeps {f_k.shape[2]} of {f_all.shape[2]} hidden states "
+           f"(B {ids.shape[0]}, L {ids.shape[1]}, D 256)")
+
+    def hf_all() -> None:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+            torch.stack([out.hidden_states[i] for i in strided.layer_ids], 2)
+
+    t_hooks = median_time(lambda: strided.encode_ids(ids, mask), device, repeats)
+    t_hf = median_time(hf_all, device, repeats)
+    record("capture_hooks_vs_hf", t_hooks * 1e3, "ms", t_hf * 1e3, "ratio <= 1.0", t_hooks <= t_hf * 1.05,
+           "forward hooks on the tapped blocks vs output_hidden_states=True (deepest tap 23 of 24: one block "
+           "skipped)")
+
+
+def bench_feature_cache(device: str, repeats: int) -> None:
+    from experiments.config import load_experiment
+    from experiments.data.datamodule import collate
+    from experiments.data.shapes import stream_item
+    from models.flow import flow_matching_loss, sample_sigmas
+    from models.module import UniFusionModule
+
+    cfg = {r.name: r for r in load_experiment("conditioning_candidates")[1]}["lap"].config
+    torch.manual_seed(0)
+    m = UniFusionModule(cfg).to(device)
+    opt = torch.optim.AdamW([p for n, p in m.named_parameters()
+                             if p.requires_grad and not n.startswith(("ema.", "encoder."))], lr=1e-4)
+    batch = collate([stream_item(0, i, 32, 0.0) for i in range(32)])
+    x0 = batch["image"].to(device)
+    cached = m.encoder(batch["caption"])
+
+    def step(enc) -> None:
+        g = torch.Generator().manual_seed(0)
+        eps = torch.randn(x0.shape, generator=g).to(device)
+        s = sample_sigmas(x0.shape[0], g).to(device)
+        with autocast(device):
+            loss = flow_matching_loss(lambda xs, ss: m.velocity(xs, ss, enc.features.to(device),
+                                                                 enc.mask.to(device)), x0, eps, s)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t_fly = median_time(lambda: step(m.encoder(batch["caption"])), device, repeats)
+    t_cached = median_time(lambda: step(cached), device, repeats)
+    record("feature_cache", t_cached * 1e3, "ms/step", t_fly * 1e3, "(saving)", None,
+           "default LAP step on cached features vs encoding 32 short captions with the tiny Llama each step")
+
+
+# ------------------------------------------------------------------------------------------------ 6
+def bench_judge(device: str, repeats: int) -> None:
+    from PIL import Image
+
+    from evals.judges import HFJudge, JudgeRequest
+    from evals.tiny_models import tiny_gemma3
+
+    model, proc = tiny_gemma3()
+    reqs = [JudgeRequest("x", 0, i, "is there a red circle ?", Image.new("RGB", (32, 32), (128, 128, 128)), {})
+            for i in range(16)]
+    batched = HFJudge(mode="direct", batch_size=8, model=model.to(device), processor=proc, device=device)
+    single = HFJudge(mode="direct", batch_size=1, model=model, processor=proc, device=device)
+
+    def run(judge: HFJudge) -> None:
+        for start in range(0, len(reqs), judge.batch_size):
+            judge.judge(reqs[start: start + judge.batch_size])
+
+    t_b = median_time(lambda: run(batched), device, max(1, repeats // 2), warmup=1)
+    t_1 = median_time(lambda: run(single), device, max(1, repeats // 2), warmup=1)
+    record("judge_batching", len(reqs) / t_b, "questions/s", len(reqs) / t_1, "batched > 1 per forward",
+           t_b < t_1, "HF judge, tiny Gemma3, direct mode, 8 new tokens: batch 8 vs batch 1 (VQAScore: issue #6)")
+
+
+# ------------------------------------------------------------------------------------------------ 7
+def bench_sweep_stages(device: str) -> None:
+    import json
+
+    from analysis.common import load_checkpoint
+    from evals.geneval import evaluate_folder
+    from evals.images import generate_geneval_folder
+
+    exp = ROOT / "results" / "conditioning_candidates"
+    if not (exp / "metrics.csv").is_file():
+        record("sweep_stages", float("nan"), "s", None, "", None, "no committed results/conditioning_candidates")
+        return
+    metrics = pd.read_csv(exp / "metrics.csv")
+    train_s = float(metrics[metrics.metric == "time.train_s"].value.sum())
+    eval_s = float(metrics[metrics.metric == "time.eval_s"].value.sum())
+    wall = float((exp / "sweep_time.txt").read_text().split()[0]) if (exp / "sweep_time.txt").is_file() else None
+    module = load_checkpoint(exp / "checkpoints" / "lap.ckpt", device)
+    cfg = module.config["eval"]
+    import tempfile
+
+    from experiments.data.shapes import write_geneval_metadata
+
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = write_geneval_metadata(Path(tmp) / "m.jsonl", cfg["geneval"]["n_per_task"], cfg["geneval"]["seed"])
+        t0 = time.perf_counter()
+        generate_geneval_folder(module, meta, Path(tmp) / "img", n_samples=cfg["geneval"]["n_samples"],
+                                seed=cfg["geneval"]["seed"], batch_size=cfg["batch_size"])
+        t_sample = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        evaluate_folder(Path(tmp) / "img", detector="shapes")
+        t_score = time.perf_counter() - t0
+        import shutil
+
+        from analysis.figures import render_experiment
+
+        shutil.copy(exp / "metrics.csv", Path(tmp) / "metrics.csv")
+        t0 = time.perf_counter()
+        render_experiment(Path(tmp), "fig4")
+        t_plot = time.perf_counter() - t0
+    sample_share = t_sample / (t_sample + t_score)
+    total = train_s + eval_s + t_plot
+    shares = {"train": train_s / total, "sample": eval_s * sample_share / total,
+              "score": eval_s * (1 - sample_share) / total, "plot": t_plot / total}
+    record("sweep_stages", wall or total, "s wall", None, "<= 900 s", (wall or total) <= 900,
+           "CPU-seconds share: " + json.dumps({k: round(v, 3) for k, v in shares.items()})
+           + " (pretrain encoder: none yet, issue #3; runs two at a time)")
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    p.add_argument("--only", help="comma-separated subset: dit,lap,capture,cache,judge,sweep")
+    a = p.parse_args(argv)
+    if a.repeats < 5:
+        p.error("--repeats must be >= 5 (medians of fewer are not worth reporting)")
+    import platform
+
+    print(f"device {a.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}", flush=True)
+    benches = {"dit": bench_dit_vs_peer, "lap": bench_lap_overhead, "capture": bench_capture,
+               "cache": bench_feature_cache, "judge": bench_judge}
+    chosen = a.only.split(",") if a.only else [*benches, "sweep"]
+    for name in chosen:
+        if name == "sweep":
+            bench_sweep_stages(a.device)
+        else:
+            benches[name](a.device, a.repeats)
+    df = pd.DataFrame(ROWS)
+    a.out.mkdir(parents=True, exist_ok=True)
+    name = "bench.csv" if a.device == "cpu" else f"bench_{a.device.split(':')[0]}.csv"
+    tmp = a.out / (name + ".tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(a.out / name)
+    print(f"wrote {a.out / name}")
+    return df
+
+
+if __name__ == "__main__":
+    main()
