@@ -86,7 +86,7 @@ def bars(df: pd.DataFrame, out_dir: Path, name: str = "bars", title: str | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.png"
     fig.savefig(path, dpi=150, bbox_inches="tight")
-    fig.savefig(out_dir / f"{name}.pdf", bbox_inches="tight")
+    fig.savefig(out_dir / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None})
     plt.close(fig)
     return path
 
@@ -140,7 +140,9 @@ def paired_caption(paired: pd.DataFrame, metrics: pd.DataFrame) -> str:
         return ""
     overall = metrics[metrics.metric == "geneval.overall"].set_index("run")["value"]
     best = overall.idxmax()
-    lines = [f"paired bootstrap over the same prompts+seeds ({int(paired.prompts.max())} prompts):"]
+    k = int(((paired.run_a == best) | (paired.run_b == best)).sum())
+    lines = [f"paired bootstrap over the same prompts+seeds ({int(paired.prompts.max())} prompts; two-sided p, "
+             f"not corrected for the {k} comparisons):"]
     for _, r in paired.iterrows():
         if best not in (r.run_a, r.run_b):
             continue
