@@ -1,0 +1,154 @@
+"""VQAScore (Lin et al., 2024): the probability a VLM answers "Yes" to "Does this figure show "{text}"?".
+
+    scorer = make_scorer("hf", model_id="Qwen/Qwen2.5-VL-7B-Instruct")      # or pass model=..., processor=...
+    scorer.score(images, texts) -> tensor (N,) in [0, 1]        image i is scored against text i
+
+Backends (``SCORERS``):
+- ``hf``: any transformers image-text-to-text VLM (Qwen2.5-VL, InternVL3, Gemma-3, LLaVA-OneVision). The chat
+  prompt (image + question, generation prompt on) is followed by the answer's tokens, teacher-forced in one
+  forward pass; the score is the geometric mean over answer tokens of softmax(raw logits)[answer token], i.e.
+  P("Yes") at the first step for a one-token answer. Raw logits, not ``generate(output_scores=True)``'s processed
+  ones (a repetition penalty from ``generation_config`` would otherwise leak in, see notes B2). Batched, left
+  padding (so the answer positions line up at the end).
+- ``oracle``: the exact answer in the shapes world: 1.0 when the shapes detector + GenEval rules find the image
+  satisfies the prompt's GenEval metadata, else 0.0.
+
+``seq2seq_answer_score`` is CLIP-FlanT5's formula as t2v_metrics computes it: the answer is tokenized as T5
+labels, which appends ``</s>``, and the score is ``exp(-mean cross-entropy)`` over ``[▁Yes, </s>]``, the geometric
+mean of P(Yes) and P(</s> | Yes), so about sqrt(P(Yes)) when P(</s>) ~ 1. The CLIP-FlanT5 checkpoint itself (a
+LLaVA-style CLIP + projector + FlanT5 class) is not wrapped yet: its weights and custom class are for clusters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+QUESTION_TEMPLATE = 'Does this figure show "{}"? Please answer yes or no.'
+ANSWER_TEMPLATE = "Yes"
+
+
+class VQAScorer:
+    """Interface: ``score(images, texts) -> (N,) float tensor`` in [0, 1]; ``name`` labels every output."""
+
+    name = "vqascore"
+    batch_size = 16
+
+    def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _check(images: Sequence[Any], texts: Sequence[str]) -> None:
+    if len(images) != len(texts):
+        raise ValueError(f"score() pairs image i with text i: got {len(images)} images and {len(texts)} texts")
+    for i, im in enumerate(images):
+        if not isinstance(im, Image.Image):
+            raise ValueError(f"images[{i}] must be a PIL image, got {type(im).__name__}")
+
+
+class HFVQAScore(VQAScorer):
+    """A transformers image-text-to-text VLM; see the module docstring. ``model``/``processor`` may be passed in."""
+
+    name = "hf"
+
+    def __init__(self, model_id: str | None = None, model: Any = None, processor: Any = None, batch_size: int = 16,
+                 question: str = QUESTION_TEMPLATE, answer: str = ANSWER_TEMPLATE, device: str | None = None):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if model is None and model_id is None:
+            raise ValueError("HFVQAScore needs model_id (hub id or local path) or model= and processor=")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if processor is None:
+            processor = AutoProcessor.from_pretrained(model_id)
+        if model is None:
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+            model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype).to(device)
+        self.model, self.processor = model.eval(), processor
+        self.model_id = model_id or type(model).__name__
+        self.batch_size, self.question, self.answer = batch_size, question, answer
+        self.processor.tokenizer.padding_side = "left"
+        self.answer_ids = self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not self.answer_ids:
+            raise ValueError(f"answer {answer!r} tokenizes to nothing")
+        self.name = f"hf:{self.model_id}"
+
+    @torch.no_grad()
+    def _batch(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
+        messages = [[{"role": "user", "content": [{"type": "image", "image": im.convert("RGB")},
+                                                  {"type": "text", "text": self.question.format(t)}]}]
+                    for im, t in zip(images, texts, strict=True)]
+        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="pt",
+                                                    processor_kwargs={"padding": True}).to(self.model.device)
+        k = len(self.answer_ids)
+        answer = torch.tensor(self.answer_ids, device=inputs["input_ids"].device).expand(len(texts), k)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], answer], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], dim=1)
+        if "token_type_ids" in inputs:  # Gemma3 marks image tokens; answer tokens are text
+            inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(answer)], dim=1)
+        logits = self.model(**inputs).logits.float()  # (B, L + k, V), raw
+        # position L - 1 + j predicts answer token j
+        logp = torch.log_softmax(logits[:, -k - 1: -1], dim=-1).gather(-1, answer[..., None])[..., 0]
+        return logp.mean(dim=1).exp().cpu()
+
+    def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
+        _check(images, texts)
+        out = [self._batch(images[i: i + self.batch_size], texts[i: i + self.batch_size])
+               for i in range(0, len(texts), self.batch_size)]
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+class OracleVQAScore(VQAScorer):
+    """Exact VQAScore of the shapes world: 1.0 when the image satisfies the prompt's GenEval metadata.
+
+    ``metadata``: {prompt text: GenEval metadata dict}; an unknown text raises (no silent zero).
+    """
+
+    name = "oracle"
+    batch_size = 256
+
+    def __init__(self, metadata: dict[str, dict]):
+        from evals.detectors import get_detector
+
+        self.metadata, self.detector = dict(metadata), get_detector("shapes")
+
+    def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
+        from evals.geneval import evaluate_image
+
+        _check(images, texts)
+        out = []
+        for im, text in zip(images, texts, strict=True):
+            if text not in self.metadata:
+                raise ValueError(f"oracle VQAScore has no shapes-world metadata for prompt {text!r}")
+            correct, _, _ = evaluate_image(self.detector.detect(im), self.metadata[text])
+            out.append(float(correct))
+        return torch.tensor(out)
+
+
+SCORERS = {"hf": HFVQAScore, "oracle": OracleVQAScore}
+
+
+def make_scorer(name: str, **kwargs: Any) -> VQAScorer:
+    """A scorer by backend name; unknown names list the valid ones."""
+    if name not in SCORERS:
+        raise ValueError(f"unknown VQAScore backend {name!r}; valid: {', '.join(SCORERS)}")
+    return SCORERS[name](**kwargs)
+
+
+def seq2seq_answer_score(model: Any, tokenizer: Any, encoder_inputs: dict[str, torch.Tensor],
+                         answer: str = ANSWER_TEMPLATE) -> torch.Tensor:
+    """CLIP-FlanT5's score for an encoder-decoder: ``exp(-mean CE)`` over the answer's T5 labels (with ``</s>``).
+
+    encoder_inputs: what the model's encoder takes (``input_ids``/``attention_mask`` or ``inputs_embeds``), batch B.
+    Returns (B,) scores = geometric mean of the label tokens' teacher-forced probabilities.
+    """
+    labels = tokenizer([answer], return_tensors="pt")["input_ids"]  # T5 appends </s>
+    b = next(iter(encoder_inputs.values())).shape[0]
+    labels = labels.expand(b, -1).contiguous().to(next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(**encoder_inputs, labels=labels).logits.float()  # (B, K, V)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (B, K)
+    return ce.mean(dim=1).neg().exp().cpu()
