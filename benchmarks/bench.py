@@ -20,7 +20,8 @@ Figures:
 4. ``strided_capture``: features kept by stride-3 capture vs all hidden states (bytes), and the time of our hook
    capture vs HF ``output_hidden_states=True``. Goal ~1/3 of the memory.
 5. ``feature_cache``: a training step on cached encoder features vs encoding the captions on the fly.
-6. ``judge_batching``: judged questions/s of the HF judge (tiny Gemma3) batched (8) vs one per forward.
+6. ``judge_batching`` / ``vqascore_batching``: judged questions/s of the HF judge and VQAScore images/s (tiny
+   Gemma3), batched vs one per forward (VQAScore goal: >= 4x).
 7. ``sweep_stages``: the committed default sweep's wall time and its share per stage (train from the runs' own
    timings; sample / score / plot measured here on the committed LAP checkpoint).
 """
@@ -292,7 +293,19 @@ def bench_judge(device: str, repeats: int) -> None:
     t_b = median_time(lambda: run(batched), device, max(1, repeats // 2), warmup=1)
     t_1 = median_time(lambda: run(single), device, max(1, repeats // 2), warmup=1)
     record("judge_batching", len(reqs) / t_b, "questions/s", len(reqs) / t_1, "batched > 1 per forward",
-           t_b < t_1, "HF judge, tiny Gemma3, direct mode, 8 new tokens: batch 8 vs batch 1 (VQAScore: issue #6)")
+           t_b < t_1, "HF judge, tiny Gemma3, direct mode, 8 new tokens: batch 8 vs batch 1")
+
+    from evals.vqascore import HFVQAScore
+
+    ims = [Image.new("RGB", (32, 32), (10 * i, 128, 128)) for i in range(32)]
+    texts = ["a red circle left of a blue square"] * 32
+    vq_b = HFVQAScore(model=model, processor=proc, batch_size=16, device=device)
+    vq_1 = HFVQAScore(model=model, processor=proc, batch_size=1, device=device)
+    t_vb = median_time(lambda: vq_b.score(ims, texts), device, repeats)
+    t_v1 = median_time(lambda: vq_1.score(ims, texts), device, repeats)
+    ratio = t_v1 / t_vb
+    record("vqascore_batching", len(ims) / t_vb, "images/s", len(ims) / t_v1, ">= 4x one per forward",
+           ratio >= 4, f"VQAScore, tiny Gemma3, batch 16 vs batch 1: {ratio:.1f}x")
 
 
 # ------------------------------------------------------------------------------------------------ 7

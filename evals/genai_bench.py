@@ -172,7 +172,8 @@ def run(images_dir: Path, scorer: Any, out_dir: Path, data_dir: Path = DATA, n_r
     """Score + aggregate + write results.json / table.md; returns the results dict."""
     prompts, skills = load_benchmark(data_dir)
     scores = score_folder(images_dir, prompts, scorer, out_dir, progress)
-    results = {"backend": scorer.name, "prompts": len(prompts), **aggregate(scores, skills, n_resamples, seed)}
+    results = {"backend": scorer.name, "prompts": len(prompts), "counts": dict(getattr(scorer, "counts", {})),
+               **aggregate(scores, skills, n_resamples, seed)}
     out_dir = Path(out_dir)
     for name, text in (("results.json", json.dumps(results, indent=1)), ("table.md", render_table(results))):
         tmp = out_dir / (name + ".tmp")
@@ -189,15 +190,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     src.add_argument("--images", type=Path, help="folder of <00000>.png|jpeg, one per prompt")
     src.add_argument("--ckpt", help="checkpoint of this harness: generate OUT/images first (seed 42 + index)")
     p.add_argument("--model", default="hf", choices=sorted(SCORERS), help="VQAScore backend")
-    p.add_argument("--model-id", help="hf: hub id or local path of the VLM, e.g. Qwen/Qwen2.5-VL-7B-Instruct")
+    p.add_argument("--model-id", help="hf: hub id or local path of the VLM, e.g. Qwen/Qwen2.5-VL-7B-Instruct; "
+                   "openai: the served model name")
+    p.add_argument("--url", help="openai: API base of an OpenAI-compatible server, e.g. http://host:8000/v1")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: env var holding the key")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--data", type=Path, default=DATA, help="folder with genai_image.json + genai_skills.json")
     p.add_argument("--n-resamples", type=int, default=1000)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    if a.model != "hf":
-        raise ValueError(f"--model {a.model} cannot judge GenAI-Bench's natural-language prompts; use hf")
-    scorer = make_scorer("hf", model_id=a.model_id, batch_size=a.batch_size)
+    if a.model == "oracle":
+        raise ValueError("--model oracle cannot judge GenAI-Bench's natural-language prompts; use hf or openai")
+    if a.model == "openai":
+        if not a.url or not a.model_id:
+            raise ValueError("--model openai needs --url (API base) and --model-id (the served model name)")
+        scorer = make_scorer("openai", url=a.url, model=a.model_id, batch_size=a.batch_size,
+                             api_key=os.environ.get(a.api_key_env))
+    else:
+        scorer = make_scorer("hf", model_id=a.model_id, batch_size=a.batch_size)
     images = a.images or generate_images(a.ckpt, load_benchmark(a.data)[0], a.out / "images")
     results = run(images, scorer, a.out, a.data, a.n_resamples)
     print(render_table(results))

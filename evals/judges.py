@@ -200,6 +200,33 @@ def _png_data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def chat_endpoint(url: str) -> str:
+    """``http://host:8000/v1`` (or the full ``.../chat/completions``) -> the chat-completions URL."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--judge-url must start with http:// or https://, got {url!r}")
+    url = url.rstrip("/")
+    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+
+def image_message(image: Image.Image, text: str) -> list[dict[str, Any]]:
+    """One user turn: the image as a PNG data URI, then the text (OpenAI chat format)."""
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_data_uri(image)}},
+                                         {"type": "text", "text": text}]}]
+
+
+def post_chat(endpoint: str, body: dict[str, Any], api_key: str | None, timeout: float) -> dict[str, Any]:
+    """POST a chat-completions request; HTTP errors become RuntimeError naming the endpoint."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read().decode())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"judge endpoint {endpoint} answered HTTP {e.code}: {e.read()[:300]!r}") from e
+
+
 class OpenAIJudge(TextJudge):
     """An OpenAI-compatible ``/chat/completions`` endpoint (vLLM, TGI, ...). ``url``: the API base, e.g.
     ``http://host:8000/v1``. Requests in a batch run concurrently (``batch_size`` threads); temperature 0."""
@@ -209,26 +236,14 @@ class OpenAIJudge(TextJudge):
     def __init__(self, url: str, model: str = "google/gemma-3-27b-it", mode: str = "cot", batch_size: int = 16,
                  max_tokens: int | None = None, api_key: str | None = None, timeout: float = 300.0):
         super().__init__(mode, batch_size)
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"--judge-url must start with http:// or https://, got {url!r}")
-        self.endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else
-                                           "/chat/completions")
+        self.endpoint = chat_endpoint(url)
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.max_tokens = max_tokens or (1024 if mode == "cot" else 8)
 
     def _one(self, image: Image.Image, prompt: str) -> str:
-        body = {"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens, "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_data_uri(image)}},
-                                         {"type": "text", "text": prompt}]}]}
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                payload = json.loads(resp.read().decode())
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"judge endpoint {self.endpoint} answered HTTP {e.code}: {e.read()[:300]!r}") from e
+        body = {"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens,
+                "messages": image_message(image, prompt)}
+        payload = post_chat(self.endpoint, body, self.api_key, self.timeout)
         try:
             return str(payload["choices"][0]["message"]["content"] or "").strip()
         except (KeyError, IndexError, TypeError) as e:

@@ -10,6 +10,9 @@ Backends (``SCORERS``):
   P("Yes") at the first step for a one-token answer. Raw logits, not ``generate(output_scores=True)``'s processed
   ones (a repetition penalty from ``generation_config`` would otherwise leak in, see notes B2). Batched, left
   padding (so the answer positions line up at the end).
+- ``openai``: an OpenAI-compatible chat endpoint with logprobs (vLLM, GPT-4o): one generated token with
+  ``top_logprobs`` (20); the score is exp(logprob) of the answer among the first token's top-k, else 0.0 -- as
+  t2v_metrics' GPT-4o backend -- and every such 0 is counted in ``counts["answer_not_in_top_k"]``.
 - ``oracle``: the exact answer in the shapes world: 1.0 when the shapes detector + GenEval rules find the image
   satisfies the prompt's GenEval metadata, else 0.0.
 
@@ -128,7 +131,48 @@ class OracleVQAScore(VQAScorer):
         return torch.tensor(out)
 
 
-SCORERS = {"hf": HFVQAScore, "oracle": OracleVQAScore}
+class OpenAIVQAScore(VQAScorer):
+    """An OpenAI-compatible endpoint with logprobs; see the module docstring. ``url``: API base."""
+
+    def __init__(self, url: str, model: str, top_logprobs: int = 20, batch_size: int = 16,
+                 api_key: str | None = None, timeout: float = 300.0, question: str = QUESTION_TEMPLATE,
+                 answer: str = ANSWER_TEMPLATE):
+        from evals.judges import chat_endpoint
+
+        self.endpoint, self.model, self.top_logprobs = chat_endpoint(url), model, top_logprobs
+        self.batch_size, self.api_key, self.timeout = batch_size, api_key, timeout
+        self.question, self.answer = question, answer
+        self.name = f"openai:{model}"
+        self.counts = {"answer_not_in_top_k": 0}
+
+    def _one(self, image: Image.Image, text: str) -> float:
+        import math
+
+        from evals.judges import image_message, post_chat
+
+        body = {"model": self.model, "temperature": 0.0, "max_tokens": 1, "logprobs": True,
+                "top_logprobs": self.top_logprobs, "messages": image_message(image, self.question.format(text))}
+        payload = post_chat(self.endpoint, body, self.api_key, self.timeout)
+        try:
+            first = payload["choices"][0]["logprobs"]["content"][0]
+        except (KeyError, IndexError, TypeError) as e:
+            raise RuntimeError(f"{self.endpoint} sent no choices[0].logprobs.content (does it support "
+                               f"logprobs?): {str(payload)[:300]}") from e
+        for cand in first.get("top_logprobs") or [first]:
+            if str(cand.get("token", "")).strip() == self.answer:
+                return math.exp(float(cand["logprob"]))
+        self.counts["answer_not_in_top_k"] += 1
+        return 0.0
+
+    def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _check(images, texts)
+        with ThreadPoolExecutor(max_workers=max(1, min(self.batch_size, len(texts)))) as pool:
+            return torch.tensor(list(pool.map(self._one, images, texts)), dtype=torch.float32)
+
+
+SCORERS = {"hf": HFVQAScore, "openai": OpenAIVQAScore, "oracle": OracleVQAScore}
 
 
 def make_scorer(name: str, **kwargs: Any) -> VQAScorer:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
 import numpy as np
 import pytest
 import torch
@@ -101,6 +106,47 @@ def test_oracle_and_bad_input() -> None:
         oracle.score([good], ["a photo of a dog"])
     with pytest.raises(ValueError, match="2 images and 1 texts"):
         oracle.score([good, blank], [meta["prompt"]])
-    with pytest.raises(ValueError, match="unknown VQAScore backend 'clip'; valid: hf, oracle"):
+    with pytest.raises(ValueError, match="unknown VQAScore backend .clip.; valid: hf, openai, oracle"):
         make_scorer("clip")
     assert isinstance(oracle, OracleVQAScore)
+
+
+class LogprobHandler(BaseHTTPRequestHandler):
+    """A minimal OpenAI-compatible server: "Yes" is likely for circles, absent from the top-k otherwise."""
+
+    seen: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        LogprobHandler.seen.append(body)
+        text = next(c["text"] for c in body["messages"][0]["content"] if c["type"] == "text")
+        top = ([{"token": "Yes", "logprob": -0.25}, {"token": "No", "logprob": -1.5}] if "circle" in text
+               else [{"token": "No", "logprob": -0.1}, {"token": "Maybe", "logprob": -3.0}])
+        reply = {"choices": [{"message": {"content": top[0]["token"]},
+                              "logprobs": {"content": [{**top[0], "top_logprobs": top}]}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_openai_logprob_backend_against_a_local_server() -> None:
+    server = HTTPServer(("127.0.0.1", 0), LogprobHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        scorer = make_scorer("openai", url=f"http://127.0.0.1:{server.server_address[1]}/v1", model="served-vlm")
+        got = scorer.score(images(3), ["a red circle", "two squares", "a circle"])
+        assert got.tolist() == pytest.approx([math.exp(-0.25), 0.0, math.exp(-0.25)])
+        assert scorer.counts == {"answer_not_in_top_k": 1} and scorer.name == "openai:served-vlm"
+        body = LogprobHandler.seen[0]
+        assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["max_tokens"] == 1
+        texts = {c["text"] for b in LogprobHandler.seen for c in b["messages"][0]["content"] if c["type"] == "text"}
+        assert 'Does this figure show "two squares"? Please answer yes or no.' in texts
+    finally:
+        server.shutdown()
+        server.server_close()
