@@ -1,0 +1,48 @@
+"""Judge audit: exact judges are perfect on known-answer probes, a random judge is caught, rates are computed right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from evals import audit
+
+
+def test_probes_have_known_answers() -> None:
+    probes = audit.geneval_probes(3, seed=1)
+    from experiments.data.shapes import TASKS
+
+    for task in TASKS:
+        mine = [p for p in probes if p["group"] == task]
+        assert sum(p["truth"] for p in mine) == 3 and sum(not p["truth"] for p in mine) == 3
+    dprobes = audit.dpg_probes(3, seed=1)
+    assert any(p["truth"] for p in dprobes) and any(not p["truth"] for p in dprobes)
+    # on its own render every question of a scene is true
+    own = [p for p in dprobes if p["image"] is dprobes[0]["image"]]
+    assert all(p["truth"] for p in own)
+
+
+def test_rates_by_hand() -> None:
+    df = pd.DataFrame({"group": ["a"] * 4 + ["b"] * 2, "truth": [True, True, False, False, True, False],
+                       "answer": [True, False, True, False, True, True]})
+    r = pd.DataFrame(audit.rates(df, "j", "geneval")).set_index("group")
+    assert r.loc["a", "false_yes"] == 0.5 and r.loc["a", "false_no"] == 0.5 and r.loc["a", "accuracy"] == 0.5
+    assert r.loc["b", "false_yes"] == 1.0 and r.loc["b", "false_no"] == 0.0
+    assert r.loc["all", "false_yes"] == pytest.approx(2 / 3) and r.loc["all", "n_yes"] == 3
+    assert r.loc["all", "fy_low"] <= r.loc["all", "false_yes"] <= r.loc["all", "fy_high"]
+
+
+def test_audit_end_to_end(tmp_path: Path) -> None:
+    df = audit.main(["--n", "2", "--hf-tiny", "--out", str(tmp_path)])
+    overall = df[df.group == "all"].set_index("judge")
+    for exact in ("geneval:shapes", "vqascore:oracle", "dpg:oracle"):
+        assert overall.loc[exact, "accuracy"] == 1.0, exact
+    # the random tiny judge is not perfect, and the rates describe its answers
+    assert overall.loc["dpg:hf-tiny-gemma3", "accuracy"] < 1.0
+    assert {"geneval", "dpg"} == set(df.probe)
+    saved = pd.read_csv(tmp_path / "audit.csv")
+    assert len(saved) == len(df) and "| dpg:oracle | dpg | all |" in (tmp_path / "audit.md").read_text()
+    assert np.isfinite(saved.accuracy).all()
