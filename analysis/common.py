@@ -6,7 +6,6 @@ and a figure (PNG + PDF) drawn from that CSV alone, so the figure can be redrawn
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +45,10 @@ def default_prompts(out_dir: Path, n_per_task: int = 2, seed: int = 1234) -> lis
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
-    """Atomic CSV write (tmp + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    """Atomic CSV write (tmp + rename), no index column."""
+    from evals.files import atomic_write_text
+
+    return atomic_write_text(path, df.to_csv(index=False))
 
 
 def save_figure(fig: plt.Figure, out_dir: Path, name: str) -> Path:

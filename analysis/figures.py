@@ -189,6 +189,7 @@ def render_experiment(exp_dir: Path, figure: str | None = None) -> list[Path]:
     ``figure``: the drawer (default: the one ``experiments/configs/<folder name>.yaml`` names)."""
     exp_dir = Path(exp_dir)
     from analysis.common import write_csv
+    from evals.files import atomic_write_text
 
     metrics = pd.read_csv(exp_dir / "metrics.csv", dtype={"layers": str})
     paired = pd.DataFrame()
@@ -197,8 +198,7 @@ def render_experiment(exp_dir: Path, figure: str | None = None) -> list[Path]:
         write_csv(paired, exp_dir / "paired.csv")
     caption = paired_caption(paired, metrics)
     fig = draw(figure or experiment_figure(exp_dir.name), metrics, exp_dir, caption)
-    table = exp_dir / "table.md"
-    table.write_text(f"# {exp_dir.name}\n\n" + table_markdown(metrics, caption))
+    table = atomic_write_text(exp_dir / "table.md", f"# {exp_dir.name}\n\n" + table_markdown(metrics, caption))
     return [fig, table]
 
 

@@ -378,11 +378,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         else:
             benches[name](a.device, a.repeats)
     df = pd.DataFrame(ROWS)
-    a.out.mkdir(parents=True, exist_ok=True)
+    from evals.files import atomic_write_text
+
     name = "bench.csv" if a.device == "cpu" else f"bench_{a.device.split(':')[0]}.csv"
-    tmp = a.out / (name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(a.out / name)
+    atomic_write_text(a.out / name, df.to_csv(index=False))
     print(f"wrote {a.out / name}")
     return df
 

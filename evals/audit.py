@@ -183,7 +183,7 @@ def render_markdown(df: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    from analysis.common import write_csv
+    from evals.files import atomic_write_text
 
     p = argparse.ArgumentParser(prog="python -m evals.audit", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=20, help="prompts per GenEval task; DPG scenes")
@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if a.n < 1:
         raise SystemExit("error: --n must be >= 1")
     df = audit(a.n, a.seed, a.hf_tiny, a.vqascore_hf, a.dpg_hf)
-    write_csv(df, a.out / "audit.csv")
-    (a.out / "audit.md").write_text(render_markdown(df))
+    atomic_write_text(a.out / "audit.csv", df.to_csv(index=False))
+    atomic_write_text(a.out / "audit.md", render_markdown(df))
     print(render_markdown(df[df.group == "all"]))
     return df
 

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from evals.files import atomic_write_text
 from evals.judges import JUDGE_MODES, JUDGES, Judge, JudgeRequest, make_judge
 from evals.stats import bootstrap_ci
 
@@ -436,13 +437,6 @@ def _bootstrap(boot: np.ndarray, l1_names: list[str], legacy: np.ndarray, n_resa
 
 
 # ----------------------------------------------------------------------------------------------------- reports
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _fmt(v: float | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -475,13 +469,13 @@ def render_table(scores: dict[str, Any]) -> str:
 def write_reports(scores: dict[str, Any], rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
     """``scores.json``, ``table.md`` and ``per_prompt.csv`` in ``out_dir``, each written atomically."""
     out = Path(out_dir)
-    _atomic_write(out / "scores.json", json.dumps(scores, indent=2) + "\n")
-    _atomic_write(out / "table.md", render_table(scores))
+    atomic_write_text(out / "scores.json", json.dumps(scores, indent=2) + "\n")
+    atomic_write_text(out / "table.md", render_table(scores))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["item_id"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(out / "per_prompt.csv", buf.getvalue())
+    atomic_write_text(out / "per_prompt.csv", buf.getvalue())
     return out
 
 

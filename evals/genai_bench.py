@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from evals.files import atomic_write_text
+
 DATA = Path(__file__).parent / "data" / "genai_bench"
 BASIC_SKILLS = ("attribute", "scene", "spatial relation", "action relation", "part relation")
 ADVANCED_SKILLS = ("counting", "comparison", "differentiation", "negation", "universal")
@@ -174,11 +176,8 @@ def run(images_dir: Path, scorer: Any, out_dir: Path, data_dir: Path = DATA, n_r
     scores = score_folder(images_dir, prompts, scorer, out_dir, progress)
     results = {"backend": scorer.name, "prompts": len(prompts), "counts": dict(getattr(scorer, "counts", {})),
                **aggregate(scores, skills, n_resamples, seed)}
-    out_dir = Path(out_dir)
-    for name, text in (("results.json", json.dumps(results, indent=1)), ("table.md", render_table(results))):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+    atomic_write_text(Path(out_dir) / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(Path(out_dir) / "table.md", render_table(results))
     return results
 
 

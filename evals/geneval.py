@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +35,7 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from evals.detectors import Detection, DetectorBackend, get_detector
+from evals.files import atomic_write_text
 from evals.stats import bootstrap_ci
 
 TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -286,13 +286,6 @@ def _open_image(path: Path) -> Image.Image:
         raise ValueError(f"corrupt or unreadable PNG: {path} ({err})") from err
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Official aggregation: ``overall`` (unweighted task mean), ``tasks``, ``images`` and ``prompts`` (any())."""
     if not rows:
@@ -398,8 +391,8 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
     summary["options"] = asdict(opts)
     if out_dir is not None:
         out = Path(out_dir)
-        _atomic_write(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        _atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return rows, summary
 
 

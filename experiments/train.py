@@ -21,15 +21,10 @@ import submitit
 import torch
 import yaml
 
+from evals.files import atomic_write_text
+
 RUNS_DIR = Path(os.environ.get("UNIFUSION_RUNS", "runs"))
 METRIC_COLUMNS = ["exp", "run", "candidate", "seed", "step", "metric", "value", "ci_low", "ci_high", "n"]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def config_columns(config: dict[str, Any]) -> dict[str, Any]:
