@@ -101,14 +101,6 @@ def draw(name: str, df: pd.DataFrame, out_dir: Path, caption: str = "") -> Path:
     return FIGURES[name](df, Path(out_dir), caption=caption)
 
 
-def _task_table(prompts: pd.DataFrame) -> np.ndarray:
-    """Per-prompt rows -> (P, 3) float: task id, correct images, images (evals.geneval's bootstrap table)."""
-    from evals.geneval import TASKS
-
-    task_id = prompts["tag"].map({t: i for i, t in enumerate(TASKS)}).to_numpy()
-    return np.stack([task_id, prompts["n_correct"].to_numpy(), prompts["n_images"].to_numpy()], 1).astype(float)
-
-
 def paired_comparisons(per_prompt: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Every pair of runs (a, b) of one EXP: GenEval-shapes overall(a) - overall(b) over the prompts both scored,
     paired bootstrap CI and two-sided p-value (``evals.stats.paired_bootstrap``, prompts resampled within tasks).
@@ -116,7 +108,7 @@ def paired_comparisons(per_prompt: pd.DataFrame, n_resamples: int = 2000, seed: 
     per_prompt: rows ``run, metadata, tag, n_correct, n_images`` (``per_prompt.csv``). Returns one row per pair:
     ``run_a, run_b, diff, ci_low, ci_high, p_value, prompts``.
     """
-    from evals.geneval import _overall_from_prompts
+    from evals.geneval import overall_from_prompts, prompt_table
     from evals.stats import paired_bootstrap
 
     runs = _order(list(per_prompt.run.unique()))
@@ -127,8 +119,8 @@ def paired_comparisons(per_prompt: pd.DataFrame, n_resamples: int = 2000, seed: 
         keys = [k for k in pa.index if k in pb.index]
         if not keys:
             continue
-        ta, tb = _task_table(pa.loc[keys]), _task_table(pb.loc[keys])
-        r = paired_bootstrap(ta, tb, _overall_from_prompts, n_resamples=n_resamples, seed=seed, strata=ta[:, 0])
+        ta, tb = prompt_table(pa.loc[keys]), prompt_table(pb.loc[keys])
+        r = paired_bootstrap(ta, tb, overall_from_prompts, n_resamples=n_resamples, seed=seed, strata=ta[:, 0])
         rows.append({"run_a": a, "run_b": b, "diff": r.diff, "ci_low": r.lo, "ci_high": r.hi, "p_value": r.p_value,
                      "prompts": len(keys)})
     return pd.DataFrame(rows, columns=["run_a", "run_b", "diff", "ci_low", "ci_high", "p_value", "prompts"])

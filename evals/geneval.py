@@ -313,7 +313,14 @@ def per_prompt_scores(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _overall_from_prompts(table: np.ndarray) -> float:
+def prompt_table(prompts: pd.DataFrame) -> np.ndarray:
+    """``per_prompt_scores`` rows -> (P, 3) float: task id (TASKS order), correct images, images; the unit the
+    bootstrap resamples (one prompt with all its images) and ``overall_from_prompts`` reads."""
+    task_id = prompts["tag"].map({t: i for i, t in enumerate(TASKS)}).to_numpy()
+    return np.stack([task_id, prompts["n_correct"].to_numpy(), prompts["n_images"].to_numpy()], 1).astype(float)
+
+
+def overall_from_prompts(table: np.ndarray) -> float:
     """table (P, 3): task id, correct images, images -> mean over tasks of (correct / images) within the task."""
     tasks = np.unique(table[:, 0])
     return float(np.mean([table[table[:, 0] == t, 1].sum() / table[table[:, 0] == t, 2].sum() for t in tasks]))
@@ -322,11 +329,9 @@ def _overall_from_prompts(table: np.ndarray) -> float:
 def geneval_bootstrap(rows: Sequence[Mapping[str, Any]], n_resamples: int = 1000, seed: int = 0,
                       alpha: float = 0.05) -> tuple[float, float]:
     """Percentile bootstrap CI of the overall score: prompts (all their images together) resampled per task."""
-    prompts = per_prompt_scores(rows)
-    task_id = prompts["tag"].map({t: i for i, t in enumerate(TASKS)}).to_numpy()
-    table = np.stack([task_id, prompts["n_correct"].to_numpy(), prompts["n_images"].to_numpy()], 1).astype(float)
-    return bootstrap_ci(table, _overall_from_prompts, n_resamples=n_resamples, seed=seed, alpha=alpha,
-                        strata=task_id)
+    table = prompt_table(per_prompt_scores(rows))
+    return bootstrap_ci(table, overall_from_prompts, n_resamples=n_resamples, seed=seed, alpha=alpha,
+                        strata=table[:, 0])
 
 
 def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "shapes",
