@@ -18,11 +18,11 @@ the scores.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from tqdm.auto import tqdm
 
 from analysis.common import default_prompts, load_checkpoint, require_lap, save_figure, write_csv
@@ -41,22 +41,14 @@ def named_groups(n: int, names: tuple[str, ...] = NAMED_GROUPS) -> dict[str, tup
 
 def sample_group(module, metadata: list[dict], drop: tuple[int, ...], out_dir: Path, n_samples: int, seed: int,
                  batch_size: int = 64) -> np.ndarray:
-    """Sample every (prompt, k) with ``drop`` zeroed; write GenEval layout; return uint8 (P, n_samples, S, S, 3)."""
-    from evals.images import save_png
+    """Sample every (prompt, k) with ``drop`` zeroed into GenEval's layout (``evals.images``, same seeds as every
+    benchmark); return the images, uint8 (P, n_samples, S, S, 3), read back losslessly from the PNGs."""
+    from evals.images import generate_geneval_folder
 
-    jobs = [(i, k, m["prompt"], seed + 1000 * i + k) for i, m in enumerate(metadata) for k in range(n_samples)]
-    images: list[np.ndarray] = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start: start + batch_size]
-        images.extend(module.generate([j[2] for j in chunk], [j[3] for j in chunk], layer_dropout=list(drop)))
-    for (i, k, _, _), img in zip(jobs, images, strict=True):
-        folder = out_dir / f"{i:05d}"
-        if k == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "metadata.jsonl").write_text(json.dumps(metadata[i]))
-        save_png(img, folder / "samples" / f"{k:05d}.png")
-    size = images[0].shape[0]
-    return np.stack(images).reshape(len(metadata), n_samples, size, size, 3)
+    generate_geneval_folder(module, metadata, out_dir, n_samples=n_samples, seed=seed, batch_size=batch_size,
+                            layer_dropout=list(drop))
+    return np.stack([[np.asarray(Image.open(out_dir / f"{i:05d}" / "samples" / f"{k:05d}.png").convert("RGB"))
+                      for k in range(n_samples)] for i in range(len(metadata))])
 
 
 def compute(module, metadata: list[dict], groups: dict[str, tuple[int, ...]], out_dir: Path, n_samples: int = 2,

@@ -119,8 +119,8 @@ def geneval_judges(hf_tiny: bool, vqascore_hf: str | None) -> dict[str, Callable
     if hf_tiny:
         from evals.tiny_models import tiny_gemma3
 
-        judges["vqascore:hf-tiny-gemma3"] = vqa(lambda ps: HFVQAScore(model=tiny_gemma3()[0],
-                                                                      processor=tiny_gemma3()[1], answer="yes"))
+        model, proc = tiny_gemma3()
+        judges["vqascore:hf-tiny-gemma3"] = vqa(lambda ps: HFVQAScore(model=model, processor=proc, answer="yes"))
     if vqascore_hf:
         judges[f"vqascore:hf:{vqascore_hf}"] = vqa(lambda ps: HFVQAScore(model_id=vqascore_hf))
     return judges

@@ -47,10 +47,12 @@ def generate_geneval_folder(
     n_samples: int = 4,
     seed: int = 0,
     batch_size: int = 64,
+    layer_dropout: list[int] | None = None,
 ) -> Path:
     """Write GenEval's official layout: <out>/<NNNNN>/metadata.jsonl (one object) + samples/<k:05d>.png.
 
-    Images that already exist are kept (resume); only missing ones are generated.
+    Images that already exist are kept (resume); only missing ones are generated. ``layer_dropout`` is passed to
+    ``UniFusionModule.generate`` (LAP positions zeroed while sampling, paper Fig. 8).
     """
     module = load_module(ckpt_path)
     out = Path(out_dir)
@@ -66,7 +68,7 @@ def generate_geneval_folder(
                 todo.append((meta["prompt"], seed + 1000 * i + k, path))
     for start in tqdm(range(0, len(todo), batch_size), desc="generating", disable=not todo):
         chunk = todo[start : start + batch_size]
-        images = module.generate([p for p, _, _ in chunk], [s for _, s, _ in chunk])
+        images = module.generate([p for p, _, _ in chunk], [s for _, s, _ in chunk], layer_dropout=layer_dropout)
         for (_, _, path), img in zip(chunk, images, strict=True):
             save_png(img, path)
     return out
