@@ -1,4 +1,4 @@
-"""What every analysis shares: checkpoints, the LAP check, default prompts, atomic CSV and figure writing.
+"""What every analysis shares: checkpoints, the LAP check, default prompts, atomic CSV and figure writing, the CLI.
 
 An analysis is a module ``python -m analysis.<name> --ckpt CKPT ... --out DIR`` that writes the CSV it computed
 and a figure (PNG + PDF) drawn from that CSV alone, so the figure can be redrawn without the model.
@@ -6,6 +6,7 @@ and a figure (PNG + PDF) drawn from that CSV alone, so the figure can be redrawn
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +61,12 @@ def save_figure(fig: plt.Figure, out_dir: Path, name: str) -> Path:
     fig.savefig(out_dir / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None})  # reproducible bytes
     plt.close(fig)
     return png
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """``python -m analysis.<name>``: print what ``main`` returns (the figure's path); bad input (an unknown
+    checkpoint, a candidate without LAP, ...) exits with a one-line ``error: ...`` instead of a traceback."""
+    try:
+        print(main())
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None

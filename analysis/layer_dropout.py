@@ -25,7 +25,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from analysis.common import default_prompts, load_checkpoint, require_lap, save_figure, write_csv
+from analysis.common import default_prompts, load_checkpoint, require_lap, run_cli, save_figure, write_csv
 
 NAMED_GROUPS = ("first", "middle", "last")
 
@@ -128,7 +128,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        print(main())
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    run_cli(main)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.common import default_prompts, load_checkpoint, save_figure, write_csv
+from analysis.common import default_prompts, load_checkpoint, run_cli, save_figure, write_csv
 
 
 def layer_cosine(features: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
@@ -87,7 +87,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        print(main())
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    run_cli(main)

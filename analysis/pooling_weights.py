@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.common import load_checkpoint, require_lap, save_figure, write_csv
+from analysis.common import load_checkpoint, require_lap, run_cli, save_figure, write_csv
 
 
 def compute(module, ema: bool = True) -> pd.DataFrame:
@@ -73,7 +73,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        print(main())
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    run_cli(main)

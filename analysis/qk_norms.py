@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from analysis.common import load_checkpoint, require_lap, save_figure, write_csv
+from analysis.common import load_checkpoint, require_lap, run_cli, save_figure, write_csv
 
 DEFAULT_PROMPTS = (
     "a photo of a red circle left of a blue square",
@@ -107,7 +107,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        print(main())
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    run_cli(main)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from local_http import json_server, user_text
 from PIL import Image
 
 from evals.dpg_refined import judge_images, load_questions, main, read_judgments, run, scan_images
@@ -214,58 +213,40 @@ def test_hf_judge_end_to_end_on_tiny_gemma3(tmp_path: Path, tiny_gemma) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ OpenAI endpoint
-class ChatHandler(BaseHTTPRequestHandler):
-    """Speaks /v1/chat/completions: "yes" for circles, "no" otherwise, an unparseable first reply for triangles."""
+def chat_reply(tries: dict[str, int]):
+    """/v1/chat/completions: "yes" for circles, "no" otherwise, an unparseable first reply for triangles, HTTP 500
+    for model "broken"."""
 
-    seen: list[dict] = []
-    tries: dict[str, int] = {}
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server API)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+    def reply(body: dict) -> tuple[int, object]:
         if body.get("model") == "broken":
-            self.send_response(500)
-            self.end_headers()
-            self.wfile.write(b"boom")
-            return
-        text = next(c["text"] for c in body["messages"][0]["content"] if c["type"] == "text")
-        n = self.tries[text] = self.tries.get(text, 0) + 1
+            return 500, b"boom"
+        text = user_text(body)
+        n = tries[text] = tries.get(text, 0) + 1
         if "triangle" in text and n == 1:
-            reply = "I cannot tell."
+            content = "I cannot tell."
         else:
-            reply = "The shape is clearly visible.\n**Answer:** " + ("Yes" if "circle" in text else "no")
-        data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+            content = "The shape is clearly visible.\n**Answer:** " + ("Yes" if "circle" in text else "no")
+        return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
 
-    def log_message(self, *args) -> None:
-        pass
+    return reply
 
 
 @pytest.fixture
 def chat_server():
-    ChatHandler.seen, ChatHandler.tries = [], {}
-    server = HTTPServer(("127.0.0.1", 0), ChatHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with json_server(chat_reply({})) as server:
+        yield server
 
 
-def test_openai_judge_against_local_server(tmp_path: Path, chat_server: str) -> None:
+def test_openai_judge_against_local_server(tmp_path: Path, chat_server) -> None:
     img = Image.new("RGB", (32, 32), (10, 20, 30))
-    judge = OpenAIJudge(chat_server, model="served-gemma", api_key="k123", batch_size=2)
+    judge = OpenAIJudge(chat_server.url, model="served-gemma", api_key="k123", batch_size=2)
     reqs = [JudgeRequest("i", 0, p, f"Is there a {s}?", img, {}) for p, s in enumerate(
         ("circle", "square", "triangle"), start=1)]
     res = judge.judge(reqs)
     assert [r.answer for r in res] == ["yes", "no", "no"]
     assert res[2].raw.startswith("I cannot tell.\n[retry]\n")
-    assert len(ChatHandler.seen) == 4  # three requests + one retry
-    first = ChatHandler.seen[0]
+    assert len(chat_server.seen) == 4  # three requests + one retry
+    first = chat_server.seen[0]
     assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer k123"
     assert first["body"]["model"] == "served-gemma" and first["body"]["temperature"] == 0.0
     content = first["body"]["messages"][0]["content"]
@@ -275,16 +256,16 @@ def test_openai_judge_against_local_server(tmp_path: Path, chat_server: str) -> 
     assert sent.size == (32, 32) and sent.convert("RGB").getpixel((0, 0)) == (10, 20, 30)
     assert "Answer: yes" in next(c["text"] for c in content if c["type"] == "text")
     with pytest.raises(RuntimeError, match="HTTP 500"):
-        OpenAIJudge(chat_server, model="broken").judge(reqs[:1])
+        OpenAIJudge(chat_server.url, model="broken").judge(reqs[:1])
     with pytest.raises(ValueError, match="http://"):
         OpenAIJudge("localhost:8000")
 
 
-def test_openai_judge_through_the_cli(tmp_path: Path, chat_server: str) -> None:
+def test_openai_judge_through_the_cli(tmp_path: Path, chat_server) -> None:
     csv_path, folder, _ = shapes_bench(tmp_path, n=1)
     out = tmp_path / "out"
     scores = main(["--images", str(folder), "--questions", str(csv_path), "--judge", "openai", "--judge-url",
-                   chat_server, "--out", str(out), "--n-resamples", "20"])
+                   chat_server.url, "--out", str(out), "--n-resamples", "20"])
     rows = read_judgments(out / "judgments.jsonl")
     questions = {(q.item_id, q.proposition_id): q.question for q in load_questions(csv_path)}
     for r in rows:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
 import torch
+from local_http import json_server, user_text
 from PIL import Image
 
 from evals.tiny_models import tiny_gemma3
@@ -111,42 +109,21 @@ def test_oracle_and_bad_input() -> None:
     assert isinstance(oracle, OracleVQAScore)
 
 
-class LogprobHandler(BaseHTTPRequestHandler):
-    """A minimal OpenAI-compatible server: "Yes" is likely for circles, absent from the top-k otherwise."""
-
-    seen: list[dict] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        LogprobHandler.seen.append(body)
-        text = next(c["text"] for c in body["messages"][0]["content"] if c["type"] == "text")
-        top = ([{"token": "Yes", "logprob": -0.25}, {"token": "No", "logprob": -1.5}] if "circle" in text
-               else [{"token": "No", "logprob": -0.1}, {"token": "Maybe", "logprob": -3.0}])
-        reply = {"choices": [{"message": {"content": top[0]["token"]},
+def logprob_reply(body: dict) -> tuple[int, dict]:
+    """A logprobs endpoint: "Yes" is likely for circles, absent from the top-k otherwise."""
+    top = ([{"token": "Yes", "logprob": -0.25}, {"token": "No", "logprob": -1.5}] if "circle" in user_text(body)
+           else [{"token": "No", "logprob": -0.1}, {"token": "Maybe", "logprob": -3.0}])
+    return 200, {"choices": [{"message": {"content": top[0]["token"]},
                               "logprobs": {"content": [{**top[0], "top_logprobs": top}]}}]}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
 
 
 def test_openai_logprob_backend_against_a_local_server() -> None:
-    server = HTTPServer(("127.0.0.1", 0), LogprobHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        scorer = make_scorer("openai", url=f"http://127.0.0.1:{server.server_address[1]}/v1", model="served-vlm")
+    with json_server(logprob_reply) as server:
+        scorer = make_scorer("openai", url=server.url, model="served-vlm")
         got = scorer.score(images(3), ["a red circle", "two squares", "a circle"])
-        assert got.tolist() == pytest.approx([math.exp(-0.25), 0.0, math.exp(-0.25)])
-        assert scorer.counts == {"answer_not_in_top_k": 1} and scorer.name == "openai:served-vlm"
-        body = LogprobHandler.seen[0]
-        assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["max_tokens"] == 1
-        texts = {c["text"] for b in LogprobHandler.seen for c in b["messages"][0]["content"] if c["type"] == "text"}
-        assert 'Does this figure show "two squares"? Please answer yes or no.' in texts
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert got.tolist() == pytest.approx([math.exp(-0.25), 0.0, math.exp(-0.25)])
+    assert scorer.counts == {"answer_not_in_top_k": 1} and scorer.name == "openai:served-vlm"
+    body = server.seen[0]["body"]
+    assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["max_tokens"] == 1
+    texts = {user_text(r["body"]) for r in server.seen}
+    assert 'Does this figure show "two squares"? Please answer yes or no.' in texts
