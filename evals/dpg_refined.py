@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from evals.files import atomic_write_text
+from evals.files import atomic_write_text, open_rgb
 from evals.judges import JUDGE_MODES, JUDGES, Judge, JudgeRequest, make_judge
 from evals.stats import bootstrap_ci
 
@@ -507,19 +507,11 @@ class ImageSet:
     def load(self, item_id: str) -> dict[int, Image.Image]:
         """RGB tiles of an item, image index -> PIL image (grid tiles TL, TR, BL, BR = 0..3)."""
         if item_id in self.grids:
-            grid = _open_image(self.grids[item_id])
+            grid = open_rgb(self.grids[item_id])
             r = grid.width // 2
             boxes = [(0, 0, r, r), (r, 0, 2 * r, r), (0, r, r, 2 * r), (r, r, 2 * r, 2 * r)]
             return {k: grid.crop(box) for k, box in enumerate(boxes)}
-        return {k: _open_image(p) for k, p in self.seeds.get(item_id, {}).items()}
-
-
-def _open_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"corrupt or unreadable image {path}: {e}") from None
+        return {k: open_rgb(p) for k, p in self.seeds.get(item_id, {}).items()}
 
 
 def _check_image(path: Path, resolution: int | None, grid: bool) -> None:

@@ -15,3 +15,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def open_rgb(path: str | Path, what: str = "image", exif_transpose: bool = False):
+    """A fully decoded RGB ``PIL.Image`` of ``path``; a corrupt or unreadable file raises ValueError
+    ``corrupt or unreadable <what>: <path> (<reason>)`` so a benchmark names the file instead of crashing on it.
+    ``exif_transpose`` applies the EXIF orientation first (GenEval does, for its colour crops)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img) if exif_transpose else img
+            return img.convert("RGB")  # convert() forces the full decode, so truncated files fail here
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"corrupt or unreadable {what}: {path} ({err})") from err

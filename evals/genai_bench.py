@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from evals.files import atomic_write_text
+from evals.files import atomic_write_text, open_rgb
 
 DATA = Path(__file__).parent / "data" / "genai_bench"
 BASIC_SKILLS = ("attribute", "scene", "spatial relation", "action relation", "part relation")
@@ -89,15 +88,6 @@ def find_images(images_dir: Path, indices: Sequence[int]) -> dict[int, Path]:
     return found
 
 
-def open_image(path: Path) -> Image.Image:
-    """RGB image, or ValueError naming an undecodable file."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt files
-        raise ValueError(f"cannot decode image {path}: {err}") from None
-
-
 def read_cache(path: Path, backend: str) -> dict[int, float]:
     """Cached per-image scores; a truncated last line (killed run) is ignored, another backend's cache refused."""
     if not path.is_file():
@@ -127,7 +117,7 @@ def score_folder(images_dir: Path, prompts: dict[int, str], scorer: Any, out_dir
     bs = max(1, getattr(scorer, "batch_size", 16))
     for start in tqdm(range(0, len(todo), bs), desc="VQAScore", disable=not progress or not todo):
         chunk = todo[start: start + bs]
-        values = scorer.score([open_image(paths[i]) for i in chunk], [prompts[i] for i in chunk])
+        values = scorer.score([open_rgb(paths[i]) for i in chunk], [prompts[i] for i in chunk])
         with open(cache_path, "a") as f:
             for i, v in zip(chunk, values.tolist(), strict=True):
                 f.write(json.dumps({"index": i, "score": v, "backend": scorer.name}) + "\n")

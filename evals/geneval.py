@@ -32,10 +32,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from evals.detectors import Detection, DetectorBackend, get_detector
-from evals.files import atomic_write_text
+from evals.files import atomic_write_text, open_rgb
 from evals.stats import bootstrap_ci
 
 TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -278,14 +277,6 @@ def read_metadata_lines(path: str | Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------ folders
 
 
-def _open_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return ImageOps.exif_transpose(img).convert("RGB")  # convert() forces a full decode
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"corrupt or unreadable PNG: {path} ({err})") from err
-
-
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Official aggregation: ``overall`` (unweighted task mean), ``tasks``, ``images`` and ``prompts`` (any())."""
     if not rows:
@@ -373,7 +364,7 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
                 counts["misnamed_samples"] += 1
                 problems.append(f"sample name must match \\d+\\.png, not scored: {path}")
                 continue
-            image = _open_image(path)
+            image = open_rgb(path, "PNG", exif_transpose=True)
             correct, reason, details = evaluate_image(
                 backend.detect(image), meta, opts,
                 lambda found, cls, image=image: backend.classify_colors(image, found, cls))

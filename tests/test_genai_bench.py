@@ -92,7 +92,7 @@ def test_bad_images_are_errors(bench, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="1 of 6 prompts have no image .* \\['00003'\\]"):
         gb.run(images, CountingScorer(), tmp_path / "a", data, progress=False)
     (images / "00003.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(ValueError, match="cannot decode image .*00003.png"):
+    with pytest.raises(ValueError, match="corrupt or unreadable image: .*00003.png"):
         gb.run(images, CountingScorer(), tmp_path / "b", data, progress=False)
     with pytest.raises(ValueError, match="cannot judge GenAI-Bench"):
         gb.main(["--images", str(images), "--model", "oracle", "--out", str(tmp_path / "c")])
