@@ -143,22 +143,6 @@ def render_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def generate_images(ckpt: str | Path, prompts: dict[int, str], out_dir: Path, seed: int = 42,
-                    batch_size: int = 32) -> Path:
-    """One image per prompt index, ``<index:05d>.png`` (seed = seed + index), skipping existing files."""
-    from evals.images import load_module, save_png
-
-    module = load_module(ckpt)
-    out_dir = Path(out_dir)
-    todo = [i for i in sorted(prompts) if not (out_dir / f"{i:05d}.png").exists()]
-    for start in tqdm(range(0, len(todo), batch_size), desc="generating", disable=not todo):
-        chunk = todo[start: start + batch_size]
-        for i, img in zip(chunk, module.generate([prompts[i] for i in chunk], [seed + i for i in chunk]),
-                          strict=True):
-            save_png(img, out_dir / f"{i:05d}.png")
-    return out_dir
-
-
 def run(images_dir: Path, scorer: Any, out_dir: Path, data_dir: Path = DATA, n_resamples: int = 1000,
         seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Score + aggregate + write results.json / table.md; returns the results dict."""
@@ -197,7 +181,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              api_key=os.environ.get(a.api_key_env))
     else:
         scorer = make_scorer("hf", model_id=a.model_id, batch_size=a.batch_size)
-    images = a.images or generate_images(a.ckpt, load_benchmark(a.data)[0], a.out / "images")
+    if a.images is None:
+        from evals.images import generate_genai_folder
+
+        images = generate_genai_folder(a.ckpt, load_benchmark(a.data)[0], a.out / "images")
+    else:
+        images = a.images
     results = run(images, scorer, a.out, a.data, a.n_resamples)
     print(render_table(results))
     return results

@@ -74,6 +74,26 @@ def generate_geneval_folder(
     return out
 
 
+def generate_genai_folder(
+    ckpt_or_module: str | Path | UniFusionModule,
+    prompts: dict[int, str],
+    out_dir: str | Path,
+    seed: int = 42,
+    batch_size: int = 32,
+) -> Path:
+    """Write GenAI-Bench's layout: one ``<out>/<index:05d>.png`` per prompt index (seed = ``seed + index``; the
+    official ``generate.py`` uses one image per prompt and seed 42). Existing images are kept (resume)."""
+    module = load_module(ckpt_or_module)
+    out = Path(out_dir)
+    todo = [i for i in sorted(prompts) if not (out / f"{i:05d}.png").exists()]
+    for start in tqdm(range(0, len(todo), batch_size), desc="generating", disable=not todo):
+        chunk = todo[start : start + batch_size]
+        images = module.generate([prompts[i] for i in chunk], [seed + i for i in chunk])
+        for i, img in zip(chunk, images, strict=True):
+            save_png(img, out / f"{i:05d}.png")
+    return out
+
+
 def generate_dpg_folder(
     ckpt_or_module: str | Path | UniFusionModule,
     items: list[tuple[str, str]],

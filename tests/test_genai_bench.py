@@ -96,3 +96,26 @@ def test_bad_images_are_errors(bench, tmp_path: Path) -> None:
         gb.run(images, CountingScorer(), tmp_path / "b", data, progress=False)
     with pytest.raises(ValueError, match="cannot judge GenAI-Bench"):
         gb.main(["--images", str(images), "--model", "oracle", "--out", str(tmp_path / "c")])
+
+
+def test_generate_genai_folder_from_a_tiny_model(tmp_path: Path) -> None:
+    from evals.images import generate_genai_folder
+    from experiments.config import load_base, merge
+    from models.module import UniFusionModule
+
+    cfg = merge(load_base(), {"candidate": "lap", "dit": {"dim": 32, "depth": 2, "heads": 2, "patch": 8},
+                              "sample": {"steps": 2}, "conditioner": {"heads": 2}})
+    torch.manual_seed(0)
+    module = UniFusionModule(cfg).eval()
+    with torch.no_grad():  # adaLN-zero output: make samples depend on the seed
+        for p in module.ema.module["dit"].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    prompts = {0: "a photo of a red circle", 7: "a photo of two squares"}
+    out = generate_genai_folder(module, prompts, tmp_path / "img", seed=42)
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00007.png"]
+    expect = module.generate([prompts[7]], [42 + 7])[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "00007.png")), expect)
+    mtime = (out / "00000.png").stat().st_mtime_ns
+    generate_genai_folder(module, prompts, out, seed=42)  # resume: nothing regenerated
+    assert (out / "00000.png").stat().st_mtime_ns == mtime
+    assert gb.find_images(out, [0, 7]) == {0: out / "00000.png", 7: out / "00007.png"}
