@@ -311,10 +311,14 @@ def bench_judge(device: str, repeats: int) -> None:
 # ------------------------------------------------------------------------------------------------ 7
 def bench_sweep_stages(device: str) -> None:
     import json
+    import shutil
+    import tempfile
 
     from analysis.common import load_checkpoint
+    from analysis.figures import render_experiment
     from evals.geneval import evaluate_folder
     from evals.images import generate_geneval_folder
+    from experiments.data.shapes import write_geneval_metadata
 
     exp = ROOT / "results" / "conditioning_candidates"
     if not (exp / "metrics.csv").is_file():
@@ -326,10 +330,6 @@ def bench_sweep_stages(device: str) -> None:
     wall = float((exp / "sweep_time.txt").read_text().split()[0]) if (exp / "sweep_time.txt").is_file() else None
     module = load_checkpoint(exp / "checkpoints" / "lap.ckpt", device)
     cfg = module.config["eval"]
-    import tempfile
-
-    from experiments.data.shapes import write_geneval_metadata
-
     with tempfile.TemporaryDirectory() as tmp:
         meta = write_geneval_metadata(Path(tmp) / "m.jsonl", cfg["geneval"]["n_per_task"], cfg["geneval"]["seed"])
         t0 = time.perf_counter()
@@ -339,10 +339,6 @@ def bench_sweep_stages(device: str) -> None:
         t0 = time.perf_counter()
         evaluate_folder(Path(tmp) / "img", detector="shapes")
         t_score = time.perf_counter() - t0
-        import shutil
-
-        from analysis.figures import render_experiment
-
         shutil.copy(exp / "metrics.csv", Path(tmp) / "metrics.csv")
         t0 = time.perf_counter()
         render_experiment(Path(tmp), "fig4")
