@@ -7,15 +7,24 @@ cut, NMS, clauses) live in ``evals.geneval`` and are the same for every backend.
 - ``shapes``: the exact detector of the synthetic world (``experiments.data.shapes_detector``); its colour is the
   quantised palette colour, so ``classify_colors`` just reads it back.
 - ``hf-mask2former``: COCO Mask2Former through transformers (mmdet's post-processing), colours by the CLIP
-  zero-shot classifier on the mask composited on ``#999`` and cropped to the box (notes A5). The official mmdet
-  backend, which needs its own environment, is not here yet.
+  zero-shot classifier on the mask composited on ``#999`` and cropped to the box (notes A5).
+- ``mmdet``: the official detector (mmdet 2.x + mmcv-full 1.7, which cannot build against this repo's torch) in
+  its own conda env: ``evals/mmdet_runner.py`` runs there as a persistent subprocess; its JSONL detections are
+  parsed back into ``Detection``s here (``MMDetDetector``).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -233,3 +242,206 @@ class HFMask2FormerDetector(DetectorBackend):
 
 
 DETECTORS["hf-mask2former"] = HFMask2FormerDetector
+
+
+# ------------------------------------------------------------------------------------------------ mmdet (own env)
+MMDET_ENV = "geneval-mmdet"
+MMDET_RUNNER = Path(__file__).with_name("mmdet_runner.py")
+MMDET_SETUP = (
+    "The mmdet detector runs in its own conda env (mmcv-full 1.7 does not build against this repo's torch). "
+    "Create it once, from the repo root:\n"
+    "  conda env create -f environment-geneval-mmdet.yml\n"
+    "  then the build/download steps in that file's header (mmcv-full from source, mmdetection 2.x source "
+    "install, the Mask2Former checkpoint), and\n"
+    "  export GENEVAL_MMDET_PYTHON=$(conda run -n geneval-mmdet which python)\n"
+    "  export GENEVAL_MMDET_CHECKPOINT=/path/to/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth")
+
+
+def find_mmdet_python() -> str:
+    """The env's python: ``$GENEVAL_MMDET_PYTHON``, else the ``geneval-mmdet`` env that ``conda`` knows."""
+    env = os.environ.get("GENEVAL_MMDET_PYTHON")
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"GENEVAL_MMDET_PYTHON={env} does not exist.\n{MMDET_SETUP}")
+        return env
+    conda = shutil.which("conda")
+    if conda:
+        try:
+            out = subprocess.run([conda, "env", "list", "--json"], capture_output=True, text=True, timeout=120)
+            for prefix in json.loads(out.stdout).get("envs", []):
+                python = Path(prefix) / "bin" / "python"
+                if Path(prefix).name == MMDET_ENV and python.is_file():
+                    return str(python)
+        except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError):
+            pass  # a broken conda is the same as none: the advice below applies
+    raise FileNotFoundError(f"no {MMDET_ENV} environment found (GENEVAL_MMDET_PYTHON unset, and conda "
+                            f"{'has no env of that name' if conda else 'is not on PATH'}).\n{MMDET_SETUP}")
+
+
+def rle_decode(rle: dict[str, Any]) -> np.ndarray:
+    """``{"size": [H, W], "counts": [...]}`` (column-major runs, 0s first; ``mmdet_runner.rle_encode``) -> bool
+    (H, W)."""
+    h, w = (int(v) for v in rle["size"])
+    counts = np.asarray(rle["counts"], dtype=np.int64)
+    if (counts < 0).any() or counts.sum() != h * w:
+        raise ValueError(f"RLE counts sum to {int(counts.sum())}, expected {h} x {w} = {h * w}")
+    values = np.arange(len(counts)) % 2 == 1  # runs alternate 0, 1, 0, ...
+    return np.repeat(values, counts).reshape((h, w), order="F")
+
+
+def parse_mmdet_row(row: dict[str, Any], classes: Sequence[str], colors: Sequence[str] = GENEVAL_COLORS
+                    ) -> list[Detection]:
+    """One runner output line -> ``Detection``s named by GenEval's class list (``label`` indexes it)."""
+    where = row.get("path", "?")
+    if row.get("error"):
+        raise ValueError(f"mmdet runner could not read {where}: {row['error']}")
+    dets = []
+    for d in row.get("detections", []):
+        try:
+            label, score, box = int(d["label"]), float(d["score"]), tuple(float(v) for v in d["box"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{where}: detection {d!r} needs label, score and a 4-number box ({err})") from err
+        if not 0 <= label < len(classes) or len(box) != 4:
+            raise ValueError(f"{where}: label {label} outside the {len(classes)} classes, or box {box} not 4 numbers")
+        color = d.get("color")
+        if color is not None and color not in colors:
+            raise ValueError(f"{where}: colour {color!r} not in {list(colors)}")
+        mask = rle_decode(d["mask"]) if d.get("mask") is not None else None
+        dets.append(Detection(classes[label], box, score, mask, color))
+    return dets
+
+
+def read_mmdet_jsonl(path: str | Path, classes: Sequence[str]) -> list[tuple[str, list[Detection]]]:
+    """A runner output file -> ``[(image path, detections)]`` in file order."""
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not JSON ({err})") from err
+            out.append((row.get("path", ""), parse_mmdet_row(row, classes)))
+    return out
+
+
+class MMDetDetector(DetectorBackend):
+    """GenEval's own detector (mmdet 2.x Mask2Former Swin-S + open_clip colours) through ``mmdet_runner.py`` in
+    the ``geneval-mmdet`` env, kept running between images.
+
+    python: the env's interpreter (default ``find_mmdet_python()``); checkpoint: the v2.0 ``.pth`` (default
+    ``$GENEVAL_MMDET_CHECKPOINT``); config: default the installed mmdet's Swin-S config. Colours come from the
+    runner for detections with score > ``color_min_score`` (GenEval's 0.3 threshold); a colour asked for a
+    lower-scored detection raises rather than guessing. ``min_score``: detections at or below it are not sent.
+    """
+
+    name = "mmdet"
+
+    def __init__(self, python: str | None = None, checkpoint: str | None = None, config: str | None = None,
+                 device: str | None = None, min_score: float = 0.0, color_min_score: float = 0.3,
+                 clip_model: str = "ViT-L-14") -> None:
+        self.python = python or find_mmdet_python()
+        checkpoint = checkpoint or os.environ.get("GENEVAL_MMDET_CHECKPOINT")
+        if not checkpoint or not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"mmdet checkpoint not found ({checkpoint or 'GENEVAL_MMDET_CHECKPOINT unset'})."
+                                    f"\n{MMDET_SETUP}")
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.classes, self.colors = coco_object_names(), GENEVAL_COLORS
+        self.color_min_score = color_min_score
+        self.args = ["--checkpoint", str(checkpoint), "--device", device, "--min-score", str(min_score),
+                     "--color-min-score", str(color_min_score), "--clip-model", clip_model,
+                     "--class-names", str(GENEVAL_DATA / "object_names.txt")]
+        if config:
+            self.args += ["--config", str(config)]
+        self._proc: subprocess.Popen | None = None
+        self._log: Any = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="geneval-mmdet-")
+        self._log_path = Path(self._tmp.name) / "runner.log"
+        self._n = 0
+
+    def _log_tail(self) -> str:
+        return self._log_path.read_text()[-2000:] if self._log_path.is_file() else ""
+
+    def _fail(self, what: str) -> RuntimeError:
+        code = None
+        if self._proc is not None:
+            try:
+                code = self._proc.wait(timeout=30)  # stdout hit EOF: the runner is exiting
+            except subprocess.TimeoutExpired:
+                pass
+        hint = f"\n{MMDET_SETUP}" if code == 3 else ""
+        return RuntimeError(f"mmdet runner ({self.python} {MMDET_RUNNER.name}) {what} (exit {code}); its log:\n"
+                            f"{self._log_tail()}{hint}")
+
+    def _start(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            self._log = open(self._log_path, "a")  # a file, not a pipe: a chatty stderr cannot block the runner
+            self._proc = subprocess.Popen([self.python, str(MMDET_RUNNER), "--serve", *self.args],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
+            if not self._await(self._proc, "MMDET_RUNNER_READY"):
+                raise self._fail("did not start")
+        return self._proc
+
+    @staticmethod
+    def _await(proc: subprocess.Popen, marker: str) -> bool:
+        """Read stdout until a line starting with ``marker``; False when the runner exits first."""
+        for line in proc.stdout:
+            if line.startswith(marker):
+                return True
+        return False
+
+    def detect_paths(self, paths: Sequence[str | Path]) -> list[list[Detection]]:
+        """Detections of image files, one list per path (one runner request)."""
+        proc = self._start()
+        self._n += 1
+        out = Path(self._tmp.name) / f"dets-{self._n}.jsonl"
+        try:
+            proc.stdin.write(json.dumps({"images": [str(p) for p in paths], "out": str(out)}) + "\n")
+            proc.stdin.flush()
+        except BrokenPipeError as err:
+            raise self._fail("died") from err
+        if not self._await(proc, "MMDET_RUNNER_DONE"):
+            raise self._fail("died while detecting")
+        rows = read_mmdet_jsonl(out, self.classes)
+        out.unlink()
+        if len(rows) != len(paths):
+            raise RuntimeError(f"mmdet runner answered {len(rows)} rows for {len(paths)} images")
+        return [dets for _, dets in rows]
+
+    def detect(self, image: Image.Image) -> list[Detection]:
+        """Detections of one image: written as a lossless PNG for the runner (mmdet reads files, as GenEval)."""
+        path = Path(self._tmp.name) / "image.png"
+        image.convert("RGB").save(path)
+        return self.detect_paths([path])[0]
+
+    def classify_colors(self, image: Image.Image, detections: list[Detection], class_name: str) -> list[str]:
+        """The runner's open_clip colour of each detection."""
+        for d in detections:
+            if d.color is None:
+                raise ValueError(f"mmdet detection of {class_name!r} (score {d.score:.3f}) has no colour: the runner "
+                                 f"classifies only scores > color_min_score={self.color_min_score}; lower it to "
+                                 "your GenEval threshold")
+        return [d.color for d in detections]
+
+    def close(self) -> None:
+        """Stop the runner (EOF on its stdin) and remove the temporary files."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        if self._log is not None:
+            self._log.close()
+        self._tmp.cleanup()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: best effort only
+            pass
+
+
+DETECTORS["mmdet"] = MMDetDetector

@@ -13,6 +13,16 @@ Aggregation (``aggregate``), as the official ``show_performance_per_skill``: per
 images); per skill tag of ``genai_skills.json`` the mean over its prompt list; ``basic`` and ``advanced`` are plain
 means over their own lists (not means of skill means); ``all`` is the mean over the *union* of every tag's list,
 1593 prompts (the 7 untagged prompts are excluded). We add percentile bootstrap 95% CIs over prompts.
+
+Human correlation (``--human-correlation genai_image.json``): how well a judge agrees with GenAI-Bench's released
+human 1-5 alignment ratings of its six generators' images, as t2v_metrics' ``GenAIBench_Image.correlation``
+(``dataset.py``, "no grouping"): every (generator, prompt) image is one item, its human score the mean of its 3
+ratings, all items pooled; reported are Pearson r, Kendall tau-b, and pairwise accuracy with tie calibration
+(``acc_23`` of Deutsch et al. 2023, "Ties Matter", the papers' headline agreement number; the papers print
+x100). Images: ``DIR/<generator>/<00000>.(jpeg|png|jpg)`` (the released zips' layout) scored with ``--model``
+and cached in ``OUT/human_scores.jsonl``, or ``--scores FILE.jsonl`` of ``{"model", "index", "score"}`` rows.
+Items without an image or score are counted per generator and reported, not fatal. Writes
+``OUT/human_correlation.json`` and ``.md``, labelled with the backend.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -155,6 +166,219 @@ def run(images_dir: Path, scorer: Any, out_dir: Path, data_dir: Path = DATA, n_r
     return results
 
 
+# ------------------------------------------------------------------------------------------------ human correlation
+HUMAN_CACHE = "human_scores.jsonl"
+
+
+def load_human_ratings(path: Path) -> tuple[dict[tuple[str, int], float], list[str]]:
+    """``({(generator, prompt index): mean human rating}, out-of-range notes)`` from a ``genai_image.json``.
+
+    Ratings outside 1-5 are KEPT in the mean, as t2v_metrics does, and listed: the released file has two typos,
+    ``00231/DALLE_3 [5, 41, 4]`` and ``00252/DeepFloyd_I_XL_v1 [3, 3, 33]``. Non-numeric or empty lists raise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"human ratings file not found: {path} (GenAI-Bench's genai_image.json, e.g. "
+                                f"{DATA / 'genai_image.json'})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not JSON ({err})") from err
+    out: dict[tuple[str, int], float] = {}
+    odd: list[str] = []
+    for key, entry in data.items() if isinstance(data, dict) else ():
+        models = entry.get("models") if isinstance(entry, dict) else None
+        if not isinstance(models, dict):
+            raise ValueError(f"{path}: prompt {key!r} has no 'models' mapping of human ratings")
+        for model, ratings in models.items():
+            ok = isinstance(ratings, list) and ratings and all(
+                isinstance(r, int | float) and not isinstance(r, bool) and np.isfinite(r) for r in ratings)
+            if not ok:
+                raise ValueError(f"{path}: prompt {key!r}, model {model!r}: ratings must be a non-empty list of "
+                                 f"numbers, got {ratings!r}")
+            if not all(1 <= r <= 5 for r in ratings):
+                odd.append(f"{key}/{model} {ratings}")
+            out[(model, int(key))] = float(np.mean(ratings))
+    if not out:
+        raise ValueError(f"{path}: no human ratings (expected {{'00000': {{'models': {{name: [1-5, ...]}}}}}})")
+    return out, odd
+
+
+def _pair_diffs(x: np.ndarray, y: np.ndarray, chunk: int = 1024):
+    """Yield ``(x_j - x_i, y_j - y_i)`` for all pairs i < j, a block of rows at a time (O(n * chunk) memory)."""
+    n = len(x)
+    for a in range(0, n, chunk):
+        rows = np.arange(a, min(a + chunk, n))
+        upper = np.arange(n)[None, :] > rows[:, None]
+        yield (x[None, :] - x[rows, None])[upper], (y[None, :] - y[rows, None])[upper]
+
+
+def agreement(human: Sequence[float], judge: Sequence[float]) -> dict[str, Any]:
+    """Agreement of ``judge`` scores with ``human`` scores over all item pairs (both (n,), n >= 2).
+
+    - ``kendall_tau_b``: (C - D) / sqrt((P - T_judge)(P - T_human)), P = n(n-1)/2 pairs, T = pairs tied in that
+      variable (ties in both count in both). tau-b, as t2v_metrics, because both sides tie a lot (means of three
+      1-5 ratings); tau-c would target rectangular contingency tables, which this is not.
+    - ``pairwise_accuracy``: Deutsch et al.'s acc_23 with tie calibration: a pair is right when the judge orders it
+      as the humans do, or when the humans tie and the judge scores differ by <= eps; the fraction right over all
+      P pairs is maximised over eps in {0} and the judge differences of human-tied pairs (where it can change).
+      ``pairwise_accuracy_eps0`` is the same without calibration (only exact judge ties count as ties).
+    - ``pearson``: Pearson r (t2v_metrics prints 100 r).
+    """
+    x, y = np.asarray(judge, dtype=float), np.asarray(human, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 2:
+        raise ValueError(f"need two equal-length 1-D score lists with >= 2 items, got {x.shape} and {y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("judge or human scores contain NaN/inf")
+    con = dis = tie_x = tie_y = tie_both = 0
+    tied_gaps, con_gaps = [], []  # |judge diff| of human-tied pairs, of concordant pairs
+    for dx, dy in _pair_diffs(x, y):
+        prod = np.sign(dx) * np.sign(dy)
+        con += int((prod > 0).sum())
+        dis += int((prod < 0).sum())
+        tie_x += int(((dx == 0) & (dy != 0)).sum())
+        tie_y += int(((dx != 0) & (dy == 0)).sum())
+        tie_both += int(((dx == 0) & (dy == 0)).sum())
+        tied_gaps.append(np.abs(dx[dy == 0]))
+        con_gaps.append(np.abs(dx[prod > 0]))
+    pairs = len(x) * (len(x) - 1) // 2
+    tied, conc = np.sort(np.concatenate(tied_gaps)), np.sort(np.concatenate(con_gaps))
+    eps = np.unique(np.concatenate([[0.0], tied]))
+    right = np.searchsorted(tied, eps, side="right") + len(conc) - np.searchsorted(conc, eps, side="right")
+    best = int(np.argmax(right))  # first maximum: the smallest eps reaching it
+    denom = np.sqrt(float(pairs - tie_x - tie_both) * float(pairs - tie_y - tie_both))
+    return {
+        "n_items": int(len(x)), "n_pairs": pairs,
+        "pearson": float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan"),
+        "kendall_tau_b": float((con - dis) / denom) if denom > 0 else float("nan"),
+        "pairwise_accuracy": float(right[best] / pairs), "tie_epsilon": float(eps[best]),
+        "pairwise_accuracy_eps0": float((con + tie_both) / pairs),
+        "pair_counts": {"concordant": con, "discordant": dis, "judge_tie_only": tie_x, "human_tie_only": tie_y,
+                        "tie_both": tie_both},
+    }
+
+
+def find_generator_images(images_dir: Path, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Path]:
+    """``{(generator, index): DIR/<generator>/<index:05d>.(jpeg|png|jpg)}`` for the keys that have an image."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {images_dir} (expected <generator>/<00000>.jpeg)")
+    found = {}
+    for model, i in keys:
+        for ext in (".jpeg", ".png", ".jpg"):
+            path = images_dir / model / f"{i:05d}{ext}"
+            if path.is_file():
+                found[(model, i)] = path
+                break
+    return found
+
+
+def score_generator_images(paths: dict[tuple[str, int], Path], prompts: dict[int, str], scorer: Any,
+                           out_dir: Path, progress: bool = True) -> dict[tuple[str, int], float]:
+    """Judge scores of the released images (resumable through ``out_dir/human_scores.jsonl``)."""
+    cache = Path(out_dir) / HUMAN_CACHE
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    scores = read_generator_scores(cache, scorer.name) if cache.is_file() else {}
+    todo = [k for k in sorted(paths) if k not in scores]
+    bs = max(1, getattr(scorer, "batch_size", 16))
+    for start in tqdm(range(0, len(todo), bs), desc="VQAScore (human correlation)", disable=not progress or not todo):
+        chunk = todo[start: start + bs]
+        values = scorer.score([open_rgb(paths[k]) for k in chunk], [prompts[k[1]] for k in chunk])
+        with open(cache, "a") as f:
+            for (model, i), v in zip(chunk, values.tolist(), strict=True):
+                f.write(json.dumps({"model": model, "index": i, "score": v, "backend": scorer.name}) + "\n")
+                scores[(model, i)] = v
+            f.flush()
+            os.fsync(f.fileno())
+    return scores
+
+
+def read_generator_scores(path: Path, backend: str | None = None) -> dict[tuple[str, int], float]:
+    """``{(model, index): score}`` from JSONL rows ``{"model", "index", "score", "backend"?}``; a truncated last
+    line is skipped; with ``backend``, rows of another backend are refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"score file not found: {path}")
+    out = {}
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                continue  # a killed run's partial last line
+            raise ValueError(f"{path}:{n}: not JSON") from None
+        if backend is not None and row.get("backend") != backend:
+            raise ValueError(f"{path} holds scores of backend {row.get('backend')!r}, not {backend!r}: use another "
+                             "--out")
+        try:
+            out[(str(row["model"]), int(row["index"]))] = float(row["score"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}:{n}: rows need model, index and score ({err})") from err
+    return out
+
+
+def human_correlation(ratings: dict[tuple[str, int], float], scores: dict[tuple[str, int], float],
+                      backend: str) -> dict[str, Any]:
+    """Agreement over the rated items that have a judge score; the others are counted per generator."""
+    used = sorted(k for k in ratings if k in scores)
+    missing = sorted(k for k in ratings if k not in scores)
+    if len(used) < 2:
+        raise ValueError(f"only {len(used)} of {len(ratings)} rated images have a judge score; nothing to correlate")
+    by_model: dict[str, dict[str, Any]] = {}
+    for model in sorted({m for m, _ in ratings}):
+        mine = [k for k in used if k[0] == model]
+        by_model[model] = {"n": len(mine), "missing": sum(1 for k in missing if k[0] == model),
+                           "judge_mean": float(np.mean([scores[k] for k in mine])) if mine else None,
+                           "human_mean": float(np.mean([ratings[k] for k in mine])) if mine else None}
+    return {"backend": backend, "grouping": "none (all generator x prompt images pooled)",
+            **agreement([ratings[k] for k in used], [scores[k] for k in used]),
+            "counts": {"rated": len(ratings), "scored": len(used), "missing": len(missing)},
+            "missing_examples": [f"{m}/{i:05d}" for m, i in missing[:10]], "generators": by_model}
+
+
+def render_human_table(r: dict[str, Any]) -> str:
+    """Markdown of ``human_correlation``'s result."""
+    lines = [f"GenAI-Bench human correlation, backend `{r['backend']}`: {r['n_items']} images "
+             f"({r['counts']['missing']} of {r['counts']['rated']} rated images missing), {r['n_pairs']} pairs", "",
+             "| metric | value |", "|---|---:|",
+             f"| pairwise accuracy (tie-calibrated, eps={r['tie_epsilon']:.4g}) | {r['pairwise_accuracy']:.4f} |",
+             f"| pairwise accuracy (eps=0) | {r['pairwise_accuracy_eps0']:.4f} |",
+             f"| Kendall tau-b | {r['kendall_tau_b']:.4f} |", f"| Pearson r | {r['pearson']:.4f} |", "",
+             "| generator | images | missing | judge mean | human mean |", "|---|---:|---:|---:|---:|"]
+    for model, g in r["generators"].items():
+        fmt = (lambda v: "-" if v is None else f"{v:.3f}")
+        lines.append(f"| {model} | {g['n']} | {g['missing']} | {fmt(g['judge_mean'])} | {fmt(g['human_mean'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def human_correlation_run(ratings_path: Path, out_dir: Path, images_dir: Path | None = None, scorer: Any = None,
+                          scores_path: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Score the released images (or read ``scores_path``), correlate, write ``human_correlation.json`` / ``.md``."""
+    ratings, odd = load_human_ratings(ratings_path)
+    if scores_path is not None:
+        scores = read_generator_scores(scores_path)
+        if not scores:
+            raise ValueError(f"{scores_path}: no score rows")
+        first = json.loads(Path(scores_path).read_text().splitlines()[0])  # parsed above, so valid
+        backend = str(first.get("backend", f"scores:{Path(scores_path).name}"))
+    else:
+        if images_dir is None or scorer is None:
+            raise ValueError("human correlation needs --images DIR (with a --model) or --scores FILE")
+        prompts = {int(k): v["prompt"] for k, v in json.loads(Path(ratings_path).read_text()).items()}
+        paths = find_generator_images(images_dir, sorted(ratings))
+        scores = score_generator_images(paths, prompts, scorer, out_dir, progress)
+        backend = scorer.name
+    result = human_correlation(ratings, scores, backend)
+    result["ratings_outside_1_5"] = odd  # kept in the means, as the official code does
+    if result["counts"]["missing"]:
+        print(f"genai_bench: {result['counts']['missing']} of {result['counts']['rated']} rated images have no "
+              f"image/score, e.g. {result['missing_examples'][:3]}", file=sys.stderr)
+    atomic_write_text(Path(out_dir) / "human_correlation.json", json.dumps(result, indent=1))
+    atomic_write_text(Path(out_dir) / "human_correlation.md", render_human_table(result))
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from evals.vqascore import SCORERS, make_scorer
 
@@ -162,16 +386,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, help="folder of <00000>.png|jpeg, one per prompt")
     src.add_argument("--ckpt", help="checkpoint of this harness: generate OUT/images first (seed 42 + index)")
+    src.add_argument("--scores", type=Path, help="with --human-correlation: per-image judge scores, JSONL rows "
+                     '{"model", "index", "score", "backend"}, instead of scoring --images')
+    p.add_argument("--human-correlation", type=Path, metavar="GENAI_IMAGE_JSON",
+                   help="agreement with the human ratings in this file; --images is then DIR/<generator>/<00000>.jpeg")
     p.add_argument("--model", default="hf", choices=sorted(SCORERS), help="VQAScore backend")
     p.add_argument("--model-id", help="hf: hub id or local path of the VLM, e.g. Qwen/Qwen2.5-VL-7B-Instruct; "
-                   "openai: the served model name")
+                   "openai: the served model name; clip-flant5-*: a local checkpoint folder (default: the hub id)")
     p.add_argument("--url", help="openai: API base of an OpenAI-compatible server, e.g. http://host:8000/v1")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: env var holding the key")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--official-batch-mask", action="store_true",
+                   help="clip-flant5: reproduce t2v_metrics' mixed-length batch attention mask (see evals.clip_flant5)")
     p.add_argument("--data", type=Path, default=DATA, help="folder with genai_image.json + genai_skills.json")
     p.add_argument("--n-resamples", type=int, default=1000)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    if a.scores is not None and a.human_correlation is None:
+        p.error("--scores only applies with --human-correlation")
+    if a.human_correlation is not None and a.ckpt is not None:
+        p.error("--human-correlation judges GenAI-Bench's released images: pass --images DIR or --scores FILE")
+    if a.human_correlation is not None and a.scores is not None:
+        result = human_correlation_run(a.human_correlation, a.out, scores_path=a.scores)
+        print(render_human_table(result))
+        return result
     if a.model == "oracle":
         raise ValueError("--model oracle cannot judge GenAI-Bench's natural-language prompts; use hf or openai")
     if a.model == "openai":
@@ -179,8 +417,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise ValueError("--model openai needs --url (API base) and --model-id (the served model name)")
         scorer = make_scorer("openai", url=a.url, model=a.model_id, batch_size=a.batch_size,
                              api_key=os.environ.get(a.api_key_env))
+    elif a.model.startswith("clip-flant5"):
+        scorer = make_scorer(a.model, model_id=a.model_id, batch_size=a.batch_size,
+                             official_batch_mask=a.official_batch_mask)
     else:
         scorer = make_scorer("hf", model_id=a.model_id, batch_size=a.batch_size)
+    if a.human_correlation is not None:
+        result = human_correlation_run(a.human_correlation, a.out, a.images, scorer)
+        print(render_human_table(result))
+        return result
     if a.images is None:
         from evals.images import generate_genai_folder
 

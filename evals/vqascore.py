@@ -18,13 +18,13 @@ Backends (``SCORERS``):
 
 ``seq2seq_answer_score`` is CLIP-FlanT5's formula as t2v_metrics computes it: the answer is tokenized as T5
 labels, which appends ``</s>``, and the score is ``exp(-mean cross-entropy)`` over ``[▁Yes, </s>]``, the geometric
-mean of P(Yes) and P(</s> | Yes), so about sqrt(P(Yes)) when P(</s>) ~ 1. The CLIP-FlanT5 checkpoint itself (a
-LLaVA-style CLIP + projector + FlanT5 class) is not wrapped yet: its weights and custom class are for clusters.
+mean of P(Yes) and P(</s> | Yes), so about sqrt(P(Yes)) when P(</s>) ~ 1. The backends ``clip-flant5-xxl`` and
+``clip-flant5-xl`` (``evals.clip_flant5``) wrap the checkpoints GenAI-Bench's published tables used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -172,7 +172,21 @@ class OpenAIVQAScore(VQAScorer):
             return torch.tensor(list(pool.map(self._one, images, texts)), dtype=torch.float32)
 
 
-SCORERS = {"hf": HFVQAScore, "openai": OpenAIVQAScore, "oracle": OracleVQAScore}
+def _clip_flant5(variant: str) -> Callable[..., VQAScorer]:
+    """Factory of the ``variant`` CLIP-FlanT5 scorer (imported lazily: evals.clip_flant5 imports this module)."""
+
+    def make(**kwargs: Any) -> VQAScorer:
+        from evals.clip_flant5 import CLIPFlanT5Score
+
+        return CLIPFlanT5Score(variant=variant, **kwargs)
+
+    return make
+
+
+SCORERS: dict[str, Callable[..., VQAScorer]] = {
+    "hf": HFVQAScore, "openai": OpenAIVQAScore, "oracle": OracleVQAScore,
+    "clip-flant5-xxl": _clip_flant5("clip-flant5-xxl"), "clip-flant5-xl": _clip_flant5("clip-flant5-xl"),
+}
 
 
 def make_scorer(name: str, **kwargs: Any) -> VQAScorer:

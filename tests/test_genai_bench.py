@@ -119,3 +119,129 @@ def test_generate_genai_folder_from_a_tiny_model(tmp_path: Path) -> None:
     generate_genai_folder(module, prompts, out, seed=42)  # resume: nothing regenerated
     assert (out / "00000.png").stat().st_mtime_ns == mtime
     assert gb.find_images(out, [0, 7]) == {0: out / "00000.png", 7: out / "00007.png"}
+
+
+# ------------------------------------------------------------------------------------------------ human correlation
+# 3 prompts x 2 generators; (M1, 2) has no image. Used items, hand-numbered 0..4:
+#   human y = [1, 3, 3, 5, 2], judge x = [0.1, 0.5, 0.51, 0.4, 0.6]
+# pairs: (0,1) (0,2) (0,3) (0,4) concordant; (1,2) human tie, judge gap 0.01; (1,3) (1,4) (2,3) (2,4) (3,4)
+# discordant -> C=4, D=5, human-only ties 1, judge ties 0, P=10
+RATINGS = {"00000": {"prompt": "p0", "models": {"M1": [1, 1, 1], "M2": [3, 3, 3]}},
+           "00001": {"prompt": "p1", "models": {"M1": [2, 3, 4], "M2": [5, 5, 5]}},
+           "00002": {"prompt": "p2", "models": {"M1": [4, 4, 4], "M2": [2, 2, 2]}}}
+JUDGE = {("M1", 0): 0.1, ("M2", 0): 0.5, ("M1", 1): 0.51, ("M2", 1): 0.4, ("M2", 2): 0.6}
+
+
+def test_agreement_by_hand() -> None:
+    from scipy.stats import kendalltau
+
+    human, judge = [1, 3, 3, 5, 2], [0.1, 0.5, 0.51, 0.4, 0.6]
+    r = gb.agreement(human, judge)
+    assert r["pair_counts"] == {"concordant": 4, "discordant": 5, "judge_tie_only": 0, "human_tie_only": 1,
+                                "tie_both": 0}
+    assert r["kendall_tau_b"] == pytest.approx(-1 / np.sqrt(10 * 9))  # (4 - 5) / sqrt((10 - 0) (10 - 1))
+    assert r["kendall_tau_b"] == pytest.approx(kendalltau(human, judge, variant="b").statistic)
+    assert r["pairwise_accuracy_eps0"] == pytest.approx(0.4)  # 4 concordant of 10
+    # eps = 0.01 turns the human-tied pair (gap 0.01) right and no concordant pair (gaps >= 0.3) into a tie
+    assert r["pairwise_accuracy"] == pytest.approx(0.5) and r["tie_epsilon"] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match=">= 2 items"):
+        gb.agreement([1.0], [0.5])
+    with pytest.raises(ValueError, match="NaN"):
+        gb.agreement([1, 2], [0.5, float("nan")])
+
+
+def naive_pairwise_accuracy(human: np.ndarray, judge: np.ndarray) -> float:
+    """Deutsch et al.'s calibrated acc_23 by brute force: every candidate eps, every pair."""
+    n = len(human)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    best = 0.0
+    for eps in {0.0, *(abs(judge[i] - judge[j]) for i, j in pairs)}:
+        right = 0
+        for i, j in pairs:
+            dj = 0.0 if abs(judge[i] - judge[j]) <= eps else judge[i] - judge[j]
+            right += (dj == 0 and human[i] == human[j]) or dj * (human[i] - human[j]) > 0
+        best = max(best, right / len(pairs))
+    return best
+
+
+def test_agreement_matches_scipy_and_brute_force_on_tied_data() -> None:
+    from scipy.stats import kendalltau
+
+    rng = np.random.default_rng(0)
+    human = rng.integers(3, 16, 60) / 3  # means of three 1-5 ratings: many ties
+    judge = np.round(human / 5 + np.random.default_rng(1).normal(0, 0.05, 60), 2)  # coarse judge: ties too
+    r = gb.agreement(human, judge)
+    assert r["kendall_tau_b"] == pytest.approx(kendalltau(human, judge, variant="b").statistic, rel=1e-12)
+    assert r["pearson"] == pytest.approx(np.corrcoef(human, judge)[0, 1])
+    assert r["pairwise_accuracy"] == pytest.approx(naive_pairwise_accuracy(human, judge))
+    assert r["pairwise_accuracy"] > r["pairwise_accuracy_eps0"]  # calibration found a better eps here
+    assert r["n_pairs"] == 60 * 59 // 2 == sum(r["pair_counts"].values())
+    assert r["pair_counts"]["tie_both"] > 0 and r["pair_counts"]["judge_tie_only"] > 0  # ties on both sides
+
+
+class LookupScorer:
+    """A fake judge: the JUDGE value of the image's generator/prompt, read from the pixel it was drawn with."""
+
+    name = "lookup"
+    batch_size = 2
+
+    def score(self, images, texts):
+        return torch.tensor([np.asarray(im)[0, 0, 0] / 100 for im in images], dtype=torch.float32)
+
+
+def test_human_correlation_cli_counts_missing_images(tmp_path: Path) -> None:
+    ratings = tmp_path / "genai_image.json"
+    ratings.write_text(json.dumps(RATINGS))
+    for (model, i), v in JUDGE.items():
+        (tmp_path / "imgs" / model).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (round(v * 100), 0, 0)).save(tmp_path / "imgs" / model / f"{i:05d}.png")
+    r = gb.human_correlation_run(ratings, tmp_path / "out", tmp_path / "imgs", LookupScorer(), progress=False)
+    assert r["backend"] == "lookup" and r["n_items"] == 5
+    assert r["counts"] == {"rated": 6, "scored": 5, "missing": 1} and r["missing_examples"] == ["M1/00002"]
+    assert r["generators"]["M1"]["missing"] == 1 and r["generators"]["M2"]["n"] == 3
+    assert r["kendall_tau_b"] == pytest.approx(-1 / np.sqrt(90), rel=1e-6)
+    assert r["pairwise_accuracy"] == pytest.approx(0.5)
+    md = (tmp_path / "out" / "human_correlation.md").read_text()
+    assert "backend `lookup`" in md and "1 of 6 rated images missing" in md
+    saved = json.loads((tmp_path / "out" / "human_correlation.json").read_text())
+    assert saved["backend"] == "lookup" and saved["ratings_outside_1_5"] == []
+    # the same through --scores: the cache the first run wrote is a valid score file
+    cli = gb.main(["--human-correlation", str(ratings), "--scores", str(tmp_path / "out" / gb.HUMAN_CACHE),
+                   "--out", str(tmp_path / "out2")])
+    assert cli["backend"] == "lookup" and cli["kendall_tau_b"] == pytest.approx(r["kendall_tau_b"])
+
+
+def test_human_correlation_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="human ratings file not found: .*nope.json"):
+        gb.main(["--human-correlation", str(tmp_path / "nope.json"), "--scores", str(tmp_path / "s.jsonl"),
+                 "--out", str(tmp_path / "o")])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"00000": {"prompt": "p", "models": {"M1": [3, "x"]}}}))
+    with pytest.raises(ValueError, match="prompt '00000', model 'M1': ratings must be a non-empty list of numbers"):
+        gb.load_human_ratings(bad)
+    bad.write_text(json.dumps({"00000": {"prompt": "p", "models": {"M1": []}}}))
+    with pytest.raises(ValueError, match="non-empty list"):
+        gb.load_human_ratings(bad)
+    bad.write_text(json.dumps({"00000": {"prompt": "p"}}))
+    with pytest.raises(ValueError, match="has no 'models' mapping"):
+        gb.load_human_ratings(bad)
+    ratings = tmp_path / "genai_image.json"
+    ratings.write_text(json.dumps(RATINGS))
+    scores = tmp_path / "s.jsonl"
+    scores.write_text(json.dumps({"model": "M1", "index": 0, "score": 0.3}) + "\n")
+    with pytest.raises(ValueError, match="only 1 of 6 rated images have a judge score"):
+        gb.human_correlation_run(ratings, tmp_path / "o", scores_path=scores)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="only 0 of 6"):
+        gb.human_correlation_run(ratings, tmp_path / "o", tmp_path / "empty", LookupScorer(), progress=False)
+    with pytest.raises(SystemExit):
+        gb.main(["--scores", str(scores), "--out", str(tmp_path / "o")])  # --scores without --human-correlation
+
+
+def test_shipped_ratings_file_loads() -> None:
+    ratings, odd = gb.load_human_ratings(gb.DATA / "genai_image.json")
+    assert len(ratings) == 1600 * 6 and ratings[("DALLE_3", 0)] == pytest.approx(5.0)
+    assert ratings[("SDXL_Turbo", 0)] == pytest.approx(3.0)  # mean of [2, 4, 3]
+    # two typos in the released file stay in the means (as t2v_metrics) and are reported
+    assert odd == ["00231/DALLE_3 [5, 41, 4]", "00252/DeepFloyd_I_XL_v1 [3, 3, 33]"]
+    assert ratings[("DALLE_3", 231)] == pytest.approx(50 / 3)

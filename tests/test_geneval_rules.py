@@ -280,5 +280,5 @@ def test_options_parse_and_reject_unknown_keys():
 
 def test_detector_registry():
     assert "shapes" in DETECTORS
-    with pytest.raises(ValueError, match=r"unknown detector 'mmdet2'; valid: \['hf-mask2former', 'shapes'\]"):
+    with pytest.raises(ValueError, match=r"unknown detector 'mmdet2'; valid: \['hf-mask2former', 'mmdet', 'shapes'\]"):
         get_detector("mmdet2")

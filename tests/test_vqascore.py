@@ -104,7 +104,8 @@ def test_oracle_and_bad_input() -> None:
         oracle.score([good], ["a photo of a dog"])
     with pytest.raises(ValueError, match="2 images and 1 texts"):
         oracle.score([good, blank], [meta["prompt"]])
-    with pytest.raises(ValueError, match="unknown VQAScore backend .clip.; valid: hf, openai, oracle"):
+    with pytest.raises(ValueError, match="unknown VQAScore backend .clip.; valid: hf, openai, oracle, clip-flant5-xxl, "
+                       "clip-flant5-xl"):
         make_scorer("clip")
     assert isinstance(oracle, OracleVQAScore)
 
