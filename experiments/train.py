@@ -43,6 +43,70 @@ def config_columns(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+STRATEGIES = ("auto", "ddp", "fsdp")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+TRAINER_DEFAULTS: dict[str, Any] = {  # = base.yaml's trainer section; configs saved before it existed get these
+    "strategy": "auto", "precision": "auto", "devices": 1, "num_nodes": 1,
+    "activation_checkpointing": False, "compile": False,
+}
+
+
+def trainer_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The validated ``trainer`` section (defaults filled in); bad values raise ValueError naming valid ones."""
+    t = {**TRAINER_DEFAULTS, **(config.get("trainer") or {})}
+    unknown = sorted(set(t) - set(TRAINER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown trainer option(s) {unknown}; valid: {sorted(TRAINER_DEFAULTS)}")
+    if t["strategy"] not in STRATEGIES:
+        raise ValueError(f"unknown trainer.strategy {t['strategy']!r}; valid: {', '.join(STRATEGIES)}")
+    if t["precision"] not in PRECISIONS:
+        raise ValueError(f"unknown trainer.precision {t['precision']!r}; valid: {', '.join(PRECISIONS)}")
+    if t["devices"] != "auto" and (isinstance(t["devices"], bool) or not isinstance(t["devices"], int)
+                                   or t["devices"] < 1):
+        raise ValueError(f"trainer.devices must be a positive int or 'auto', got {t['devices']!r}")
+    if isinstance(t["num_nodes"], bool) or not isinstance(t["num_nodes"], int) or t["num_nodes"] < 1:
+        raise ValueError(f"trainer.num_nodes must be a positive int, got {t['num_nodes']!r}")
+    for flag in ("activation_checkpointing", "compile"):
+        if not isinstance(t[flag], bool):
+            raise ValueError(f"trainer.{flag} must be true or false, got {t[flag]!r}")
+    return t
+
+
+def trainer_kwargs(config: dict[str, Any], gpu: bool) -> dict[str, Any]:
+    """``L.Trainer`` arguments for accelerator, devices, nodes, strategy and precision.
+
+    The defaults give exactly the pre-``trainer`` behaviour: one device, bf16-mixed on GPU, 32-true on CPU.
+    """
+    t = trainer_settings(config)
+    strategy: Any = t["strategy"]
+    if strategy == "ddp":
+        # The learned null condition only takes part in batches where some caption was dropped (~10% of rows),
+        # so in a batch without one its parameter gets no gradient: plain DDP would stop with an error.
+        strategy = "ddp_find_unused_parameters_true"
+    elif strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from models.dit import DiTBlock
+
+        # Each DiT block is one FSDP unit (sharded, gathered just in time); the rest -- frozen encoder, conditioner,
+        # EMA -- sits in the root unit. Lightning's FSDP keeps use_orig_params=True, needed with frozen parameters.
+        strategy = FSDPStrategy(auto_wrap_policy={DiTBlock})
+    precision = t["precision"] if t["precision"] != "auto" else ("bf16-mixed" if gpu else "32-true")
+    return {"accelerator": "gpu" if gpu else "cpu", "devices": t["devices"], "num_nodes": t["num_nodes"],
+            "strategy": strategy, "precision": precision}
+
+
+def apply_model_settings(module, config: dict[str, Any]) -> None:
+    """Activation checkpointing and ``torch.compile`` of the trained DiT (never of the EMA copy, used to sample).
+
+    ``nn.Module.compile`` compiles in place, so state-dict keys, checkpoints and the EMA are unchanged.
+    """
+    t = trainer_settings(config)
+    module.dit.activation_checkpointing = t["activation_checkpointing"]
+    if t["compile"]:
+        module.dit.compile()
+
+
 def resume_step(ckpt: Path) -> int | None:
     """The global step a Lightning checkpoint resumes at (None when there is no checkpoint)."""
     if not ckpt.is_file():
@@ -95,7 +159,13 @@ def save_final(module, path: Path) -> Path:
     loadable with ``UniFusionModule.load_from_checkpoint`` / ``evals.images.load_module`` -- also for step 0."""
     import lightning as L
 
-    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+    trainer = module._trainer
+    # Through the strategy: under FSDP the weights are sharded and this gathers them (a collective: every rank
+    # must call it); otherwise it is module.state_dict(). Only global rank 0 writes.
+    state = trainer.strategy.lightning_module_state_dict() if trainer is not None else module.state_dict()
+    if module.global_rank != 0:
+        return path
+    ckpt = {"state_dict": state, "hyper_parameters": dict(module.hparams),
             "global_step": int(module.global_step), "pytorch-lightning_version": L.__version__}
     module.on_save_checkpoint(ckpt)  # drops the encoder's weights: it is rebuilt from its preset
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,22 +188,23 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
     from models.module import UniFusionModule
 
     L.seed_everything(config["seed"], workers=True, verbose=False)
+    gpu = torch.cuda.is_available()
+    scale = trainer_kwargs(config, gpu)  # validate before building anything
     module = UniFusionModule(config)
     tcfg = config["train"]
     if tcfg["steps"] == 0:
         return module
+    apply_model_settings(module, config)
     data = ShapesDataModule(
         seed=config["seed"], batch_size=tcfg["batch_size"], size=config["data"]["size"],
         long_caption_prob=config["data"]["long_caption_prob"], num_workers=tcfg["num_workers"],
+        tasks=config["data"].get("tasks"),
     )
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    gpu = torch.cuda.is_available()
     trainer = L.Trainer(
         max_steps=tcfg["steps"] if stop_at is None else stop_at,
-        accelerator="gpu" if gpu else "cpu",
-        devices=1,
-        precision="bf16-mixed" if gpu else "32-true",
+        **scale,
         gradient_clip_val=config["optim"]["grad_clip"],
         logger=resumable_csv_logger(run_dir, resume_step(last)),
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=tcfg["ckpt_every"])],
@@ -185,6 +256,13 @@ def metric_rows(exp: str, run: str, config: dict[str, Any], step: int, summary: 
     return df
 
 
+def _launch_rank() -> int:
+    """Global rank of this process before any Trainer exists (Lightning's reading of RANK / SLURM_PROCID / ...)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
 def run(exp: str, name: str, config: dict[str, Any], run_dir: Path, threads: int = 0) -> Path:
     """Train + evaluate one run into ``run_dir``; a finished run (DONE present) is left untouched.
 
@@ -197,12 +275,21 @@ def run(exp: str, name: str, config: dict[str, Any], run_dir: Path, threads: int
         return run_dir
     if threads > 0:
         torch.set_num_threads(threads)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({"exp": exp, "run": name, "config": config}))
+    if _launch_rank() == 0:  # under DDP/FSDP every rank runs this function; one writes
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({"exp": exp, "run": name, "config": config}))
     t0 = time.time()
     module = train(config, run_dir)
     t_train = time.time() - t0
     step = int(module.global_step)
     save_final(module, run_dir / "final.ckpt")
+    if module.global_rank != 0:
+        return run_dir  # the other ranks are done: rank 0 samples and scores alone
+    if trainer_settings(config)["strategy"] == "fsdp":
+        # FSDP wrapped the module's blocks in place and their forward needs every rank; sample from a fresh
+        # unsharded copy of the final weights instead.
+        from evals.images import load_module
+
+        module = load_module(run_dir / "final.ckpt")
     module.eval()
     t1 = time.time()
     summary, rows = evaluate(module, config, run_dir)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.conditioning.base import Conditioning
 from models.layers import MLP, Attention
@@ -65,7 +66,12 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion transformer over 2x2 (configurable) patches of a (C, H, W) image or latent."""
+    """Diffusion transformer over 2x2 (configurable) patches of a (C, H, W) image or latent.
+
+    ``activation_checkpointing`` (also settable as an attribute): in training with grad enabled, each block's
+    activations are recomputed in backward instead of stored, trading ~1 extra forward for memory that no
+    longer grows with depth. Same loss and gradients; off (and never used) in eval / no-grad sampling.
+    """
 
     def __init__(
         self,
@@ -77,8 +83,10 @@ class DiT(nn.Module):
         heads: int = 4,
         mlp_ratio: float = 4.0,
         kv_context: bool = False,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         if image_size % patch:
             raise ValueError(f"image_size={image_size} is not a multiple of patch={patch}")
         self.in_channels, self.image_size, self.patch, self.dim, self.depth = (
@@ -127,9 +135,14 @@ class DiT(nn.Module):
             mask = torch.cat([cond.mask, torch.ones(b, n_img, dtype=torch.bool, device=x.device)], dim=1)
         else:
             h = img
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             ctx = cond.kv[i].to(img.dtype) if cond.kv is not None else None
-            h = block(h, c, mask, ctx=ctx, ctx_mask=cond.mask if ctx is not None else None)
+            ctx_mask = cond.mask if ctx is not None else None
+            if recompute:  # non-reentrant: takes kwargs; the variant PyTorch recommends
+                h = checkpoint(block, h, c, mask, ctx=ctx, ctx_mask=ctx_mask, use_reentrant=False)
+            else:
+                h = block(h, c, mask, ctx=ctx, ctx_mask=ctx_mask)
             if cond.inject is not None and cond.inject[i] is not None:
                 if n_cond == 0:
                     raise ValueError("hidden-state injection needs condition tokens in the DiT sequence")

@@ -93,6 +93,8 @@ class EncoderOutput:
     mask: Tensor  # (B, T) bool, True = real token (right-padded)
     layer_ids: tuple[int, ...]  # the N hidden-state ids, ascending
     token_ids: Tensor | None = None  # (B, T) long, the kept token ids, pad id where mask is False
+    positions: Tensor | None = None  # (B, T) long, where each kept token sits in the encoded sequence; -1 = pad
+    rewrites: list[str | None] | None = None  # VERIFI: the decoded rewrite of each prompt
 
 
 class _StopForward(Exception):
@@ -134,21 +136,107 @@ def _find_blocks(model: nn.Module, path: str | None) -> nn.ModuleList:
     )
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One conditioning request: user text plus optional reference images.
+
+    ``images``: PIL images or uint8 arrays (H, W, 3), each of any size and aspect ratio. They reach the DiT only
+    as the VLM's image tokens (no VAE or CLIP tokens): the placeholder of each image is put before the text in
+    the user turn and the preset's processor expands it into the model's image tokens.
+    """
+
+    text: str
+    images: tuple[Any, ...] = ()
+
+
+def as_prompt(p: str | Prompt) -> Prompt:
+    """A str is a text-only Prompt."""
+    if isinstance(p, Prompt):
+        return p
+    if isinstance(p, str):
+        return Prompt(p)
+    raise ValueError(f"a prompt must be a str or models.encoders.Prompt, got {type(p).__name__}")
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """How a VLM preset takes images: the processor's placeholder, which tokens are image tokens, tiling.
+
+    ``set_tiles(processor, n)`` configures the processor for n tiles and raises ValueError for an n the model
+    cannot do; None = the architecture has no tiles (native resolution or a fixed crop): only ``tiles=1`` is valid.
+    """
+
+    placeholder: str
+    image_tokens: tuple[str, ...]
+    separator: str = "\n"
+    set_tiles: Callable[[Any, int], None] | None = None
+    default_tiles: int = 1
+
+
+@dataclass(frozen=True)
+class VerifiSpec:
+    """VERIFI (paper Sec. 3): a system prompt asks the VLM for a detailed description of the target image; the
+    DiT is conditioned only on the generated tokens (plus the image tokens of multimodal inputs).
+
+    ``template`` has one ``{}`` for the user content and ends where the assistant's answer starts; ``stop`` is
+    the end-of-turn token that ends the rewrite.
+    """
+
+    template: str
+    stop: str
+    max_new_tokens: int = 160
+    do_sample: bool = False
+    temperature: float = 1.0
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    keep: list[int]  # positions in ids the DiT sees, ascending
+    vision: dict[str, Tensor]  # processor outputs other than ids/mask (pixel_values, image_grid_thw, ...)
+    seq_keys: tuple[str, ...] = ()  # vision entries aligned with ids (token_type_ids...), padded like ids
+    rewrite: str | None = None
+
+
+def _decode_image(img: Any, where: str) -> Any:
+    """PIL RGB image of a PIL image / uint8 (H, W, 3) array / file path; a clear error for anything else."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        if isinstance(img, Image.Image):
+            img.load()
+            return img.convert("RGB")
+        if isinstance(img, (str, bytes)) or hasattr(img, "__fspath__"):
+            with Image.open(img) as im:
+                return im.convert("RGB")
+        arr = np.asarray(img)
+    except Exception as e:  # noqa: BLE001 - any decoder failure becomes one message naming the input
+        raise ValueError(f"{where}: the image failed to decode ({type(e).__name__}: {e})") from e
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
+        raise ValueError(f"{where}: an image array must be uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
+    return Image.fromarray(arr)
+
+
 class FrozenEncoder(nn.Module):
-    """A frozen HF backbone that returns selected hidden states of templated prompts.
+    """A frozen HF text encoder or VLM that returns selected hidden states of the user's content.
 
     Args:
-        model: an HF base model whose forward takes ``input_ids, attention_mask`` and returns
-            ``last_hidden_state`` (``LlamaModel``, ``T5EncoderModel``, ``Qwen3VLModel``...; not a ``*ForCausalLM``).
+        model: an HF model: a base model (``LlamaModel``, ``T5EncoderModel``) or a generative one
+            (``*ForCausalLM``, ``*ForConditionalGeneration``: needed for VERIFI). Features come from its
+            ``base_model`` forward (which returns ``last_hidden_state``); VERIFI generates with ``model.generate``.
         tokenizer: its tokenizer; called with ``add_special_tokens=False``, BOS/EOS are added here.
         layer_ids: hidden-state ids (see ``select_layers``; negatives allowed), stored ascending.
-        template: a string with exactly one ``{}`` where the prompt goes, e.g. ``"describe : {}"``.
-        drop_prefix: tokens removed from the front of every sequence: ``"auto"`` = everything before the prompt
-            (BOS and the template prefix, found by tokenizing), or an explicit count (Qwen-Image's 34, SANA...).
-        max_length: longest accepted token sequence (template + prompt + BOS/EOS); longer raises ValueError.
+        template: the chat format with exactly one ``{}`` where the user content goes. Everything before it
+            (and BOS) and everything after it is dropped from the output: the kept tokens are the user content.
+        drop_prefix: ``"auto"`` = everything before the user content (found by tokenizing), or an explicit count.
+        max_length: the encoder's context limit for one sequence (template, images and BOS/EOS included).
         name: preset name, part of ``encoder_fingerprint``.
-        add_bos / add_eos: prepend the tokenizer's BOS / append its EOS (Llama: BOS; T5: EOS; Qwen: neither).
+        add_bos / add_eos: prepend BOS / append EOS (Llama: BOS; T5: EOS, which is kept like the content).
         blocks_path: dotted attribute path of the block ``ModuleList`` when auto-detection fails.
+        processor: an HF processor (image processor + tokenizer) for image inputs; None = text only.
+        vision: how this model takes images (``VisionSpec``); required with ``processor``.
+        verifi: the VERIFI rewrite prompt (``VerifiSpec``); None = the preset cannot rewrite.
     """
 
     def __init__(
@@ -164,6 +252,9 @@ class FrozenEncoder(nn.Module):
         add_bos: bool = False,
         add_eos: bool = False,
         blocks_path: str | None = None,
+        processor: Any = None,
+        vision: VisionSpec | None = None,
+        verifi: VerifiSpec | None = None,
     ):
         super().__init__()
         self.model = model
@@ -178,7 +269,8 @@ class FrozenEncoder(nn.Module):
         self._prefix, self._suffix = template.split("{}")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-        max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        cfg = getattr(model, "config", None)
+        max_pos = getattr(getattr(cfg, "text_config", cfg), "max_position_embeddings", None)
         if isinstance(max_pos, int) and max_length > max_pos:
             raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings={max_pos}")
         self.max_length = max_length
@@ -189,8 +281,9 @@ class FrozenEncoder(nn.Module):
         # The pad id never reaches an output (padding invariance), so any valid id will do when none is set.
         self._pad_id = int(pad) if pad is not None else (self._eos_id if self._eos_id is not None else 0)
 
-        # Tokens before the prompt: BOS + the prefix's tokens; "auto" also checks they are the same in every prompt.
+        # Tokens before the content: BOS + the prefix's tokens; "auto" also checks they are the same in every prompt.
         self._prefix_ids = self._ids(self._prefix) if self._prefix else []
+        self._suffix_ids = self._ids(self._suffix) if self._suffix else []
         if drop_prefix == "auto":
             self.drop_prefix = len(self._prefix_ids) + int(add_bos)
         elif isinstance(drop_prefix, int) and not isinstance(drop_prefix, bool) and drop_prefix >= 0:
@@ -199,9 +292,22 @@ class FrozenEncoder(nn.Module):
             raise ValueError(f"drop_prefix must be 'auto' or a non-negative int, got {drop_prefix!r}")
         self._check_prefix = drop_prefix == "auto"
 
+        if (processor is None) != (vision is None):
+            raise ValueError("give both processor= and vision= for an image-capable encoder, or neither")
+        self.processor, self.vision = processor, vision
+        self.tiles = vision.default_tiles if vision is not None else 1
+        if vision is not None:
+            self._image_token_ids = {int(i) for i in tokenizer.convert_tokens_to_ids(list(vision.image_tokens))}
+            self.set_tiles(self.tiles)
+        self.verifi = verifi
+        if verifi is not None:
+            if verifi.template.count("{}") != 1:
+                raise ValueError(f"VERIFI template must contain exactly one '{{}}', got {verifi.template!r}")
+            if not hasattr(model, "generate"):
+                raise ValueError(f"VERIFI needs a generative model (with .generate), not {type(model).__name__}")
+            self._stop_id = int(tokenizer.convert_tokens_to_ids(verifi.stop))
+
         self.model.requires_grad_(False)
-        if hasattr(getattr(model, "config", None), "use_cache"):
-            model.config.use_cache = False  # a frozen feature extractor never decodes; skip the KV cache
         self.train(False)
 
     # -------------------------------------------------------------------------------------- properties
@@ -224,6 +330,17 @@ class FrozenEncoder(nn.Module):
         """Always eval: dropout off, whatever Lightning or a caller asks."""
         return super().train(False)
 
+    def set_tiles(self, tiles: int) -> None:
+        """Number of image tiles per input image (InternVL: grid tiles + thumbnail); ValueError if impossible."""
+        if self.vision is None:
+            raise ValueError(f"encoder {self.name!r} takes no images, so tiles={tiles} means nothing")
+        if self.vision.set_tiles is None:
+            if tiles != 1:
+                raise ValueError(f"encoder {self.name!r} encodes images without tiling; tiles must be 1, got {tiles}")
+        else:
+            self.vision.set_tiles(self.processor, tiles)
+        self.tiles = tiles
+
     # -------------------------------------------------------------------------------------- tokenizing
     def _special_id(self, kind: str, wanted: bool) -> int | None:
         if not wanted:
@@ -236,50 +353,193 @@ class FrozenEncoder(nn.Module):
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _user_content(self, prompt: Prompt, i: int) -> tuple[str, list[Any]]:
+        if not isinstance(prompt.text, str):
+            raise ValueError(f"prompt {i}: text must be a str, got {type(prompt.text).__name__}")
+        if not prompt.images:
+            return prompt.text, []
+        if self.vision is None:
+            raise ValueError(f"prompt {i} has {len(prompt.images)} image(s) but encoder {self.name!r} is text-only")
+        images = [_decode_image(im, f"prompt {i}, image {j}") for j, im in enumerate(prompt.images)]
+        head = "".join(self.vision.placeholder + self.vision.separator for _ in images)
+        return head + prompt.text, images
+
+    def _tokenize_row(self, text: str, images: list[Any]) -> tuple[list[int], dict[str, Tensor], tuple[str, ...]]:
+        if not images:
+            return self._ids(text), {}, ()
+        out = self.processor(text=[text], images=[images], return_tensors="pt")
+        ids = out["input_ids"][0].tolist()
+        vision, seq = {}, []
+        for k, v in out.items():
+            if k in ("input_ids", "attention_mask"):
+                continue
+            vision[k] = v
+            if v.dim() >= 2 and v.shape[0] == 1 and v.shape[1] == len(ids):
+                seq.append(k)
+        return ids, vision, tuple(seq)
+
+    def _wrap(self, ids: list[int], vision: dict[str, Tensor], seq: tuple[str, ...]) -> list[int]:
+        """Add BOS/EOS to ids and, with 0s, to the vision entries aligned with them."""
+        for k in seq:
+            pads = (int(self.add_bos), int(self.add_eos))
+            vision[k] = torch.nn.functional.pad(vision[k], (*(0, 0) * (vision[k].dim() - 2), *pads))
+        return ([self._bos_id] if self.add_bos else []) + ids + ([self._eos_id] if self.add_eos else [])
+
+    def _check_length(self, n: int, i: int, text: str) -> None:
+        if n > self.max_length:
+            raise ValueError(
+                f"prompt {i} is {n} tokens long with its template, images and BOS/EOS, over the encoder's limit "
+                f"max_length={self.max_length} (preset {self.name!r}): {text[:80]!r}"
+            )
+
+    def _row(self, prompt: Prompt, i: int) -> _Row:
+        """Plain conditioning: the whole user content (text + image tokens) is kept."""
+        user, images = self._user_content(prompt, i)
+        ids, vision, seq = self._tokenize_row(self._prefix + user + self._suffix, images)
+        if self._check_prefix and ids[: len(self._prefix_ids)] != self._prefix_ids:
+            raise ValueError(
+                f"prompt {i} changes how the template prefix {self._prefix!r} tokenizes; pass an explicit drop_prefix"
+            )
+        n_suf = len(self._suffix_ids)
+        if n_suf and ids[len(ids) - n_suf:] != self._suffix_ids:
+            raise ValueError(f"prompt {i} changes how the template suffix {self._suffix!r} tokenizes")
+        ids = self._wrap(ids, vision, seq)
+        self._check_length(len(ids), i, prompt.text)
+        end = len(ids) - n_suf - int(self.add_eos)
+        keep = list(range(self.drop_prefix, end)) + ([len(ids) - 1] if self.add_eos else [])
+        if not keep:
+            raise ValueError(f"prompt {i} has no tokens left after dropping the template: {prompt.text!r}")
+        return _Row(ids, keep, vision, seq)
+
     def tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Templated, BOS/EOS-wrapped, right-padded token ids.
+        """Templated, BOS/EOS-wrapped, right-padded token ids of text prompts.
 
         Returns ``input_ids`` (B, L) long and ``attention_mask`` (B, L) bool (True = real), L = longest row.
-        Raises ValueError for a prompt longer than ``max_length`` or one with no tokens after the prefix.
+        Raises ValueError for a prompt longer than ``max_length`` or one with no tokens after the template.
         """
-        if isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) == 0:
-            raise ValueError(f"texts must be a non-empty list of strings, got {type(texts).__name__}")
-        rows = []
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise ValueError(f"texts[{i}] must be a str, got {type(text).__name__}")
-            ids = self._ids(self._prefix + text + self._suffix)
-            if self._check_prefix and ids[: len(self._prefix_ids)] != self._prefix_ids:
-                raise ValueError(
-                    f"prompt {i} changes how the template prefix {self._prefix!r} tokenizes; "
-                    "pass an explicit drop_prefix=<int>"
-                )
-            ids = ([self._bos_id] if self.add_bos else []) + ids + ([self._eos_id] if self.add_eos else [])
-            if len(ids) > self.max_length:
-                raise ValueError(
-                    f"prompt {i} is {len(ids)} tokens long after the template (BOS/EOS included), "
-                    f"over max_length={self.max_length}: {text[:80]!r}"
-                )
-            if len(ids) <= self.drop_prefix:
-                raise ValueError(f"prompt {i} has no tokens left after dropping {self.drop_prefix}: {text!r}")
-            rows.append(ids)
-        length = max(len(r) for r in rows)
+        rows = [self._row(p, i) for i, p in enumerate(self._prompts(texts))]
+        ids, mask, _ = self._pad(rows)
+        return ids, mask
+
+    @staticmethod
+    def _prompts(prompts: Sequence[str | Prompt]) -> list[Prompt]:
+        if isinstance(prompts, (str, Prompt)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError(f"prompts must be a non-empty list of str/Prompt, got {type(prompts).__name__}")
+        out = []
+        for i, p in enumerate(prompts):
+            try:
+                out.append(as_prompt(p))
+            except ValueError as e:
+                raise ValueError(f"prompts[{i}]: {e}") from None
+        return out
+
+    def _pad(self, rows: list[_Row], left: bool = False) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Pad rows to (B, L) (right by default, left for generation) and merge their vision inputs."""
+        length = max(len(r.ids) for r in rows)
         input_ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = True
-        return input_ids, mask
+        merged: dict[str, list[Tensor]] = {}
+        for b, r in enumerate(rows):
+            sl = slice(length - len(r.ids), length) if left else slice(0, len(r.ids))
+            input_ids[b, sl] = torch.tensor(r.ids, dtype=torch.long)
+            mask[b, sl] = True
+            for k, v in r.vision.items():
+                if k in r.seq_keys:  # aligned with the ids: pad to the batch length
+                    extra = length - v.shape[1]
+                    pads = (extra, 0) if left else (0, extra)
+                    v = torch.nn.functional.pad(v, (*(0, 0) * (v.dim() - 2), *pads))
+                merged.setdefault(k, []).append(v)
+        rows_with = {k: len(v) for k, v in merged.items()}
+        for k, n in rows_with.items():
+            if k in {s for r in rows for s in r.seq_keys} and n != len(rows):
+                # a text-only row in a mixed batch still needs its (all-zero) entry of a sequence-aligned input
+                merged[k] = [
+                    r.vision[k] if k in r.vision else torch.zeros((1, length), dtype=merged[k][0].dtype)
+                    for r in rows
+                ]
+        return input_ids, mask, {k: torch.cat(v) for k, v in merged.items()}
+
+    # -------------------------------------------------------------------------------------- VERIFI
+    def _verifi_rows(self, prompts: list[Prompt], rewrites: Sequence[str] | None, seed: int) -> list[_Row]:
+        if self.verifi is None:
+            raise ValueError(f"encoder preset {self.name!r} has no VERIFI prompt (a generative VLM preset does)")
+        prefix, suffix = self.verifi.template.split("{}")
+        heads: list[_Row] = []
+        for i, p in enumerate(prompts):
+            user, images = self._user_content(p, i)
+            ids, vision, seq = self._tokenize_row(prefix + user + suffix, images)
+            if self.add_bos:
+                ids = self._wrap_bos_only(ids, vision, seq)
+            heads.append(_Row(ids, [], vision, seq))
+        if rewrites is None:
+            new_ids = self._generate(heads, seed)
+        else:
+            if len(rewrites) != len(prompts):
+                raise ValueError(f"{len(rewrites)} rewrites for {len(prompts)} prompts")
+            new_ids = [self._ids(" " + r) for r in rewrites]
+        rows = []
+        for i, (h, gen) in enumerate(zip(heads, new_ids, strict=True)):
+            ids = h.ids + gen
+            self._check_length(len(ids), i, prompts[i].text)
+            images = [j for j, t in enumerate(h.ids) if t in getattr(self, "_image_token_ids", ())]
+            keep = images + list(range(len(h.ids), len(ids)))
+            if not gen:
+                raise ValueError(f"prompt {i}: the VERIFI rewrite is empty: {prompts[i].text!r}")
+            vision = {}
+            for k, v in h.vision.items():
+                vision[k] = torch.nn.functional.pad(v, (*(0, 0) * (v.dim() - 2), 0, len(gen))) if k in h.seq_keys else v
+            text = self.tokenizer.decode(gen, skip_special_tokens=True).strip()
+            rows.append(_Row(ids, keep, vision, h.seq_keys, rewrite=text))
+        return rows
+
+    def _wrap_bos_only(self, ids: list[int], vision: dict[str, Tensor], seq: tuple[str, ...]) -> list[int]:
+        for k in seq:
+            vision[k] = torch.nn.functional.pad(vision[k], (*(0, 0) * (vision[k].dim() - 2), 1, 0))
+        return [self._bos_id, *ids]
+
+    @torch.no_grad()
+    def _generate(self, heads: list[_Row], seed: int) -> list[list[int]]:
+        """Generated token ids per row (stop token and everything after it removed), batched with left padding."""
+        assert self.verifi is not None
+        input_ids, mask, vision = self._pad(heads, left=True)
+        device = self.model.get_input_embeddings().weight.device
+        v = self.verifi
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(seed)  # sampled rewrites are a function of the seed
+            out = self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.long().to(device),
+                **{k: t.to(device) for k, t in vision.items()},
+                max_new_tokens=v.max_new_tokens,
+                do_sample=v.do_sample,
+                temperature=v.temperature if v.do_sample else None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=self._stop_id,
+                pad_token_id=self._pad_id,
+                use_cache=True,
+            )
+        new = out[:, input_ids.shape[1]:].tolist()
+        result = []
+        for row in new:
+            result.append(row[: row.index(self._stop_id)] if self._stop_id in row else row)
+        return result
+
+    def rewrite(self, prompts: Sequence[str | Prompt], seed: int = 0) -> list[str]:
+        """The VERIFI rewrites (decoded text) of prompts, without encoding them."""
+        return [r.rewrite or "" for r in self._verifi_rows(self._prompts(prompts), None, seed)]
 
     # -------------------------------------------------------------------------------------- running
     @torch.no_grad()
-    def encode_ids(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def encode_ids(self, input_ids: Tensor, attention_mask: Tensor, **model_inputs: Tensor) -> Tensor:
         """Selected hidden states of token ids: (B, L) long, (B, L) bool -> (B, L, N, D) float32.
 
-        No prefix dropping; positions where ``attention_mask`` is False are exactly 0.
+        ``model_inputs``: the processor's image inputs (pixel_values, ...). No template dropping; positions where
+        ``attention_mask`` is False are exactly 0.
         """
         device = self.model.get_input_embeddings().weight.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        model_inputs = {k: v.to(device) for k, v in model_inputs.items()}
         wanted, deepest, last = set(self._layer_ids), max(self._layer_ids), self.num_layers
         captured: dict[int, Tensor] = {}
 
@@ -301,14 +561,13 @@ class FrozenEncoder(nn.Module):
             handles.append(self._blocks[0].register_forward_pre_hook(first_input, with_kwargs=True))
         for layer in wanted - {0, last}:
             handles.append(self._blocks[layer - 1].register_forward_hook(block_output(layer)))
+        base = self.model.base_model  # features come from the base model: no LM head, no logits
         try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask.long(), return_dict=True)
+            out = base(input_ids=input_ids, attention_mask=attention_mask.long(), return_dict=True,
+                       use_cache=False, **model_inputs)
             if last in wanted:
                 if getattr(out, "last_hidden_state", None) is None:
-                    raise ValueError(
-                        f"{type(self.model).__name__} returns no last_hidden_state; wrap the base model "
-                        "(e.g. LlamaModel, T5EncoderModel), not a model with a head"
-                    )
+                    raise ValueError(f"{type(base).__name__} returns no last_hidden_state; wrap a base model")
                 captured[last] = out.last_hidden_state
         except _StopForward:
             pass  # the deepest selected block has run; nothing deeper is needed
@@ -318,20 +577,42 @@ class FrozenEncoder(nn.Module):
         feats = torch.stack([captured[i] for i in self._layer_ids], dim=2).float()
         return feats.masked_fill(~attention_mask[:, :, None, None].bool(), 0.0)
 
-    def forward(self, texts: list[str]) -> EncoderOutput:
-        """Encode prompts: list of B strings -> EncoderOutput (features (B, T, N, D), mask (B, T)).
+    def forward(
+        self,
+        prompts: Sequence[str | Prompt],
+        verifi: bool = False,
+        rewrites: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> EncoderOutput:
+        """Encode prompts: B str/Prompt -> EncoderOutput (features (B, T, N, D), mask (B, T)).
 
-        T counts the kept tokens (the prompt's, plus EOS if added), longest row; the prefix is dropped.
+        Plain: the kept tokens are the user content (image tokens, then text; plus EOS if added), the template
+        dropped. ``verifi=True``: the VLM rewrites each prompt (or ``rewrites`` are given, e.g. cached ones) and
+        the kept tokens are the image tokens + the rewrite's tokens only; the user's text is not kept.
         """
-        input_ids, mask = self.tokenize(texts)
-        feats = self.encode_ids(input_ids, mask)
-        k = self.drop_prefix
-        # Right padding + a shared prefix length: dropping the first k columns keeps every row aligned.
+        items = self._prompts(prompts)
+        if rewrites is not None and not verifi:
+            raise ValueError("rewrites= only applies with verifi=True")
+        rows = self._verifi_rows(items, rewrites, seed) if verifi else [self._row(p, i) for i, p in enumerate(items)]
+        input_ids, mask, vision = self._pad(rows)
+        feats = self.encode_ids(input_ids, mask, **vision)
+        t = max(len(r.keep) for r in rows)
+        b, d = len(rows), feats.device
+        positions = torch.full((b, t), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            positions[i, : len(r.keep)] = torch.tensor(r.keep, dtype=torch.long)
+        keep_mask = positions >= 0
+        idx = positions.clamp(min=0).to(d)
+        out = torch.gather(feats, 1, idx[:, :, None, None].expand(-1, -1, *feats.shape[2:]))
+        out = out.masked_fill(~keep_mask.to(d)[:, :, None, None], 0.0)
+        token_ids = torch.gather(input_ids, 1, positions.clamp(min=0)).masked_fill(~keep_mask, self._pad_id)
         return EncoderOutput(
-            features=feats[:, k:],
-            mask=mask[:, k:].to(feats.device),
+            features=out,
+            mask=keep_mask.to(d),
             layer_ids=self._layer_ids,
-            token_ids=input_ids[:, k:].to(feats.device),
+            token_ids=token_ids.to(d),
+            positions=positions.to(d),
+            rewrites=[r.rewrite for r in rows] if verifi else None,
         )
 
 
@@ -356,6 +637,8 @@ class EncoderPreset:
     max_length: int = 192  # long DPG-style shapes descriptions reach ~150 tokens
     seed: int = 0  # initialisation seed of tiny presets; hub presets ignore it
     blocks_path: str | None = None
+    vision: VisionSpec | None = None  # image inputs (the builder then returns a processor, not a tokenizer)
+    verifi: VerifiSpec | None = None  # VERIFI rewrite prompt (generative presets)
 
 
 def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
@@ -409,6 +692,41 @@ def _tiny_t5(seed: int) -> tuple[nn.Module, Any]:
     return _seeded(seed, lambda: T5EncoderModel(cfg)), tok
 
 
+def _tiny_vlm(pretrained: bool) -> Builder:
+    def build(seed: int) -> tuple[nn.Module, Any]:
+        from models.tiny_vlm import build_tiny_vlm, pretrained_tiny_vlm, tiny_vlm_processor
+
+        model = pretrained_tiny_vlm() if pretrained else build_tiny_vlm(seed)
+        return model, tiny_vlm_processor()
+
+    return build
+
+
+def _tiny_vlm_preset(pretrained: bool) -> EncoderPreset:
+    from models import tiny_vlm as tv
+
+    return EncoderPreset(
+        builder=_tiny_vlm(pretrained),
+        description=(
+            "tiny InternVL (Qwen2 LM 8x64, 9 tokens per 12 px tile) over the shapes chat vocabulary, "
+            + ("pretrained once on the shapes world (captions, captioning, VERIFI rewrites, edits) and cached"
+               if pretrained else "randomly initialised")
+            + "; taps 1,3,5,7"
+        ),
+        template=tv.CHAT_PREFIX + "{}" + tv.CHAT_SUFFIX,
+        stride=2,
+        start=1,
+        max_length=512,
+        vision=VisionSpec(
+            placeholder=tv.IMAGE_PLACEHOLDER,
+            image_tokens=("<img>", "</img>", tv.IMAGE_PLACEHOLDER),
+            separator=" ",
+            set_tiles=lambda proc, n: tv.set_internvl_tiles(proc, n, max_tiles=10),
+        ),
+        verifi=VerifiSpec(template=tv.VERIFI_PREFIX + "{}" + tv.VERIFI_SUFFIX, stop=tv.END_OF_TURN),
+    )
+
+
 def hub_builder(repo_id: str, model_class: str = "AutoModel", dtype: str = "bfloat16", **kwargs: Any) -> Builder:
     """A builder for a real preset: ``transformers.<model_class>.from_pretrained(repo_id)`` + its tokenizer.
 
@@ -439,6 +757,8 @@ ENCODER_PRESETS: dict[str, EncoderPreset] = {
         add_eos=True,
     ),
 }
+ENCODER_PRESETS["tiny-vlm"] = _tiny_vlm_preset(pretrained=True)
+ENCODER_PRESETS["tiny-vlm-random"] = _tiny_vlm_preset(pretrained=False)
 
 _OVERRIDABLE = ("template", "drop_prefix", "max_length", "add_bos", "add_eos", "seed", "blocks_path")
 
@@ -462,6 +782,9 @@ def build_encoder(
     p = ENCODER_PRESETS[name]
     opts = {k: overrides.get(k, getattr(p, k)) for k in _OVERRIDABLE}
     model, tokenizer = p.builder(opts.pop("seed"))
+    processor = None
+    if hasattr(tokenizer, "image_processor"):  # a VLM builder returns its processor
+        processor, tokenizer = tokenizer, tokenizer.tokenizer
     if layers is None and stride is None:
         layers, stride, start = p.layers, p.stride, p.start if start is None else start
     n = len(_find_blocks(model, opts["blocks_path"]))
@@ -477,6 +800,9 @@ def build_encoder(
         add_bos=opts["add_bos"],
         add_eos=opts["add_eos"],
         blocks_path=opts["blocks_path"],
+        processor=processor,
+        vision=p.vision if processor is not None else None,
+        verifi=p.verifi,
     )
 
 
@@ -492,3 +818,7 @@ def encoder_fingerprint(enc: FrozenEncoder) -> str:
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+# Real presets (Llama-3.1, InternVL2.5/3, Gemma-3, Qwen2.5-VL, T5-XXL) live in their own module.
+from models import presets as _presets  # noqa: E402,F401  (registers into ENCODER_PRESETS)

@@ -5,7 +5,11 @@ checkpoint's hyper-parameters rebuild the same model. The frozen encoder is rebu
 stored: its weights are stripped from checkpoints (an 8B encoder in every checkpoint would be absurd), and
 loading checks that nothing else is missing.
 
-Batches: {"image": (B, C, S, S) float in [-1, 1], "caption": list[str]}.
+The DiT works in ``latent`` space (models/latents.py: ``pixel`` by default, or a frozen diffusers VAE).
+Batches: {"image": (B, 3, S, S) float in [-1, 1], "caption": list[str | Prompt]}: a ``Prompt`` carries reference
+images (reconstruction, editing), which reach the DiT only as the VLM's image tokens. With ``encoder.verifi`` the
+DiT is conditioned on the VLM's own rewrite of each caption (paper Sec. 3), generated once per distinct caption
+and cached; ``generate(..., verifi=...)`` switches it per call ("flexible inference").
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from models.conditioning import build_conditioner
 from models.dit import DiT
-from models.encoders import build_encoder
+from models.encoders import EncoderOutput, Prompt, as_prompt, build_encoder
+from models.latents import build_latent_space
 from models.flow import cfg_velocity, euler_sample, flow_matching_loss, sample_sigmas
 
 ENCODER_PREFIX = "encoder."
+LATENT_PREFIX = "latent."  # the frozen VAE, like the encoder, is rebuilt from its preset, never stored
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -40,6 +46,12 @@ class UniFusionModule(L.LightningModule):
         self.encoder = build_encoder(
             enc_cfg["preset"], layers=enc_cfg.get("layers"), stride=enc_cfg.get("stride"), start=enc_cfg.get("start")
         )
+        if enc_cfg.get("tiles", 1) != 1:
+            self.encoder.set_tiles(enc_cfg["tiles"])
+        self.verifi = bool(enc_cfg.get("verifi", False))
+        if self.verifi and self.encoder.verifi is None:
+            raise ValueError(f"encoder.verifi=true needs a generative VLM preset; {enc_cfg['preset']!r} cannot rewrite")
+        self._rewrites: dict[tuple, str] = {}  # VERIFI rewrite cache: prompt key -> decoded rewrite
         n_layers = len(self.encoder.layer_ids)
         self.conditioner = build_conditioner(
             config["candidate"],
@@ -49,9 +61,10 @@ class UniFusionModule(L.LightningModule):
             dit_depth=dit_cfg["depth"],
             **config.get("conditioner", {}),
         )
+        self.latent = build_latent_space(config.get("latent", "pixel"))
         self.dit = DiT(
-            in_channels=3,
-            image_size=config["data"]["size"],
+            in_channels=self.latent.channels,
+            image_size=self.latent.latent_size(config["data"]["size"]),
             patch=dit_cfg["patch"],
             dim=dit_cfg["dim"],
             depth=dit_cfg["depth"],
@@ -71,14 +84,36 @@ class UniFusionModule(L.LightningModule):
     # ---------------------------------------------------------------- checkpoints without the frozen encoder
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith(ENCODER_PREFIX)]:
+        for k in [k for k in sd if k.startswith((ENCODER_PREFIX, LATENT_PREFIX))]:
             del sd[k]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        expected = {k for k in self.state_dict() if not k.startswith(ENCODER_PREFIX)}
+        expected = {k for k in self.state_dict() if not k.startswith((ENCODER_PREFIX, LATENT_PREFIX))}
         missing = expected - set(checkpoint["state_dict"])
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable entries, e.g. {sorted(missing)[:3]}")
+
+    # ---------------------------------------------------------------- conditioning
+    @staticmethod
+    def _key(p: Prompt) -> tuple:
+        import hashlib
+
+        digests = tuple(hashlib.sha1(np.ascontiguousarray(np.asarray(im)).tobytes()).hexdigest() for im in p.images)
+        return (p.text, digests)
+
+    def encode(self, prompts: list, verifi: bool | None = None) -> EncoderOutput:
+        """Encoder features of captions/prompts; with VERIFI, of their (cached) rewrites."""
+        verifi = self.verifi if verifi is None else verifi
+        if not verifi:
+            return self.encoder(prompts)
+        items = [as_prompt(p) for p in prompts]
+        keys = [self._key(p) for p in items]
+        todo = list({k: p for k, p in zip(keys, items, strict=True) if k not in self._rewrites}.items())
+        for i in range(0, len(todo), 64):  # greedy rewrites are deterministic: generate each distinct one once
+            chunk = todo[i: i + 64]
+            for (k, _), text in zip(chunk, self.encoder.rewrite([p for _, p in chunk]), strict=True):
+                self._rewrites[k] = text
+        return self.encoder(items, verifi=True, rewrites=[self._rewrites[k] for k in keys])
 
     # ---------------------------------------------------------------- model
     def velocity(
@@ -96,8 +131,8 @@ class UniFusionModule(L.LightningModule):
         return dit(x, s, cond_mod(features, mask, drop))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        x0 = batch["image"]
-        enc = self.encoder(batch["caption"])
+        x0 = self.latent.encode(batch["image"])
+        enc = self.encode(batch["caption"])
         features, mask = enc.features.to(x0.device), enc.mask.to(x0.device)
         b = x0.shape[0]
         fcfg = self.config["flow"]
@@ -141,17 +176,25 @@ class UniFusionModule(L.LightningModule):
     @torch.no_grad()
     def generate(
         self,
-        prompts: list[str],
+        prompts: list,
         seeds: list[int],
         steps: int | None = None,
         cfg_scale: float | None = None,
         use_ema: bool = True,
         layer_dropout: list[int] | None = None,
+        verifi: bool | None = None,
+        image_steps: float | None = None,
+        trace: list[str] | None = None,
     ) -> np.ndarray:
         """Sample one image per (prompt, seed). Returns uint8 (B, S, S, 3).
 
-        The initial noise of each image comes from its own seed, so an image does not depend on what else is in
-        the batch. ``layer_dropout`` (LAP only) zeroes those layers' pooling weights for this call (paper Fig. 8).
+        ``prompts``: str or ``Prompt`` (text + reference images, any number and aspect ratio). The initial noise of
+        each image comes from its own seed, so an image does not depend on what else is in the batch.
+        ``layer_dropout`` (LAP only) zeroes those layers' pooling weights for this call (paper Fig. 8).
+        ``verifi``: condition on the VLM's rewrite (default: as trained).
+        ``image_steps`` = p: the zero-shot edit schedule of paper Sec. 5: the first ``round(p * steps)`` steps
+        are conditioned on each prompt's images alone, the rest on its text alone. ``trace``, if given, receives
+        "image" or "text" per sampling step.
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -159,12 +202,22 @@ class UniFusionModule(L.LightningModule):
         steps = steps or scfg["steps"]
         scale = scfg["cfg_scale"] if cfg_scale is None else cfg_scale
         size, dev = self.config["data"]["size"], self.device
+        lat, ch = self.latent.latent_size(size), self.latent.channels
         noise = torch.stack(
-            [torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(sd))) for sd in seeds]
+            [torch.randn(ch, lat, lat, generator=torch.Generator().manual_seed(int(sd))) for sd in seeds]
         ).to(dev)
-        enc = self.encoder(prompts)
-        features, mask = enc.features.to(dev), enc.mask.to(dev)
-        b = len(prompts)
+        items = [as_prompt(p) for p in prompts]
+        if image_steps is None:
+            phases = [(self.encode(items, verifi), steps)]
+        else:
+            if not 0.0 <= image_steps <= 1.0:
+                raise ValueError(f"image_steps must be a fraction in [0, 1], got {image_steps}")
+            if not all(p.images for p in items):
+                raise ValueError("image_steps (zero-shot editing) needs every prompt to carry an image")
+            k = round(image_steps * steps)
+            phases = [(self.encoder([Prompt("", p.images) for p in items]), k),
+                      (self.encode([p.text for p in items], verifi), steps - k)]
+        b = len(items)
         cond_mod = self.ema.module["conditioner"] if use_ema else self.conditioner
         restore = None
         if layer_dropout is not None:
@@ -172,18 +225,25 @@ class UniFusionModule(L.LightningModule):
                 raise ValueError(f"layer dropout needs a LAP conditioner, not {self.config['candidate']!r}")
             restore = cond_mod.layer_dropout
             cond_mod.set_layer_dropout(layer_dropout)
-        try:
+        # one condition per sampling step, in order: the Euler sampler calls the velocity once per step
+        schedule = [(enc, name) for (enc, n), name in zip(phases, ("image", "text") if len(phases) == 2 else ("text",),
+                                                            strict=True) for _ in range(n)]
+        step_i = iter(range(steps))
+
+        def fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            enc, name = schedule[next(step_i)]
+            if trace is not None:
+                trace.append(name)
+            features, mask = enc.features.to(dev), enc.mask.to(dev)
             if scale == 1.0:
-                fn = lambda x, s: self.velocity(x, s, features, mask, None, ema=use_ema)
-            else:
-                feats2, mask2 = torch.cat([features, features]), torch.cat([mask, mask])
-                drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(dev)
+                return self.velocity(x, s, features, mask, None, ema=use_ema)
+            feats2, mask2 = torch.cat([features, features]), torch.cat([mask, mask])
+            drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(dev)
+            v = self.velocity(torch.cat([x, x]), torch.cat([s, s]), feats2, mask2, drop, ema=use_ema)
+            return cfg_velocity(v[:b], v[b:], scale)
 
-                def fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-                    v = self.velocity(torch.cat([x, x]), torch.cat([s, s]), feats2, mask2, drop, ema=use_ema)
-                    return cfg_velocity(v[:b], v[b:], scale)
-
-            x0 = euler_sample(fn, noise, steps, shift=scfg.get("shift", 1.0))
+        try:
+            x0 = self.latent.decode(euler_sample(fn, noise, steps, shift=scfg.get("shift", 1.0)))
         finally:
             if restore is not None:
                 cond_mod.set_layer_dropout(restore)

@@ -47,3 +47,45 @@ def shapes_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="right",
         model_max_length=1024,
     )
+
+
+# Chat markup of the tiny VLM (InternVL / Qwen "<|im_start|>" style) and its image tokens. Kept out of ALL_TOKENS
+# so the word-level ids (and hence the random init) of the tiny-llama / tiny-t5 presets never change.
+CHAT_SPECIAL_TOKENS: tuple[str, ...] = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+CHAT_WORDS: tuple[str, ...] = ("system", "user", "assistant", "add", "remove", "move")
+
+
+def shapes_chat_tokenizer() -> PreTrainedTokenizerFast:
+    """``shapes_tokenizer``'s vocabulary + chat/image special tokens + editing words, for the tiny VLM.
+
+    Ids: ``ALL_TOKENS`` first (same ids as ``shapes_tokenizer``), then ``CHAT_WORDS``, then
+    ``CHAT_SPECIAL_TOKENS``. The special tokens are matched before pre-tokenisation, so "<|im_start|>" is one
+    token; InternVL's processor finds its image tokens through the ``start_image_token`` / ``end_image_token`` /
+    ``context_image_token`` / ``video_token`` attributes set here.
+    """
+    tokens = list(ALL_TOKENS) + list(CHAT_WORDS) + list(CHAT_SPECIAL_TOKENS)
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    core = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        padding_side="right",
+        model_max_length=1024,
+        extra_special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    tok.add_special_tokens({"additional_special_tokens": list(CHAT_SPECIAL_TOKENS)})
+    if len(tok) != len(tokens):
+        raise AssertionError(f"chat tokenizer grew to {len(tok)} tokens, expected {len(tokens)}")
+    return tok

@@ -276,7 +276,7 @@ def test_bad_prompts_and_templates(llama: FrozenEncoder) -> None:
         llama("a red circle")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="non-empty list"):
         llama([])
-    with pytest.raises(ValueError, match=r"texts\[1\] must be a str"):
+    with pytest.raises(ValueError, match=r"prompts\[1\]: a prompt must be a str"):
         llama(["a", 3])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="exactly one"):
         build_encoder("tiny-llama", template="no placeholder")

@@ -16,7 +16,7 @@ from experiments.data.shapes import ShapesStream
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images (B, 3, S, S); keep captions and scenes as lists."""
+    """Stack images (B, 3, S, S); keep captions (str or ``Prompt`` with images) as a list."""
     return {
         "image": torch.stack([it["image"] for it in items]),
         "caption": [it["caption"] for it in items],
@@ -26,9 +26,11 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 class ShapesDataModule(L.LightningDataModule):
     def __init__(
-        self, seed: int, batch_size: int, size: int = 32, long_caption_prob: float = 0.2, num_workers: int = 0
+        self, seed: int, batch_size: int, size: int = 32, long_caption_prob: float = 0.2, num_workers: int = 0,
+        tasks: dict[str, float] | None = None,
     ):
         super().__init__()
+        self.tasks = tasks
         self.seed, self.batch_size, self.size = seed, batch_size, size
         self.long_caption_prob, self.num_workers = long_caption_prob, num_workers
 
@@ -37,5 +39,6 @@ class ShapesDataModule(L.LightningDataModule):
         stream = ShapesStream(
             seed=self.seed, size=self.size, long_caption_prob=self.long_caption_prob,
             start_index=step * self.batch_size, batch_size=self.batch_size,  # workers take whole batches
+            tasks=self.tasks,
         )
         return DataLoader(stream, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers)

@@ -487,8 +487,11 @@ def caption(item: dict[str, Any] | Scene) -> str:
 # ------------------------------------------------------------------------------------------------ training stream
 
 
+TRAIN_TASKS: tuple[str, ...] = ("t2i", "reconstruction", "edit")
+
+
 def stream_item(seed: int, index: int, size: int = 32, long_caption_prob: float = 0.2,
-                caption_block: int = 1) -> dict[str, Any]:
+                caption_block: int = 1, tasks: dict[str, float] | None = None) -> dict[str, Any]:
     """Item ``index`` of the stream: a pure function of (seed, index) through ``default_rng([seed, index])``.
 
     With probability ``long_caption_prob`` a random scene captioned by ``describe``; otherwise a task drawn
@@ -498,6 +501,10 @@ def stream_item(seed: int, index: int, size: int = 32, long_caption_prob: float 
     description in every batch would triple the condition length of every step.
     Returns ``{"image": float32 (3, S, S) in [-1, 1], "caption": str, "scene": dict, "index": int}``.
     """
+    if tasks is not None and any(w > 0 for t, w in tasks.items() if t != "t2i"):
+        task = _draw_task(tasks, np.random.default_rng([seed, index // caption_block, 2]))
+        if task != "t2i":
+            return _image_item(seed, index, size, task)
     rng = np.random.default_rng([seed, index])
     coin = rng.random()
     if caption_block > 1:
@@ -512,6 +519,31 @@ def stream_item(seed: int, index: int, size: int = 32, long_caption_prob: float 
     return {"image": to_tensor(render(scene)), "caption": text, "scene": scene.to_json(), "index": index}
 
 
+def _draw_task(tasks: dict[str, float], rng: np.random.Generator) -> str:
+    bad = sorted(set(tasks) - set(TRAIN_TASKS))
+    if bad or not tasks or any(v < 0 for v in tasks.values()) or sum(tasks.values()) <= 0:
+        raise ValueError(f"data.tasks must map some of {TRAIN_TASKS} to non-negative weights, got {tasks}")
+    names = sorted(tasks)
+    w = np.asarray([tasks[n] for n in names], dtype=float)
+    return names[int(rng.choice(len(names), p=w / w.sum()))]
+
+
+def _image_item(seed: int, index: int, size: int, task: str) -> dict[str, Any]:
+    """A reconstruction (image -> same image) or editing (image + instruction -> edited image) item; the
+    condition is a ``models.encoders.Prompt`` whose image reaches the DiT only through the VLM."""
+    from experiments.data.edits import random_edit
+    from models.encoders import Prompt
+
+    rng = np.random.default_rng([seed, index, 3])
+    if task == "reconstruction":
+        scene = sample_scene(rng, size)
+        prompt, target = Prompt("", (render(scene),)), scene
+    else:
+        src, instruction, target = random_edit(rng, size)
+        prompt = Prompt(instruction, (render(src),))
+    return {"image": to_tensor(render(target)), "caption": prompt, "scene": target.to_json(), "index": index}
+
+
 class ShapesStream(IterableDataset):
     """Infinite, exactly resumable stream of (image, caption) items of the shapes world.
 
@@ -523,7 +555,7 @@ class ShapesStream(IterableDataset):
     """
 
     def __init__(self, seed: int, size: int = 32, long_caption_prob: float = 0.2, start_index: int = 0,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, tasks: dict[str, float] | None = None):
         super().__init__()
         radius_range(size)
         if not 0.0 <= long_caption_prob <= 1.0:
@@ -534,6 +566,9 @@ class ShapesStream(IterableDataset):
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.seed, self.size, self.long_caption_prob = seed, size, long_caption_prob
         self.start_index, self.batch_size = start_index, batch_size
+        if tasks is not None:
+            _draw_task(tasks, np.random.default_rng(0))  # validates
+        self.tasks = tasks
 
     def indices(self, worker_id: int = 0, num_workers: int = 1) -> Iterator[int]:
         """The (infinite) index sequence worker ``worker_id`` of ``num_workers`` yields."""
@@ -553,4 +588,4 @@ class ShapesStream(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for i in self.indices(wid, nw):
-            yield stream_item(self.seed, i, self.size, self.long_caption_prob, self.batch_size or 1)
+            yield stream_item(self.seed, i, self.size, self.long_caption_prob, self.batch_size or 1, self.tasks)

@@ -1,0 +1,179 @@
+"""Editing and reconstruction pairs of the shapes world, and a parser for its long descriptions.
+
+Edits (paper Sec. 4 / 5 at toy scale), each a pure function of (scene, rng):
+
+- recolour: "make the red circle blue ."  (a uniquely named object changes colour)
+- remove:   "remove the red circle ."
+- add:      "add a green square ."        (placed where it overlaps nothing)
+- move:     "move the red circle to the left ."  (its centre moves into that third of the canvas)
+
+``parse_description`` inverts ``shapes.describe`` (the VERIFI rewrite target) back into counts and relations,
+so a VLM's rewrite can be checked against the prompt it rewrote (``rewrite_faithful``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from experiments.data.shapes import (
+    CLASSES,
+    COLORS,
+    NUMBER_WORDS,
+    RELATIONS,
+    Obj,
+    Scene,
+    _gap_ok,
+    _place,
+    radius_range,
+)
+
+EDIT_KINDS: tuple[str, ...] = ("recolour", "remove", "add", "move")
+MOVE_DIRECTIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
+
+
+def _unique(scene: Scene) -> list[Obj]:
+    return [o for o in scene.objects if sum(p.name == o.name for p in scene.objects) == 1]
+
+
+def _moved(obj: Obj, direction: str, size: int, rng: np.random.Generator) -> Obj:
+    """``obj`` with its centre drawn uniformly inside the ``direction`` third of the canvas (other axis kept)."""
+    lo, hi = obj.r, size - 1 - obj.r
+    third = size // 3
+    a, b = (lo, third - 1) if direction in ("left", "top") else (size - third, hi)
+    v = int(rng.integers(a, max(a, b), endpoint=True))
+    return replace(obj, cx=v) if direction in ("left", "right") else replace(obj, cy=v)
+
+
+def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> tuple[str, Scene] | None:
+    """One random edit of ``scene``: (instruction, edited scene), or None when ``kind`` cannot apply to it
+    (nothing uniquely named to recolour/remove/move, a full canvas for add, no free spot to move to)."""
+    if kind is None:
+        kind = EDIT_KINDS[rng.integers(len(EDIT_KINDS))]
+    if kind not in EDIT_KINDS:
+        raise ValueError(f"unknown edit kind {kind!r}; valid: {EDIT_KINDS}")
+    objs = list(scene.objects)
+    uniq = _unique(scene)
+    if kind == "add":
+        if len(objs) >= 4:
+            return None
+        cls, col = CLASSES[rng.integers(len(CLASSES))], COLORS[rng.integers(len(COLORS))]
+        for _ in range(50):
+            new = _place(rng, scene.size, [(cls, col)])
+            if new is not None and all(_gap_ok(new[0].box, o.box) for o in objs):
+                art = "an" if col[0] in "aeiou" else "a"
+                return f"add {art} {col} {cls} .", Scene(tuple(objs) + new, scene.size)
+        return None
+    if not uniq or (kind == "remove" and len(objs) < 2):
+        return None  # every scene keeps at least one object
+    target = uniq[rng.integers(len(uniq))]
+    i = objs.index(target)
+    if kind == "recolour":
+        new_col = [c for c in COLORS if c != target.color][rng.integers(len(COLORS) - 1)]
+        objs[i] = replace(target, color=new_col)
+        if sum(o.name == objs[i].name for o in objs) > 1:
+            return None  # "the blue circle" must stay a unique name afterwards
+        return f"make the {target.name} {new_col} .", Scene(tuple(objs), scene.size)
+    if kind == "remove":
+        del objs[i]
+        return f"remove the {target.name} .", Scene(tuple(objs), scene.size)
+    direction = MOVE_DIRECTIONS[rng.integers(len(MOVE_DIRECTIONS))]
+    others = objs[:i] + objs[i + 1:]
+    for _ in range(50):
+        cand = _moved(target, direction, scene.size, rng)
+        if all(_gap_ok(cand.box, o.box) for o in others):
+            objs[i] = cand
+            return f"move the {target.name} to the {direction} .", Scene(tuple(objs), scene.size)
+    return None
+
+
+def random_edit(scene_rng: np.random.Generator, size: int = 32) -> tuple[Scene, str, Scene]:
+    """(source scene, instruction, target scene), retrying until an edit applies."""
+    from experiments.data.shapes import sample_scene
+
+    radius_range(size)
+    while True:
+        src = sample_scene(scene_rng, size)
+        out = edit_scene(src, scene_rng)
+        if out is not None:
+            return src, out[0], out[1]
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+_NUM = {"a": 1, "an": 1, **{w: n for n, w in NUMBER_WORDS.items()}}
+_GROUP = re.compile(r"^(a|an|two|three|four) (\w+) (circle|square|triangle)s?$")
+_REL = re.compile(
+    r"^the (\w+) (circle|square|triangle) is (left of|right of|above|below) the (\w+) (circle|square|triangle)$"
+)
+
+
+def parse_description(text: str) -> dict[str, Any] | None:
+    """Counts and relations of a ``shapes.describe`` text; None if it does not follow that grammar.
+
+    Returns ``{"groups": {(colour, class): count}, "total": int, "relations": {(name_a, rel, name_b)}}``.
+    """
+    # describe() writes "background: x." and a decoded word-level rewrite "background : x ."; accept both.
+    norm = " ".join(re.sub(r"([.,:])", r" \1 ", text.lower()).split())
+    sentences = [s.strip() for s in norm.split(" .") if s.strip()]
+    if not sentences:
+        return None
+    head = re.match(r"^a picture of (one object|(two|three|four) objects) on a plain gray background : (.+)$",
+                    sentences[0])
+    if head is None:
+        return None
+    total = 1 if head.group(1) == "one object" else _NUM[head.group(2)]
+    groups: dict[tuple[str, str], int] = {}
+    for part in re.split(r" , | and ", head.group(3)):
+        m = _GROUP.match(part.strip())
+        if m is None or m.group(2) not in COLORS:
+            return None
+        key = (m.group(2), m.group(3))
+        groups[key] = groups.get(key, 0) + _NUM[m.group(1)]
+    relations = set()
+    for s in sentences[1:]:
+        m = _REL.match(s)
+        if m is not None:
+            relations.add((f"{m.group(1)} {m.group(2)}", m.group(3), f"{m.group(4)} {m.group(5)}"))
+    return {"groups": groups, "total": total, "relations": relations}
+
+
+
+def rewrite_faithful(meta: dict[str, Any], rewrite: str) -> bool:
+    """Does a rewrite describe exactly the prompt's objects (classes and counts), with the prompt's colours and
+    its relation? The rewrite may choose what the prompt leaves open (free colours, places, sizes).
+
+    ``meta`` is a GenEval metadata object of the shapes world (``shapes.sample_prompt``).
+    """
+    parsed = parse_description(rewrite)
+    if parsed is None or parsed["total"] != sum(parsed["groups"].values()):
+        return False
+    by_class: dict[str, int] = {}
+    for (_, cls), n in parsed["groups"].items():
+        by_class[cls] = by_class.get(cls, 0) + n
+    want: dict[str, int] = {}
+    for cl in meta["include"]:
+        want[cl["class"]] = want.get(cl["class"], 0) + int(cl["count"])
+    if by_class != want:
+        return False
+    for cl in meta["include"]:
+        if "color" in cl and parsed["groups"].get((cl["color"], cl["class"]), 0) != int(cl["count"]):
+            return False
+    for cl in meta["include"]:
+        if "position" in cl:
+            rel, target = cl["position"]
+            b_cls = meta["include"][int(target)]["class"]
+            names = {(a, r, b) for a, r, b in parsed["relations"]}
+            inverse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+            ok = any(a.endswith(cl["class"]) and r == rel and b.endswith(b_cls) for a, r, b in names) or any(
+                a.endswith(b_cls) and r == inverse[rel] and b.endswith(cl["class"]) for a, r, b in names
+            )
+            if not ok:
+                return False
+    return True
+
+
+__all__ = ["EDIT_KINDS", "RELATIONS", "edit_scene", "parse_description", "random_edit", "rewrite_faithful"]

@@ -1,0 +1,260 @@
+"""The tiny *pretrained* VLM: the default frozen encoder of CPU runs (issue #3, part 4).
+
+A randomly initialised encoder makes ablations and VERIFI meaningless, so the default pipeline pretrains a tiny
+InternVL (transformers' ``InternVLForConditionalGeneration``: an InternViT-style vision tower, pixel-shuffle
+projector and a Qwen2 causal LM, i.e. the architecture class of InternVL3) once on the shapes world:
+
+- ``caption``: language modelling of captions (short GenEval prompts and long descriptions) in the user turn;
+- ``image_caption``: VERIFI system prompt + image (1 or 5 tiles) -> the long description of that scene;
+- ``rewrite``: VERIFI system prompt + short prompt -> the long description of a scene that satisfies it;
+- ``edit``: VERIFI system prompt + image + edit instruction -> the description of the edited scene.
+
+Everything is a pure function of ``TINY_VLM`` (sizes, steps, seed), cached on disk under a hash of it
+(``$UNIFUSION_CACHE`` or ``<repo>/.cache``), built under a file lock so parallel sweep runs pretrain it once.
+Shapes: a 32 px image becomes tiles of 12 px -> 6x6 patches of 2 px -> pixel shuffle 0.5 -> 9 tokens per tile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CHAT_PREFIX = "<|im_start|> user "
+CHAT_SUFFIX = " <|im_end|>"
+VERIFI_SYSTEM = "describe the image in detail ."
+VERIFI_PREFIX = f"<|im_start|> system {VERIFI_SYSTEM} <|im_end|> <|im_start|> user "
+VERIFI_SUFFIX = " <|im_end|> <|im_start|> assistant"
+END_OF_TURN = "<|im_end|>"
+IMAGE_PLACEHOLDER = "<IMG_CONTEXT>"  # InternVLProcessor expands it into <img> + tiles x 16 context tokens + </img>
+TILE = 12  # px per tile (InternVL: 448): 1 / 5 / 10 tiles see a 32 px image at 12 / 24 / 36 px
+
+TINY_VLM: dict[str, Any] = {
+    "vision": {"hidden_size": 32, "layers": 2, "heads": 2, "patch": 2},
+    "text": {"hidden_size": 64, "layers": 8, "heads": 4, "kv_heads": 2, "intermediate_size": 192},
+    "pretrain": {
+        "steps": 1000, "batch_size": 16, "lr": 3.0e-3, "warmup": 100, "seed": 0,
+        "mix": {"caption": 0.2, "image_caption": 0.25, "rewrite": 0.35, "edit": 0.2},
+    },
+}
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """12 hex digits over the canonical JSON of the config (cache key of the pretrained weights)."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def tiny_vlm_processor(tiles: int = 1) -> Any:
+    """InternVL processor over the shapes chat tokenizer, tiling like InternVL's ``dynamic_preprocess``."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    from models.tokenizer import shapes_chat_tokenizer
+
+    tok = shapes_chat_tokenizer()
+    ip = GotOcr2ImageProcessor(size={"height": TILE, "width": TILE}, do_convert_rgb=True)
+    proc = InternVLProcessor(image_processor=ip, tokenizer=tok, video_processor=InternVLVideoProcessor(),
+                             image_seq_length=(TILE // TINY_VLM["vision"]["patch"]) ** 2 // 4)
+    set_internvl_tiles(proc, tiles, max_tiles=10)
+    return proc
+
+
+def set_internvl_tiles(processor: Any, tiles: int, max_tiles: int) -> None:
+    """Configure InternVL dynamic tiling: ``tiles`` = grid tiles + the thumbnail (1 = thumbnail only).
+
+    A square image gets a 2x2 grid + thumbnail for 5 and 3x3 + thumbnail for 10; other aspect ratios get the
+    grid of at most ``tiles - 1`` tiles closest to their ratio. 2 is impossible (one grid tile has no thumbnail).
+    """
+    if isinstance(tiles, bool) or not isinstance(tiles, int) or not (tiles == 1 or 3 <= tiles <= max_tiles):
+        raise ValueError(
+            f"tiles={tiles!r} is not possible for an InternVL-style encoder: use 1 (thumbnail only) or 3..{max_tiles} "
+            "(grid tiles + one thumbnail)"
+        )
+    ip = processor.image_processor
+    ip.crop_to_patches = tiles > 1
+    ip.min_patches = 1
+    ip.max_patches = max(1, tiles - 1)
+
+
+def build_tiny_vlm(seed: int = 0, cfg: dict[str, Any] | None = None) -> nn.Module:
+    """A randomly initialised tiny ``InternVLForConditionalGeneration`` (see module docstring for sizes)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from models.tokenizer import shapes_chat_tokenizer
+
+    cfg = cfg or TINY_VLM
+    tok = shapes_chat_tokenizer()
+    v, t = cfg["vision"], cfg["text"]
+    config = InternVLConfig(
+        vision_config={
+            "hidden_size": v["hidden_size"], "num_hidden_layers": v["layers"], "num_attention_heads": v["heads"],
+            "intermediate_size": 2 * v["hidden_size"], "image_size": [TILE, TILE],
+            "patch_size": [v["patch"], v["patch"]], "use_mean_pooling": False,
+        },
+        text_config={
+            "model_type": "qwen2", "vocab_size": len(tok), "hidden_size": t["hidden_size"],
+            "intermediate_size": t["intermediate_size"], "num_hidden_layers": t["layers"],
+            "num_attention_heads": t["heads"], "num_key_value_heads": t["kv_heads"],
+            "max_position_embeddings": 1024, "tie_word_embeddings": True,
+            "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+        },
+        image_token_id=tok.context_image_token_id,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return InternVLForConditionalGeneration(config)
+
+
+# ---------------------------------------------------------------------------------------------- pretraining
+
+
+def _example(rng: np.random.Generator, task: str, size: int = 32) -> tuple[str, list[np.ndarray], str | None]:
+    """(user-turn text incl. image placeholders, images, assistant answer or None for plain caption LM)."""
+    from experiments.data.edits import random_edit
+    from experiments.data.shapes import TASKS, describe, render, sample_prompt, sample_scene, scene_for_prompt
+
+    if task == "caption":
+        if rng.random() < 0.5:
+            return sample_prompt(rng, TASKS[rng.integers(len(TASKS))])["prompt"], [], None
+        return describe(sample_scene(rng, size)), [], None
+    if task == "image_caption":
+        scene = sample_scene(rng, size)
+        return IMAGE_PLACEHOLDER, [render(scene)], describe(scene)
+    if task == "rewrite":
+        if rng.random() < 0.05:  # long prompts are rewritten into themselves (VERIFI on detailed inputs)
+            d = describe(sample_scene(rng, size))
+            return d, [], d
+        meta = sample_prompt(rng, TASKS[rng.integers(len(TASKS))])
+        return meta["prompt"], [], describe(scene_for_prompt(meta, rng, size))
+    if task == "edit":
+        src, instruction, tgt = random_edit(rng, size)
+        return f"{IMAGE_PLACEHOLDER} {instruction}", [render(src)], describe(tgt)
+    raise ValueError(f"unknown pretraining task {task!r}")
+
+
+def _batch(processor: Any, examples: list[tuple[str, list[np.ndarray], str | None]]) -> dict[str, torch.Tensor]:
+    """Tokenise a batch; labels are -100 everywhere except the tokens the model must predict."""
+    from PIL import Image
+
+    rows, vision = [], []
+    tok = processor.tokenizer
+    for user, images, answer in examples:
+        if answer is None:
+            text = f"{CHAT_PREFIX}{user}{CHAT_SUFFIX}"
+            target_from = len(tok(CHAT_PREFIX, add_special_tokens=False).input_ids)
+        else:
+            text = f"{VERIFI_PREFIX}{user}{VERIFI_SUFFIX} {answer} {END_OF_TURN}"
+            target_from = None
+        if images:
+            out = processor(text=[text], images=[[Image.fromarray(im) for im in images]], return_tensors="pt")
+            vision.append(out["pixel_values"])
+        else:
+            out = processor.tokenizer([text], add_special_tokens=False, return_tensors="pt")
+        ids = out["input_ids"][0]
+        labels = ids.clone()
+        if target_from is None:  # answer tokens = everything after the assistant header
+            head = f"{VERIFI_PREFIX}{user}{VERIFI_SUFFIX}"
+            n_head = len(processor(text=[head], images=[[Image.fromarray(im) for im in images]])["input_ids"][0]) \
+                if images else len(tok(head, add_special_tokens=False).input_ids)
+            labels[:n_head] = -100
+        else:
+            labels[:target_from] = -100
+        rows.append((ids, labels))
+    length = max(len(i) for i, _ in rows)
+    input_ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, (i, lab) in enumerate(rows):
+        input_ids[b, : len(i)], labels[b, : len(i)], mask[b, : len(i)] = i, lab, 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if vision:
+        batch["pixel_values"] = torch.cat(vision)
+    return batch
+
+
+def pretrain(model: nn.Module, processor: Any, cfg: dict[str, Any], progress: bool = True) -> list[float]:
+    """Pretrain ``model`` in place on the shapes-world mixture; returns the loss per step. Deterministic on CPU."""
+    from tqdm.auto import tqdm
+
+    p = cfg["pretrain"]
+    tasks, probs = zip(*sorted(p["mix"].items()), strict=True)
+    probs = np.asarray(probs, dtype=float) / sum(probs)
+    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], betas=(0.9, 0.98), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / p["warmup"]) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / p["steps"])))
+    )
+    model.train()
+    losses = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(p["seed"])
+        for step in tqdm(range(p["steps"]), desc="pretrain tiny VLM", disable=not progress):
+            rng = np.random.default_rng([p["seed"], step])
+            # the three tilings of the tiles ablation in turn, so every token layout is seen
+            set_internvl_tiles(processor, (1, 5, 10)[step % 3], max_tiles=10)
+            # one task per batch: similar lengths, little padding (a batch pads to its longest row)
+            task = tasks[rng.choice(len(tasks), p=probs)]
+            examples = [_example(rng, task) for _ in range(p["batch_size"])]
+            loss = model(**_batch(processor, examples)).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"tiny VLM pretraining loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+def cache_dir() -> Path:
+    """``$UNIFUSION_CACHE`` or ``<repo>/.cache``: on the repo, so SLURM jobs on other nodes see it too."""
+    return Path(os.environ.get("UNIFUSION_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
+
+
+def pretrained_tiny_vlm(cfg: dict[str, Any] | None = None, progress: bool = True) -> nn.Module:
+    """The pretrained tiny VLM, loaded from the cache or pretrained once (under a file lock) and cached."""
+    from filelock import FileLock
+
+    cfg = cfg or TINY_VLM
+    key = config_hash(cfg)
+    root = cache_dir() / "encoders"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"tiny-vlm-{key}.pt"
+    with FileLock(str(path) + ".lock"):
+        model = build_tiny_vlm(cfg["pretrain"]["seed"], cfg)
+        if path.exists():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a truncated file is rebuilt, and said so
+                raise RuntimeError(f"cached tiny VLM {path} is unreadable ({e}); delete it to rebuild") from e
+            model.load_state_dict(state["model"])
+        else:
+            t0 = time.time()
+            losses = pretrain(model, tiny_vlm_processor(), cfg, progress=progress)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "config": cfg, "losses": losses,
+                        "seconds": time.time() - t0}, tmp)
+            os.replace(tmp, path)
+    model.eval()
+    return model
+
+
+def pretraining_record(cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Loss curve and wall time stored beside the cached weights (pretrains first if needed)."""
+    cfg = cfg or TINY_VLM
+    pretrained_tiny_vlm(cfg, progress=False)
+    state = torch.load(cache_dir() / "encoders" / f"tiny-vlm-{config_hash(cfg)}.pt", map_location="cpu",
+                       weights_only=True)
+    return {"losses": state["losses"], "seconds": state["seconds"], "hash": config_hash(cfg)}
