@@ -367,7 +367,7 @@ class FrozenEncoder(nn.Module):
     def _tokenize_row(self, text: str, images: list[Any]) -> tuple[list[int], dict[str, Tensor], tuple[str, ...]]:
         if not images:
             return self._ids(text), {}, ()
-        out = self.processor(text=[text], images=[images], return_tensors="pt")
+        out = self.processor(text=[text], images=[images], return_tensors="pt", add_special_tokens=False)
         ids = out["input_ids"][0].tolist()
         vision, seq = {}, []
         for k, v in out.items():

@@ -215,7 +215,7 @@ _register(
     "Llama-3.1-8B-Instruct (paper Sec. 2 text-to-image ablations), text only; Llama 3.1 chat template with BOS; "
     "taps 1,4,...,31 of 32",
     template=LLAMA31_TEMPLATE,
-    max_length=512,
+    max_length=1024,  # VERIFI: ~130 template/system + a long DPG prompt (~300) + 160 generated, with margin
     verifi=VerifiSpec(template=LLAMA31_VERIFI, stop="<|eot_id|>"),
 )
 _register(
