@@ -10,6 +10,8 @@ EXP ?= conditioning_candidates
 CLUSTER ?= local
 PROFILE ?=
 SMOKE ?=
+PAPER ?=
+SET ?=
 PYTEST_ARGS ?=
 
 .PHONY: venv test test-fast lint sweep status collect figures bench
@@ -35,16 +37,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 # make sweep EXP=conditioning_candidates [SMOKE=1] [CLUSTER=local|debug|slurm] [PROFILE=<slurm/profiles/NAME>]
+#            [PAPER=1 SET="data.hf.path=parquet data.hf.data_files=/data/*.parquet"]  (the YAML's paper variant)
 sweep: $(STAMP)
-	$(PY) -m experiments.launch $(EXP) --cluster $(CLUSTER) $(if $(PROFILE),--profile $(PROFILE)) $(if $(SMOKE),--smoke)
+	$(PY) -m experiments.launch $(EXP) --cluster $(CLUSTER) $(if $(PROFILE),--profile $(PROFILE)) $(if $(SMOKE),--smoke) $(if $(PAPER),--paper) $(foreach kv,$(SET),--set $(kv))
 
 # make status EXP=<name> [SMOKE=1]: one row per run (pending/running/requeued/done/failed, step, metric, log)
 status: $(STAMP)
-	$(PY) -m experiments.status $(EXP) $(if $(SMOKE),--smoke)
+	$(PY) -m experiments.status $(EXP) $(if $(SMOKE),--smoke) $(if $(PAPER),--paper) $(foreach kv,$(SET),--set $(kv))
 
 # make collect EXP=<name> [SMOKE=1]: rebuild results/<EXP>/metrics.csv + figure from the run directories
 collect: $(STAMP)
-	$(PY) -m experiments.launch $(EXP) --collect $(if $(SMOKE),--smoke)
+	$(PY) -m experiments.launch $(EXP) --collect $(if $(SMOKE),--smoke) $(if $(PAPER),--paper) $(foreach kv,$(SET),--set $(kv))
 
 # make figures: every figure, table (table.md, paired.csv) and checkpoint analysis of every results/<EXP>/, from files
 figures: $(STAMP)

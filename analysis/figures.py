@@ -42,6 +42,19 @@ def _errorbars(ax, x, values, lo, hi) -> None:
     )
 
 
+def _finish(fig: plt.Figure, out_dir: Path, name: str, caption: str) -> Path:
+    """Lay out, print the caption under the axes, write ``<name>.png`` (150 dpi) and a reproducible ``.pdf``."""
+    fig.tight_layout()
+    if caption:
+        fig.text(0.01, -0.01, caption, ha="left", va="top", fontsize=7, family="monospace")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    fig.savefig(out_dir / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
+    return path
+
+
 def fig4(df: pd.DataFrame, out_dir: Path, caption: str = "") -> Path:
     """Paper Fig. 4 analogue: GenEval-shapes overall per candidate (95% bootstrap CI over prompts), plus the
     six task accuracies."""
@@ -80,18 +93,7 @@ def bars(df: pd.DataFrame, out_dir: Path, name: str = "bars", title: str | None 
     ax2.set_ylabel("task accuracy (images)")
     ax2.legend(fontsize=7, ncols=3, loc="upper right")
     ax2.set_title("Per GenEval task")
-    fig.tight_layout()
-    if caption:
-        fig.text(0.01, -0.01, caption, ha="left", va="top", fontsize=7, family="monospace")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    fig.savefig(out_dir / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None})
-    plt.close(fig)
-    return path
-
-
-FIGURES: dict[str, Callable[..., Path]] = {"fig4": fig4, "bars": bars}
+    return _finish(fig, out_dir, name, caption)
 
 
 def draw(name: str, df: pd.DataFrame, out_dir: Path, caption: str = "") -> Path:
@@ -144,25 +146,62 @@ def paired_caption(paired: pd.DataFrame, metrics: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+IMAGE_METRICS = ["reconstruction.psnr", "reconstruction.ssim", "edit.correct", "edit.psnr", "edit.ssim"]
+
+
 def table_markdown(metrics: pd.DataFrame, caption: str = "") -> str:
-    """Runs x (overall, six tasks): value [95% CI] in the figure's run order, then the caption."""
+    """Runs x (GenEval overall + six tasks, then any reconstruction / edit metric present): value [95% CI], in the
+    figure's run order, then the caption. Columns no run has are left out."""
     runs = _order(list(metrics.run.unique()))
-    cols = ["overall", *TASK_ORDER]
+    keys = [f"geneval.{c}" for c in ["overall", *TASK_ORDER]] + IMAGE_METRICS
+    keys = [k for k in keys if (metrics.metric == k).any()]
+    cols = [k.removeprefix("geneval.") for k in keys]
     head = "| run | step | " + " | ".join(cols) + " |\n|---|---:|" + "---:|" * len(cols) + "\n"
     body = []
     for run in runs:
         m = metrics[metrics.run == run].set_index("metric")
         cells = []
-        for c in cols:
-            key = f"geneval.{c}"
+        for key in keys:
             if key not in m.index:
                 cells.append("")
                 continue
             v, lo, hi = m.loc[key, "value"], m.loc[key, "ci_low"], m.loc[key, "ci_high"]
-            cells.append(f"{v:.3f}" + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and pd.notna(hi) else ""))
+            digits = 2 if key.endswith("psnr") else 3
+            cells.append(f"{v:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if pd.notna(lo) and pd.notna(hi)
+                                               else ""))
         body.append(f"| {run} | {int(m['step'].iloc[0])} | " + " | ".join(cells) + " |")
     text = head + "\n".join(body) + "\n"
     return text + (f"\n```\n{caption}\n```\n" if caption else "")
+
+
+def image_bars(df: pd.DataFrame, out_dir: Path, name: str = "image_metrics", caption: str = "") -> Path:
+    """Reconstruction / editing sweeps (paper Fig. 5 question): PSNR, SSIM (and exact edit accuracy) per run
+    with 95% bootstrap CIs over the held-out items. Writes ``<name>.png`` / ``.pdf``."""
+    present = [m for m in IMAGE_METRICS if (df.metric == m).any()]
+    if not present:
+        raise ValueError(f"no reconstruction/edit metrics in this metrics.csv; expected some of {IMAGE_METRICS}")
+    order = _order(list(df[df.metric.isin(present)].run.unique()))
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.6), squeeze=False)
+    palette = dict(zip(order, sns.color_palette("deep", len(order)), strict=True))
+    for ax, metric in zip(axes[0], present, strict=True):
+        d = df[df.metric == metric].set_index("run").loc[order].reset_index()
+        x = np.arange(len(order))
+        ax.bar(x, d["value"], color=[palette[r] for r in order])
+        _errorbars(ax, x, d["value"], d["ci_low"], d["ci_high"])
+        for xi, v in zip(x, d["value"], strict=True):
+            ax.text(xi, v, f"{v:.2f}" if metric.endswith("psnr") else f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, order, rotation=20)
+        ax.set_title(metric + (" (dB)" if metric.endswith("psnr") else ""))
+        if not metric.endswith("psnr"):
+            ax.set_ylim(0, 1)
+    title = str(df.exp.iloc[0]) if "exp" in df and len(df) else "runs"
+    steps = int(df["step"].max())
+    fig.suptitle(f"{title} after {steps} steps (95% CI over held-out items)")
+    return _finish(fig, out_dir, name, caption)
+
+
+FIGURES: dict[str, Callable[..., Path]] = {"fig4": fig4, "bars": bars, "image_bars": image_bars}
 
 
 def experiment_figure(exp: str) -> str:

@@ -75,7 +75,8 @@ def measure(encoder: Any, n_per_task: int = 40, n_edits: int = 100, seed: int = 
             records.append({"kind": "edit", "task": ins.split()[0], "input": ins, "rewrite": text, "faithful": ok})
     df = pd.DataFrame(records)
     rows = []
-    for (kind, task), g in [*df.groupby(["kind", "task"]), *((k, "all"), g) for k, g in df.groupby("kind")]:
+    groups = list(df.groupby(["kind", "task"])) + [((kind, "all"), g) for kind, g in df.groupby("kind")]
+    for (kind, task), g in groups:
         k, n = int(g["faithful"].sum()), len(g)
         lo, hi = wilson(k, n)
         rows.append({"kind": kind, "task": task, "n": n, "faithful": k, "rate": k / n, "ci_low": lo, "ci_high": hi})
@@ -92,7 +93,8 @@ def plot(table: pd.DataFrame, out_dir: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 3.2))
     x = np.arange(len(t))
     colors = ["tab:blue" if k == "prompt" else "tab:orange" for k in t["kind"]]
-    ax.bar(x, t["rate"], color=colors, yerr=[t["rate"] - t["ci_low"], t["ci_high"] - t["rate"]], capsize=3)
+    err = np.clip([t["rate"] - t["ci_low"], t["ci_high"] - t["rate"]], 0, None)  # Wilson bounds at 0/1: rounding
+    ax.bar(x, t["rate"], color=colors, yerr=err, capsize=3)
     ax.axhline(GOAL, color="k", ls="--", lw=1, label=f"goal {GOAL:.0%}")
     ax.set_xticks(x, [f"{k}\n{task}" if task == "all" else task for k, task in zip(t["kind"], t["task"],
                                                                                   strict=True)],

@@ -8,6 +8,8 @@ An ablation YAML:
       lap: {candidate: lap, conditioner: {refiner_blocks: 2}}
     grid: {seed: [0, 1]}        # optional cartesian product applied on top of every run
     smoke: {...}                # overrides for `--smoke` (tiny, for tests)
+    smoke_runs: {name: {...}}   # per-run smoke overrides, after the run's own (e.g. stage lengths)
+    paper: {overrides: {...}, runs: {name: {...}}}   # `--paper`: real encoders + data, paper hyper-parameters
     figure: fig4                # which analysis.figures drawer to use
 
 A run's directory name is ``<name>-<hash>`` where the hash covers the full resolved config, so re-running a
@@ -69,19 +71,37 @@ class RunSpec:
         return f"{self.name}-{config_hash(self.config)}"
 
 
-def load_experiment(exp: str, smoke: bool = False) -> tuple[dict[str, Any], list[RunSpec]]:
-    """(experiment YAML, expanded runs). Unknown ``exp`` raises ValueError listing the valid names."""
+def load_experiment(exp: str, smoke: bool = False, paper: bool = False,
+                    sets: list[str] | None = None) -> tuple[dict[str, Any], list[RunSpec]]:
+    """(experiment YAML, expanded runs). Unknown ``exp`` raises ValueError listing the valid names.
+
+    ``smoke``: the YAML's ``smoke`` overrides (seconds, for tests); ``paper``: its ``paper`` overrides (real
+    encoders and data, the paper's hyper-parameters; for clusters); ``sets``: ``"dotted.key=value"`` overrides
+    (value parsed as YAML) applied last to every run, e.g. ``data.hf.data_files=/data/*.parquet``.
+    """
     path = CONFIG_DIR / f"{exp}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown experiment {exp!r}; valid: {', '.join(available_experiments())}")
     spec = yaml.safe_load(path.read_text())
     base = merge(load_base(), spec.get("overrides") or {})
+    if paper:
+        if not spec.get("paper"):
+            raise ValueError(f"experiment {exp!r} has no paper variant")
+        base = merge(base, spec["paper"].get("overrides") or {})
     if smoke:
         base = merge(base, spec.get("smoke") or {})
+    paper_runs = (spec.get("paper") or {}).get("runs") or {} if paper else {}
     grid = spec.get("grid") or {}
     runs = []
     for name, override in (spec.get("runs") or {"default": {}}).items():
-        run_cfg = merge(base, override or {})
+        run_cfg = merge(merge(base, override or {}), paper_runs.get(name) or {})
+        if smoke:  # runs that set their own length (stages) get a smoke length too
+            run_cfg = merge(run_cfg, (spec.get("smoke_runs") or {}).get(name) or {})
+        for item in sets or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--set takes dotted.key=value, got {item!r}")
+            run_cfg = merge(run_cfg, set_dotted(key.strip(), yaml.safe_load(value)))
         keys = list(grid)
         for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
             cfg, suffix = run_cfg, []
@@ -89,7 +109,31 @@ def load_experiment(exp: str, smoke: bool = False) -> tuple[dict[str, Any], list
                 cfg = merge(cfg, set_dotted(k, v))
                 suffix.append(f"{k.split('.')[-1]}{v}")
             runs.append(RunSpec(exp, "_".join([name, *suffix]), cfg))
-    return spec, runs
+    return spec, resolve_init(runs)
+
+
+def resolve_init(runs: list[RunSpec]) -> list[RunSpec]:
+    """Fill ``init.from_dir`` of runs that start from another run (``init.from_run``) with that run's directory
+    name; an unknown or self reference, a chain, or a bad ``keep`` raises ValueError naming the choices."""
+    by_name = {r.name: r for r in runs}
+    out = []
+    for r in runs:
+        src = r.config.get("init", {}).get("from_run")
+        if src is None:
+            out.append(r)
+            continue
+        if src not in by_name or src == r.name:
+            raise ValueError(f"run {r.name!r}: init.from_run={src!r} is not another run of {r.exp}; "
+                             f"valid: {sorted(set(by_name) - {r.name})}")
+        if by_name[src].config.get("init", {}).get("from_run") is not None:
+            raise ValueError(f"run {r.name!r} starts from {src!r}, which starts from another run; chains are not "
+                             "supported (one stage of dependency)")
+        keep = r.config["init"].get("keep") or []
+        if not keep or set(keep) - {"dit", "conditioner"}:
+            raise ValueError(f"run {r.name!r}: init.keep={keep} must list some of ['dit', 'conditioner']")
+        cfg = merge(r.config, {"init": {"from_dir": by_name[src].dirname}})
+        out.append(RunSpec(r.exp, r.name, cfg))
+    return out
 
 
 def set_dotted(key: str, value: Any) -> dict[str, Any]:

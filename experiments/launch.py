@@ -1,6 +1,7 @@
 """Expand an ablation sweep and run every grid point through submitit.
 
     python -m experiments.launch EXP [--cluster local|debug|slurm] [--profile NAME] [--smoke] [--parallel N]
+                                     [--paper] [--set KEY=VALUE ...]
                                      [--runs a,b] [--collect]
 
 - ``local`` (default): submitit's LocalExecutor, one subprocess per run, at most ``--parallel`` at a time
@@ -185,6 +186,8 @@ def run_sweep(
     runs_dir: Path = RUNS_DIR,
     results_dir: Path | None = None,
     only: list[str] | None = None,
+    paper: bool = False,
+    sets: list[str] | None = None,
 ) -> pd.DataFrame:
     """Run (or resume) every run of ``exp`` (or those named in ``only``); collect results; return the tidy table.
 
@@ -195,18 +198,34 @@ def run_sweep(
         raise ValueError(f"unknown cluster {cluster!r}; valid: local, debug, slurm")
     if cluster == "slurm":
         check_profile_against_cluster(profile)  # raises on unknown profile/partition, missing GPUs
-    spec, runs = load_experiment(exp, smoke=smoke)
+    spec, runs = load_experiment(exp, smoke=smoke, paper=paper, sets=sets)
     runs = select_runs(runs, only)
-    root = experiment_root(exp, smoke, runs_dir)
-    results_dir = Path(results_dir) if results_dir else (root / "results" if smoke else RESULTS_DIR / exp)
+    root = experiment_root(exp, smoke, runs_dir, paper)
+    results_dir = Path(results_dir) if results_dir else (root / "results" if smoke else RESULTS_DIR / root.name)
     todo = [r for r in runs if not (root / r.dirname / "DONE").exists()]
     for r in runs:
         if r not in todo:
             print(f"[sweep] {r.name}: done, skipped ({root / r.dirname})")
     t0 = time.time()
     failures: list[tuple[RunSpec, str]] = []
-    if todo:
-        failures = submit(todo, root, cluster, profile, parallel)
+    if any(r.config["encoder"]["preset"] == "tiny-vlm" for r in todo):
+        # Pretrain the default encoder once here (or read its cache), not in every parallel job at once.
+        from models.tiny_vlm import pretrained_tiny_vlm
+
+        pretrained_tiny_vlm()
+    # Runs that start from another run's weights (init.from_run) go in a second wave, after their source.
+    pending = {r.dirname for r in todo}
+    first = [r for r in todo if r.config.get("init", {}).get("from_dir") not in pending]
+    second = [r for r in todo if r not in first]
+    if first:
+        failures = submit(first, root, cluster, profile, parallel)
+    if second:
+        failed = {r.dirname for r, _ in failures}
+        blocked = [r for r in second if r.config["init"]["from_dir"] in failed]
+        failures += [(r, f"not started: its init.from_run {r.config['init']['from_run']!r} failed") for r in blocked]
+        ready = [r for r in second if r not in blocked]
+        if ready:
+            failures += submit(ready, root, cluster, profile, parallel)
     wall = time.time() - t0
     df = collect(exp, runs, root, results_dir, figure=spec.get("figure"))
     if todo:
@@ -352,16 +371,17 @@ def per_prompt_table(exp: str, runs: list[RunSpec], root: Path) -> pd.DataFrame:
 
 
 def collect_experiment(exp: str, smoke: bool = False, runs_dir: Path = RUNS_DIR,
-                       results_dir: Path | None = None) -> pd.DataFrame:
+                       results_dir: Path | None = None, paper: bool = False,
+                       sets: list[str] | None = None) -> pd.DataFrame:
     """`make collect`: rebuild the CSV + figure from whatever runs are done; list every run that is not.
 
     Submits nothing. Runs that are not done are printed with their status (failed ones with the log tail).
     """
-    spec, runs = load_experiment(exp, smoke=smoke)
-    root = experiment_root(exp, smoke, runs_dir)
-    results_dir = Path(results_dir) if results_dir else (root / "results" if smoke else RESULTS_DIR / exp)
+    spec, runs = load_experiment(exp, smoke=smoke, paper=paper, sets=sets)
+    root = experiment_root(exp, smoke, runs_dir, paper)
+    results_dir = Path(results_dir) if results_dir else (root / "results" if smoke else RESULTS_DIR / root.name)
     df = collect(exp, runs, root, results_dir, figure=spec.get("figure"))
-    table = status_table(exp, smoke, runs_dir)
+    table = status_table(exp, smoke, runs_dir, paper, sets)
     print(f"[collect] {exp}: {int((table.state == 'done').sum())}/{len(runs)} runs in {results_dir / 'metrics.csv'}")
     missing = table[table.state != "done"]
     if len(missing):
@@ -375,6 +395,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cluster", default="local")
     p.add_argument("--profile")
     p.add_argument("--smoke", action="store_true", help="tiny settings, results under runs/<EXP>-smoke/")
+    p.add_argument("--paper", action="store_true",
+                   help="the YAML's paper variant (real encoder + data; clusters), results under <EXP>-paper")
+    p.add_argument("--set", action="append", dest="sets", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every run, e.g. data.hf.data_files=/data/*.parquet")
     p.add_argument("--parallel", type=int, help="local: runs at a time (default: one per core)")
     p.add_argument("--runs", help="comma-separated run names: only these grid points")
     p.add_argument("--collect", action="store_true", help="only rebuild results from run directories")
@@ -383,10 +407,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         if a.collect:
-            collect_experiment(a.exp, a.smoke, a.runs_dir, a.results_dir)
+            collect_experiment(a.exp, a.smoke, a.runs_dir, a.results_dir, a.paper, a.sets)
             return
         only = [n for n in a.runs.split(",") if n] if a.runs else None
-        run_sweep(a.exp, a.cluster, a.profile, a.smoke, a.parallel, a.runs_dir, a.results_dir, only)
+        run_sweep(a.exp, a.cluster, a.profile, a.smoke, a.parallel, a.runs_dir, a.results_dir, only, a.paper, a.sets)
     except (ValueError, KeyError) as err:
         raise SystemExit(f"error: {err}") from None
 

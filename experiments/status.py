@@ -45,9 +45,9 @@ class RunStatus:
     log: str  # path of the job's stderr log ("" if none)
 
 
-def experiment_root(exp: str, smoke: bool = False, runs_dir: Path = RUNS_DIR) -> Path:
-    """``runs/<EXP>`` (``runs/<EXP>-smoke`` for smoke settings), as the launcher lays it out."""
-    return Path(runs_dir) / (f"{exp}-smoke" if smoke else exp)
+def experiment_root(exp: str, smoke: bool = False, runs_dir: Path = RUNS_DIR, paper: bool = False) -> Path:
+    """``runs/<EXP>`` (``-paper`` / ``-smoke`` appended for those settings), as the launcher lays it out."""
+    return Path(runs_dir) / (exp + ("-paper" if paper else "") + ("-smoke" if smoke else ""))
 
 
 def slurm_jobs() -> dict[str, dict[str, str]]:
@@ -179,10 +179,11 @@ def run_status(spec: RunSpec, root: Path, jobs: dict[str, dict[str, str]] | None
     return row
 
 
-def status_table(exp: str, smoke: bool = False, runs_dir: Path = RUNS_DIR) -> pd.DataFrame:
+def status_table(exp: str, smoke: bool = False, runs_dir: Path = RUNS_DIR, paper: bool = False,
+                 sets: list[str] | None = None) -> pd.DataFrame:
     """One row per run of ``exp``: run, state, step, metric, job_id, restarts, detail, log."""
-    _, runs = load_experiment(exp, smoke=smoke)
-    root = experiment_root(exp, smoke, runs_dir)
+    _, runs = load_experiment(exp, smoke=smoke, paper=paper, sets=sets)
+    root = experiment_root(exp, smoke, runs_dir, paper)
     jobs = slurm_jobs()
     return pd.DataFrame([vars(run_status(r, root, jobs)) for r in runs])
 
@@ -204,11 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("exp")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--paper", action="store_true")
+    p.add_argument("--set", action="append", dest="sets", default=[], metavar="KEY=VALUE")
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     p.add_argument("--tail", type=int, default=20, help="log lines shown per failed run")
     a = p.parse_args(argv)
     try:
-        df = status_table(a.exp, a.smoke, a.runs_dir)
+        df = status_table(a.exp, a.smoke, a.runs_dir, a.paper, a.sets)
     except (ValueError, KeyError) as err:
         raise SystemExit(f"error: {err}") from None
     print(format_status(df, a.tail))

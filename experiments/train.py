@@ -175,6 +175,49 @@ def save_final(module, path: Path) -> Path:
     return path
 
 
+def datamodule(config: dict[str, Any]) -> Any:
+    """The shapes world (default) or an HF dataset (``data.source: hf``, experiments/data/hf.py): a
+    LightningDataModule that resumes at ``global_step * batch_size`` items."""
+    from experiments.data.datamodule import ShapesDataModule
+
+    dcfg, tcfg = config["data"], config["train"]
+    source = dcfg.get("source", "shapes")
+    if source == "hf":
+        from experiments.data.hf import HFDataModule
+
+        return HFDataModule(dcfg["hf"], tcfg["batch_size"], dcfg["size"], tcfg["num_workers"],
+                            tasks=dcfg.get("tasks"), seed=config["seed"])
+    if source != "shapes":
+        raise ValueError(f"unknown data.source {source!r}; valid: shapes, hf")
+    return ShapesDataModule(
+        seed=config["seed"], batch_size=tcfg["batch_size"], size=dcfg["size"],
+        long_caption_prob=dcfg["long_caption_prob"], num_workers=tcfg["num_workers"], tasks=dcfg.get("tasks"),
+    )
+
+
+def init_from_run(module, config: dict[str, Any], run_dir: Path) -> None:
+    """Copy ``init.keep`` parts (raw and EMA weights) from the ``final.ckpt`` of the run ``init.from_dir`` (a
+    sibling directory). A resumed run then overwrites them with its own ``last.ckpt``, so this only shapes step 0.
+    """
+    init = config.get("init") or {}
+    if not init.get("from_run"):
+        return
+    if not init.get("from_dir"):
+        raise ValueError(f"init.from_run={init['from_run']!r} was not resolved; launch runs through the sweep")
+    src = Path(run_dir).parent / init["from_dir"] / "final.ckpt"
+    if not src.is_file():
+        raise FileNotFoundError(f"init.from_run={init['from_run']!r}: {src} does not exist; that run must finish first")
+    state = torch.load(src, map_location="cpu", weights_only=False)["state_dict"]
+    prefixes = [f"{part}." for part in init["keep"]] + [f"ema.module.{part}." for part in init["keep"]]
+    take = {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
+    own = module.state_dict()
+    bad = [k for k, v in take.items() if k not in own or own[k].shape != v.shape]
+    if bad or not take:
+        raise ValueError(f"init from {src}: parts {init['keep']} do not fit this model (e.g. {bad[:3]}); the DiT "
+                         "must have the same size and conditioning interface")
+    module.load_state_dict(take, strict=False)
+
+
 def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
     """Train (or resume) to ``train.steps``; returns the module with its final weights.
 
@@ -184,7 +227,6 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from experiments.data.datamodule import ShapesDataModule
     from models.module import UniFusionModule
 
     L.seed_everything(config["seed"], workers=True, verbose=False)
@@ -192,14 +234,11 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
     scale = trainer_kwargs(config, gpu)  # validate before building anything
     module = UniFusionModule(config)
     tcfg = config["train"]
+    init_from_run(module, config, run_dir)  # before the 0-step exit: a 0-step run can re-evaluate another's weights
     if tcfg["steps"] == 0:
         return module
     apply_model_settings(module, config)
-    data = ShapesDataModule(
-        seed=config["seed"], batch_size=tcfg["batch_size"], size=config["data"]["size"],
-        long_caption_prob=config["data"]["long_caption_prob"], num_workers=tcfg["num_workers"],
-        tasks=config["data"].get("tasks"),
-    )
+    data = datamodule(config)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     trainer = L.Trainer(
@@ -231,6 +270,46 @@ def evaluate(module, config: dict[str, Any], run_dir: Path) -> tuple[dict[str, A
     )
     rows, summary = evaluate_folder(eval_dir / "images", detector="shapes", out_dir=eval_dir / "geneval")
     return summary, rows
+
+
+EVAL_TASKS = ("geneval", "reconstruction", "edit")
+
+
+def evaluate_all(module, config: dict[str, Any], run_dir: Path, exp: str, name: str, step: int) -> pd.DataFrame:
+    """Every evaluation in ``eval.tasks`` as tidy metric rows. ``eval.verifi`` (null = as trained) switches
+    VERIFI for sampling: a model trained with rewrites can be sampled without them (flexible inference)."""
+    from evals import reconstruction
+
+    ecfg = config["eval"]
+    tasks = list(ecfg.get("tasks", ["geneval"]))
+    bad = sorted(set(tasks) - set(EVAL_TASKS))
+    if bad:
+        raise ValueError(f"eval.tasks {tasks} has unknown entries {bad}; valid: {list(EVAL_TASKS)}")
+    if not tasks:  # e.g. paper runs: their checkpoints are scored by evals.genai_bench / dpg_refined afterwards
+        return pd.DataFrame(columns=METRIC_COLUMNS)
+    if ecfg.get("verifi") is not None:
+        module.verifi = bool(ecfg["verifi"])
+    frames = []
+    base = {"exp": exp, "run": name, "candidate": config["candidate"], "seed": config["seed"], "step": step}
+    for task in tasks:
+        if task == "geneval":
+            summary, rows = evaluate(module, config, run_dir)
+            frames.append(metric_rows(exp, name, config, step, summary, rows))
+            continue
+        icfg = ecfg["image"]
+        summ = reconstruction.evaluate(module, task, run_dir / "eval" / task, n=icfg["n"], seed=icfg["seed"],
+                                       batch_size=ecfg["batch_size"])
+        out = []
+        for key in ("psnr", "ssim", "correct"):
+            if key in summ:
+                lo, hi = summ[f"{key}_ci"]
+                out.append({**base, "metric": f"{task}.{key}", "value": summ[key], "ci_low": lo, "ci_high": hi,
+                            "n": summ["n"]})
+        df = pd.DataFrame(out)
+        for key, value in config_columns(config).items():
+            df[key] = value
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
 
 
 def metric_rows(exp: str, run: str, config: dict[str, Any], step: int, summary: dict, rows: list[dict]) -> pd.DataFrame:
@@ -292,9 +371,8 @@ def run(exp: str, name: str, config: dict[str, Any], run_dir: Path, threads: int
         module = load_module(run_dir / "final.ckpt")
     module.eval()
     t1 = time.time()
-    summary, rows = evaluate(module, config, run_dir)
+    df = evaluate_all(module, config, run_dir, exp, name, step)
     t_eval = time.time() - t1
-    df = metric_rows(exp, name, config, step, summary, rows)
     timing = pd.DataFrame(
         [{"exp": exp, "run": name, "candidate": config["candidate"], "seed": config["seed"], "step": step,
           "metric": m, "value": v, "n": 1} for m, v in (("time.train_s", t_train), ("time.eval_s", t_eval))]
@@ -303,7 +381,9 @@ def run(exp: str, name: str, config: dict[str, Any], run_dir: Path, threads: int
         timing[key] = value
     df = pd.concat([df, timing], ignore_index=True)
     atomic_write_text(run_dir / "metrics.csv", df.to_csv(index=False))
-    atomic_write_text(done, json.dumps({"overall": summary["overall"], "step": step,
+    headline = df.loc[df["metric"].isin(["geneval.overall", "reconstruction.psnr", "edit.correct"])]
+    atomic_write_text(done, json.dumps({**{m: float(v) for m, v in zip(headline["metric"], headline["value"],
+                                                                       strict=True)}, "step": step,
                                         "train_s": round(t_train, 1), "eval_s": round(t_eval, 1)}))
     return run_dir
 

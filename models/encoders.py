@@ -136,7 +136,7 @@ def _find_blocks(model: nn.Module, path: str | None) -> nn.ModuleList:
     )
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Lightning's batch transfer rebuilds dataclasses in a batch field by field
 class Prompt:
     """One conditioning request: user text plus optional reference images.
 
@@ -708,13 +708,13 @@ def _tiny_vlm_preset(pretrained: bool) -> EncoderPreset:
     return EncoderPreset(
         builder=_tiny_vlm(pretrained),
         description=(
-            "tiny InternVL (Qwen2 LM 8x64, 9 tokens per 12 px tile) over the shapes chat vocabulary, "
+            "tiny InternVL (Qwen2 LM 4 x 192, 9 tokens per 12 px tile) over the shapes chat vocabulary, "
             + ("pretrained once on the shapes world (captions, captioning, VERIFI rewrites, edits) and cached"
                if pretrained else "randomly initialised")
-            + "; taps 1,3,5,7"
+            + "; taps 1, 2, 3, 4 (4 = final-normed)"
         ),
         template=tv.CHAT_PREFIX + "{}" + tv.CHAT_SUFFIX,
-        stride=2,
+        stride=1,
         start=1,
         max_length=512,
         vision=VisionSpec(
@@ -722,6 +722,7 @@ def _tiny_vlm_preset(pretrained: bool) -> EncoderPreset:
             image_tokens=("<img>", "</img>", tv.IMAGE_PLACEHOLDER),
             separator=" ",
             set_tiles=lambda proc, n: tv.set_internvl_tiles(proc, n, max_tiles=10),
+            default_tiles=5,  # 2x2 + thumbnail: a 12 px thumbnail alone loses the small shapes' colours
         ),
         verifi=VerifiSpec(template=tv.VERIFI_PREFIX + "{}" + tv.VERIFI_SUFFIX, stop=tv.END_OF_TURN),
     )

@@ -26,8 +26,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from models.conditioning import build_conditioner
 from models.dit import DiT
 from models.encoders import EncoderOutput, Prompt, as_prompt, build_encoder
-from models.latents import build_latent_space
 from models.flow import cfg_velocity, euler_sample, flow_matching_loss, sample_sigmas
+from models.latents import build_latent_space
 
 ENCODER_PREFIX = "encoder."
 LATENT_PREFIX = "latent."  # the frozen VAE, like the encoder, is rebuilt from its preset, never stored
@@ -46,7 +46,7 @@ class UniFusionModule(L.LightningModule):
         self.encoder = build_encoder(
             enc_cfg["preset"], layers=enc_cfg.get("layers"), stride=enc_cfg.get("stride"), start=enc_cfg.get("start")
         )
-        if enc_cfg.get("tiles", 1) != 1:
+        if enc_cfg.get("tiles") is not None:  # null: the preset's default
             self.encoder.set_tiles(enc_cfg["tiles"])
         self.verifi = bool(enc_cfg.get("verifi", False))
         if self.verifi and self.encoder.verifi is None:

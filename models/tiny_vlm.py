@@ -2,7 +2,8 @@
 
 A randomly initialised encoder makes ablations and VERIFI meaningless, so the default pipeline pretrains a tiny
 InternVL (transformers' ``InternVLForConditionalGeneration``: an InternViT-style vision tower, pixel-shuffle
-projector and a Qwen2 causal LM, i.e. the architecture class of InternVL3) once on the shapes world:
+projector and a Qwen2 causal LM (4 layers x 192), i.e. the architecture class of InternVL3) once on the shapes
+world:
 
 - ``caption``: language modelling of captions (short GenEval prompts and long descriptions) in the user turn;
 - ``image_caption``: VERIFI system prompt + image (1 or 5 tiles) -> the long description of that scene;
@@ -39,10 +40,12 @@ TILE = 12  # px per tile (InternVL: 448): 1 / 5 / 10 tiles see a 32 px image at 
 
 TINY_VLM: dict[str, Any] = {
     "vision": {"hidden_size": 32, "layers": 2, "heads": 2, "patch": 2},
-    "text": {"hidden_size": 64, "layers": 8, "heads": 4, "kv_heads": 2, "intermediate_size": 192},
+    # Width, not depth, is what it takes to learn to copy the prompt into the rewrite: at 800 steps a 64-wide x 8
+    # model rewrote 15% of held-out prompts faithfully, 128 x 4 57%, 192 x 4 76% (same data and mix).
+    "text": {"hidden_size": 192, "layers": 4, "heads": 6, "kv_heads": 2, "intermediate_size": 384},
     "pretrain": {
-        "steps": 1000, "batch_size": 16, "lr": 3.0e-3, "warmup": 100, "seed": 0,
-        "mix": {"caption": 0.2, "image_caption": 0.25, "rewrite": 0.35, "edit": 0.2},
+        "steps": 1000, "batch_size": 16, "lr": 2.0e-3, "warmup": 100, "seed": 0,
+        "mix": {"caption": 0.1, "image_caption": 0.2, "rewrite": 0.5, "edit": 0.2},
     },
 }
 
@@ -136,7 +139,16 @@ def _example(rng: np.random.Generator, task: str, size: int = 32) -> tuple[str, 
             d = describe(sample_scene(rng, size))
             return d, [], d
         meta = sample_prompt(rng, TASKS[rng.integers(len(TASKS))])
-        return meta["prompt"], [], describe(scene_for_prompt(meta, rng, size))
+        scene = scene_for_prompt(meta, rng, size)
+        # list the objects in the order the prompt names them (scene objects follow the include clauses; a position
+        # prompt names "A rel B" with A second in include): copying in order is learnable, reading order is not
+        # and state a position prompt's relation right after the list, as the prompt does: then the relation is
+        # copied, not inferred from places the model chose itself
+        objs = list(scene.objects)
+        if meta["tag"] == "position":
+            lead = (objs[1], meta["include"][1]["position"][0], objs[0])
+            return meta["prompt"], [], describe(scene, listing_order=objs[::-1], lead_relation=lead)
+        return meta["prompt"], [], describe(scene, listing_order=objs)
     if task == "edit":
         src, instruction, tgt = random_edit(rng, size)
         return f"{IMAGE_PLACEHOLDER} {instruction}", [render(src)], describe(tgt)

@@ -10,6 +10,8 @@ decision (``FrozenEncoder(add_bos=..., add_eos=...)``), made in one place for ti
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
@@ -17,6 +19,24 @@ from transformers import PreTrainedTokenizerFast
 from experiments.data.vocab import ALL_TOKENS
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
+
+
+def _word_level(vocab: dict[str, int]) -> Tokenizer:
+    core = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    core.normalizer = normalizers.Lowercase()
+    # Isolated punctuation splits "square." and "?." into single-character tokens that are all in the vocab.
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    return core
+
+
+def _fast(vocab: dict[str, int], **extra: Any) -> PreTrainedTokenizerFast:
+    """The HF tokenizer over ``_word_level(vocab)``: right padding, no special tokens added by itself."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_word_level(vocab), pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
+        padding_side="right", model_max_length=1024, **extra,
+    )
 
 
 def shapes_tokenizer() -> PreTrainedTokenizerFast:
@@ -32,21 +52,7 @@ def shapes_tokenizer() -> PreTrainedTokenizerFast:
         if vocab.get(special) != want:
             raise ValueError(f"{special} must have id {want} in ALL_TOKENS, found {vocab.get(special)}")
 
-    core = Tokenizer(WordLevel(vocab, unk_token=UNK))
-    core.normalizer = normalizers.Lowercase()
-    # Isolated punctuation splits "square." and "?." into single-character tokens that are all in the vocab.
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token=PAD,
-        unk_token=UNK,
-        bos_token=BOS,
-        eos_token=EOS,
-        padding_side="right",
-        model_max_length=1024,
-    )
+    return _fast(vocab)
 
 
 # Chat markup of the tiny VLM (InternVL / Qwen "<|im_start|>" style) and its image tokens. Kept out of ALL_TOKENS
@@ -65,19 +71,8 @@ def shapes_chat_tokenizer() -> PreTrainedTokenizerFast:
     """
     tokens = list(ALL_TOKENS) + list(CHAT_WORDS) + list(CHAT_SPECIAL_TOKENS)
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    core = Tokenizer(WordLevel(vocab, unk_token=UNK))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token=PAD,
-        unk_token=UNK,
-        bos_token=BOS,
-        eos_token=EOS,
-        padding_side="right",
-        model_max_length=1024,
+    tok = _fast(
+        vocab,
         extra_special_tokens={
             "start_image_token": "<img>",
             "end_image_token": "</img>",
