@@ -167,8 +167,7 @@ def table_markdown(metrics: pd.DataFrame, caption: str = "") -> str:
                 continue
             v, lo, hi = m.loc[key, "value"], m.loc[key, "ci_low"], m.loc[key, "ci_high"]
             digits = 2 if key.endswith("psnr") else 3
-            cells.append(f"{v:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if pd.notna(lo) and pd.notna(hi)
-                                               else ""))
+            cells.append(f"{v:.{digits}f}" + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and pd.notna(hi) else ""))
         body.append(f"| {run} | {int(m['step'].iloc[0])} | " + " | ".join(cells) + " |")
     text = head + "\n".join(body) + "\n"
     return text + (f"\n```\n{caption}\n```\n" if caption else "")

@@ -19,7 +19,9 @@ PROMPTS = ["a photo of a red circle", "a photo of two blue squares left of a gre
 
 
 def tiny_module(candidate: str = "lap", **conditioner) -> UniFusionModule:
+    # the random 12-layer tiny Llama (taps 2, 5, 8, 11): the geometry these analyses' expectations are written for
     cfg = merge(load_base(), {"candidate": candidate, "dit": {"dim": 32, "depth": 4, "heads": 2, "patch": 8},
+                              "encoder": {"preset": "tiny-llama", "stride": 3, "start": None},
                               "sample": {"steps": 2}, "conditioner": {"heads": 2, **conditioner}})
     torch.manual_seed(0)
     module = UniFusionModule(cfg)

@@ -14,6 +14,7 @@ PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a bl
 
 def tiny_config(candidate: str = "lap", **extra) -> dict:
     cfg = merge(load_base(), {"candidate": candidate, "dit": {"dim": 32, "depth": 4, "heads": 2, "patch": 8},
+                              "encoder": {"preset": "tiny-llama", "stride": 3, "start": None},
                               "sample": {"steps": 3}, "train": {"steps": 10}})
     cfg = merge(cfg, {"conditioner": {"heads": 2}})
     return merge(cfg, extra)
