@@ -30,8 +30,12 @@ RUN_ORDER = ["untrained", "t5", "last_layer", "kv_fusion", "hsi", "lap"]
 
 
 def _order(runs: list[str]) -> list[str]:
+    import re
+
     known = [r for r in RUN_ORDER if r in runs]
-    return known + sorted(r for r in runs if r not in known)
+    # natural order for the rest: tiles1, tiles5, tiles10 (not tiles1, tiles10, tiles5)
+    return known + sorted((r for r in runs if r not in known),
+                          key=lambda r: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", r)])
 
 
 def _errorbars(ax, x, values, lo, hi) -> None:
