@@ -207,9 +207,10 @@ def _decode_image(img: Any, where: str) -> Any:
         if isinstance(img, Image.Image):
             img.load()
             return img.convert("RGB")
-        if isinstance(img, (str, bytes)) or hasattr(img, "__fspath__"):
-            with Image.open(img) as im:
-                return im.convert("RGB")
+        if isinstance(img, str) or hasattr(img, "__fspath__"):
+            from evals.files import open_rgb  # the project's one image reader: full decode, file named on failure
+
+            return open_rgb(img)
         arr = np.asarray(img)
     except Exception as e:  # noqa: BLE001 - any decoder failure becomes one message naming the input
         raise ValueError(f"{where}: the image failed to decode ({type(e).__name__}: {e})") from e
@@ -378,12 +379,14 @@ class FrozenEncoder(nn.Module):
                 seq.append(k)
         return ids, vision, tuple(seq)
 
-    def _wrap(self, ids: list[int], vision: dict[str, Tensor], seq: tuple[str, ...]) -> list[int]:
-        """Add BOS/EOS to ids and, with 0s, to the vision entries aligned with them."""
+    def _wrap(self, ids: list[int], vision: dict[str, Tensor], seq: tuple[str, ...], eos: bool = True) -> list[int]:
+        """Add BOS/EOS (``eos=False``: BOS only, for a generation prompt) to ids and, with 0s, to the vision
+        entries aligned with them."""
+        eos = eos and self.add_eos
         for k in seq:
-            pads = (int(self.add_bos), int(self.add_eos))
+            pads = (int(self.add_bos), int(eos))
             vision[k] = torch.nn.functional.pad(vision[k], (*(0, 0) * (vision[k].dim() - 2), *pads))
-        return ([self._bos_id] if self.add_bos else []) + ids + ([self._eos_id] if self.add_eos else [])
+        return ([self._bos_id] if self.add_bos else []) + ids + ([self._eos_id] if eos else [])
 
     def _check_length(self, n: int, i: int, text: str) -> None:
         if n > self.max_length:
@@ -468,8 +471,7 @@ class FrozenEncoder(nn.Module):
         for i, p in enumerate(prompts):
             user, images = self._user_content(p, i)
             ids, vision, seq = self._tokenize_row(prefix + user + suffix, images)
-            if self.add_bos:
-                ids = self._wrap_bos_only(ids, vision, seq)
+            ids = self._wrap(ids, vision, seq, eos=False)
             heads.append(_Row(ids, [], vision, seq))
         if rewrites is None:
             new_ids = self._generate(heads, seed)
@@ -491,11 +493,6 @@ class FrozenEncoder(nn.Module):
             text = self.tokenizer.decode(gen, skip_special_tokens=True).strip()
             rows.append(_Row(ids, keep, vision, h.seq_keys, rewrite=text))
         return rows
-
-    def _wrap_bos_only(self, ids: list[int], vision: dict[str, Tensor], seq: tuple[str, ...]) -> list[int]:
-        for k in seq:
-            vision[k] = torch.nn.functional.pad(vision[k], (*(0, 0) * (vision[k].dim() - 2), 1, 0))
-        return [self._bos_id, *ids]
 
     @torch.no_grad()
     def _generate(self, heads: list[_Row], seed: int) -> list[list[int]]:
