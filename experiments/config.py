@@ -30,6 +30,11 @@ import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 FREE_FORM = ("conditioner",)  # validated by the candidate, not against base.yaml
+# Sections that are null in base.yaml until set; a dict set there merges onto (and is checked against) the keys
+# and defaults of another section, so `--set data.hf_edit.path=...` builds a full data.hf-like dict.
+NULL_SECTIONS = {"data.hf_edit": "data.hf"}
+# Keys added after runs were made: left out of the hash while null, so existing run directories keep their names.
+HASH_OMIT_NULL = (("data", "hf_edit"), ("encoder", "cache"))
 
 
 def available_experiments() -> list[str]:
@@ -45,6 +50,8 @@ def merge(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dic
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
         where = f"{path}{key}"
+        if isinstance(value, dict) and where in NULL_SECTIONS and key in out and out[key] is None:
+            out[key] = _section(load_base(), NULL_SECTIONS[where])
         if key not in out and path.rstrip(".") not in FREE_FORM:
             raise KeyError(f"unknown config key {where!r}; valid keys here: {sorted(out)}")
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in FREE_FORM:
@@ -56,7 +63,21 @@ def merge(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dic
     return out
 
 
+def _section(config: dict[str, Any], dotted: str) -> dict[str, Any]:
+    out: Any = config
+    for part in dotted.split("."):
+        out = out[part]
+    return copy.deepcopy(out)
+
+
 def config_hash(config: dict[str, Any]) -> str:
+    config = copy.deepcopy(config)
+    for *parents, key in HASH_OMIT_NULL:
+        sub = config
+        for part in parents:
+            sub = sub.get(part) if isinstance(sub, dict) else None
+        if isinstance(sub, dict) and key in sub and sub[key] is None:
+            del sub[key]
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -176,8 +176,8 @@ def save_final(module, path: Path) -> Path:
 
 
 def datamodule(config: dict[str, Any]) -> Any:
-    """The shapes world (default) or an HF dataset (``data.source: hf``, experiments/data/hf.py): a
-    LightningDataModule that resumes at ``global_step * batch_size`` items."""
+    """The shapes world (default) or an HF dataset (``data.source: hf``, experiments/data/hf.py; edit batches
+    from ``data.hf_edit`` when set): a LightningDataModule that resumes at ``global_step * batch_size`` items."""
     from experiments.data.datamodule import ShapesDataModule
 
     dcfg, tcfg = config["data"], config["train"]
@@ -186,7 +186,7 @@ def datamodule(config: dict[str, Any]) -> Any:
         from experiments.data.hf import HFDataModule
 
         return HFDataModule(dcfg["hf"], tcfg["batch_size"], dcfg["size"], tcfg["num_workers"],
-                            tasks=dcfg.get("tasks"), seed=config["seed"])
+                            tasks=dcfg.get("tasks"), seed=config["seed"], hf_edit=dcfg.get("hf_edit"))
     if source != "shapes":
         raise ValueError(f"unknown data.source {source!r}; valid: shapes, hf")
     return ShapesDataModule(

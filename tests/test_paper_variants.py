@@ -17,7 +17,8 @@ from models.encoders import ENCODER_PRESETS, select_layers
 from models.presets import HUB_SPECS
 
 DATA = ["data.hf.path=parquet", "data.hf.data_files=/data/train-*.parquet"]
-PAPER_EXPS = [e for e in available_experiments() if e != "edit_finetune"]
+EDIT_DATA = ["data.hf_edit.path=parquet", "data.hf_edit.data_files=/data/edit-*.parquet"]
+PAPER_EXPS = available_experiments()
 
 
 @pytest.mark.parametrize("exp", PAPER_EXPS)
@@ -54,9 +55,64 @@ def test_paper_variant_step_budgets() -> None:
     assert cc["lap"]["encoder"]["preset"] == "llama-3.1-8b" and cc["t5"]["encoder"]["preset"] == "t5-v1_1-xxl"
 
 
-def test_bad_variant_and_set_inputs() -> None:
+def test_edit_finetune_paper_variant_two_sources() -> None:
+    """Sec. 4 / Tab. 2: base, then ~10k steps of editing (or t2i, the control) fine-tuning from its weights; the
+    edit run reads its edit batches from data.hf_edit; every run's data config builds its data module."""
+    from experiments.data.hf import HFDataModule
+    from experiments.train import datamodule
+
+    runs = load_experiment("edit_finetune", paper=True, sets=DATA + EDIT_DATA)[1]
+    by = {r.name: r for r in runs}
+    assert by["base"].config["init"]["from_run"] is None
+    for name in ("t2i_continue", "edit_finetune"):
+        init = by[name].config["init"]
+        assert init["from_run"] == "base" and init["from_dir"] == by["base"].dirname
+        assert init["keep"] == ["dit", "conditioner"]
+    steps = {name: r.config["train"]["steps"] for name, r in by.items()}
+    assert steps == {"base": 200000, "t2i_continue": 10000, "edit_finetune": 10000}  # Sec. 2 length; Sec. 4 ~10k
+    edit = by["edit_finetune"].config["data"]
+    assert edit["tasks"]["edit"] > 0 and edit["tasks"]["t2i"] > 0 and edit["hf"]["source_image_column"] is None
+    assert edit["hf_edit"]["path"] == "parquet" and edit["hf_edit"]["data_files"] == "/data/edit-*.parquet"
+    assert edit["hf_edit"]["source_image_column"] and edit["hf_edit"]["split"] == "train"  # base.yaml's data.hf
+    for name in ("base", "t2i_continue"):
+        assert by[name].config["data"]["tasks"]["edit"] == 0
+    for r in runs:  # validates both sources' keys (no data is read)
+        assert isinstance(datamodule(r.config), HFDataModule)
+    # without the edit data the edit run says what is missing before anything is launched
+    bare = {r.name: r.config for r in load_experiment("edit_finetune", paper=True, sets=DATA)[1]}
+    datamodule(bare["base"])
+    with pytest.raises(ValueError, match="data.hf_edit needs path"):
+        datamodule(bare["edit_finetune"])
+
+
+def test_hf_edit_set_merges_onto_data_hf_keys_and_keeps_old_hashes() -> None:
+    from experiments.config import config_hash, load_base, merge
+
+    cfg = merge(load_base(), {"data": {"hf_edit": {"path": "parquet"}}})
+    assert set(cfg["data"]["hf_edit"]) == set(load_base()["data"]["hf"])
+    assert cfg["data"]["hf_edit"]["caption_column"] == "caption" and cfg["data"]["hf_edit"]["path"] == "parquet"
+    one = load_experiment("verifi", sets=EDIT_DATA)[1][0].config["data"]["hf_edit"]  # two --set on a null key
+    assert one["path"] == "parquet" and one["data_files"] == "/data/edit-*.parquet"
+    with pytest.raises(KeyError, match="unknown config key 'data.hf_edit.colour'"):
+        load_experiment("verifi", sets=["data.hf_edit.path=p", "data.hf_edit.colour=red"])
+    # a null hf_edit leaves the hash of every run made before it existed unchanged
+    base = load_base()
+    assert base["data"]["hf_edit"] is None
+    old = {**base, "data": {k: v for k, v in base["data"].items() if k != "hf_edit"}}
+    assert config_hash(base) == config_hash(old) and config_hash(cfg) != config_hash(base)
+
+
+def test_bad_variant_and_set_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import experiments.config as config
+
+    shutil.copy(config.CONFIG_DIR / "base.yaml", tmp_path / "base.yaml")
+    (tmp_path / "nopaper.yaml").write_text("runs: {a: {}}\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
     with pytest.raises(ValueError, match="has no paper variant"):
-        load_experiment("edit_finetune", paper=True)
+        load_experiment("nopaper", paper=True)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="dotted.key=value"):
         load_experiment("verifi", sets=["data.size"])
     with pytest.raises(KeyError, match="unknown config key 'data.hf.colour'"):
@@ -130,3 +186,158 @@ def test_hf_stream_edit_pairs_and_reconstruction(parquet: Path) -> None:
         HFStream({"path": "parquet", "colums": 1}, size=16)
     with pytest.raises(ValueError, match="source_image_column is not set"):
         HFStream({"path": "parquet"}, size=16, tasks={"t2i": 0.5, "edit": 0.5})
+
+
+# ------------------------------------------------------------------------------------------------ two HF sources
+
+MIX = {"t2i": 0.4, "reconstruction": 0.2, "edit": 0.4}
+N_ROWS = 12
+
+
+@pytest.fixture()
+def two_sources(tmp_path: Path) -> tuple[dict, dict]:
+    """Image-caption rows ("t2i r", red 10r) and edit pairs ("edit r": source blue 10r -> target green 10r),
+    with one corrupt file in each source."""
+    datasets = pytest.importorskip("datasets")
+    t2i = {"image": [{"bytes": _png((10 * i, 0, 0)), "path": None} for i in range(N_ROWS)],
+           "caption": [f"t2i {i}" for i in range(N_ROWS)]}
+    t2i["image"][4] = {"bytes": b"\x89PNG not an image", "path": None}
+    edit = {"target": [{"bytes": _png((0, 10 * i, 0)), "path": None} for i in range(N_ROWS)],
+            "instruction": [f"edit {i}" for i in range(N_ROWS)],
+            "source": [{"bytes": _png((0, 0, 10 * i)), "path": None} for i in range(N_ROWS)]}
+    edit["source"][3] = {"bytes": b"\x89PNG not an image", "path": None}
+    img, text = datasets.Image(), datasets.Value("string")
+    t2i_features = datasets.Features({"image": img, "caption": text})
+    edit_features = datasets.Features({"target": img, "instruction": text, "source": img})
+    datasets.Dataset.from_dict(t2i, features=t2i_features).to_parquet(str(tmp_path / "t2i.parquet"))
+    datasets.Dataset.from_dict(edit, features=edit_features).to_parquet(str(tmp_path / "e.parquet"))
+    hf = {"path": "parquet", "data_files": str(tmp_path / "t2i.parquet")}
+    hf_edit = {"path": "parquet", "data_files": str(tmp_path / "e.parquet"), "image_column": "target",
+               "caption_column": "instruction", "source_image_column": "source"}
+    return hf, hf_edit
+
+
+def _expected(seed: int, batch_size: int) -> list[tuple[int, str, str, int]]:
+    """(data position, task, source, row) of an uninterrupted two-source stream, from the task draw alone
+    (rng [seed, batch, 2], as the shapes world draws it), until a source runs out."""
+    from experiments.data.shapes import _draw_task
+
+    out, next_row, b = [], {"hf": 0, "hf_edit": 0}, 0
+    while True:
+        task = _draw_task(MIX, np.random.default_rng([seed, b, 2]))
+        src = "hf_edit" if task == "edit" else "hf"
+        for k in range(batch_size):
+            if next_row[src] == N_ROWS:
+                return out
+            out.append((b * batch_size + k, task, src, next_row[src]))
+            next_row[src] += 1
+        b += 1
+
+
+def _key(item: dict) -> tuple:
+    cap = item["caption"]
+    text, imgs = (cap, ()) if isinstance(cap, str) else (cap.text, tuple(np.asarray(i) for i in cap.images))
+    return item["index"], item["source"], item["row"], type(cap).__name__, text, item["image"].numpy().tobytes(), \
+        tuple(i.tobytes() for i in imgs)
+
+
+def test_two_sources_edit_batches_read_hf_edit_in_drawn_order(two_sources, caplog) -> None:
+    from experiments.data.hf import HFStream
+    from models.encoders import Prompt
+
+    hf, hf_edit = two_sources
+    seed, bs = 0, 2
+    expected = _expected(seed, bs)
+    tasks = [t for _, t, _, _ in expected[::bs]]
+    assert {"t2i", "reconstruction", "edit"} <= set(tasks[:6]), tasks  # the seed mixes all three early on
+    stream = HFStream(hf, size=16, batch_size=bs, tasks=MIX, seed=seed, hf_edit=hf_edit)
+    with caplog.at_level(logging.WARNING):
+        items = list(stream)
+    bad = {("hf", 4), ("hf_edit", 3)}
+    want = [e for e in expected if (e[2], e[3]) not in bad]
+    assert [(it["index"], it["source"], it["row"]) for it in items] == [(i, s, r) for i, _, s, r in want]
+    assert stream.skipped_by == {"hf": 1, "hf_edit": 1} and stream.skipped == 2
+    assert "data.hf row 4 skipped" in caplog.text and "data.hf_edit row 3 skipped" in caplog.text
+    for it, (_, task, _, row) in zip(items, want, strict=True):
+        cap, img = it["caption"], it["image"].numpy()
+        if task == "t2i":
+            assert cap == f"t2i {row}"
+            np.testing.assert_allclose(img[0], 10 * row / 127.5 - 1, atol=1e-6)
+        elif task == "reconstruction":
+            assert isinstance(cap, Prompt) and cap.text == "" and cap.images[0].shape == (16, 16, 3)
+            np.testing.assert_allclose(img[0], 10 * row / 127.5 - 1, atol=1e-6)
+        else:  # target green, the instruction with the full-size blue source image
+            assert isinstance(cap, Prompt) and cap.text == f"edit {row}"
+            assert cap.images[0].shape == (30, 40, 3) and (cap.images[0][..., 2] == 10 * row).all()
+            np.testing.assert_allclose(img[1], 10 * row / 127.5 - 1, atol=1e-6)
+            assert (img[0] == -1).all()
+
+
+@pytest.mark.parametrize("step", [1, 3, 6])
+def test_two_sources_exact_resume_and_worker_split(two_sources, step: int, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import experiments.data.hf as hfmod
+    from experiments.data.hf import HFStream, source_rows
+
+    hf, hf_edit = two_sources
+    seed, bs = 0, 2
+    full = list(HFStream(hf, size=16, batch_size=bs, tasks=MIX, seed=seed, hf_edit=hf_edit))
+    expected = _expected(seed, bs)
+    before = [e for e in expected if e[0] < step * bs]
+    assert source_rows(MIX, seed, step, bs) == {s: sum(e[2] == s for e in before) for s in ("hf", "hf_edit")}
+    resumed = list(HFStream(hf, size=16, start_index=step * bs, batch_size=bs, tasks=MIX, seed=seed,
+                            hf_edit=hf_edit))
+    tail = [it for it in full if it["index"] >= step * bs]
+    assert len(tail) >= 4 and [_key(it) for it in resumed] == [_key(it) for it in tail]
+    # two DataLoader workers from the same step: worker k takes batches step + k, step + k + 2, ...
+    per_worker = []
+    for wid in (0, 1):
+        monkeypatch.setattr(hfmod, "get_worker_info", lambda wid=wid: SimpleNamespace(id=wid, num_workers=2))
+        got = list(HFStream(hf, size=16, start_index=step * bs, batch_size=bs, tasks=MIX, seed=seed,
+                            hf_edit=hf_edit))
+        assert got and all((it["index"] // bs - step) % 2 == wid for it in got)
+        per_worker += got
+    assert sorted(_key(it) for it in per_worker) == sorted(_key(it) for it in tail)
+
+
+def test_two_sources_datamodule_resumes_at_the_trainer_step(two_sources) -> None:
+    from types import SimpleNamespace
+
+    from experiments.config import load_base, merge
+    from experiments.train import datamodule
+
+    hf, hf_edit = two_sources
+    cfg = merge(load_base(), {"seed": 0, "train": {"batch_size": 2},
+                              "data": {"source": "hf", "size": 16, "tasks": MIX, "hf": hf, "hf_edit": hf_edit}})
+    dm = datamodule(cfg)
+    expected = _expected(0, 2)
+    first = next(iter(dm.train_dataloader()))
+    assert first["index"].tolist() == [0, 1] and tuple(first["image"].shape) == (2, 3, 16, 16)
+    dm.trainer = SimpleNamespace(global_step=6)  # an edit batch (rows 4, 5 of data.hf_edit)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["index"].tolist() == [12, 13] and expected[12][1:] == ("edit", "hf_edit", 4)
+    assert [c.text for c in batch["caption"]] == ["edit 4", "edit 5"]
+
+
+def test_two_sources_errors(two_sources) -> None:
+    from experiments.data.hf import HFStream
+
+    hf, hf_edit = two_sources
+    with pytest.raises(ValueError, match="source_image_column is not set and there is no data.hf_edit"):
+        HFStream(hf, size=16, tasks=MIX)
+    with pytest.raises(ValueError, match="data.hf_edit needs source_image_column"):
+        HFStream(hf, size=16, tasks=MIX, hf_edit={**hf_edit, "source_image_column": None})
+    with pytest.raises(ValueError, match=r"unknown data.hf_edit key\(s\) \['colour'\]; valid: \['path', 'name'"):
+        HFStream(hf, size=16, tasks=MIX, hf_edit={**hf_edit, "colour": "red"})
+    with pytest.raises(ValueError, match="data.hf_edit needs path"):
+        HFStream(hf, size=16, tasks=MIX, hf_edit={**hf_edit, "path": None})
+    with pytest.raises(ValueError, match="unset data.hf.source_image_column"):
+        HFStream({**hf, "source_image_column": "image"}, size=16, tasks=MIX, hf_edit=hf_edit)
+    with pytest.raises(ValueError, match="multiple of batch_size 2"):
+        HFStream(hf, size=16, start_index=3, batch_size=2, tasks=MIX, hf_edit=hf_edit)
+    with pytest.raises(ValueError, match="data.tasks must map"):
+        HFStream(hf, size=16, tasks={"t2i": 1.0, "recon": 0.5})
+    # hf_edit set but no edit batches: data.hf alone, items as with one source
+    items = list(HFStream(hf, size=16, tasks={"t2i": 1.0, "reconstruction": 0.0, "edit": 0.0}, hf_edit=hf_edit))
+    assert [it["caption"] for it in items][:3] == ["t2i 0", "t2i 1", "t2i 2"] and "source" not in items[0]

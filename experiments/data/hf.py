@@ -4,18 +4,33 @@
       source: hf
       hf: {path: parquet, data_files: "/data/captions/*.parquet", split: train,
            image_column: image, caption_column: caption, source_image_column: null}
+      hf_edit: null     # or a second source of edit pairs, same keys, e.g.
+                        # {path: parquet, data_files: "/data/edits/*.parquet", image_column: target,
+                        #  caption_column: instruction, source_image_column: source}
 
 ``path`` is anything ``datasets.load_dataset`` takes: a hub id, or a builder ("parquet", "webdataset", "imagefolder")
 with ``data_files``. Rows are read in the dataset's order (shuffle it when you build it: a run must see the same
-rows after a requeue), streamed, so a 800M-row set never lands on local disk. Row i of the stream is item i; the
-data position of a run is ``global_step * batch_size``, as for the shapes world, and ``skip`` resumes there.
+rows after a requeue), streamed, so a 800M-row set never lands on local disk.
+
+One source (``hf_edit: null``): row i of the stream is item i; the data position of a run is
+``global_step * batch_size``, as for the shapes world, and ``skip`` resumes there. Each batch's task is drawn from
+``data.tasks`` (seeded by (seed, batch index)): reconstruction batches condition on the image itself; with
+``source_image_column`` every other batch is an edit batch (the rows are edit pairs).
+
+Two sources (``hf_edit`` set and ``data.tasks.edit > 0``): the task of each batch is drawn the same way;
+text-to-image and reconstruction batches take the next ``batch_size`` rows of ``data.hf``, edit batches the next
+rows of ``data.hf_edit``. The number of earlier batches of each task is a pure function of (seed, tasks, step)
+(``source_rows``), so a run resumed at step s skips each source to its own row position. An item's ``index`` is
+its data position (batch * batch_size + k); it also carries ``source`` ("hf" / "hf_edit") and its ``row`` there.
 
 Items have the shapes world's format: ``{"image": (3, S, S) float in [-1, 1], "caption": str | Prompt, "index"}``;
-with ``source_image_column`` (edit pairs) the caption is ``Prompt(instruction, (source image,))``, so the source
-image reaches the DiT only through the VLM. Images are centre-cropped to a square and resized to S (Lanczos).
+for an edit pair the caption is ``Prompt(instruction, (source image,))``, so the source image reaches the DiT only
+through the VLM. Images are centre-cropped to a square and resized to S (Lanczos). With W DataLoader workers,
+worker k yields the items of batches k, k + W, ... (every worker reads every row, decoding only its own).
 A row whose image does not decode, or whose caption is empty, is skipped, counted and reported (a warning
-naming the row and the running count); it is never silently dropped. The resume position counts items, so a run
-resumed after k skipped rows re-reads k rows: exact resume holds for data without bad rows.
+naming the source, the row and the running count); it is never silently dropped. The resume position counts
+rows (B per batch), so exact resume holds for data without bad rows; a skipped row shifts later batch
+boundaries by one item.
 """
 
 from __future__ import annotations
@@ -59,80 +74,137 @@ def _to_pil(value: Any) -> Image.Image:
     raise ValueError(f"not an image: {type(value).__name__}")
 
 
+def batch_task(tasks: dict[str, float] | None, seed: int, batch: int) -> str:
+    """The task of global batch ``batch``: drawn from ``data.tasks`` as the shapes stream does (rng
+    ``[seed, batch, 2]``); "t2i" when no other task has weight."""
+    from experiments.data.shapes import _draw_task
+
+    if not tasks or not any(w > 0 for t, w in tasks.items() if t != "t2i"):
+        return "t2i"
+    return _draw_task(tasks, np.random.default_rng([seed, batch, 2]))
+
+
+def source_rows(tasks: dict[str, float] | None, seed: int, step: int, batch_size: int) -> dict[str, int]:
+    """Two-source position at global step ``step``: rows of ``data.hf`` / ``data.hf_edit`` read by batches
+    0 .. step - 1 (each batch reads ``batch_size`` rows of the source its task names)."""
+    n_edit = sum(batch_task(tasks, seed, b) == "edit" for b in range(step))
+    return {"hf": (step - n_edit) * batch_size, "hf_edit": n_edit * batch_size}
+
+
+def _check_keys(cfg: dict[str, Any], name: str) -> None:
+    bad = sorted(set(cfg) - set(HF_KEYS))
+    if bad:
+        raise ValueError(f"unknown {name} key(s) {bad}; valid: {list(HF_KEYS)}")
+
+
 class HFStream(IterableDataset):
-    """Stream of items from an HF dataset, starting at row ``start_index`` (see module docstring).
+    """Stream of items from one HF dataset (``hf``), or two (``hf`` + ``hf_edit`` for edit batches), starting at
+    data position ``start_index`` (see module docstring).
 
     With W DataLoader workers and ``batch_size`` B, worker k yields the rows of batches k, k + W, ... so batches
     arrive in row order, as ``ShapesStream`` does.
     """
 
     def __init__(self, hf: dict[str, Any], size: int, start_index: int = 0, batch_size: int = 1,
-                 tasks: dict[str, float] | None = None, seed: int = 0):
+                 tasks: dict[str, float] | None = None, seed: int = 0, hf_edit: dict[str, Any] | None = None):
         super().__init__()
-        if tasks is not None and tasks.get("edit", 0) > 0 and not hf.get("source_image_column"):
-            raise ValueError("data.tasks asks for edit batches but data.hf.source_image_column is not set")
+        from experiments.data.shapes import _draw_task
+
+        if tasks:
+            _draw_task(tasks, np.random.default_rng(0))  # validates names and weights before any row is read
+        edit = bool(tasks) and tasks.get("edit", 0) > 0
+        if edit and hf_edit is None and not hf.get("source_image_column"):
+            raise ValueError("data.tasks asks for edit batches but data.hf.source_image_column is not set and "
+                             "there is no data.hf_edit (a second source of edit pairs)")
         self.tasks, self.seed = tasks, seed
-        bad = sorted(set(hf) - set(HF_KEYS))
-        if bad:
-            raise ValueError(f"unknown data.hf key(s) {bad}; valid: {list(HF_KEYS)}")
+        _check_keys(hf, "data.hf")
         if not hf.get("path"):
             raise ValueError("data.source=hf needs data.hf.path: a hub dataset id, or a builder such as 'parquet' "
                              "with data.hf.data_files")
+        if hf_edit is not None:
+            _check_keys(hf_edit, "data.hf_edit")
+            if not hf_edit.get("source_image_column"):
+                raise ValueError("data.hf_edit needs source_image_column: the column of the image each edit "
+                                 "instruction applies to (image_column is the edited target)")
+            if hf.get("source_image_column"):
+                raise ValueError("data.hf_edit is set, so edit batches read it: unset data.hf.source_image_column "
+                                 "(data.hf then serves text-to-image and reconstruction batches)")
+            if edit and not hf_edit.get("path"):
+                raise ValueError("data.tasks asks for edit batches: data.hf_edit needs path, a hub dataset id or a "
+                                 "builder such as 'parquet' with data.hf_edit.data_files")
         self.hf, self.size, self.start_index, self.batch_size = dict(hf), size, start_index, batch_size
+        self.hf_edit = dict(hf_edit) if hf_edit is not None else None
+        self.two = edit and hf_edit is not None  # edit batches read hf_edit
         self.skipped = 0
+        self.skipped_by = {"hf": 0, "hf_edit": 0}
+        if self.two:
+            if start_index % batch_size:
+                raise ValueError(f"two data sources resume at whole batches: start_index {start_index} is not a "
+                                 f"multiple of batch_size {batch_size}")
+            self.start_batch = start_index // batch_size
+            self.starts = source_rows(tasks, seed, self.start_batch, batch_size)
 
-    def _rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+    def _open(self, cfg: dict[str, Any], start: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(row index, row) of the source ``cfg`` from row ``start`` on; images left undecoded."""
         import datasets
 
-        ds = datasets.load_dataset(self.hf["path"], self.hf.get("name"), data_files=self.hf.get("data_files"),
-                                   split=self.hf.get("split") or "train", streaming=True)
-        img_col = self.hf.get("image_column") or "image"
-        if img_col in (ds.features or {}):
-            ds = ds.cast_column(img_col, datasets.Image(decode=False))  # decode here: a bad file is one skip
-        src_col = self.hf.get("source_image_column")
-        if src_col and src_col in (ds.features or {}):
-            ds = ds.cast_column(src_col, datasets.Image(decode=False))
-        yield from enumerate(ds.skip(self.start_index), start=self.start_index)
+        ds = datasets.load_dataset(cfg["path"], cfg.get("name"), data_files=cfg.get("data_files"),
+                                   split=cfg.get("split") or "train", streaming=True)
+        for col in (cfg.get("image_column") or "image", cfg.get("source_image_column")):
+            if col and col in (ds.features or {}):
+                ds = ds.cast_column(col, datasets.Image(decode=False))  # decode here: a bad file is one skip
+        return enumerate(ds.skip(start), start=start)
+
+    def _rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        yield from self._open(self.hf, self.start_index)
 
     def item(self, index: int, row: dict[str, Any]) -> dict[str, Any] | None:
-        """The training item of one row, or None (counted, reported) when it cannot be used."""
+        """The training item of row ``index`` of the single source, or None (counted, reported)."""
+        return self._make(self.hf, "hf", index, row, self._task(index), index)
+
+    def _make(self, cfg: dict[str, Any], source: str, row_index: int, row: dict[str, Any], task: str,
+              index: int) -> dict[str, Any] | None:
+        """The item of one row of ``cfg`` for ``task``, or None (counted, reported) when it cannot be used."""
         from experiments.data.shapes import to_tensor
         from models.encoders import Prompt
 
-        img_col = self.hf.get("image_column") or "image"
-        cap_col = self.hf.get("caption_column") or "caption"
-        src_col = self.hf.get("source_image_column")
+        img_col = cfg.get("image_column") or "image"
+        cap_col = cfg.get("caption_column") or "caption"
+        src_col = cfg.get("source_image_column")
+        label = f"data.{source}" if self.two else "data"
         try:
             image = square(_to_pil(row[img_col]), self.size)
             text = row[cap_col]
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"empty or non-text caption {text!r}")
             caption: str | Prompt = text
-            task = self._task(index)
             if task == "reconstruction":  # the image is its own condition, through the VLM
                 caption = Prompt("", (image,))
             elif src_col:
                 caption = Prompt(text, (np.asarray(_to_pil(row[src_col]).convert("RGB")),))
         except KeyError as e:
-            raise ValueError(f"row {index} has no column {e}; columns: {sorted(row)}") from None
+            raise ValueError(f"{label} row {row_index} has no column {e}; columns: {sorted(row)}") from None
         except Exception as e:  # noqa: BLE001 - corrupt files are skipped, counted and reported
             self.skipped += 1
-            log.warning("data row %d skipped (%s: %s); %d skipped so far", index, type(e).__name__, e, self.skipped)
+            self.skipped_by[source] += 1
+            log.warning("%s row %d skipped (%s: %s); %d skipped so far", label, row_index, type(e).__name__, e,
+                        self.skipped)
             return None
-        return {"image": to_tensor(image), "caption": caption, "index": index}
+        out = {"image": to_tensor(image), "caption": caption, "index": index}
+        if self.two:
+            out.update(source=source, row=row_index)
+        return out
 
     def _task(self, index: int) -> str:
-        """t2i / reconstruction per batch, drawn as the shapes stream does (``data.tasks``); edit rows are the
-        rows with a source image."""
-        from experiments.data.shapes import _draw_task
-
-        if not self.tasks or not any(w > 0 for t, w in self.tasks.items() if t != "t2i"):
-            return "t2i"
-        return _draw_task(self.tasks, np.random.default_rng([self.seed, index // self.batch_size, 2]))
+        """t2i / reconstruction / edit of the batch holding data position ``index`` (``batch_task``)."""
+        return batch_task(self.tasks, self.seed, index // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.two:
+            yield from self._iter_two(wid, nw)
+            return
         for index, row in self._rows():
             if ((index - self.start_index) // self.batch_size) % nw != wid:
                 continue
@@ -140,19 +212,42 @@ class HFStream(IterableDataset):
             if item is not None:
                 yield item
 
+    def _iter_two(self, wid: int, nw: int) -> Iterator[dict[str, Any]]:
+        """Batch by batch: draw the task, read ``batch_size`` rows of its source (decoding only this worker's
+        batches); ends when a source it needs runs out."""
+        cfgs = {"hf": self.hf, "hf_edit": self.hf_edit}
+        rows: dict[str, Iterator[tuple[int, dict[str, Any]]]] = {}  # opened at first use, at its start row
+        b, bs = self.start_batch, self.batch_size
+        while True:
+            task = batch_task(self.tasks, self.seed, b)
+            source = "hf_edit" if task == "edit" else "hf"
+            if source not in rows:
+                rows[source] = self._open(cfgs[source], self.starts[source])
+            mine = (b - self.start_batch) % nw == wid
+            for k in range(bs):
+                got = next(rows[source], None)
+                if got is None:
+                    return
+                if mine:
+                    item = self._make(cfgs[source], source, got[0], got[1], task, b * bs + k)
+                    if item is not None:
+                        yield item
+            b += 1
+
 
 class HFDataModule(L.LightningDataModule):
-    """``data.source: hf`` (see module docstring); resumes at ``global_step * batch_size`` rows."""
+    """``data.source: hf`` (see module docstring); resumes at ``global_step * batch_size`` items, each source at
+    its own row when ``hf_edit`` serves the edit batches."""
 
     def __init__(self, hf: dict[str, Any], batch_size: int, size: int, num_workers: int = 0,
-                 tasks: dict[str, float] | None = None, seed: int = 0):
+                 tasks: dict[str, float] | None = None, seed: int = 0, hf_edit: dict[str, Any] | None = None):
         super().__init__()
-        HFStream(hf, size, tasks=tasks)  # validates the keys before a job is launched
+        HFStream(hf, size, batch_size=batch_size, tasks=tasks, seed=seed, hf_edit=hf_edit)  # validates before launch
         self.hf, self.batch_size, self.size, self.num_workers = hf, batch_size, size, num_workers
-        self.tasks, self.seed = tasks, seed
+        self.tasks, self.seed, self.hf_edit = tasks, seed, hf_edit
 
     def train_dataloader(self) -> DataLoader:
         step = self.trainer.global_step if self.trainer is not None else 0
         stream = HFStream(self.hf, self.size, start_index=step * self.batch_size, batch_size=self.batch_size,
-                          tasks=self.tasks, seed=self.seed)
+                          tasks=self.tasks, seed=self.seed, hf_edit=self.hf_edit)
         return DataLoader(stream, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers)
