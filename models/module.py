@@ -9,12 +9,14 @@ The DiT works in ``latent`` space (models/latents.py: ``pixel`` by default, or a
 Batches: {"image": (B, 3, S, S) float in [-1, 1], "caption": list[str | Prompt]}: a ``Prompt`` carries reference
 images (reconstruction, editing), which reach the DiT only as the VLM's image tokens. With ``encoder.verifi`` the
 DiT is conditioned on the VLM's own rewrite of each caption (paper Sec. 3), generated once per distinct caption
-and cached; ``generate(..., verifi=...)`` switches it per call ("flexible inference").
+and cached; ``generate(..., verifi=...)`` switches it per call ("flexible inference"). With ``encoder.cache`` set
+(a folder, or ``auto``), plain encodings are read from / written to a disk feature cache (models/feature_cache.py).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import lightning as L
@@ -52,6 +54,11 @@ class UniFusionModule(L.LightningModule):
         if self.verifi and self.encoder.verifi is None:
             raise ValueError(f"encoder.verifi=true needs a generative VLM preset; {enc_cfg['preset']!r} cannot rewrite")
         self._rewrites: dict[tuple, str] = {}  # VERIFI rewrite cache: prompt key -> decoded rewrite
+        cache = enc_cfg.get("cache")  # absent in configs saved before the key existed: off
+        if cache is not None and (not isinstance(cache, (str, os.PathLike)) or not str(cache)):
+            raise ValueError(f"encoder.cache must be null, 'auto' or a folder path, got {cache!r}")
+        self._cache_root = cache
+        self._feature_cache: Any = None  # models.feature_cache.FeatureCache, built at the first encode
         n_layers = len(self.encoder.layer_ids)
         self.conditioner = build_conditioner(
             config["candidate"],
@@ -101,11 +108,35 @@ class UniFusionModule(L.LightningModule):
         digests = tuple(hashlib.sha1(np.ascontiguousarray(np.asarray(im)).tobytes()).hexdigest() for im in p.images)
         return (p.text, digests)
 
+    def feature_cache(self) -> Any:
+        """The disk feature cache of ``encoder.cache`` (built on first use), or None when it is off."""
+        if self._cache_root is None:
+            return None
+        if self._feature_cache is None:
+            from models.feature_cache import FeatureCache
+
+            root = self._cache_root
+            if root == "auto":
+                from models.tiny_vlm import cache_dir
+
+                root = cache_dir() / "features"
+            self._feature_cache = FeatureCache(root, self.encoder)
+        return self._feature_cache
+
+    def on_train_end(self) -> None:
+        if self._feature_cache is not None:  # write this run's new entries now, not only at interpreter exit
+            self._feature_cache.flush()
+
     def encode(self, prompts: list, verifi: bool | None = None) -> EncoderOutput:
-        """Encoder features of captions/prompts; with VERIFI, of their (cached) rewrites."""
+        """Encoder features of captions/prompts; with VERIFI, of their (cached) rewrites.
+
+        Plain encodings go through the disk feature cache when ``encoder.cache`` is set; VERIFI encodings never
+        do (the cache keys prompts, not rewrites: the rewrites are cached in memory in ``self._rewrites``).
+        """
         verifi = self.verifi if verifi is None else verifi
         if not verifi:
-            return self.encoder(prompts)
+            cache = self.feature_cache()
+            return self.encoder(prompts) if cache is None else cache(prompts)
         items = [as_prompt(p) for p in prompts]
         keys = [self._key(p) for p in items]
         todo = list({k: p for k, p in zip(keys, items, strict=True) if k not in self._rewrites}.items())
@@ -215,7 +246,7 @@ class UniFusionModule(L.LightningModule):
             if not all(p.images for p in items):
                 raise ValueError("image_steps (zero-shot editing) needs every prompt to carry an image")
             k = round(image_steps * steps)
-            phases = [(self.encoder([Prompt("", p.images) for p in items]), k),
+            phases = [(self.encode([Prompt("", p.images) for p in items], verifi=False), k),
                       (self.encode([p.text for p in items], verifi), steps - k)]
         b = len(items)
         cond_mod = self.ema.module["conditioner"] if use_ema else self.conditioner
