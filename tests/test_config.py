@@ -32,7 +32,8 @@ def test_conditioning_candidates_grid():
     assert names == ["t5", "last_layer", "kv_fusion", "hsi", "lap", "untrained"]
     by = {r.name: r.config for r in runs}
     assert by["t5"]["encoder"]["preset"] == "tiny-t5"
-    assert by["lap"]["encoder"]["stride"] == 3 and by["lap"]["conditioner"]["refiner_blocks"] == 2
+    assert by["lap"]["encoder"]["preset"] == "tiny-vlm" and by["lap"]["conditioner"]["refiner_blocks"] == 2
+    assert by["lap"]["encoder"]["stride"] == 1 and by["lap"]["encoder"]["start"] == 1  # all 4 tiny-VLM layers
     assert by["untrained"]["train"]["steps"] == 0
     # same config -> same directory; any change -> a new one
     assert len({r.dirname for r in runs}) == len(runs)
