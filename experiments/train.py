@@ -92,8 +92,15 @@ def trainer_kwargs(config: dict[str, Any], gpu: bool) -> dict[str, Any]:
         # EMA -- sits in the root unit. Lightning's FSDP keeps use_orig_params=True, needed with frozen parameters.
         strategy = FSDPStrategy(auto_wrap_policy={DiTBlock})
     precision = t["precision"] if t["precision"] != "auto" else ("bf16-mixed" if gpu else "32-true")
-    return {"accelerator": "gpu" if gpu else "cpu", "devices": t["devices"], "num_nodes": t["num_nodes"],
-            "strategy": strategy, "precision": precision}
+    kw = {"accelerator": "gpu" if gpu else "cpu", "devices": t["devices"], "num_nodes": t["num_nodes"],
+          "strategy": strategy, "precision": precision}
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        # Under srun: ranks come from SLURM, but the requeue is submitit's (Checkpointable.checkpoint); Lightning's
+        # own SIGUSR1 requeue would race it and requeue the job twice (notes/model_anchors.md section 3).
+        kw["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+    return kw
 
 
 def apply_model_settings(module, config: dict[str, Any]) -> None:

@@ -86,7 +86,27 @@ def test_training_with_activation_checkpointing_matches_training_without(tmp_pat
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_default_trainer_settings_are_the_old_single_device_ones() -> None:
+@pytest.fixture
+def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside any SLURM job, even when the tests themselves run inside an allocation."""
+    for var in ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_under_srun_lightning_leaves_the_requeue_to_submitit(monkeypatch: pytest.MonkeyPatch, no_slurm) -> None:
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    assert "plugins" not in trainer_kwargs(load_base(), gpu=False)
+    monkeypatch.setenv("SLURM_NTASKS", "8")  # what srun sets for submitit's tasks_per_node=8
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
+    monkeypatch.setenv("SLURM_JOB_NAME", "unifusion")
+    plugins = trainer_kwargs(load_base(), gpu=True)["plugins"]
+    assert len(plugins) == 1 and isinstance(plugins[0], SLURMEnvironment) and plugins[0].auto_requeue is False
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # Lightning's opt-out: launched by hand in an allocation
+    assert "plugins" not in trainer_kwargs(load_base(), gpu=False)
+
+
+def test_default_trainer_settings_are_the_old_single_device_ones(no_slurm) -> None:
     cfg = load_base()
     common = {"devices": 1, "num_nodes": 1, "strategy": "auto"}
     assert trainer_kwargs(cfg, gpu=False) == {"accelerator": "cpu", "precision": "32-true", **common}
