@@ -219,6 +219,18 @@ def _decode_image(img: Any, where: str) -> Any:
     return Image.fromarray(arr)
 
 
+
+def image_digest(image: Any, where: str = "image") -> str:
+    """32-hex-digit blake2b of an image as the encoder sees it (decoded to RGB uint8: shape + bytes), so an array,
+    its PIL image and a PNG of the same pixels share one digest: the key of cached features and rewrites."""
+    import numpy as np
+
+    arr = np.ascontiguousarray(np.asarray(_decode_image(image, where), dtype=np.uint8))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(arr.shape).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
 class FrozenEncoder(nn.Module):
     """A frozen HF text encoder or VLM that returns selected hidden states of the user's content.
 

@@ -60,13 +60,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from models.encoders import EncoderOutput, Prompt, _decode_image, as_prompt, encoder_fingerprint
+from models.encoders import EncoderOutput, Prompt, as_prompt, encoder_fingerprint, image_digest
 
 FORMAT = "unifusion-feature-cache/1"  # text-only keys are unchanged from the first version, so old shards still hit
 _IDS = ":ids"  # suffix of an entry's token-id tensor
@@ -74,15 +73,6 @@ _IDS = ":ids"  # suffix of an entry's token-id tensor
 
 class CorruptShardError(ValueError):
     """A shard file of the cache cannot be read or belongs to another encoder; the message names the file."""
-
-
-def image_digest(image: Any, where: str = "image") -> str:
-    """32-hex-digit blake2b of an image as the encoder sees it (decoded to RGB uint8: shape + bytes)."""
-    arr = np.ascontiguousarray(np.asarray(_decode_image(image, where), dtype=np.uint8))
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr(arr.shape).encode())
-    h.update(arr.tobytes())
-    return h.hexdigest()
 
 
 class _Writer:

@@ -103,10 +103,10 @@ class UniFusionModule(L.LightningModule):
     # ---------------------------------------------------------------- conditioning
     @staticmethod
     def _key(p: Prompt) -> tuple:
-        import hashlib
+        """VERIFI rewrite-cache key: the text and the decoded pixels of every image."""
+        from models.encoders import image_digest
 
-        digests = tuple(hashlib.sha1(np.ascontiguousarray(np.asarray(im)).tobytes()).hexdigest() for im in p.images)
-        return (p.text, digests)
+        return (p.text, tuple(image_digest(im) for im in p.images))
 
     def feature_cache(self) -> Any:
         """The disk feature cache of ``encoder.cache`` (built on first use), or None when it is off."""

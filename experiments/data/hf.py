@@ -45,6 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from experiments.data.datamodule import collate
+from experiments.data.shapes import batch_task
 
 log = logging.getLogger(__name__)
 HF_KEYS = ("path", "name", "data_files", "split", "image_column", "caption_column", "source_image_column")
@@ -72,16 +73,6 @@ def _to_pil(value: Any) -> Image.Image:
         img.load()
         return img
     raise ValueError(f"not an image: {type(value).__name__}")
-
-
-def batch_task(tasks: dict[str, float] | None, seed: int, batch: int) -> str:
-    """The task of global batch ``batch``: drawn from ``data.tasks`` as the shapes stream does (rng
-    ``[seed, batch, 2]``); "t2i" when no other task has weight."""
-    from experiments.data.shapes import _draw_task
-
-    if not tasks or not any(w > 0 for t, w in tasks.items() if t != "t2i"):
-        return "t2i"
-    return _draw_task(tasks, np.random.default_rng([seed, batch, 2]))
 
 
 def source_rows(tasks: dict[str, float] | None, seed: int, step: int, batch_size: int) -> dict[str, int]:

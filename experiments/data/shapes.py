@@ -512,10 +512,9 @@ def stream_item(seed: int, index: int, size: int = 32, long_caption_prob: float 
     description in every batch would triple the condition length of every step.
     Returns ``{"image": float32 (3, S, S) in [-1, 1], "caption": str, "scene": dict, "index": int}``.
     """
-    if tasks is not None and any(w > 0 for t, w in tasks.items() if t != "t2i"):
-        task = _draw_task(tasks, np.random.default_rng([seed, index // caption_block, 2]))
-        if task != "t2i":
-            return _image_item(seed, index, size, task)
+    task = batch_task(tasks, seed, index // caption_block)
+    if task != "t2i":
+        return _image_item(seed, index, size, task)
     rng = np.random.default_rng([seed, index])
     coin = rng.random()
     if caption_block > 1:
@@ -528,6 +527,14 @@ def stream_item(seed: int, index: int, size: int = 32, long_caption_prob: float 
         scene = scene_for_prompt(meta, rng, size)
         text = meta["prompt"]
     return {"image": to_tensor(render(scene)), "caption": text, "scene": scene.to_json(), "index": index}
+
+
+def batch_task(tasks: dict[str, float] | None, seed: int, batch: int) -> str:
+    """The task of batch ``batch`` of a training stream (shapes or HF): drawn from ``data.tasks`` with rng
+    ``[seed, batch, 2]``; "t2i" when no other task has weight."""
+    if not tasks or not any(w > 0 for t, w in tasks.items() if t != "t2i"):
+        return "t2i"
+    return _draw_task(tasks, np.random.default_rng([seed, batch, 2]))
 
 
 def _draw_task(tasks: dict[str, float], rng: np.random.Generator) -> str:
