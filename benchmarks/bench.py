@@ -383,6 +383,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     from evals.files import atomic_write_text
 
     name = "bench.csv" if a.device == "cpu" else f"bench_{a.device.split(':')[0]}.csv"
+    if a.only and (a.out / name).exists():  # a subset re-run replaces its own rows and keeps the others
+        old = pd.read_csv(a.out / name)
+        old = old[~old["figure"].isin(df["figure"])]
+        df = pd.concat([old, df], ignore_index=True)
     atomic_write_text(a.out / name, df.to_csv(index=False))
     print(f"wrote {a.out / name}")
     return df
