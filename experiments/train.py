@@ -46,7 +46,7 @@ def config_columns(config: dict[str, Any]) -> dict[str, Any]:
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 TRAINER_DEFAULTS: dict[str, Any] = {  # = base.yaml's trainer section; configs saved before it existed get these
-    "strategy": "auto", "precision": "auto", "devices": 1, "num_nodes": 1,
+    "strategy": "auto", "precision": "auto", "devices": 1, "num_nodes": 1, "accumulate_grad_batches": None,
     "activation_checkpointing": False, "compile": False,
 }
 
@@ -66,6 +66,9 @@ def trainer_settings(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"trainer.devices must be a positive int or 'auto', got {t['devices']!r}")
     if isinstance(t["num_nodes"], bool) or not isinstance(t["num_nodes"], int) or t["num_nodes"] < 1:
         raise ValueError(f"trainer.num_nodes must be a positive int, got {t['num_nodes']!r}")
+    acc = t["accumulate_grad_batches"]
+    if acc is not None and (isinstance(acc, bool) or not isinstance(acc, int) or acc < 1):
+        raise ValueError(f"trainer.accumulate_grad_batches must be a positive int or null, got {acc!r}")
     for flag in ("activation_checkpointing", "compile"):
         if not isinstance(t[flag], bool):
             raise ValueError(f"trainer.{flag} must be true or false, got {t[flag]!r}")
@@ -84,6 +87,9 @@ def trainer_kwargs(config: dict[str, Any], gpu: bool) -> dict[str, Any]:
         # so in a batch without one its parameter gets no gradient: plain DDP would stop with an error.
         strategy = "ddp_find_unused_parameters_true"
     elif strategy == "fsdp":
+        if not gpu:  # say so before anything is built (Lightning would, but only once the Trainer exists)
+            raise ValueError("trainer.strategy 'fsdp' needs GPUs (Lightning's FSDP has no CPU path); on CPU use "
+                             "'ddp' (gloo) or 'auto'")
         from lightning.pytorch.strategies import FSDPStrategy
 
         from models.dit import DiTBlock
@@ -93,7 +99,7 @@ def trainer_kwargs(config: dict[str, Any], gpu: bool) -> dict[str, Any]:
         strategy = FSDPStrategy(auto_wrap_policy={DiTBlock})
     precision = t["precision"] if t["precision"] != "auto" else ("bf16-mixed" if gpu else "32-true")
     kw = {"accelerator": "gpu" if gpu else "cpu", "devices": t["devices"], "num_nodes": t["num_nodes"],
-          "strategy": strategy, "precision": precision}
+          "strategy": strategy, "precision": precision, "accumulate_grad_batches": t["accumulate_grad_batches"] or 1}
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     if SLURMEnvironment.detect():
@@ -132,6 +138,7 @@ def resumable_csv_logger(run_dir: Path, resume_at: int | None):
 
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+    from lightning.pytorch.loggers.logger import rank_zero_experiment
 
     class KeepingWriter(ExperimentWriter):
         def _check_log_dir_exists(self) -> None:
@@ -152,6 +159,7 @@ def resumable_csv_logger(run_dir: Path, resume_at: int | None):
 
     class ResumableCSVLogger(CSVLogger):
         @property
+        @rank_zero_experiment  # as the stock logger: under DDP only rank 0 opens (and here rewrites) the log
         def experiment(self) -> ExperimentWriter:
             if self._experiment is None:
                 Path(self.root_dir).mkdir(parents=True, exist_ok=True)
@@ -184,7 +192,8 @@ def save_final(module, path: Path) -> Path:
 
 def datamodule(config: dict[str, Any]) -> Any:
     """The shapes world (default) or an HF dataset (``data.source: hf``, experiments/data/hf.py; edit batches
-    from ``data.hf_edit`` when set): a LightningDataModule that resumes at ``global_step * batch_size`` items."""
+    from ``data.hf_edit`` when set): a LightningDataModule that resumes at data position
+    ``global_step * accumulate_grad_batches * world_size * batch_size``, each training rank reading its own batches."""
     from experiments.data.datamodule import ShapesDataModule
 
     dcfg, tcfg = config["data"], config["train"]

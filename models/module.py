@@ -167,8 +167,11 @@ class UniFusionModule(L.LightningModule):
         features, mask = enc.features.to(x0.device), enc.mask.to(x0.device)
         b = x0.shape[0]
         fcfg = self.config["flow"]
-        # All training randomness comes from (seed, step, rank): a resumed run draws exactly what it would have.
-        g = torch.Generator().manual_seed((self.config["seed"] << 40) + (self.global_rank << 32) + self.global_step)
+        # All training randomness comes from (seed, global batch number), the batch's place in the data stream
+        # (= global_step with one device and no accumulation): a resumed run draws exactly what it would have, and
+        # DDP over k ranks draws what one process accumulating k batches per step draws.
+        n = int(batch["index"][0]) // self.config["train"]["batch_size"]
+        g = torch.Generator().manual_seed((self.config["seed"] << 40) + n)
         drop = (torch.rand(b, generator=g) < fcfg["p_uncond"]).to(x0.device)
         eps = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
         s = sample_sigmas(b, g, fcfg["logit_mean"], fcfg["logit_std"], fcfg["shift"]).to(x0.device)

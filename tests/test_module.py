@@ -28,7 +28,7 @@ def perturb(module: torch.nn.Module) -> None:
 
 def batch(b: int = 3) -> dict:
     g = torch.Generator().manual_seed(0)
-    return {"image": torch.rand(b, 3, 32, 32, generator=g) * 2 - 1, "caption": PROMPTS[:b]}
+    return {"image": torch.rand(b, 3, 32, 32, generator=g) * 2 - 1, "caption": PROMPTS[:b], "index": torch.arange(b)}
 
 
 @pytest.mark.parametrize("candidate", ["last_layer", "kv_fusion", "hsi", "lap"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from experiments.config import load_base, merge
+from experiments.data.datamodule import collate
 from experiments.data.shapes import ShapesStream, render, sample_scene
 from models.encoders import Prompt
 from models.module import UniFusionModule
@@ -100,7 +101,7 @@ def test_edit_and_reconstruction_batches_train() -> None:
     with torch.no_grad():  # adaLN-zero: no gradient reaches the conditioner until the DiT's gates open
         for p in m.dit.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    batch = {"image": torch.stack([it["image"] for it in items[:4]]), "caption": [it["caption"] for it in items[:4]]}
+    batch = collate(items[:4])
     loss = m.training_step(batch, 0)
     assert torch.isfinite(loss)
     loss.backward()

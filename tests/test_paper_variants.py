@@ -314,10 +314,49 @@ def test_two_sources_datamodule_resumes_at_the_trainer_step(two_sources) -> None
     expected = _expected(0, 2)
     first = next(iter(dm.train_dataloader()))
     assert first["index"].tolist() == [0, 1] and tuple(first["image"].shape) == (2, 3, 16, 16)
-    dm.trainer = SimpleNamespace(global_step=6)  # an edit batch (rows 4, 5 of data.hf_edit)
+    def trainer(step: int, rank: int = 0, world: int = 1) -> SimpleNamespace:
+        return SimpleNamespace(global_step=step, global_rank=rank, world_size=world, accumulate_grad_batches=1)
+
+    dm.trainer = trainer(6)  # rows 4, 5 of data.hf_edit
     batch = next(iter(dm.train_dataloader()))
     assert batch["index"].tolist() == [12, 13] and expected[12][1:] == ("edit", "hf_edit", 4)
     assert [c.text for c in batch["caption"]] == ["edit 4", "edit 5"]
+    dm.trainer = trainer(3, 0, 2)  # DDP: step 3 = global batches 6, 7
+    assert next(iter(dm.train_dataloader()))["index"].tolist() == [12, 13]
+    dm.trainer = trainer(3, 1, 2)  # global batch 3 * 2 + 1 = 7
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["index"].tolist() == [14, 15] and expected[14][1:] == ("reconstruction", "hf", 8)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("two", [False, True], ids=["one_source", "two_sources"])
+def test_hf_ranks_read_their_own_batches(two_sources, two: bool, workers: int, monkeypatch) -> None:
+    """Under DDP each rank (and each of its workers) reads its own batches of the world-1 stream, and together
+    they read every item of it once, from a resumed position too."""
+    from types import SimpleNamespace
+
+    import experiments.data.hf as hfmod
+    from experiments.data.hf import HFStream
+
+    hf, hf_edit = two_sources
+    kw = {"batch_size": 2, "tasks": MIX, "seed": 0, "hf_edit": hf_edit} if two else {"batch_size": 2}
+    world, step, bs = 2, 1, 2
+    start = step * world * bs
+    tail = [it for it in HFStream(hf, size=16, **kw) if it["index"] >= start]
+    assert len(tail) >= 6
+    got = []
+    for rank in range(world):
+        for wid in range(workers):
+            monkeypatch.setattr(hfmod, "get_worker_info", lambda wid=wid: SimpleNamespace(id=wid, num_workers=workers))
+            mine = list(HFStream(hf, size=16, start_index=start, rank=rank, world_size=world, **kw))
+            offsets = [(it["index"] - start) // bs for it in mine]
+            assert mine and all(o % world == rank and (o // world) % workers == wid for o in offsets)
+            assert offsets == sorted(offsets)  # in row order within a rank's worker
+            got += mine
+    assert sorted(_key(it) if two else (it["index"], it["caption"]) for it in got) == \
+        sorted(_key(it) if two else (it["index"], it["caption"]) for it in tail)
+    with pytest.raises(ValueError, match="rank must be in"):
+        HFStream(hf, size=16, rank=-1, world_size=2)
 
 
 def test_two_sources_errors(two_sources) -> None:

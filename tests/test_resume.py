@@ -52,9 +52,19 @@ def test_preempted_run_resumes_exactly(tmp_path: Path) -> None:
 
 def test_datamodule_starts_where_training_stopped() -> None:
     class FakeTrainer:
-        global_step = 5
+        global_step, global_rank, world_size, accumulate_grad_batches = 5, 0, 1, 1
 
     dm = ShapesDataModule(seed=3, batch_size=4)
     dm.trainer = FakeTrainer()
     first = next(iter(dm.train_dataloader()))
     assert first["index"].tolist() == [20, 21, 22, 23]
+    # under DDP the position counts every rank's batches: step 5 of 3 ranks starts at global batch 15, and rank 2
+    # reads the third batch of that step
+    FakeTrainer.global_rank, FakeTrainer.world_size = 2, 3
+    loader = iter(dm.train_dataloader())
+    assert next(loader)["index"].tolist() == [68, 69, 70, 71]  # global batch 5 * 3 + 2 = 17
+    assert next(loader)["index"].tolist() == [80, 81, 82, 83]  # its next step: global batch 20
+    # accumulating 2 batches per step: step 5 of 3 ranks starts at global batch 30; rank 2 reads 32, then 35
+    FakeTrainer.accumulate_grad_batches = 2
+    loader = iter(dm.train_dataloader())
+    assert [next(loader)["index"].tolist()[0] for _ in range(2)] == [128, 140]

@@ -1,6 +1,8 @@
-"""Scale settings: activation checkpointing is exact, torch.compile keeps outputs, trainer options are validated.
+"""Scale settings: activation checkpointing is exact, torch.compile keeps outputs, bf16-mixed computes in bf16 on
+fp32 weights, trainer options are validated.
 
-Multi-GPU strategies (DDP, FSDP) cannot run here (no GPU); only how they are configured is checked.
+DDP runs for real on two CPU processes in tests/test_ddp.py; FSDP needs GPUs (Lightning has no CPU path), so only
+how it is configured is checked here.
 """
 
 from __future__ import annotations
@@ -86,6 +88,37 @@ def test_training_with_activation_checkpointing_matches_training_without(tmp_pat
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_bf16_mixed_training_runs_the_model_in_bf16_and_keeps_fp32_weights(tmp_path: Path, monkeypatch) -> None:
+    """``precision: bf16-mixed`` (the GPU default) through train(), here under CPU autocast: the DiT computes in
+    bf16, the optimizer keeps fp32 weights, and the first loss matches fp32 training to bf16 precision."""
+    import pandas as pd
+
+    from models.module import UniFusionModule
+
+    dtypes: list[tuple[torch.dtype, torch.dtype]] = []
+    velocity = UniFusionModule.velocity
+
+    def recording(self, x, s, features, mask, drop=None, ema=False):
+        v = velocity(self, x, s, features, mask, drop, ema)
+        dtypes.append((x.dtype, v.dtype))
+        return v
+
+    monkeypatch.setattr(UniFusionModule, "velocity", recording)
+    plain = train(_small(), tmp_path / "fp32")
+    assert set(dtypes) == {(torch.float32, torch.float32)}
+    dtypes.clear()
+    bf16 = train(_small(trainer={"precision": "bf16-mixed"}), tmp_path / "bf16")
+    assert set(dtypes) == {(torch.float32, torch.bfloat16)}  # fp32 inputs, matmuls in bf16
+    trained = {k: v for k, v in bf16.state_dict().items() if not k.startswith("encoder.")}
+    assert all(v.dtype == torch.float32 for v in trained.values() if v.is_floating_point())
+    losses = [pd.read_csv(tmp_path / run / "logs" / "metrics.csv").dropna(subset=["train/loss"])["train/loss"]
+              for run in ("fp32", "bf16")]
+    assert losses[0].tolist() != losses[1].tolist()  # autocast really changed the arithmetic
+    assert losses[1].iloc[0] == pytest.approx(losses[0].iloc[0], rel=2e-2)  # same init and batch: bf16 rounding
+    a = {k: v for k, v in plain.state_dict().items() if k.startswith("dit.")}
+    assert any(not torch.equal(trained[k], a[k]) for k in a)
+
+
 @pytest.fixture
 def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Outside any SLURM job, even when the tests themselves run inside an allocation."""
@@ -108,14 +141,22 @@ def test_under_srun_lightning_leaves_the_requeue_to_submitit(monkeypatch: pytest
 
 def test_default_trainer_settings_are_the_old_single_device_ones(no_slurm) -> None:
     cfg = load_base()
-    common = {"devices": 1, "num_nodes": 1, "strategy": "auto"}
+    common = {"devices": 1, "num_nodes": 1, "strategy": "auto", "accumulate_grad_batches": 1}
     assert trainer_kwargs(cfg, gpu=False) == {"accelerator": "cpu", "precision": "32-true", **common}
     assert trainer_kwargs(cfg, gpu=True) == {"accelerator": "gpu", "precision": "bf16-mixed", **common}
     old = {k: v for k, v in cfg.items() if k != "trainer"}  # a config saved before the section existed
     assert trainer_kwargs(old, gpu=False) == trainer_kwargs(cfg, gpu=False)
-    explicit = merge(cfg, {"trainer": {"precision": "bf16-mixed", "devices": "auto", "num_nodes": 2}})
+    explicit = merge(cfg, {"trainer": {"precision": "bf16-mixed", "devices": "auto", "num_nodes": 2,
+                                       "accumulate_grad_batches": 4}})
     kw = trainer_kwargs(explicit, gpu=False)
     assert (kw["precision"], kw["devices"], kw["num_nodes"]) == ("bf16-mixed", "auto", 2)
+    assert kw["accumulate_grad_batches"] == 4
+    # null (the default) keeps run folders' names: the key is left out of the run hash until it is set
+    from experiments.config import config_hash
+
+    before = {**cfg, "trainer": {k: v for k, v in cfg["trainer"].items() if k != "accumulate_grad_batches"}}
+    assert config_hash(cfg) == config_hash(before)
+    assert config_hash(cfg) != config_hash(merge(cfg, {"trainer": {"accumulate_grad_batches": 2}}))
 
 
 def test_multi_device_strategies_are_configured_for_this_model() -> None:
@@ -128,6 +169,8 @@ def test_multi_device_strategies_are_configured_for_this_model() -> None:
     fsdp = trainer_kwargs(merge(cfg, {"trainer": {"strategy": "fsdp"}}), gpu=True)["strategy"]
     assert isinstance(fsdp, FSDPStrategy) and fsdp.kwargs["use_orig_params"] is True  # frozen + trainable mixed
     assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}  # one FSDP unit per DiT block
+    with pytest.raises(ValueError, match="'fsdp' needs GPUs .* on CPU use 'ddp'"):
+        trainer_kwargs(merge(cfg, {"trainer": {"strategy": "fsdp"}}), gpu=False)
 
 
 @pytest.mark.parametrize(("key", "value", "match"), [
@@ -137,6 +180,7 @@ def test_multi_device_strategies_are_configured_for_this_model() -> None:
     ("num_nodes", "2", "positive int"),
     ("compile", "yes", "trainer.compile must be true or false"),
     ("activation_checkpointing", 1, "must be true or false"),
+    ("accumulate_grad_batches", 0, "accumulate_grad_batches must be a positive int or null, got 0"),
 ])
 def test_bad_trainer_values_are_rejected_with_the_choices(key: str, value, match: str, tmp_path: Path) -> None:
     cfg = merge(load_base(), {"trainer": {key: value}})

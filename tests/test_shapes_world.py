@@ -22,6 +22,7 @@ from experiments.data.shapes import (
     Scene,
     ShapesStream,
     describe,
+    owns_batch,
     relative_position,
     render,
     render_geneval_folder,
@@ -280,6 +281,32 @@ def test_stream_workers_split_by_index() -> None:
     loader = DataLoader(batched, batch_size=4, num_workers=2, collate_fn=lambda xs: [x["index"] for x in xs])
     order = [i for _, b in zip(range(3), loader, strict=False) for i in b]
     assert order == list(range(3, 15))
+
+
+@pytest.mark.parametrize(("world", "workers"), [(2, 0), (2, 2), (3, 2)])
+def test_stream_ranks_read_disjoint_batches_that_tile_the_global_batch(world: int, workers: int) -> None:
+    """DDP ranks (x DataLoader workers): step s of the job reads global batches s*world .. s*world + world - 1,
+    rank r the r-th of them, so together they read the world-1 stream's items in order, none twice."""
+    bs, steps, start_step = 3, 4, 2
+    start = start_step * world * bs  # a run resumed at step 2
+    per_rank = []
+    for rank in range(world):
+        stream = ShapesStream(seed=2, start_index=start, batch_size=bs, rank=rank, world_size=world)
+        loader = DataLoader(stream, batch_size=bs, num_workers=workers,
+                            collate_fn=lambda xs: [x["index"] for x in xs])
+        per_rank.append([b for _, b in zip(range(steps), loader, strict=False)])
+    order = [i for s in range(steps) for r in range(world) for i in per_rank[r][s]]
+    assert order == list(range(start, start + steps * world * bs))
+    # indices() is owns_batch solved for the offset: each (rank, worker) yields exactly the blocks it owns
+    for rank in range(world):
+        stream = ShapesStream(seed=2, start_index=start, batch_size=bs, rank=rank, world_size=world)
+        for wid in range(max(workers, 1)):
+            got = [i for _, i in zip(range(5 * bs), stream.indices(wid, max(workers, 1)), strict=False)]
+            offsets = sorted({(i - start) // bs for i in got})
+            owned = [o for o in range(offsets[-1] + 1) if owns_batch(o, rank, world, wid, max(workers, 1))]
+            assert offsets == owned and len(offsets) == 5
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size\).*rank=2, world_size=2"):
+        ShapesStream(seed=0, rank=2, world_size=2)
 
 
 def test_write_geneval_metadata(tmp_path) -> None:

@@ -1,7 +1,11 @@
 """Lightning data module over the seeded shapes stream, resumable at the exact sample.
 
-Item i of the stream is a pure function of (seed, i), so the data position is just ``global_step * batch_size``:
-a run resumed from a checkpoint continues with exactly the samples an uninterrupted run would have seen.
+Item i of the stream is a pure function of (seed, i), and an optimizer step consumes accumulate_grad_batches ×
+world_size batches of it, so the data position at step s is ``s * accumulate_grad_batches * world_size *
+batch_size``: a run resumed from a checkpoint continues with exactly the samples an uninterrupted run would have
+seen. Under DDP/FSDP each rank reads its own batches of the stream (``shapes.owns_batch``: rank r reads global
+batches r, r + world_size, ...): Lightning shards only map-style datasets, never an ``IterableDataset``, so without
+this every rank would train on the same batch.
 """
 
 from __future__ import annotations
@@ -24,6 +28,18 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def trainer_position(trainer: L.Trainer | None) -> tuple[int, int, int]:
+    """(global batches consumed so far, global rank, world size) of the trainer a data module serves.
+
+    The first is ``global_step * accumulate_grad_batches * world_size`` (every rank reads its own batch of each
+    micro-step); (0, 0, 1) without a trainer.
+    """
+    if trainer is None:
+        return 0, 0, 1
+    world = int(trainer.world_size)
+    return int(trainer.global_step) * int(trainer.accumulate_grad_batches) * world, int(trainer.global_rank), world
+
+
 class ShapesDataModule(L.LightningDataModule):
     def __init__(
         self, seed: int, batch_size: int, size: int = 32, long_caption_prob: float = 0.2, num_workers: int = 0,
@@ -35,10 +51,10 @@ class ShapesDataModule(L.LightningDataModule):
         self.long_caption_prob, self.num_workers = long_caption_prob, num_workers
 
     def train_dataloader(self) -> DataLoader:
-        step = self.trainer.global_step if self.trainer is not None else 0
+        start_batch, rank, world = trainer_position(self.trainer)
         stream = ShapesStream(
             seed=self.seed, size=self.size, long_caption_prob=self.long_caption_prob,
-            start_index=step * self.batch_size, batch_size=self.batch_size,  # workers take whole batches
-            tasks=self.tasks,
+            start_index=start_batch * self.batch_size, batch_size=self.batch_size,  # workers take whole batches
+            tasks=self.tasks, rank=rank, world_size=world,
         )
         return DataLoader(stream, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers)

@@ -13,9 +13,10 @@ with ``data_files``. Rows are read in the dataset's order (shuffle it when you b
 rows after a requeue), streamed, so a 800M-row set never lands on local disk.
 
 One source (``hf_edit: null``): row i of the stream is item i; the data position of a run is
-``global_step * batch_size``, as for the shapes world, and ``skip`` resumes there. Each batch's task is drawn from
-``data.tasks`` (seeded by (seed, batch index)): reconstruction batches condition on the image itself; with
-``source_image_column`` every other batch is an edit batch (the rows are edit pairs).
+``global_step * accumulate_grad_batches * world_size * batch_size``, as for the shapes world, and ``skip`` resumes
+there. Each batch's task is drawn from ``data.tasks`` (seeded by (seed, batch index)): reconstruction batches
+condition on the image itself; with ``source_image_column`` every other batch is an edit batch (the rows are edit
+pairs).
 
 Two sources (``hf_edit`` set and ``data.tasks.edit > 0``): the task of each batch is drawn the same way;
 text-to-image and reconstruction batches take the next ``batch_size`` rows of ``data.hf``, edit batches the next
@@ -25,8 +26,11 @@ its data position (batch * batch_size + k); it also carries ``source`` ("hf" / "
 
 Items have the shapes world's format: ``{"image": (3, S, S) float in [-1, 1], "caption": str | Prompt, "index"}``;
 for an edit pair the caption is ``Prompt(instruction, (source image,))``, so the source image reaches the DiT only
-through the VLM. Images are centre-cropped to a square and resized to S (Lanczos). With W DataLoader workers,
-worker k yields the items of batches k, k + W, ... (every worker reads every row, decoding only its own).
+through the VLM. Images are centre-cropped to a square and resized to S (Lanczos). Batches are dealt out as in the
+shapes world (``shapes.owns_batch``): under DDP/FSDP rank r takes batches r, r + world_size, ...; with W
+DataLoader workers, worker k of a rank takes that rank's batches k, k + W, ... Every worker of every rank reads
+every row and decodes only its own (what ``datasets.distributed.split_dataset_by_node`` also does when the files
+do not divide among the ranks); the order is the dataset's whatever the number of ranks and workers.
 A row whose image does not decode, or whose caption is empty, is skipped, counted and reported (a warning
 naming the source, the row and the running count); it is never silently dropped. The resume position counts
 rows (B per batch), so exact resume holds for data without bad rows; a skipped row shifts later batch
@@ -44,8 +48,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from experiments.data.datamodule import collate
-from experiments.data.shapes import batch_task
+from experiments.data.datamodule import collate, trainer_position
+from experiments.data.shapes import batch_task, check_rank, owns_batch
 
 log = logging.getLogger(__name__)
 HF_KEYS = ("path", "name", "data_files", "split", "image_column", "caption_column", "source_image_column")
@@ -75,11 +79,12 @@ def _to_pil(value: Any) -> Image.Image:
     raise ValueError(f"not an image: {type(value).__name__}")
 
 
-def source_rows(tasks: dict[str, float] | None, seed: int, step: int, batch_size: int) -> dict[str, int]:
-    """Two-source position at global step ``step``: rows of ``data.hf`` / ``data.hf_edit`` read by batches
-    0 .. step - 1 (each batch reads ``batch_size`` rows of the source its task names)."""
-    n_edit = sum(batch_task(tasks, seed, b) == "edit" for b in range(step))
-    return {"hf": (step - n_edit) * batch_size, "hf_edit": n_edit * batch_size}
+def source_rows(tasks: dict[str, float] | None, seed: int, batches: int, batch_size: int) -> dict[str, int]:
+    """Two-source position after ``batches`` batches (over all ranks: global step × world size): rows of
+    ``data.hf`` / ``data.hf_edit`` read by batches 0 .. batches - 1 (each batch reads ``batch_size`` rows of the
+    source its task names)."""
+    n_edit = sum(batch_task(tasks, seed, b) == "edit" for b in range(batches))
+    return {"hf": (batches - n_edit) * batch_size, "hf_edit": n_edit * batch_size}
 
 
 def _check_keys(cfg: dict[str, Any], name: str) -> None:
@@ -92,14 +97,18 @@ class HFStream(IterableDataset):
     """Stream of items from one HF dataset (``hf``), or two (``hf`` + ``hf_edit`` for edit batches), starting at
     data position ``start_index`` (see module docstring).
 
-    With W DataLoader workers and ``batch_size`` B, worker k yields the rows of batches k, k + W, ... so batches
-    arrive in row order, as ``ShapesStream`` does.
+    Batches of ``batch_size`` rows are dealt to training ranks and DataLoader workers by ``owns_batch`` (rank
+    ``rank`` of ``world_size``), so each rank's batches arrive in row order, as ``ShapesStream``'s do.
     """
 
     def __init__(self, hf: dict[str, Any], size: int, start_index: int = 0, batch_size: int = 1,
-                 tasks: dict[str, float] | None = None, seed: int = 0, hf_edit: dict[str, Any] | None = None):
+                 tasks: dict[str, float] | None = None, seed: int = 0, hf_edit: dict[str, Any] | None = None,
+                 rank: int = 0, world_size: int = 1):
         super().__init__()
         from experiments.data.shapes import _draw_task
+
+        check_rank(rank, world_size)
+        self.rank, self.world_size = rank, world_size
 
         if tasks:
             _draw_task(tasks, np.random.default_rng(0))  # validates names and weights before any row is read
@@ -197,7 +206,7 @@ class HFStream(IterableDataset):
             yield from self._iter_two(wid, nw)
             return
         for index, row in self._rows():
-            if ((index - self.start_index) // self.batch_size) % nw != wid:
+            if not owns_batch((index - self.start_index) // self.batch_size, self.rank, self.world_size, wid, nw):
                 continue
             item = self.item(index, row)
             if item is not None:
@@ -214,7 +223,7 @@ class HFStream(IterableDataset):
             source = "hf_edit" if task == "edit" else "hf"
             if source not in rows:
                 rows[source] = self._open(cfgs[source], self.starts[source])
-            mine = (b - self.start_batch) % nw == wid
+            mine = owns_batch(b - self.start_batch, self.rank, self.world_size, wid, nw)
             for k in range(bs):
                 got = next(rows[source], None)
                 if got is None:
@@ -227,8 +236,8 @@ class HFStream(IterableDataset):
 
 
 class HFDataModule(L.LightningDataModule):
-    """``data.source: hf`` (see module docstring); resumes at ``global_step * batch_size`` items, each source at
-    its own row when ``hf_edit`` serves the edit batches."""
+    """``data.source: hf`` (see module docstring); resumes at the trainer's data position (``trainer_position``),
+    each source at its own row when ``hf_edit`` serves the edit batches; each training rank reads its own batches."""
 
     def __init__(self, hf: dict[str, Any], batch_size: int, size: int, num_workers: int = 0,
                  tasks: dict[str, float] | None = None, seed: int = 0, hf_edit: dict[str, Any] | None = None):
@@ -238,7 +247,7 @@ class HFDataModule(L.LightningDataModule):
         self.tasks, self.seed, self.hf_edit = tasks, seed, hf_edit
 
     def train_dataloader(self) -> DataLoader:
-        step = self.trainer.global_step if self.trainer is not None else 0
-        stream = HFStream(self.hf, self.size, start_index=step * self.batch_size, batch_size=self.batch_size,
-                          tasks=self.tasks, seed=self.seed, hf_edit=self.hf_edit)
+        start_batch, rank, world = trainer_position(self.trainer)
+        stream = HFStream(self.hf, self.size, start_index=start_batch * self.batch_size, batch_size=self.batch_size,
+                          tasks=self.tasks, seed=self.seed, hf_edit=self.hf_edit, rank=rank, world_size=world)
         return DataLoader(stream, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers)

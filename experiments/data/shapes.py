@@ -562,18 +562,41 @@ def _image_item(seed: int, index: int, size: int, task: str) -> dict[str, Any]:
     return {"image": to_tensor(render(target)), "caption": prompt, "scene": target.to_json(), "index": index}
 
 
+def check_rank(rank: int, world_size: int) -> None:
+    """A training rank/world size pair a stream can shard by (ValueError otherwise)."""
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank={rank!r}, "
+                         f"world_size={world_size!r}")
+
+
+def owns_batch(offset: int, rank: int = 0, world_size: int = 1, worker: int = 0, workers: int = 1) -> bool:
+    """Whether DataLoader worker ``worker`` of training rank ``rank`` reads the batch ``offset`` batches after a
+    stream's start.
+
+    Ranks take turns first (rank r reads batches r, r + world_size, ...: one training step consumes the next
+    world_size batches, one per rank), then a rank's workers take turns over its batches (the DataLoader's
+    round-robin fetch order), so every rank gets its batches in order and no batch is read twice.
+    """
+    return offset % world_size == rank and (offset // world_size) % workers == worker
+
+
 class ShapesStream(IterableDataset):
     """Infinite, exactly resumable stream of (image, caption) items of the shapes world.
 
-    Item i is ``stream_item(seed, i, ...)``; iteration starts at ``start_index``. Under a DataLoader with W
-    workers, worker k yields indices ``start_index + k + j*W`` (j = 0, 1, ...). If ``batch_size`` is given,
-    workers take whole batches instead (worker k yields batches k, k+W, ...), which matches the DataLoader's
-    round-robin fetch order, so batches arrive exactly in index order for any W; it also makes each batch
-    all-short or all-long captions (``stream_item``'s ``caption_block``).
+    Item i is ``stream_item(seed, i, ...)``; iteration starts at ``start_index``, the *global* data position (over
+    all training ranks). Under a DataLoader with W workers, worker k yields indices ``start_index + k + j*W``
+    (j = 0, 1, ...). If ``batch_size`` is given, workers take whole batches instead (worker k yields batches k,
+    k+W, ...), which matches the DataLoader's round-robin fetch order, so batches arrive exactly in index order for
+    any W; it also makes each batch all-short or all-long captions (``stream_item``'s ``caption_block``).
+    With ``world_size`` > 1 (DDP/FSDP) rank r of the training job sees only its share (``owns_batch``: batches,
+    or items without ``batch_size``, r, r + world_size, ...): a step's global batch is world_size × batch_size
+    distinct items (times accumulate_grad_batches), and a run resumed at step s starts at
+    ``s * accumulate_grad_batches * world_size * batch_size`` (``datamodule.trainer_position``).
     """
 
     def __init__(self, seed: int, size: int = 32, long_caption_prob: float = 0.2, start_index: int = 0,
-                 batch_size: int | None = None, tasks: dict[str, float] | None = None):
+                 batch_size: int | None = None, tasks: dict[str, float] | None = None, rank: int = 0,
+                 world_size: int = 1):
         super().__init__()
         radius_range(size)
         if not 0.0 <= long_caption_prob <= 1.0:
@@ -582,25 +605,22 @@ class ShapesStream(IterableDataset):
             raise ValueError(f"start_index must be >= 0, got {start_index}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        check_rank(rank, world_size)
         self.seed, self.size, self.long_caption_prob = seed, size, long_caption_prob
         self.start_index, self.batch_size = start_index, batch_size
+        self.rank, self.world_size = rank, world_size
         if tasks is not None:
             _draw_task(tasks, np.random.default_rng(0))  # validates
         self.tasks = tasks
 
     def indices(self, worker_id: int = 0, num_workers: int = 1) -> Iterator[int]:
-        """The (infinite) index sequence worker ``worker_id`` of ``num_workers`` yields."""
-        i = self.start_index
-        if self.batch_size is None:
-            i += worker_id
-            while True:
-                yield i
-                i += num_workers
-        b = self.batch_size
-        block = worker_id
+        """The (infinite) index sequence worker ``worker_id`` of ``num_workers`` of this rank yields."""
+        b = self.batch_size or 1
+        stride = self.world_size * num_workers  # consecutive blocks of this worker lie this many blocks apart
+        block = self.rank + self.world_size * worker_id  # its first block (owns_batch's rule, solved for offset)
         while True:
-            yield from range(i + block * b, i + (block + 1) * b)
-            block += num_workers
+            yield from range(self.start_index + block * b, self.start_index + (block + 1) * b)
+            block += stride
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

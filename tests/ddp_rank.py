@@ -1,0 +1,43 @@
+"""One training process for tests/test_ddp.py: under ``torchrun`` a DDP rank on CPU (gloo), alone a plain process.
+
+    python tests/ddp_rank.py CONFIG_JSON RUN_DIR STOP_AT OUT_DIR
+
+Trains with ``experiments.train.train`` (``STOP_AT`` > 0 stops there, as a preemption would), writes
+``final.ckpt`` through ``save_final`` (rank 0 alone), and saves ``OUT_DIR/rank<r>.pt``: the trainable weights, the
+world size, and ``[global_step, item indices]`` of every batch this process trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def main() -> None:
+    config, run_dir, stop_at, out = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    from experiments.train import save_final, train
+    from models.module import UniFusionModule
+
+    seen: list[list[Any]] = []
+    step = UniFusionModule.training_step
+
+    def recording(self: UniFusionModule, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        seen.append([int(self.global_step), batch["index"].tolist()])
+        return step(self, batch, batch_idx)
+
+    UniFusionModule.training_step = recording  # records, then runs the real step unchanged
+    module = train(config, run_dir, stop_at=stop_at or None)
+    save_final(module, run_dir / "final.ckpt")
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("encoder.")}
+    out.mkdir(parents=True, exist_ok=True)
+    world = module._trainer.world_size if module._trainer is not None else 1  # a 0-step run builds no Trainer
+    torch.save({"seen": seen, "state": state, "world": world, "step": module.global_step},
+               out / f"rank{module.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
