@@ -1,15 +1,17 @@
 """One training process for tests/test_ddp.py: under ``torchrun`` a DDP rank on CPU (gloo), alone a plain process.
 
-    python tests/ddp_rank.py CONFIG_JSON RUN_DIR STOP_AT OUT_DIR
+    python tests/ddp_rank.py CONFIG_JSON RUN_DIR STOP_AT OUT_DIR [run]
 
 Trains with ``experiments.train.train`` (``STOP_AT`` > 0 stops there, as a preemption would), writes
 ``final.ckpt`` through ``save_final`` (rank 0 alone), and saves ``OUT_DIR/rank<r>.pt``: the trainable weights, the
-world size, and ``[global_step, item indices]`` of every batch this process trained on.
+world size, and ``[global_step, item indices]`` of every batch this process trained on. With ``run`` it goes
+through ``experiments.train.run`` instead, what a SLURM job runs (train, ``final.ckpt``, rank 0 evaluates).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import torch
 
 def main() -> None:
     config, run_dir, stop_at, out = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    import experiments.train
     from experiments.train import save_final, train
     from models.module import UniFusionModule
 
@@ -30,10 +33,14 @@ def main() -> None:
         return step(self, batch, batch_idx)
 
     UniFusionModule.training_step = recording  # records, then runs the real step unchanged
+    out.mkdir(parents=True, exist_ok=True)
+    if sys.argv[5:] == ["run"]:  # what a SLURM job runs: train, final.ckpt, rank 0 alone evaluates
+        experiments.train.run("ddp", "run", config, run_dir)
+        torch.save({"seen": seen}, out / f"rank{os.environ.get('RANK', '0')}.pt")
+        return
     module = train(config, run_dir, stop_at=stop_at or None)
     save_final(module, run_dir / "final.ckpt")
     state = {k: v for k, v in module.state_dict().items() if not k.startswith("encoder.")}
-    out.mkdir(parents=True, exist_ok=True)
     world = module._trainer.world_size if module._trainer is not None else 1  # a 0-step run builds no Trainer
     torch.save({"seen": seen, "state": state, "world": world, "step": module.global_step},
                out / f"rank{module.global_rank}.pt")

@@ -34,11 +34,12 @@ CFG = merge(load_base(), {
 DDP = merge(CFG, {"trainer": {"strategy": "ddp", "devices": 2}})
 
 
-def launch(config: dict, run_dir: Path, out: Path, ranks: int, stop_at: int = 0) -> dict[int, dict]:
+def launch(config: dict, run_dir: Path, out: Path, ranks: int, stop_at: int = 0, mode: str = "train",
+           ) -> dict[int, dict]:
     """Train in ``ranks`` processes (torchrun when > 1); the per-rank records of tests/ddp_rank.py."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # one thread per process, the same for both sides
-    args = [str(HELPER), json.dumps(config), str(run_dir), str(stop_at), str(out)]
+    args = [str(HELPER), json.dumps(config), str(run_dir), str(stop_at), str(out), mode]
     cmd = [sys.executable, *args] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -97,3 +98,19 @@ def test_preempted_ddp_run_resumes_exactly(ddp_run, tmp_path: Path) -> None:
     # rank 0 alone rewrote the log on resume (every rank did once, racing on the file): each step once
     log = pd.read_csv(tmp_path / "run" / "logs" / "metrics.csv")
     assert log.dropna(subset=["train/loss"])["step"].tolist() == list(range(STEPS))
+
+
+def test_a_sweep_run_under_ddp_trains_on_every_rank_and_evaluates_once(tmp_path: Path) -> None:
+    """``experiments.train.run``, what each SLURM task of a multi-GPU job runs: every rank trains, rank 0 alone
+    writes the config, ``final.ckpt``, the evaluation and ``DONE``."""
+    cfg = merge(DDP, {"train": {"steps": 2}, "sample": {"steps": 2},
+                      "eval": {"geneval": {"n_per_task": 1, "n_samples": 1}}})
+    ranks = launch(cfg, tmp_path / "run", tmp_path / "out", ranks=2, mode="run")
+    assert [rec["seen"] for rec in ranks.values()] == [[[0, [0, 1]], [1, [4, 5]]], [[0, [2, 3]], [1, [6, 7]]]]
+    done = json.loads((tmp_path / "run" / "DONE").read_text())
+    assert done["step"] == 2 and 0 <= done["geneval.overall"] <= 1
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert metrics["metric"].value_counts()["geneval.overall"] == 1  # evaluated once, not once per rank
+    images = list((tmp_path / "run" / "eval" / "images").rglob("*.png"))
+    assert len(images) == metrics.set_index("metric").loc["geneval.images", "n"] > 0  # every prompt sampled once
+    assert torch.load(tmp_path / "run" / "final.ckpt", weights_only=False)["global_step"] == 2
