@@ -109,6 +109,10 @@ def slurm_parameters(profile: str | None) -> dict[str, Any]:
         "slurm_array_parallelism": int(prof.get("array_parallelism") or 64),
         "slurm_signal_delay_s": int(prof.get("signal_delay_s") or 120),
         "slurm_max_num_timeout": prof.get("max_requeue"),
+        # A rank that dies (an exception, a NaN loss, OOM) ends the whole step: without this srun lets the other
+        # ranks wait in their next collective until the process-group timeout (30 min of every GPU). submitit's
+        # other ranks never exit non-zero on a preemption signal, so its requeue is unaffected.
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
     }
     return {k: v for k, v in params.items() if v is not None}
 

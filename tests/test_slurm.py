@@ -16,8 +16,11 @@ import cloudpickle
 import pandas as pd
 import pytest
 import submitit
+import test_ddp  # tests/ is on sys.path under pytest
+import torch
 
 from experiments import launch
+from experiments.config import merge
 from experiments.launch import (
     check_profile_against_cluster,
     load_profile,
@@ -25,7 +28,7 @@ from experiments.launch import (
     run_sweep,
     slurm_parameters,
 )
-from experiments.status import format_status, slurm_jobs, status_table
+from experiments.status import SLURM_TERMINAL, format_status, slurm_jobs, status_table
 
 # The worker process cannot import this test module: ship its functions/classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -49,7 +52,8 @@ def test_profiles_map_to_one_task_per_gpu() -> None:
     assert h100["slurm_max_num_timeout"] == 30 and "slurm_account" not in h100  # null placeholder -> omitted
     cpu = slurm_parameters("local-cpu")
     assert cpu == {"slurm_partition": "debug", "timeout_min": 30, "nodes": 1, "tasks_per_node": 1,
-                   "cpus_per_task": 1, "mem_gb": 4, "slurm_array_parallelism": 2, "slurm_signal_delay_s": 30}
+                   "cpus_per_task": 1, "mem_gb": 4, "slurm_array_parallelism": 2, "slurm_signal_delay_s": 30,
+                   "slurm_srun_args": ["--kill-on-bad-exit=1"]}
 
 
 def test_bad_profile_keys_and_values_are_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -250,3 +254,56 @@ def test_status_shows_a_killed_run_as_failed_with_its_log_tail(slurm_cluster: st
     cli = subprocess.run([sys.executable, "-m", "experiments.status", "conditioning_candidates", "--smoke",
                           "--runs-dir", str(runs_dir)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0 and "failed" in cli.stdout and "CANCELLED" in cli.stdout
+
+
+# ---------------------------------------------------------------- multi-task jobs (one task per GPU on a cluster)
+
+
+def two_task_executor(folder: Path) -> submitit.AutoExecutor:
+    """The local-cpu profile's parameters with two tasks on the node, as a 2-GPU profile would ask for."""
+    ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    ex.update_parameters(**{**slurm_parameters("local-cpu"), "tasks_per_node": 2, "timeout_min": 10})
+    return ex
+
+
+def rank1_fails(seconds: float) -> str:
+    if os.environ["SLURM_PROCID"] == "1":
+        raise RuntimeError("rank 1 fails")
+    time.sleep(seconds)  # as rank 0 of a DDP job would wait in its next collective for the dead rank
+    return "rank 0 outlived rank 1"
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_failing_rank_ends_the_whole_job(slurm_cluster: str, tmp_path: Path) -> None:
+    job = two_task_executor(tmp_path).submit(rank1_fails, 300)
+    t0 = time.time()
+    wait_until(lambda: scontrol_state(job.job_id).get("JobState") in SLURM_TERMINAL, 90, "the job to end")
+    assert time.time() - t0 < 90 and scontrol_state(job.job_id)["JobState"] == "FAILED"
+    assert "rank 1 fails" in (job.paths.folder / f"{job.job_id}_1_log.err").read_text()
+    srun = job.paths.stderr.read_text()  # task 0's log holds srun's account: it killed rank 0 for rank 1
+    assert "task 1: Exited with exit code 1" in srun and "task 0: Killed" in srun
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_ddp_run_as_a_two_task_slurm_job(slurm_cluster: str, tmp_path: Path) -> None:
+    """A sweep run (RunJob) with trainer.strategy ddp on 2 SLURM tasks: Lightning takes the ranks from srun, each
+    rank reads its own batches, rank 0 evaluates: the same numbers as the torchrun job of tests/test_ddp.py."""
+    from experiments.train import RunJob
+
+    cfg = merge(test_ddp.DDP, {"train": {"steps": 2}, "sample": {"steps": 2},
+                      "eval": {"geneval": {"n_per_task": 1, "n_samples": 1}}})
+    run_dir = tmp_path / "run"
+    job = two_task_executor(tmp_path).submit(RunJob("ddp", "run", cfg, str(run_dir)))
+    wait_until(lambda: (run_dir / "DONE").exists()
+               or scontrol_state(job.job_id).get("JobState") in ("FAILED", "CANCELLED", "NODE_FAIL"), 300,
+               "the DDP job to finish")
+    assert (run_dir / "DONE").exists(), job.paths.stderr.read_text()[-3000:]
+    final = torch.load(run_dir / "final.ckpt", weights_only=False)
+    assert final["global_step"] == 2
+    # the same two steps through torchrun (tests/test_ddp.py): the same weights, whoever handed out the ranks
+    two_steps = merge(test_ddp.DDP, {"train": {"steps": 2}})
+    ref = test_ddp.launch(two_steps, tmp_path / "torchrun", tmp_path / "out", ranks=2)[0]["state"]
+    for k, v in ref.items():
+        assert torch.equal(final["state_dict"][k], v), k
