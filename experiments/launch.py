@@ -165,6 +165,34 @@ def check_profile_against_cluster(profile: str, partitions: dict[str, int] | Non
                          f"partitions with GPUs: {with_gpus}")
 
 
+def check_runs_fit_profile(runs: list[RunSpec], profile: str) -> None:
+    """Before submitting: every run's ``trainer.devices`` x ``num_nodes`` is the profile's tasks per node x nodes.
+
+    srun starts one task per GPU and Lightning stops a job whose ranks do not add up to its devices x nodes, but
+    only once the job has waited in the queue and started; here the mismatch is an error at once, with the
+    settings that fit the profile and keep each run's global batch (through ``accumulate_grad_batches``).
+    """
+    from experiments.train import trainer_settings
+
+    prof = load_profile(profile)
+    tasks, nodes = max(1, int(prof.get("gpus_per_node") or 0)), int(prof.get("nodes") or 1)
+    bad = []
+    for r in runs:
+        t = trainer_settings(r.config)
+        if t["devices"] in ("auto", tasks) and t["num_nodes"] == nodes:
+            continue
+        devices = tasks if t["devices"] == "auto" else t["devices"]
+        acc = t["accumulate_grad_batches"] or 1
+        ranks, fit = devices * t["num_nodes"] * acc, tasks * nodes
+        hint = f", accumulate_grad_batches={ranks // fit} keeps its global batch" if ranks % fit == 0 else ""
+        bad.append(f"{r.name} (devices={t['devices']}, num_nodes={t['num_nodes']}{hint})")
+    if bad:
+        raise ValueError(
+            f"profile {profile!r} starts {tasks} task(s) per node on {nodes} node(s), but these runs ask Lightning for "
+            f"other numbers: {'; '.join(bad)}. Match them, e.g. SET=\"trainer.devices={tasks} "
+            f"trainer.num_nodes={nodes} trainer.accumulate_grad_batches=K\", or use a profile that fits.")
+
+
 def default_parallel(n_runs: int) -> int:
     cores = os.cpu_count() or 1
     return max(1, min(n_runs, cores))
@@ -204,6 +232,8 @@ def run_sweep(
         check_profile_against_cluster(profile)  # raises on unknown profile/partition, missing GPUs
     spec, runs = load_experiment(exp, smoke=smoke, paper=paper, sets=sets)
     runs = select_runs(runs, only)
+    if cluster == "slurm":
+        check_runs_fit_profile(runs, profile)
     root = experiment_root(exp, smoke, runs_dir, paper)
     results_dir = Path(results_dir) if results_dir else (root / "results" if smoke else RESULTS_DIR / root.name)
     todo = [r for r in runs if not (root / r.dirname / "DONE").exists()]

@@ -89,6 +89,28 @@ def test_partition_and_gpu_checks_before_submitting(tmp_path: Path, monkeypatch:
     assert not (tmp_path / "runs").exists()
 
 
+def test_runs_whose_ranks_do_not_fit_the_profile_are_refused_before_submitting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The paper variants ask for 4 nodes x 8 GPUs; h100-8gpu starts 2 x 8 tasks: say so (with the accumulation
+    that keeps the global batch of 1024) instead of letting Lightning stop each job once it has left the queue."""
+    monkeypatch.setattr(launch, "partition_gpus", lambda: {"h100": 8, "debug": 0})
+    with pytest.raises(ValueError, match=r"profile 'h100-8gpu' starts 8 task\(s\) per node on 2 node\(s\).*"
+                                         r"lap \(devices=8, num_nodes=4, accumulate_grad_batches=2 keeps"):
+        run_sweep("conditioning_candidates", cluster="slurm", profile="h100-8gpu", paper=True,
+                  runs_dir=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+    fitted = ["trainer.num_nodes=2", "trainer.accumulate_grad_batches=2"]
+    from experiments.config import load_experiment
+
+    _, runs = load_experiment("conditioning_candidates", paper=True, sets=fitted)
+    launch.check_runs_fit_profile(runs, "h100-8gpu")  # fits: 32 x 8 x 2 x 2 = 1024, as the paper's 32 x 32
+    _, smoke = load_experiment("conditioning_candidates", smoke=True)
+    launch.check_runs_fit_profile(smoke, "local-cpu")  # one task, one device
+    with pytest.raises(ValueError, match="devices=1, num_nodes=1"):
+        launch.check_runs_fit_profile(smoke, "a100-1node")
+
+
 # ---------------------------------------------------------------- the real local SLURM
 
 
