@@ -79,6 +79,19 @@ def _to_pil(value: Any) -> Image.Image:
     raise ValueError(f"not an image: {type(value).__name__}")
 
 
+def _rows_of(ds: Any, chunk: int = 256) -> Iterator[dict[str, Any]]:
+    """Every row of a streaming ``datasets.IterableDataset``, in order, also inside a DataLoader worker.
+
+    Iterating the dataset itself in a worker process hands that worker only its share of the dataset's files
+    (datasets' own worker split), on top of the batch split here: rows were silently lost and reordered with 2+
+    workers and 2+ files. ``ds.iter`` reads every file in order wherever it runs.
+    """
+    for block in ds.iter(batch_size=chunk):
+        columns = list(block)
+        for values in zip(*(block[c] for c in columns), strict=True):
+            yield dict(zip(columns, values, strict=True))
+
+
 def source_rows(tasks: dict[str, float] | None, seed: int, batches: int, batch_size: int) -> dict[str, int]:
     """Two-source position after ``batches`` batches (over all ranks: global step × world size): rows of
     ``data.hf`` / ``data.hf_edit`` read by batches 0 .. batches - 1 (each batch reads ``batch_size`` rows of the
@@ -153,7 +166,7 @@ class HFStream(IterableDataset):
         for col in (cfg.get("image_column") or "image", cfg.get("source_image_column")):
             if col and col in (ds.features or {}):
                 ds = ds.cast_column(col, datasets.Image(decode=False))  # decode here: a bad file is one skip
-        return enumerate(ds.skip(start), start=start)
+        return enumerate(_rows_of(ds.skip(start)), start=start)
 
     def _rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
         yield from self._open(self.hf, self.start_index)
