@@ -321,42 +321,15 @@ def test_two_sources_datamodule_resumes_at_the_trainer_step(two_sources) -> None
     batch = next(iter(dm.train_dataloader()))
     assert batch["index"].tolist() == [12, 13] and expected[12][1:] == ("edit", "hf_edit", 4)
     assert [c.text for c in batch["caption"]] == ["edit 4", "edit 5"]
-    dm.trainer = trainer(3, 0, 2)  # DDP: step 3 = global batches 6, 7
-    assert next(iter(dm.train_dataloader()))["index"].tolist() == [12, 13]
-    dm.trainer = trainer(3, 1, 2)  # global batch 3 * 2 + 1 = 7
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["index"].tolist() == [14, 15] and expected[14][1:] == ("reconstruction", "hf", 8)
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("two", [False, True], ids=["one_source", "two_sources"])
-def test_hf_ranks_read_their_own_batches(two_sources, two: bool, workers: int, monkeypatch) -> None:
-    """Under DDP each rank (and each of its workers) reads its own batches of the world-1 stream, and together
-    they read every item of it once, from a resumed position too."""
-    from types import SimpleNamespace
-
-    import experiments.data.hf as hfmod
-    from experiments.data.hf import HFStream
-
-    hf, hf_edit = two_sources
-    kw = {"batch_size": 2, "tasks": MIX, "seed": 0, "hf_edit": hf_edit} if two else {"batch_size": 2}
-    world, step, bs = 2, 1, 2
-    start = step * world * bs
-    tail = [it for it in HFStream(hf, size=16, **kw) if it["index"] >= start]
-    assert len(tail) >= 6
-    got = []
-    for rank in range(world):
-        for wid in range(workers):
-            monkeypatch.setattr(hfmod, "get_worker_info", lambda wid=wid: SimpleNamespace(id=wid, num_workers=workers))
-            mine = list(HFStream(hf, size=16, start_index=start, rank=rank, world_size=world, **kw))
-            offsets = [(it["index"] - start) // bs for it in mine]
-            assert mine and all(o % world == rank and (o // world) % workers == wid for o in offsets)
-            assert offsets == sorted(offsets)  # in row order within a rank's worker
-            got += mine
-    assert sorted(_key(it) if two else (it["index"], it["caption"]) for it in got) == \
-        sorted(_key(it) if two else (it["index"], it["caption"]) for it in tail)
-    with pytest.raises(ValueError, match="rank must be in"):
-        HFStream(hf, size=16, rank=-1, world_size=2)
+    for rank in (0, 1):  # DDP: step 3 = global batches 6 (rank 0) and 7 (rank 1), each from the rank's rows
+        dm.trainer = trainer(3, rank, 2)
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["index"].tolist() == [12 + 2 * rank, 13 + 2 * rank]
+        share = {src: list(range(rank, N_ROWS, 2)) for src in ("hf", "hf_edit")}  # one file each: every 2nd row
+        want = [e for e in _rank_expected(0, 2, rank, 2, share, two=True) if e[0] >= 12]
+        got = [_source_row({"image": img, "caption": c, "index": int(i)})
+               for img, c, i in zip(batch["image"], batch["caption"], batch["index"], strict=True)]
+        assert got == want[:2]
 
 
 def test_two_sources_errors(two_sources) -> None:
@@ -373,7 +346,7 @@ def test_two_sources_errors(two_sources) -> None:
         HFStream(hf, size=16, tasks=MIX, hf_edit={**hf_edit, "path": None})
     with pytest.raises(ValueError, match="unset data.hf.source_image_column"):
         HFStream({**hf, "source_image_column": "image"}, size=16, tasks=MIX, hf_edit=hf_edit)
-    with pytest.raises(ValueError, match="multiple of batch_size 2"):
+    with pytest.raises(ValueError, match="start_index 3 is not a multiple of batch_size 2 x world_size 1"):
         HFStream(hf, size=16, start_index=3, batch_size=2, tasks=MIX, hf_edit=hf_edit)
     with pytest.raises(ValueError, match="data.tasks must map"):
         HFStream(hf, size=16, tasks={"t2i": 1.0, "recon": 0.5})
@@ -419,3 +392,78 @@ def test_hf_stream_in_real_dataloader_workers_reads_every_row_in_order(split_sou
     assert sorted(got) == sorted(ref)  # every row once (a skipped bad row lets later items change batches)
     first_bad = next(k for k, (i, _) in enumerate(ref) if i != k)
     assert first_bad >= 4 and got[:first_bad] == ref[:first_bad]  # and the same order up to the first bad row
+
+
+BAD_ROWS = {("hf", 4), ("hf_edit", 3)}  # the corrupt files of two_sources
+
+
+def _rank_expected(seed: int, bs: int, rank: int, world: int, share: dict[str, list[int]], two: bool,
+                   ) -> list[tuple[int, str, int]]:
+    """(data position, source, dataset row) of rank ``rank``'s stream from step 0, derived from the task draw and
+    the rows of its share alone; its t-th batch is global batch t * world + rank. Bad rows left out."""
+    from experiments.data.shapes import _draw_task
+
+    out, nxt, t = [], {"hf": 0, "hf_edit": 0}, 0
+    while True:
+        g = t * world + rank
+        task = _draw_task(MIX, np.random.default_rng([seed, g, 2])) if two else "t2i"
+        src = "hf_edit" if task == "edit" else "hf"
+        for k in range(bs):
+            if nxt[src] == len(share[src]):
+                return [e for e in out if (e[1], e[2]) not in BAD_ROWS]
+            out.append((g * bs + k, src, share[src][nxt[src]]))
+            nxt[src] += 1
+        t += 1
+
+
+def _source_row(item: dict) -> tuple[int, str, int]:
+    """(index, source, dataset row) of an item of two_sources' data, read off its caption or its pixels."""
+    cap, img = item["caption"], item["image"].numpy()
+    text = cap if isinstance(cap, str) else cap.text
+    if text:
+        kind, row = text.split()
+        return item["index"], "hf" if kind == "t2i" else "hf_edit", int(row)
+    return item["index"], "hf", round((img[0, 0, 0] + 1) * 127.5 / 10)  # reconstruction: red 10 * row
+
+
+@pytest.mark.parametrize("files", [1, 2], ids=["row_split", "file_split"])
+@pytest.mark.parametrize("two", [False, True], ids=["one_source", "two_sources"])
+def test_hf_ranks_read_their_own_share_and_resume_in_it(two_sources, split_sources, files: int, two: bool,
+                                                        monkeypatch) -> None:
+    """Under DDP each rank reads only its share of each source: whole files when they divide among the ranks,
+    else every other row. Its batches are global batches rank, rank + 2, ...; resumed at step 1 with two
+    DataLoader workers it reads exactly the rest of its stream, each worker its own batches."""
+    from types import SimpleNamespace
+
+    import experiments.data.hf as hfmod
+    from experiments.data.hf import HFStream
+
+    hf, hf_edit = split_sources if files == 2 else two_sources
+    world, bs, seed, step, nw = 2, 2, 0, 1, 2
+    kw = {"batch_size": bs, "tasks": MIX, "seed": seed, "hf_edit": hf_edit} if two else {"batch_size": bs}
+    covered = []
+    for rank in range(world):
+        share = {src: [i for i in range(N_ROWS) if (i // (N_ROWS // 2) if files == 2 else i % 2) == rank]
+                 for src in ("hf", "hf_edit")}
+        want = _rank_expected(seed, bs, rank, world, share, two)
+        assert len(want) >= 4
+        got = [_source_row(it) for it in HFStream(hf, size=16, rank=rank, world_size=world, **kw)]
+        assert got == want
+        covered += [(src, row) for _, src, row in got]
+        tail = [e for e in want if e[0] >= step * world * bs]
+        resumed = []
+        for wid in range(nw):
+            monkeypatch.setattr(hfmod, "get_worker_info", lambda wid=wid: SimpleNamespace(id=wid, num_workers=nw))
+            mine = [_source_row(it) for it in HFStream(hf, size=16, start_index=step * world * bs, rank=rank,
+                                                      world_size=world, **kw)]
+            assert mine and all(((i // bs - rank) // world - step) % nw == wid for i, _, _ in mine)
+            resumed += mine
+        monkeypatch.undo()
+        assert sorted(resumed) == sorted(tail)
+    assert len(covered) == len(set(covered))  # no row read by two ranks
+    if not two:  # one source runs to its end: the shares cover every good row
+        assert sorted(row for _, row in covered) == [i for i in range(N_ROWS) if ("hf", i) not in BAD_ROWS]
+    with pytest.raises(ValueError, match="rank must be in"):
+        HFStream(hf, size=16, rank=-1, world_size=2)
+    with pytest.raises(ValueError, match="start_index 2 is not a multiple of batch_size 2 x world_size 2"):
+        HFStream(hf, size=16, start_index=2, rank=0, world_size=2, **kw)

@@ -14,23 +14,27 @@ rows after a requeue), streamed, so a 800M-row set never lands on local disk.
 
 One source (``hf_edit: null``): row i of the stream is item i; the data position of a run is
 ``global_step * accumulate_grad_batches * world_size * batch_size``, as for the shapes world, and ``skip`` resumes
-there. Each batch's task is drawn from ``data.tasks`` (seeded by (seed, batch index)): reconstruction batches
-condition on the image itself; with ``source_image_column`` every other batch is an edit batch (the rows are edit
-pairs).
+there. Each batch's task is drawn from ``data.tasks`` (seeded by (seed, global batch number)): reconstruction
+batches condition on the image itself; with ``source_image_column`` every other batch is an edit batch (the rows
+are edit pairs).
 
 Two sources (``hf_edit`` set and ``data.tasks.edit > 0``): the task of each batch is drawn the same way;
 text-to-image and reconstruction batches take the next ``batch_size`` rows of ``data.hf``, edit batches the next
 rows of ``data.hf_edit``. The number of earlier batches of each task is a pure function of (seed, tasks, step)
 (``source_rows``), so a run resumed at step s skips each source to its own row position. An item's ``index`` is
-its data position (batch * batch_size + k); it also carries ``source`` ("hf" / "hf_edit") and its ``row`` there.
+its data position (global batch * batch_size + k); it also carries ``source`` ("hf" / "hf_edit") and its ``row``
+there.
+
+Under DDP/FSDP (``world_size`` > 1) each rank reads its own share of every source
+(``datasets.distributed.split_dataset_by_node``: whole files when the number of files divides by the world size,
+so no rank reads another's bytes; otherwise every world_size-th row) and its t-th batch is global batch
+``t * world_size + rank``; rows and ``row`` then count within the rank's share. The order thus depends on the
+world size, which a run keeps across requeues. With W DataLoader workers, worker k of a rank takes that rank's
+batches k, k + W, ... (``shapes.owns_batch``): each worker reads the rank's rows and decodes only its own batches.
 
 Items have the shapes world's format: ``{"image": (3, S, S) float in [-1, 1], "caption": str | Prompt, "index"}``;
 for an edit pair the caption is ``Prompt(instruction, (source image,))``, so the source image reaches the DiT only
-through the VLM. Images are centre-cropped to a square and resized to S (Lanczos). Batches are dealt out as in the
-shapes world (``shapes.owns_batch``): under DDP/FSDP rank r takes batches r, r + world_size, ...; with W
-DataLoader workers, worker k of a rank takes that rank's batches k, k + W, ... Every worker of every rank reads
-every row and decodes only its own (what ``datasets.distributed.split_dataset_by_node`` also does when the files
-do not divide among the ranks); the order is the dataset's whatever the number of ranks and workers.
+through the VLM. Images are centre-cropped to a square and resized to S (Lanczos).
 A row whose image does not decode, or whose caption is empty, is skipped, counted and reported (a warning
 naming the source, the row and the running count); it is never silently dropped. The resume position counts
 rows (B per batch), so exact resume holds for data without bad rows; a skipped row shifts later batch
@@ -39,6 +43,7 @@ boundaries by one item.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -92,11 +97,12 @@ def _rows_of(ds: Any, chunk: int = 256) -> Iterator[dict[str, Any]]:
             yield dict(zip(columns, values, strict=True))
 
 
-def source_rows(tasks: dict[str, float] | None, seed: int, batches: int, batch_size: int) -> dict[str, int]:
-    """Two-source position after ``batches`` batches (over all ranks: global step × world size): rows of
-    ``data.hf`` / ``data.hf_edit`` read by batches 0 .. batches - 1 (each batch reads ``batch_size`` rows of the
-    source its task names)."""
-    n_edit = sum(batch_task(tasks, seed, b) == "edit" for b in range(batches))
+def source_rows(tasks: dict[str, float] | None, seed: int, batches: int, batch_size: int, rank: int = 0,
+                world_size: int = 1) -> dict[str, int]:
+    """Two-source position of training rank ``rank`` after its first ``batches`` batches (global batches
+    ``t * world_size + rank`` for t < batches): rows of its share of ``data.hf`` / ``data.hf_edit`` read so far
+    (each batch reads ``batch_size`` rows of the source its task names)."""
+    n_edit = sum(batch_task(tasks, seed, t * world_size + rank) == "edit" for t in range(batches))
     return {"hf": (batches - n_edit) * batch_size, "hf_edit": n_edit * batch_size}
 
 
@@ -110,8 +116,8 @@ class HFStream(IterableDataset):
     """Stream of items from one HF dataset (``hf``), or two (``hf`` + ``hf_edit`` for edit batches), starting at
     data position ``start_index`` (see module docstring).
 
-    Batches of ``batch_size`` rows are dealt to training ranks and DataLoader workers by ``owns_batch`` (rank
-    ``rank`` of ``world_size``), so each rank's batches arrive in row order, as ``ShapesStream``'s do.
+    Rank ``rank`` of ``world_size`` reads its share of the rows; its batches of ``batch_size`` rows are dealt to
+    its DataLoader workers by ``owns_batch``, so they arrive in row order, as ``ShapesStream``'s do.
     """
 
     def __init__(self, hf: dict[str, Any], size: int, start_index: int = 0, batch_size: int = 1,
@@ -150,12 +156,14 @@ class HFStream(IterableDataset):
         self.two = edit and hf_edit is not None  # edit batches read hf_edit
         self.skipped = 0
         self.skipped_by = {"hf": 0, "hf_edit": 0}
+        if start_index % (batch_size * world_size):
+            raise ValueError(f"the stream resumes at whole steps: start_index {start_index} is not a multiple of "
+                             f"batch_size {batch_size} x world_size {world_size}")
+        self.start_batch = start_index // (batch_size * world_size)  # this rank's batches before the start
         if self.two:
-            if start_index % batch_size:
-                raise ValueError(f"two data sources resume at whole batches: start_index {start_index} is not a "
-                                 f"multiple of batch_size {batch_size}")
-            self.start_batch = start_index // batch_size
-            self.starts = source_rows(tasks, seed, self.start_batch, batch_size)
+            self.starts = source_rows(tasks, seed, self.start_batch, batch_size, rank, world_size)
+        else:
+            self.starts = {"hf": self.start_batch * batch_size, "hf_edit": 0}
 
     def _open(self, cfg: dict[str, Any], start: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(row index, row) of the source ``cfg`` from row ``start`` on; images left undecoded."""
@@ -166,14 +174,14 @@ class HFStream(IterableDataset):
         for col in (cfg.get("image_column") or "image", cfg.get("source_image_column")):
             if col and col in (ds.features or {}):
                 ds = ds.cast_column(col, datasets.Image(decode=False))  # decode here: a bad file is one skip
-        return enumerate(_rows_of(ds.skip(start)), start=start)
+        if self.world_size == 1:
+            return enumerate(_rows_of(ds.skip(start)), start=start)
+        from datasets.distributed import split_dataset_by_node
 
-    def _rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        yield from self._open(self.hf, self.start_index)
-
-    def item(self, index: int, row: dict[str, Any]) -> dict[str, Any] | None:
-        """The training item of row ``index`` of the single source, or None (counted, reported)."""
-        return self._make(self.hf, "hf", index, row, self._task(index), index)
+        # This rank's share: whole files when their number divides by the world size, else every world_size-th
+        # row. Skipped here, not with ds.skip: after a row-level split that skips rows of the whole dataset.
+        mine = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+        return enumerate(itertools.islice(_rows_of(mine), start, None), start=start)
 
     def _make(self, cfg: dict[str, Any], source: str, row_index: int, row: dict[str, Any], task: str,
               index: int) -> dict[str, Any] | None:
@@ -185,6 +193,8 @@ class HFStream(IterableDataset):
         cap_col = cfg.get("caption_column") or "caption"
         src_col = cfg.get("source_image_column")
         label = f"data.{source}" if self.two else "data"
+        if self.world_size > 1:
+            label += f" (rank {self.rank}'s share)"
         try:
             image = square(_to_pil(row[img_col]), self.size)
             text = row[cap_col]
@@ -208,44 +218,31 @@ class HFStream(IterableDataset):
             out.update(source=source, row=row_index)
         return out
 
-    def _task(self, index: int) -> str:
-        """t2i / reconstruction / edit of the batch holding data position ``index`` (``batch_task``)."""
-        return batch_task(self.tasks, self.seed, index // self.batch_size)
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Batch by batch of this rank (global batch ``t * world_size + rank`` for t = start_batch, ...): draw its
+        task, read ``batch_size`` rows of the source it names (decoding only this DataLoader worker's batches);
+        ends when a source it needs runs out."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self.two:
-            yield from self._iter_two(wid, nw)
-            return
-        for index, row in self._rows():
-            if not owns_batch((index - self.start_index) // self.batch_size, self.rank, self.world_size, wid, nw):
-                continue
-            item = self.item(index, row)
-            if item is not None:
-                yield item
-
-    def _iter_two(self, wid: int, nw: int) -> Iterator[dict[str, Any]]:
-        """Batch by batch: draw the task, read ``batch_size`` rows of its source (decoding only this worker's
-        batches); ends when a source it needs runs out."""
         cfgs = {"hf": self.hf, "hf_edit": self.hf_edit}
         rows: dict[str, Iterator[tuple[int, dict[str, Any]]]] = {}  # opened at first use, at its start row
-        b, bs = self.start_batch, self.batch_size
+        t, bs = self.start_batch, self.batch_size
         while True:
-            task = batch_task(self.tasks, self.seed, b)
-            source = "hf_edit" if task == "edit" else "hf"
+            g = t * self.world_size + self.rank
+            task = batch_task(self.tasks, self.seed, g)
+            source = "hf_edit" if self.two and task == "edit" else "hf"
             if source not in rows:
                 rows[source] = self._open(cfgs[source], self.starts[source])
-            mine = owns_batch(b - self.start_batch, self.rank, self.world_size, wid, nw)
+            mine = owns_batch(t - self.start_batch, workers=nw, worker=wid)
             for k in range(bs):
                 got = next(rows[source], None)
                 if got is None:
                     return
                 if mine:
-                    item = self._make(cfgs[source], source, got[0], got[1], task, b * bs + k)
+                    item = self._make(cfgs[source], source, got[0], got[1], task, g * bs + k)
                     if item is not None:
                         yield item
-            b += 1
+            t += 1
 
 
 class HFDataModule(L.LightningDataModule):
