@@ -217,21 +217,33 @@ def two_sources(tmp_path: Path) -> tuple[dict, dict]:
     return hf, hf_edit
 
 
-def _expected(seed: int, batch_size: int) -> list[tuple[int, str, str, int]]:
-    """(data position, task, source, row) of an uninterrupted two-source stream, from the task draw alone
-    (rng [seed, batch, 2], as the shapes world draws it), until a source runs out."""
+BAD_ROWS = {("hf", 4), ("hf_edit", 3)}  # the corrupt files of two_sources
+
+
+def _expected(seed: int, batch_size: int, rank: int = 0, world: int = 1, share: dict[str, list[int]] | None = None,
+              two: bool = True) -> list[tuple[int, str, str, int]]:
+    """(data position, task, source, dataset row) of rank ``rank``'s stream from step 0 (its t-th batch is global
+    batch t * world + rank), from the task draw alone (rng [seed, batch, 2], as the shapes world draws it) and the
+    rows of its ``share`` (default: all), until a source runs out. One source (``two=False``): every batch t2i."""
     from experiments.data.shapes import _draw_task
 
-    out, next_row, b = [], {"hf": 0, "hf_edit": 0}, 0
+    share = share or {src: list(range(N_ROWS)) for src in ("hf", "hf_edit")}
+    out, nxt, t = [], {"hf": 0, "hf_edit": 0}, 0
     while True:
-        task = _draw_task(MIX, np.random.default_rng([seed, b, 2]))
+        g = t * world + rank
+        task = _draw_task(MIX, np.random.default_rng([seed, g, 2])) if two else "t2i"
         src = "hf_edit" if task == "edit" else "hf"
         for k in range(batch_size):
-            if next_row[src] == N_ROWS:
+            if nxt[src] == len(share[src]):
                 return out
-            out.append((b * batch_size + k, task, src, next_row[src]))
-            next_row[src] += 1
-        b += 1
+            out.append((g * batch_size + k, task, src, share[src][nxt[src]]))
+            nxt[src] += 1
+        t += 1
+
+
+def _good(expected: list[tuple[int, str, str, int]]) -> list[tuple[int, str, int]]:
+    """(data position, source, row) of the expected items whose rows are not corrupt."""
+    return [(i, src, row) for i, _, src, row in expected if (src, row) not in BAD_ROWS]
 
 
 def _key(item: dict) -> tuple:
@@ -253,8 +265,7 @@ def test_two_sources_edit_batches_read_hf_edit_in_drawn_order(two_sources, caplo
     stream = HFStream(hf, size=16, batch_size=bs, tasks=MIX, seed=seed, hf_edit=hf_edit)
     with caplog.at_level(logging.WARNING):
         items = list(stream)
-    bad = {("hf", 4), ("hf_edit", 3)}
-    want = [e for e in expected if (e[2], e[3]) not in bad]
+    want = [e for e in expected if (e[2], e[3]) not in BAD_ROWS]
     assert [(it["index"], it["source"], it["row"]) for it in items] == [(i, s, r) for i, _, s, r in want]
     assert stream.skipped_by == {"hf": 1, "hf_edit": 1} and stream.skipped == 2
     assert "data.hf row 4 skipped" in caplog.text and "data.hf_edit row 3 skipped" in caplog.text
@@ -326,7 +337,7 @@ def test_two_sources_datamodule_resumes_at_the_trainer_step(two_sources) -> None
         batch = next(iter(dm.train_dataloader()))
         assert batch["index"].tolist() == [12 + 2 * rank, 13 + 2 * rank]
         share = {src: list(range(rank, N_ROWS, 2)) for src in ("hf", "hf_edit")}  # one file each: every 2nd row
-        want = [e for e in _rank_expected(0, 2, rank, 2, share, two=True) if e[0] >= 12]
+        want = [e for e in _good(_expected(0, 2, rank, 2, share)) if e[0] >= 12]
         got = [_source_row({"image": img, "caption": c, "index": int(i)})
                for img, c, i in zip(batch["image"], batch["caption"], batch["index"], strict=True)]
         assert got == want[:2]
@@ -394,28 +405,6 @@ def test_hf_stream_in_real_dataloader_workers_reads_every_row_in_order(split_sou
     assert first_bad >= 4 and got[:first_bad] == ref[:first_bad]  # and the same order up to the first bad row
 
 
-BAD_ROWS = {("hf", 4), ("hf_edit", 3)}  # the corrupt files of two_sources
-
-
-def _rank_expected(seed: int, bs: int, rank: int, world: int, share: dict[str, list[int]], two: bool,
-                   ) -> list[tuple[int, str, int]]:
-    """(data position, source, dataset row) of rank ``rank``'s stream from step 0, derived from the task draw and
-    the rows of its share alone; its t-th batch is global batch t * world + rank. Bad rows left out."""
-    from experiments.data.shapes import _draw_task
-
-    out, nxt, t = [], {"hf": 0, "hf_edit": 0}, 0
-    while True:
-        g = t * world + rank
-        task = _draw_task(MIX, np.random.default_rng([seed, g, 2])) if two else "t2i"
-        src = "hf_edit" if task == "edit" else "hf"
-        for k in range(bs):
-            if nxt[src] == len(share[src]):
-                return [e for e in out if (e[1], e[2]) not in BAD_ROWS]
-            out.append((g * bs + k, src, share[src][nxt[src]]))
-            nxt[src] += 1
-        t += 1
-
-
 def _source_row(item: dict) -> tuple[int, str, int]:
     """(index, source, dataset row) of an item of two_sources' data, read off its caption or its pixels."""
     cap, img = item["caption"], item["image"].numpy()
@@ -445,7 +434,7 @@ def test_hf_ranks_read_their_own_share_and_resume_in_it(two_sources, split_sourc
     for rank in range(world):
         share = {src: [i for i in range(N_ROWS) if (i // (N_ROWS // 2) if files == 2 else i % 2) == rank]
                  for src in ("hf", "hf_edit")}
-        want = _rank_expected(seed, bs, rank, world, share, two)
+        want = _good(_expected(seed, bs, rank, world, share, two))
         assert len(want) >= 4
         got = [_source_row(it) for it in HFStream(hf, size=16, rank=rank, world_size=world, **kw)]
         assert got == want
