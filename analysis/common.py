@@ -40,14 +40,14 @@ def require_lap(module, analysis: str, ema: bool = True):
 
 def default_prompts(out_dir: Path, n_per_task: int = 2, seed: int = 1234) -> list[dict[str, Any]]:
     """Shapes-world GenEval prompts (``n_per_task`` of each task), also written to ``out_dir/prompts.jsonl``."""
-    from experiments.data.shapes import write_geneval_metadata
+    from world.prompts import write_geneval_metadata
 
     return write_geneval_metadata(Path(out_dir) / "prompts.jsonl", n_per_task, seed)
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
     """Atomic CSV write (tmp + rename), no index column."""
-    from evals.files import atomic_write_text
+    from common.files import atomic_write_text
 
     return atomic_write_text(path, df.to_csv(index=False))
 

@@ -109,13 +109,13 @@ def draw(name: str, df: pd.DataFrame, out_dir: Path, caption: str = "") -> Path:
 
 def paired_comparisons(per_prompt: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Every pair of runs (a, b) of one EXP: GenEval-shapes overall(a) - overall(b) over the prompts both scored,
-    paired bootstrap CI and two-sided p-value (``evals.stats.paired_bootstrap``, prompts resampled within tasks).
+    paired bootstrap CI and two-sided p-value (``common.stats.paired_bootstrap``, prompts resampled within tasks).
 
     per_prompt: rows ``run, metadata, tag, n_correct, n_images`` (``per_prompt.csv``). Returns one row per pair:
     ``run_a, run_b, diff, ci_low, ci_high, p_value, prompts``.
     """
+    from common.stats import paired_bootstrap
     from evals.geneval import overall_from_prompts, prompt_table
-    from evals.stats import paired_bootstrap
 
     runs = _order(list(per_prompt.run.unique()))
     rows = []
@@ -223,7 +223,7 @@ def render_experiment(exp_dir: Path, figure: str | None = None) -> list[Path]:
     ``figure``: the drawer (default: the one ``experiments/configs/<folder name>.yaml`` names)."""
     exp_dir = Path(exp_dir)
     from analysis.common import write_csv
-    from evals.files import atomic_write_text
+    from common.files import atomic_write_text
 
     metrics = pd.read_csv(exp_dir / "metrics.csv", dtype={"layers": str})
     paired = pd.DataFrame()

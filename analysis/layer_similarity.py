@@ -73,7 +73,7 @@ def draw(df: pd.DataFrame, out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--encoder", help="encoder preset name (models/encoders.py ENCODER_PRESETS)")
+    src.add_argument("--encoder", help="encoder preset name (models.encoders.ENCODER_PRESETS)")
     src.add_argument("--ckpt", help="a checkpoint: its encoder preset is used")
     p.add_argument("--n-per-task", type=int, default=4, help="shapes-world GenEval prompts per task")
     p.add_argument("--seed", type=int, default=1234)

@@ -52,9 +52,10 @@ def measure(encoder: Any, n_per_task: int = 40, n_edits: int = 100, seed: int = 
 
     from tqdm.auto import tqdm
 
-    from experiments.data.edits import parse_description, random_edit, rewrite_faithful
-    from experiments.data.shapes import render, write_geneval_metadata
-    from models.encoders import Prompt
+    from common.prompt import Prompt
+    from world.edits import parse_description, random_edit, rewrite_faithful
+    from world.prompts import write_geneval_metadata
+    from world.scene import render
 
     with tempfile.TemporaryDirectory() as tmp:
         metas = write_geneval_metadata(Path(tmp) / "m.jsonl", n_per_task, seed)
@@ -108,11 +109,12 @@ def plot(table: pd.DataFrame, out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from evals.files import atomic_write_text
+    from common.files import atomic_write_text
     from models.encoders import build_encoder
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--encoder", default="tiny-vlm", help="encoder preset with VERIFI (models/encoders.py)")
+    ap.add_argument("--encoder", default="tiny-vlm",
+                    help="encoder preset with VERIFI (models.encoders.ENCODER_PRESETS)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--n-per-task", type=int, default=40)
     ap.add_argument("--n-edits", type=int, default=120)

@@ -318,7 +318,7 @@ def bench_sweep_stages(device: str) -> None:
     from analysis.figures import render_experiment
     from evals.geneval import evaluate_folder
     from evals.images import generate_geneval_folder
-    from experiments.data.shapes import write_geneval_metadata
+    from world.prompts import write_geneval_metadata
 
     exp = ROOT / "results" / "conditioning_candidates"
     if not (exp / "metrics.csv").is_file():
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         else:
             benches[name](a.device, a.repeats)
     df = pd.DataFrame(ROWS)
-    from evals.files import atomic_write_text
+    from common.files import atomic_write_text
 
     name = "bench.csv" if a.device == "cpu" else f"bench_{a.device.split(':')[0]}.csv"
     if a.only and (a.out / name).exists():  # a subset re-run replaces its own rows and keeps the others

@@ -29,7 +29,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from experiments.data.shapes import TASKS, render, sample_prompt, satisfies, scene_for_prompt
+from common.geneval_spec import TASKS
+from world.prompts import sample_prompt, satisfies, scene_for_prompt
+from world.scene import render
 
 
 def geneval_probes(n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -52,8 +54,8 @@ def geneval_probes(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 def exact_detections(scene) -> list:
     """The scene's objects as detections (score 1): what a perfect detector would return."""
-    from experiments.data.shapes import shape_mask
-    from experiments.data.shapes_detector import ShapeDetection
+    from world.detector import ShapeDetection
+    from world.scene import shape_mask
 
     s = scene.size
     return [ShapeDetection(o.cls, o.color, tuple(float(v) for v in o.box), 1.0,
@@ -63,7 +65,7 @@ def exact_detections(scene) -> list:
 def dpg_probes(n: int, seed: int = 0) -> list[dict[str, Any]]:
     """[{"group", "row", "image", "truth"}]: every question of n scenes on its own render and on the next one's."""
     from evals.dpg_refined import category_of
-    from experiments.data.dpg_questions import answer_question, make_dpg_prompt_set, questions_for_scene
+    from world.dpg_questions import answer_question, make_dpg_prompt_set, questions_for_scene
 
     items = make_dpg_prompt_set(max(2, n), seed)
     probes = []
@@ -80,7 +82,7 @@ def dpg_probes(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 def rates(rows: pd.DataFrame, judge: str, probe: str, seed: int = 0) -> list[dict[str, Any]]:
     """False-yes / false-no rates with bootstrap CIs, per group and over all; rows: group, truth, answer (bool)."""
-    from evals.stats import bootstrap_ci
+    from common.stats import bootstrap_ci
 
     def rate(values: np.ndarray) -> tuple[float | None, float | None, float | None]:
         if not len(values):
@@ -183,7 +185,7 @@ def render_markdown(df: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    from evals.files import atomic_write_text
+    from common.files import atomic_write_text
 
     p = argparse.ArgumentParser(prog="python -m evals.audit", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=20, help="prompts per GenEval task; DPG scenes")

@@ -17,7 +17,7 @@ Scoring, as ``CLIPT5Model.forward``:
   so EACH chunk ends with ``</s>`` (``t5_tokenizer_image_token``): ``[system..., </s>, IMG, question..., </s>]``;
   the token list is cut at 2048 (``CONTEXT_LEN``);
 - image: ``expand2square`` with the CLIP mean colour (``int(255 * mean)``), then the CLIP processor (336 px);
-- score = ``exp(-mean CE)`` over the T5 labels ``[▁Yes, </s>]`` (``evals.vqascore.seq2seq_answer_score``), under
+- score = ``exp(-mean CE)`` over the T5 labels ``[▁Yes, </s>]`` (``evals.vqascore_base.seq2seq_answer_score``), under
   bf16 autocast on CUDA.
 
 Batching quirk of the original: right-padded prompts of different lengths get an encoder attention mask that is
@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from evals.vqascore import ANSWER_TEMPLATE, QUESTION_TEMPLATE, VQAScorer, _check, seq2seq_answer_score
+from evals.vqascore_base import ANSWER_TEMPLATE, QUESTION_TEMPLATE, VQAScorer, check_pairs, seq2seq_answer_score
 
 IMAGE_TOKEN_INDEX = -200
 CONTEXT_LEN = 2048
@@ -372,7 +372,7 @@ class CLIPFlanT5Score(VQAScorer):
 
     def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
         """(N,) scores, image i against text i, in chunks of ``batch_size``."""
-        _check(images, texts)
+        check_pairs(images, texts)
         out = [self._batch(images[i: i + self.batch_size], texts[i: i + self.batch_size])
                for i in range(0, len(texts), self.batch_size)]
         return torch.cat(out) if out else torch.zeros(0)

@@ -4,7 +4,7 @@ A backend turns one image into ``Detection``s (class name, box ``[x1, y1, x2, y2
 names the colour of any kept detections of one class (``classify_colors``). GenEval's own rules (threshold, top-16
 cut, NMS, clauses) live in ``evals.geneval`` and are the same for every backend.
 
-- ``shapes``: the exact detector of the synthetic world (``experiments.data.shapes_detector``); its colour is the
+- ``shapes``: the exact detector of the synthetic world (``world.detector``); its colour is the
   quantised palette colour, so ``classify_colors`` just reads it back.
 - ``hf-mask2former``: COCO Mask2Former through transformers (mmdet's post-processing), colours by the CLIP
   zero-shot classifier on the mask composited on ``#999`` and cropped to the box (notes A5).
@@ -71,13 +71,13 @@ class ShapesDetector(DetectorBackend):
     name = "shapes"
 
     def __init__(self) -> None:
-        # imported here so evals.* imports without the synthetic world (and the COCO backends without it)
-        from experiments.data import shapes
-        from experiments.data.shapes_detector import detect_shapes
+        # imported here: the COCO backends never load the synthetic world
+        from world.detector import detect_shapes
+        from world.scene import CLASSES, COLORS
 
         self._detect = detect_shapes
-        self.classes = tuple(shapes.CLASSES)
-        self.colors = tuple(shapes.COLORS)
+        self.classes = tuple(CLASSES)
+        self.colors = tuple(COLORS)
 
     def detect(self, image: Image.Image) -> list[Detection]:
         """Detections with exact palette colours; boxes are inclusive pixel bounds."""

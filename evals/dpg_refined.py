@@ -32,9 +32,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from evals.files import atomic_write_text, open_rgb
+from common.files import atomic_write_text, open_rgb
+from common.stats import bootstrap_ci
 from evals.judges import JUDGE_MODES, JUDGES, Judge, JudgeRequest, make_judge
-from evals.stats import bootstrap_ci
 
 CSV_COLUMNS: tuple[str, ...] = (
     "item_id", "text", "keywords", "proposition_id", "dependency", "category_broad", "category_detailed", "tuple",

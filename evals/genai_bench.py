@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from evals.files import atomic_write_text, open_rgb
+from common.files import atomic_write_text, open_rgb
 
 DATA = Path(__file__).parent / "data" / "genai_bench"
 BASIC_SKILLS = ("attribute", "scene", "spatial relation", "action relation", "part relation")
@@ -55,7 +55,7 @@ def load_benchmark(data_dir: Path = DATA) -> tuple[dict[int, str], dict[str, lis
 
 
 def _mean_ci(values: np.ndarray, n_resamples: int, seed: int) -> dict[str, Any]:
-    from evals.stats import bootstrap_ci
+    from common.stats import bootstrap_ci
 
     lo, hi = bootstrap_ci(values, lambda x: float(np.mean(x)), n_resamples=n_resamples, seed=seed)
     return {"mean": float(values.mean()), "std": float(values.std()), "n": int(len(values)), "ci95": [lo, hi]}

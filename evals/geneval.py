@@ -33,12 +33,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common.files import atomic_write_text, open_rgb
+from common.geneval_spec import POSITION_THRESHOLD, RELATIONS, TASKS, relative_position
+from common.stats import bootstrap_ci
 from evals.detectors import Detection, DetectorBackend, get_detector
-from evals.files import atomic_write_text, open_rgb
-from evals.stats import bootstrap_ci
 
-TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 ROW_FIELDS: tuple[str, ...] = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
 _SAMPLE_NAME = re.compile(r"\d+\.png")
 
@@ -56,7 +55,7 @@ class GenevalOptions:
     counting_threshold: float = 0.9
     max_objects: int = 16
     max_overlap: float = 1.0  # NMS IoU; 1.0 = NMS off
-    position_threshold: float = 0.1
+    position_threshold: float = POSITION_THRESHOLD
 
     def __post_init__(self) -> None:
         if self.max_objects < 1:
@@ -103,23 +102,6 @@ def compute_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
     inter = area((max(box_a[0], box_b[0]), max(box_a[1], box_b[1]), min(box_a[2], box_b[2]), min(box_a[3], box_b[3])))
     union = area(box_a) + area(box_b) - inter
     return inter / union if union else 0.0
-
-
-def relative_position(box_a: Sequence[float], box_b: Sequence[float], threshold: float = 0.1) -> set[str]:
-    """Relations "A rel B" between ``(x1, y1, x2, y2)`` boxes (image y points down); empty if too close.
-
-    The centre offset shrinks per axis by ``threshold * (dim_a + dim_b)`` (clamped at 0, sign kept); the shrunk
-    offset divided by the raw offset's length gives (dx, dy); |component| > 0.5 names the relation.
-    """
-    a, b = np.asarray(box_a[:4], dtype=float), np.asarray(box_b[:4], dtype=float)
-    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
-    dims = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
-    revised = np.maximum(np.abs(offset) - threshold * dims, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    rels = {("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5)}
-    return {name for name, hit in rels if hit}
 
 
 # ------------------------------------------------------------------------------------------------ rules
@@ -442,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.metadata is not None:
             metadata = read_metadata_lines(args.metadata)
         else:
-            from experiments.data.shapes import write_geneval_metadata
+            from world.prompts import write_geneval_metadata
 
             metadata = write_geneval_metadata(args.out / "evaluation_metadata.jsonl", args.n_per_task, args.seed)
         from evals.images import generate_geneval_folder

@@ -114,8 +114,8 @@ class OracleJudge(Judge):
         self.batch_size = batch_size
 
     def judge(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
-        from experiments.data.dpg_questions import answer_question
-        from experiments.data.shapes_detector import detect_shapes
+        from world.detector import detect_shapes
+        from world.dpg_questions import answer_question
 
         cache: dict[int, list] = {}  # detections per image object: a batch holds many questions per tile
         out = []

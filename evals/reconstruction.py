@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from evals.stats import bootstrap_ci
+from common.stats import bootstrap_ci
 
 KINDS = ("reconstruction", "edit")
 
@@ -39,8 +39,8 @@ def image_metrics(sample: np.ndarray, reference: np.ndarray) -> tuple[float, flo
 
 def held_out_items(kind: str, n: int, seed: int, size: int = 32) -> list[dict[str, Any]]:
     """``n`` items: {"source": uint8 image, "instruction": str, "target": uint8 image, "groups": dict}."""
-    from experiments.data.edits import random_edit
-    from experiments.data.shapes import render, sample_scene
+    from world.edits import random_edit
+    from world.scene import render, sample_scene
 
     if kind not in KINDS:
         raise ValueError(f"unknown image task {kind!r}; valid: {KINDS}")
@@ -63,8 +63,8 @@ def evaluate(module: Any, kind: str, out_dir: str | Path, n: int = 64, seed: int
              batch_size: int = 32) -> dict[str, Any]:
     """Sample every held-out item once (seed + index), score it, write ``<kind>.jsonl``; returns the summary
     ``{"psnr": mean, "psnr_ci": (lo, hi), "ssim": ..., "ssim_ci": ..., "correct": ... (edit only), "n": n}``."""
-    from experiments.data.shapes_detector import detect_shapes
-    from models.encoders import Prompt
+    from common.prompt import Prompt
+    from world.detector import detect_shapes
 
     items = held_out_items(kind, n, seed, module.config["data"]["size"])
     rows = []
@@ -85,7 +85,7 @@ def evaluate(module: Any, kind: str, out_dir: str | Path, n: int = 64, seed: int
             rows.append(row)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from evals.files import atomic_write_text
+    from common.files import atomic_write_text
 
     atomic_write_text(out / f"{kind}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     summary: dict[str, Any] = {"n": n}

@@ -16,10 +16,11 @@ Backends (``SCORERS``):
 - ``oracle``: the exact answer in the shapes world: 1.0 when the shapes detector + GenEval rules find the image
   satisfies the prompt's GenEval metadata, else 0.0.
 
-``seq2seq_answer_score`` is CLIP-FlanT5's formula as t2v_metrics computes it: the answer is tokenized as T5
-labels, which appends ``</s>``, and the score is ``exp(-mean cross-entropy)`` over ``[▁Yes, </s>]``, the geometric
-mean of P(Yes) and P(</s> | Yes), so about sqrt(P(Yes)) when P(</s>) ~ 1. The backends ``clip-flant5-xxl`` and
-``clip-flant5-xl`` (``evals.clip_flant5``) wrap the checkpoints GenAI-Bench's published tables used.
+``evals.vqascore_base.seq2seq_answer_score`` is CLIP-FlanT5's formula as t2v_metrics computes it: the answer is
+tokenized as T5 labels, which appends ``</s>``, and the score is ``exp(-mean cross-entropy)`` over
+``[▁Yes, </s>]``, the geometric mean of P(Yes) and P(</s> | Yes), so about sqrt(P(Yes)) when P(</s>) ~ 1. The
+backends ``clip-flant5-xxl`` and ``clip-flant5-xl`` (``evals.clip_flant5``) wrap the checkpoints GenAI-Bench's
+published tables used.
 """
 
 from __future__ import annotations
@@ -30,26 +31,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-QUESTION_TEMPLATE = 'Does this figure show "{}"? Please answer yes or no.'
-ANSWER_TEMPLATE = "Yes"
-
-
-class VQAScorer:
-    """Interface: ``score(images, texts) -> (N,) float tensor`` in [0, 1]; ``name`` labels every output."""
-
-    name = "vqascore"
-    batch_size = 16
-
-    def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-
-def _check(images: Sequence[Any], texts: Sequence[str]) -> None:
-    if len(images) != len(texts):
-        raise ValueError(f"score() pairs image i with text i: got {len(images)} images and {len(texts)} texts")
-    for i, im in enumerate(images):
-        if not isinstance(im, Image.Image):
-            raise ValueError(f"images[{i}] must be a PIL image, got {type(im).__name__}")
+from evals.vqascore_base import ANSWER_TEMPLATE, QUESTION_TEMPLATE, VQAScorer, check_pairs
 
 
 class HFVQAScore(VQAScorer):
@@ -98,7 +80,7 @@ class HFVQAScore(VQAScorer):
         return logp.mean(dim=1).exp().cpu()
 
     def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
-        _check(images, texts)
+        check_pairs(images, texts)
         out = [self._batch(images[i: i + self.batch_size], texts[i: i + self.batch_size])
                for i in range(0, len(texts), self.batch_size)]
         return torch.cat(out) if out else torch.zeros(0)
@@ -121,7 +103,7 @@ class OracleVQAScore(VQAScorer):
     def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
         from evals.geneval import evaluate_image
 
-        _check(images, texts)
+        check_pairs(images, texts)
         out = []
         for im, text in zip(images, texts, strict=True):
             if text not in self.metadata:
@@ -167,13 +149,13 @@ class OpenAIVQAScore(VQAScorer):
     def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
         from concurrent.futures import ThreadPoolExecutor
 
-        _check(images, texts)
+        check_pairs(images, texts)
         with ThreadPoolExecutor(max_workers=max(1, min(self.batch_size, len(texts)))) as pool:
             return torch.tensor(list(pool.map(self._one, images, texts)), dtype=torch.float32)
 
 
 def _clip_flant5(variant: str) -> Callable[..., VQAScorer]:
-    """Factory of the ``variant`` CLIP-FlanT5 scorer (imported lazily: evals.clip_flant5 imports this module)."""
+    """Factory of the ``variant`` CLIP-FlanT5 scorer (imported on use: it needs the T5 and CLIP classes)."""
 
     def make(**kwargs: Any) -> VQAScorer:
         from evals.clip_flant5 import CLIPFlanT5Score
@@ -194,19 +176,3 @@ def make_scorer(name: str, **kwargs: Any) -> VQAScorer:
     if name not in SCORERS:
         raise ValueError(f"unknown VQAScore backend {name!r}; valid: {', '.join(SCORERS)}")
     return SCORERS[name](**kwargs)
-
-
-def seq2seq_answer_score(model: Any, tokenizer: Any, encoder_inputs: dict[str, torch.Tensor],
-                         answer: str = ANSWER_TEMPLATE) -> torch.Tensor:
-    """CLIP-FlanT5's score for an encoder-decoder: ``exp(-mean CE)`` over the answer's T5 labels (with ``</s>``).
-
-    encoder_inputs: what the model's encoder takes (``input_ids``/``attention_mask`` or ``inputs_embeds``), batch B.
-    Returns (B,) scores = geometric mean of the label tokens' teacher-forced probabilities.
-    """
-    labels = tokenizer([answer], return_tensors="pt")["input_ids"]  # T5 appends </s>
-    b = next(iter(encoder_inputs.values())).shape[0]
-    labels = labels.expand(b, -1).contiguous().to(next(model.parameters()).device)
-    with torch.no_grad():
-        logits = model(**encoder_inputs, labels=labels).logits.float()  # (B, K, V)
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (B, K)
-    return ce.mean(dim=1).neg().exp().cpu()

@@ -34,12 +34,12 @@ import pandas as pd
 import submitit
 import yaml
 
-from evals.files import atomic_write_text
+from common.files import atomic_write_text
+from common.paths import RESULTS_DIR, RUNS_DIR
 from experiments.config import RunSpec, load_experiment
 from experiments.status import JOB_RECORD, SLURM_TERMINAL, experiment_root, format_status, slurm_jobs, status_table
-from experiments.train import RUNS_DIR, RunJob
+from experiments.train import RunJob
 
-RESULTS_DIR = Path("results")
 SLURM_PROFILES = Path(__file__).resolve().parents[1] / "slurm" / "profiles"
 
 

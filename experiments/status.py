@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.paths import RUNS_DIR
 from experiments.config import RunSpec, load_experiment
-from experiments.train import RUNS_DIR
 
 JOB_RECORD = "job.json"
 # scontrol JobState values after which a job will not run again by itself

@@ -21,9 +21,9 @@ import submitit
 import torch
 import yaml
 
-from evals.files import atomic_write_text
+from common.files import atomic_write_text
+from common.paths import RUNS_DIR
 
-RUNS_DIR = Path(os.environ.get("UNIFUSION_RUNS", "runs"))
 METRIC_COLUMNS = ["exp", "run", "candidate", "seed", "step", "metric", "value", "ci_low", "ci_high", "n"]
 
 
@@ -275,7 +275,7 @@ def evaluate(module, config: dict[str, Any], run_dir: Path) -> tuple[dict[str, A
     """Sample GenEval-format prompts of the shapes world and score them with the exact detector."""
     from evals.geneval import evaluate_folder
     from evals.images import generate_geneval_folder
-    from experiments.data.shapes import write_geneval_metadata
+    from world.prompts import write_geneval_metadata
 
     gcfg = config["eval"]["geneval"]
     eval_dir = run_dir / "eval"
@@ -330,8 +330,8 @@ def evaluate_all(module, config: dict[str, Any], run_dir: Path, exp: str, name: 
 
 def metric_rows(exp: str, run: str, config: dict[str, Any], step: int, summary: dict, rows: list[dict]) -> pd.DataFrame:
     """Tidy rows: overall (bootstrap CI over prompts), each task (CI over that task's prompts), % images."""
+    from common.stats import bootstrap_ci
     from evals.geneval import per_prompt_scores
-    from evals.stats import bootstrap_ci
 
     base = {"exp": exp, "run": run, "candidate": config["candidate"], "seed": config["seed"], "step": step}
     lo, hi = summary["ci95"]["overall"]

@@ -6,7 +6,7 @@
 the same right-padded batch (padding exactly 0) the encoder returns, built from per-prompt entries.
 
 Training uses it when ``encoder.cache`` is set in the config (``null`` = off, the default; ``auto`` =
-``<models.tiny_vlm.cache_dir()>/features``; or a folder): ``UniFusionModule.encode`` sends plain (non-VERIFI)
+``<common.paths.cache_dir()>/features``; or a folder): ``UniFusionModule.encode`` sends plain (non-VERIFI)
 encodings through one lazily built cache and flushes it when training ends. VERIFI encodings are not cached here
 (their rewrites are cached in memory by the module instead).
 
@@ -65,7 +65,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from models.encoders import EncoderOutput, Prompt, as_prompt, encoder_fingerprint, image_digest
+from common.prompt import Prompt, as_prompt, image_digest
+from models.encoders import EncoderOutput, encoder_fingerprint
 
 FORMAT = "unifusion-feature-cache/1"  # text-only keys are unchanged from the first version, so old shards still hit
 _IDS = ":ids"  # suffix of an entry's token-id tensor

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from common.prompt import Prompt, as_prompt
 from models.conditioning import build_conditioner
 from models.dit import DiT
-from models.encoders import EncoderOutput, Prompt, as_prompt, build_encoder
+from models.encoders import EncoderOutput, build_encoder
 from models.flow import cfg_velocity, euler_sample, flow_matching_loss, sample_sigmas
 from models.latents import build_latent_space
 
@@ -104,7 +105,7 @@ class UniFusionModule(L.LightningModule):
     @staticmethod
     def _key(p: Prompt) -> tuple:
         """VERIFI rewrite-cache key: the text and the decoded pixels of every image."""
-        from models.encoders import image_digest
+        from common.prompt import image_digest
 
         return (p.text, tuple(image_digest(im) for im in p.images))
 
@@ -117,7 +118,7 @@ class UniFusionModule(L.LightningModule):
 
             root = self._cache_root
             if root == "auto":
-                from models.tiny_vlm import cache_dir
+                from common.paths import cache_dir
 
                 root = cache_dir() / "features"
             self._feature_cache = FeatureCache(root, self.encoder)

@@ -22,12 +22,13 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from common.paths import cache_dir
 
 CHAT_PREFIX = "<|im_start|> user "
 CHAT_SUFFIX = " <|im_end|>"
@@ -131,8 +132,11 @@ def build_tiny_vlm(seed: int = 0, cfg: dict[str, Any] | None = None) -> nn.Modul
 
 def _example(rng: np.random.Generator, task: str, size: int = 32) -> tuple[str, list[np.ndarray], str | None]:
     """(user-turn text incl. image placeholders, images, assistant answer or None for plain caption LM)."""
-    from experiments.data.edits import random_edit
-    from experiments.data.shapes import TASKS, describe, render, sample_prompt, sample_scene, scene_for_prompt
+    from common.geneval_spec import TASKS
+    from world.descriptions import describe
+    from world.edits import random_edit
+    from world.prompts import sample_prompt, scene_for_prompt
+    from world.scene import render, sample_scene
 
     if task == "caption":
         if rng.random() < 0.5:
@@ -235,11 +239,6 @@ def pretrain(model: nn.Module, processor: Any, cfg: dict[str, Any], progress: bo
             losses.append(float(loss.detach()))
     model.eval()
     return losses
-
-
-def cache_dir() -> Path:
-    """``$UNIFUSION_CACHE`` or ``<repo>/.cache``: on the repo, so SLURM jobs on other nodes see it too."""
-    return Path(os.environ.get("UNIFUSION_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
 
 
 def pretrained_tiny_vlm(cfg: dict[str, Any] | None = None, progress: bool = True) -> nn.Module:

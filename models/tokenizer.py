@@ -1,8 +1,8 @@
 """A file-free word-level tokenizer over the shapes world's closed vocabulary.
 
-The tiny offline encoder presets (``models/encoders.py``) pair randomly initialised HF models with this
+The tiny offline encoder presets (``models/encoders/tiny.py``) pair randomly initialised HF models with this
 tokenizer, so tests and CPU sweeps never touch the Hub. Token ids are positions in
-``experiments.data.vocab.ALL_TOKENS``: "[PAD]" = 0, "[UNK]" = 1, "[BOS]" = 2, "[EOS]" = 3, then the words.
+``world.vocab.ALL_TOKENS``: "[PAD]" = 0, "[UNK]" = 1, "[BOS]" = 2, "[EOS]" = 3, then the words.
 
 The tokenizer itself adds no special tokens: whether a model sees BOS and/or EOS is the encoder preset's
 decision (``FrozenEncoder(add_bos=..., add_eos=...)``), made in one place for tiny and real models alike.
@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from experiments.data.vocab import ALL_TOKENS
+from world.vocab import ALL_TOKENS
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 
@@ -47,7 +47,7 @@ def shapes_tokenizer() -> PreTrainedTokenizerFast:
     """
     vocab = {tok: i for i, tok in enumerate(ALL_TOKENS)}
     if len(vocab) != len(ALL_TOKENS):
-        raise ValueError("experiments.data.vocab.ALL_TOKENS holds duplicate tokens; ids must be unique positions")
+        raise ValueError("world.vocab.ALL_TOKENS holds duplicate tokens; ids must be unique positions")
     for special, want in ((PAD, 0), (UNK, 1), (BOS, 2), (EOS, 3)):
         if vocab.get(special) != want:
             raise ValueError(f"{special} must have id {want} in ALL_TOKENS, found {vocab.get(special)}")

@@ -13,7 +13,7 @@ from evals import audit
 
 def test_probes_have_known_answers() -> None:
     probes = audit.geneval_probes(3, seed=1)
-    from experiments.data.shapes import TASKS
+    from common.geneval_spec import TASKS
 
     for task in TASKS:
         mine = [p for p in probes if p["group"] == task]

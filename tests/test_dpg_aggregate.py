@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.stats import bootstrap_ci
 from evals.dpg_refined import (
     Question,
     aggregate,
@@ -22,7 +23,6 @@ from evals.dpg_refined import (
     questions_from_rows,
     read_judgments,
 )
-from evals.stats import bootstrap_ci
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dpg" / "worked_example.csv"
 # §8: the questions answered "no" per (item, tile); every other answer is "yes"

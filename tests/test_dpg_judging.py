@@ -17,8 +17,8 @@ from PIL import Image
 from evals.dpg_refined import judge_images, load_questions, main, read_judgments, run, scan_images
 from evals.images import generate_dpg_folder, save_png
 from evals.judges import HFJudge, JudgeRequest, JudgeResult, OpenAIJudge, OracleJudge, TextJudge, parse_answer
-from experiments.data.dpg_questions import make_dpg_prompt_set, write_dpg_questions_csv
-from experiments.data.shapes import BACKGROUND, render
+from world.dpg_questions import make_dpg_prompt_set, write_dpg_questions_csv
+from world.scene import BACKGROUND, render
 
 
 def grid_of(tiles: list[np.ndarray]) -> np.ndarray:

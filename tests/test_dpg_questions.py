@@ -9,16 +9,17 @@ import re
 import numpy as np
 import pytest
 
-from experiments.data.dpg_questions import (
+from world.descriptions import describe
+from world.detector import detect_shapes
+from world.dpg_questions import (
     CSV_COLUMNS,
     answer_question,
     make_dpg_prompt_set,
     questions_for_scene,
     write_dpg_questions_csv,
 )
-from experiments.data.shapes import Obj, Scene, describe, render, sample_scene
-from experiments.data.shapes_detector import detect_shapes
-from experiments.data.vocab import ALL_TOKENS
+from world.scene import Obj, Scene, render, sample_scene
+from world.vocab import ALL_TOKENS
 
 # red circle top left, blue square top right, green triangle bottom left (relations hand-derived below)
 SCENE = Scene((Obj("circle", "red", 6, 6, 4), Obj("square", "blue", 25, 6, 4), Obj("triangle", "green", 6, 25, 4)),

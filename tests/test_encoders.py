@@ -1,4 +1,4 @@
-"""Reference tests for models/encoders.py and models/tokenizer.py.
+"""Reference tests for models/encoders/ and models/tokenizer.py.
 
 The naive reference for every feature check is transformers' own ``output_hidden_states=True`` run of the same
 model: "layer i" must be ``hidden_states[i]`` (DESIGN.md §2), the last id the final-normed ``last_hidden_state``.
@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.data.vocab import ALL_TOKENS, SPECIAL_TOKENS, WORDS
 from models.encoders import (
     ENCODER_PRESETS,
     FrozenEncoder,
@@ -19,6 +18,7 @@ from models.encoders import (
     select_layers,
 )
 from models.tokenizer import shapes_tokenizer
+from world.vocab import ALL_TOKENS, SPECIAL_TOKENS, WORDS
 
 TOL = 1e-5
 # token ids of "a red circle": positions in ALL_TOKENS (checked in test_tokenizer_ids_are_vocab_positions)

@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from experiments.config import config_hash, load_base, merge
-from experiments.data.shapes import ShapesStream, render, sample_scene
+from experiments.data.shapes import ShapesStream
 from models.encoders import FrozenEncoder, Prompt, build_encoder
 from models.feature_cache import CorruptShardError, FeatureCache
+from world.scene import render, sample_scene
 
 A = "a red circle"
 B = "two blue squares left of a green triangle above a black circle"

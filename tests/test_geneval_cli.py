@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("experiments.data.shapes", reason="experiments.data.shapes (synthetic world) not landed yet")
-pytest.importorskip("experiments.data.shapes_detector", reason="experiments.data.shapes_detector not landed yet")
-
-from evals import geneval  # noqa: E402
-from evals.geneval import ROW_FIELDS, TASKS, evaluate_folder, main  # noqa: E402
-from experiments.data.shapes import render_geneval_folder, write_geneval_metadata  # noqa: E402
+from evals import geneval
+from evals.geneval import ROW_FIELDS, TASKS, evaluate_folder, main
+from world.prompts import render_geneval_folder, write_geneval_metadata
 
 
 @pytest.fixture(scope="module")

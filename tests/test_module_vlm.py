@@ -8,9 +8,10 @@ import torch
 
 from experiments.config import load_base, merge
 from experiments.data.datamodule import collate
-from experiments.data.shapes import ShapesStream, render, sample_scene
+from experiments.data.shapes import ShapesStream
 from models.encoders import Prompt
 from models.module import UniFusionModule
+from world.scene import render, sample_scene
 
 
 def vlm_config(**extra) -> dict:

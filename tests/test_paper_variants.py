@@ -14,7 +14,7 @@ from PIL import Image
 from experiments.config import available_experiments, load_experiment
 from experiments.train import trainer_settings
 from models.encoders import ENCODER_PRESETS, select_layers
-from models.presets import HUB_SPECS
+from models.encoders.hub import HUB_SPECS
 
 DATA = ["data.hf.path=parquet", "data.hf.data_files=/data/train-*.parquet"]
 EDIT_DATA = ["data.hf_edit.path=parquet", "data.hf_edit.data_files=/data/edit-*.parquet"]
@@ -225,13 +225,13 @@ def _expected(seed: int, batch_size: int, rank: int = 0, world: int = 1, share: 
     """(data position, task, source, dataset row) of rank ``rank``'s stream from step 0 (its t-th batch is global
     batch t * world + rank), from the task draw alone (rng [seed, batch, 2], as the shapes world draws it) and the
     rows of its ``share`` (default: all), until a source runs out. One source (``two=False``): every batch t2i."""
-    from experiments.data.shapes import _draw_task
+    from experiments.data.sharding import draw_task
 
     share = share or {src: list(range(N_ROWS)) for src in ("hf", "hf_edit")}
     out, nxt, t = [], {"hf": 0, "hf_edit": 0}, 0
     while True:
         g = t * world + rank
-        task = _draw_task(MIX, np.random.default_rng([seed, g, 2])) if two else "t2i"
+        task = draw_task(MIX, np.random.default_rng([seed, g, 2])) if two else "t2i"
         src = "hf_edit" if task == "edit" else "hf"
         for k in range(batch_size):
             if nxt[src] == len(share[src]):

@@ -1,4 +1,4 @@
-"""Real encoder presets (models/presets.py), tested offline on tiny random configs of the same HF classes.
+"""Real encoder presets (models/encoders/hub.py), tested offline on tiny random configs of the same HF classes.
 
 Each real preset is rebuilt with ``presets.with_builder``: the preset's own template, taps, VisionSpec, VerifiSpec
 and tokenizer preparation, through ``build_encoder``, but with a tiny model of the preset's class and an in-memory
@@ -21,8 +21,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from models import presets
 from models.encoders import ENCODER_PRESETS, FrozenEncoder, Prompt, build_encoder, select_layers
+from models.encoders import hub as presets
 
 VLMS = ("internvl2.5-8b", "internvl3-8b", "gemma-3-12b-it", "qwen2.5-vl-7b")
 GENERATIVE = ("llama-3.1-8b", *VLMS)

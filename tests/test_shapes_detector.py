@@ -7,14 +7,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from experiments.data.shapes import BACKGROUND, PALETTE, Obj, Scene, render, sample_scene
-from experiments.data.shapes_detector import (
-    COLOR_CUTOFF,
-    MIN_AREA_FRAC,
-    classify_component,
-    detect_shapes,
-    quantize,
-)
+from world.detector import COLOR_CUTOFF, MIN_AREA_FRAC, classify_component, detect_shapes, quantize
+from world.scene import BACKGROUND, PALETTE, Obj, Scene, render, sample_scene
 
 
 @pytest.mark.parametrize("size", [32, 64])

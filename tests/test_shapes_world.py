@@ -11,28 +11,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from experiments.data import shapes as sw
-from experiments.data.shapes import (
-    BACKGROUND,
-    CLASSES,
-    COLORS,
-    PALETTE,
-    TASKS,
-    Obj,
-    Scene,
-    ShapesStream,
-    describe,
-    owns_batch,
-    relative_position,
-    render,
-    render_geneval_folder,
-    sample_prompt,
-    sample_scene,
-    satisfies,
-    scene_for_prompt,
-    write_geneval_metadata,
-)
-from experiments.data.vocab import ALL_TOKENS
+from common.geneval_spec import TASKS, relative_position
+from experiments.data.shapes import ShapesStream
+from experiments.data.sharding import owns_batch
+from world import scene as sw
+from world.descriptions import describe
+from world.prompts import render_geneval_folder, sample_prompt, satisfies, scene_for_prompt, write_geneval_metadata
+from world.scene import BACKGROUND, CLASSES, COLORS, PALETTE, Obj, Scene, render, sample_scene
+from world.vocab import ALL_TOKENS
 
 
 def words(text: str) -> list[str]:

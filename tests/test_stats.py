@@ -1,4 +1,4 @@
-"""Bootstrap CIs and paired comparisons (evals/stats.py) against scipy and hand-computed cases."""
+"""Bootstrap CIs and paired comparisons (common/stats.py) against scipy and hand-computed cases."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from evals.stats import bootstrap_ci, paired_bootstrap, resample_indices
+from common.stats import bootstrap_ci, paired_bootstrap, resample_indices
 
 
 def test_bootstrap_ci_matches_scipy_percentile_exactly():

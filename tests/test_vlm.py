@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.data.shapes import render, sample_scene
 from models.encoders import FrozenEncoder, Prompt, build_encoder
 from models.tiny_vlm import TILE
+from world.scene import render, sample_scene
 
 TOKENS_PER_TILE = (TILE // 2) ** 2 // 4  # 2 px patches, pixel shuffle 0.5
 

@@ -11,7 +11,8 @@ from local_http import json_server, user_text
 from PIL import Image
 
 from evals.tiny_models import tiny_gemma3
-from evals.vqascore import HFVQAScore, OracleVQAScore, make_scorer, seq2seq_answer_score
+from evals.vqascore import HFVQAScore, OracleVQAScore, make_scorer
+from evals.vqascore_base import seq2seq_answer_score
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,8 @@ def test_clip_flant5_formula_is_the_geometric_mean_with_eos() -> None:
 
 
 def test_oracle_and_bad_input() -> None:
-    from experiments.data.shapes import render, sample_prompt, scene_for_prompt
+    from world.prompts import sample_prompt, scene_for_prompt
+    from world.scene import render
 
     rng = np.random.default_rng(3)
     meta = sample_prompt(rng, "colors")

@@ -54,7 +54,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from experiments.data.datamodule import collate, trainer_position
-from experiments.data.shapes import batch_task, check_rank, owns_batch
+from experiments.data.shapes import to_tensor
+from experiments.data.sharding import batch_task, check_rank, draw_task, owns_batch
 
 log = logging.getLogger(__name__)
 HF_KEYS = ("path", "name", "data_files", "split", "image_column", "caption_column", "source_image_column")
@@ -124,13 +125,12 @@ class HFStream(IterableDataset):
                  tasks: dict[str, float] | None = None, seed: int = 0, hf_edit: dict[str, Any] | None = None,
                  rank: int = 0, world_size: int = 1):
         super().__init__()
-        from experiments.data.shapes import _draw_task
 
         check_rank(rank, world_size)
         self.rank, self.world_size = rank, world_size
 
         if tasks:
-            _draw_task(tasks, np.random.default_rng(0))  # validates names and weights before any row is read
+            draw_task(tasks, np.random.default_rng(0))  # validates names and weights before any row is read
         edit = bool(tasks) and tasks.get("edit", 0) > 0
         if edit and hf_edit is None and not hf.get("source_image_column"):
             raise ValueError("data.tasks asks for edit batches but data.hf.source_image_column is not set and "
@@ -186,8 +186,7 @@ class HFStream(IterableDataset):
     def _make(self, cfg: dict[str, Any], source: str, row_index: int, row: dict[str, Any], task: str,
               index: int) -> dict[str, Any] | None:
         """The item of one row of ``cfg`` for ``task``, or None (counted, reported) when it cannot be used."""
-        from experiments.data.shapes import to_tensor
-        from models.encoders import Prompt
+        from common.prompt import Prompt
 
         img_col = cfg.get("image_column") or "image"
         cap_col = cfg.get("caption_column") or "caption"

@@ -7,8 +7,8 @@ Edits (paper Sec. 4 / 5 at toy scale), each a pure function of (scene, rng):
 - add:      "add a green square ."        (placed where it overlaps nothing)
 - move:     "move the red circle to the left ."  (its centre moves into that third of the canvas)
 
-``parse_description`` inverts ``shapes.describe`` (the VERIFI rewrite target) back into counts and relations,
-so a VLM's rewrite can be checked against the prompt it rewrote (``rewrite_faithful``).
+``parse_description`` inverts ``world.descriptions.describe`` (the VERIFI rewrite target) back into counts and
+relations, so a VLM's rewrite can be checked against the prompt it rewrote (``rewrite_faithful``).
 """
 
 from __future__ import annotations
@@ -19,17 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments.data.shapes import (
-    CLASSES,
-    COLORS,
-    NUMBER_WORDS,
-    RELATIONS,
-    Obj,
-    Scene,
-    _gap_ok,
-    _place,
-    radius_range,
-)
+from world.prompts import article
+from world.scene import CLASSES, COLORS, NUMBER_WORDS, Obj, Scene, gap_ok, place, radius_range, sample_scene
 
 EDIT_KINDS: tuple[str, ...] = ("recolour", "remove", "add", "move")
 MOVE_DIRECTIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
@@ -62,10 +53,9 @@ def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None) 
             return None
         cls, col = CLASSES[rng.integers(len(CLASSES))], COLORS[rng.integers(len(COLORS))]
         for _ in range(50):
-            new = _place(rng, scene.size, [(cls, col)])
-            if new is not None and all(_gap_ok(new[0].box, o.box) for o in objs):
-                art = "an" if col[0] in "aeiou" else "a"
-                return f"add {art} {col} {cls} .", Scene(tuple(objs) + new, scene.size)
+            new = place(rng, scene.size, [(cls, col)])
+            if new is not None and all(gap_ok(new[0].box, o.box) for o in objs):
+                return f"add {article(col)} {cls} .", Scene(tuple(objs) + new, scene.size)
         return None
     if not uniq or (kind == "remove" and len(objs) < 2):
         return None  # every scene keeps at least one object
@@ -84,7 +74,7 @@ def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None) 
     others = objs[:i] + objs[i + 1:]
     for _ in range(50):
         cand = _moved(target, direction, scene.size, rng)
-        if all(_gap_ok(cand.box, o.box) for o in others):
+        if all(gap_ok(cand.box, o.box) for o in others):
             objs[i] = cand
             return f"move the {target.name} to the {direction} .", Scene(tuple(objs), scene.size)
     return None
@@ -92,8 +82,6 @@ def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None) 
 
 def random_edit(scene_rng: np.random.Generator, size: int = 32) -> tuple[Scene, str, Scene]:
     """(source scene, instruction, target scene), retrying until an edit applies."""
-    from experiments.data.shapes import sample_scene
-
     radius_range(size)
     while True:
         src = sample_scene(scene_rng, size)
@@ -112,7 +100,7 @@ _REL = re.compile(
 
 
 def parse_description(text: str) -> dict[str, Any] | None:
-    """Counts and relations of a ``shapes.describe`` text; None if it does not follow that grammar.
+    """Counts and relations of a ``describe`` text; None if it does not follow that grammar.
 
     Returns ``{"groups": {(colour, class): count}, "total": int, "relations": {(name_a, rel, name_b)}}``.
     """
@@ -141,12 +129,11 @@ def parse_description(text: str) -> dict[str, Any] | None:
     return {"groups": groups, "total": total, "relations": relations}
 
 
-
 def rewrite_faithful(meta: dict[str, Any], rewrite: str) -> bool:
     """Does a rewrite describe exactly the prompt's objects (classes and counts), with the prompt's colours and
     its relation? The rewrite may choose what the prompt leaves open (free colours, places, sizes).
 
-    ``meta`` is a GenEval metadata object of the shapes world (``shapes.sample_prompt``).
+    ``meta`` is a GenEval metadata object of the shapes world (``world.prompts.sample_prompt``).
     """
     parsed = parse_description(rewrite)
     if parsed is None or parsed["total"] != sum(parsed["groups"].values()):
@@ -176,4 +163,4 @@ def rewrite_faithful(meta: dict[str, Any], rewrite: str) -> bool:
     return True
 
 
-__all__ = ["EDIT_KINDS", "RELATIONS", "edit_scene", "parse_description", "random_edit", "rewrite_faithful"]
+__all__ = ["EDIT_KINDS", "edit_scene", "parse_description", "random_edit", "rewrite_faithful"]

@@ -8,7 +8,7 @@ Rows follow the official ``dpg_bench.csv`` header (``CSV_COLUMNS``), one row per
 3. counts: the total ``other - count (object, ==3)`` / "Are there exactly three objects?" (dependency "0"), each
    class occurring 2+ times ``other - count (circle, ==2)`` (depends on its entity) and each coloured class
    occurring 2+ times ``other - count (red circle, ==2)`` (depends on its entity and colour);
-4. relations between uniquely named objects (``shapes.unique_relations``, GenEval's ``relative_position``):
+4. relations between uniquely named objects (``world.descriptions.unique_relations``, GenEval's ``relative_position``):
    ``relation - spatial (red circle, blue square, left of)`` / "Is the red circle left of the blue square?";
    depends on both classes' entities.
 
@@ -25,20 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from experiments.data.shapes import (
-    CLASSES,
-    COLORS,
-    NUMBER_WORDS,
-    RELATIONS,
-    Scene,
-    describe,
-    groups,
-    reading_order,
-    relative_position,
-    sample_scene,
-    unique_relations,
-)
-from experiments.data.shapes_detector import ShapeDetection
+from common.geneval_spec import RELATIONS, relative_position
+from world.descriptions import describe, groups, reading_order, unique_relations
+from world.detector import ShapeDetection
+from world.scene import CLASSES, COLORS, NUMBER_WORDS, Scene, sample_scene
 
 CSV_COLUMNS: tuple[str, ...] = (
     "item_id", "text", "keywords", "proposition_id", "dependency", "category_broad", "category_detailed", "tuple",

@@ -1,4 +1,4 @@
-"""The frozen text/vision-language encoder and its preset registry (DESIGN.md §2).
+"""The frozen text/vision-language encoder: selected hidden states of the user's content.
 
 ``FrozenEncoder`` wraps any HF text backbone (decoder-only like Llama/Qwen, or a T5 encoder) plus its tokenizer
 and returns only the selected hidden states:
@@ -7,16 +7,9 @@ and returns only the selected hidden states:
         --model, hooks on the selected layers-->  (B, L, N, D)
         --drop the template prefix-->  EncoderOutput(features (B, T, N, D) float32, mask (B, T) bool)
 
-"Layer i" is HF ``hidden_states[i]``: 0 = the input of the first block (the embeddings), i = the output of
-block i-1 ... i.e. of the i-th block, and ``num_layers`` = the model's final-normed ``last_hidden_state``
-(intermediate layers are not normed). Layers are captured with forward hooks, never with
-``output_hidden_states=True``, and blocks deeper than the deepest selected layer are skipped.
-
-Presets: ``ENCODER_PRESETS[name]`` is an ``EncoderPreset``; ``build_encoder(name, ...)`` builds one. A real
-model is one registry entry, e.g.::
-
-    ENCODER_PRESETS["qwen3-vl-4b"] = EncoderPreset(
-        builder=hub_builder("Qwen/Qwen3-VL-4B-Instruct"), stride=3, template=..., description=...)
+Layer ids follow ``models.encoders.taps`` ("layer i" = HF ``hidden_states[i]``). Layers are captured with
+forward hooks, never with ``output_hidden_states=True``, and blocks deeper than the deepest selected layer are
+skipped.
 """
 
 from __future__ import annotations
@@ -29,60 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# ---------------------------------------------------------------------------------------------- layer choice
-
-
-def select_layers(
-    num_layers: int,
-    layers: Sequence[int] | None = None,
-    stride: int | None = None,
-    start: int | None = None,
-) -> tuple[int, ...]:
-    """Hidden-state ids to tap, ascending, each in ``[0, num_layers]`` (DESIGN.md §2).
-
-    - ``layers``: explicit ids; negative ids count Python-style over the ``num_layers + 1`` hidden states
-      (-1 = ``num_layers`` = last, final-normed).
-    - ``stride`` k: ``range(start, num_layers + 1, k)`` with default ``start = k - 1`` (Krea2 / UniFusion tap
-      2, 5, ..., 35 of a 36-layer model).
-    - neither: ``(num_layers,)``, the last layer only.
-    """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-    n_states = num_layers + 1
-    if layers is not None and stride is not None:
-        raise ValueError(f"give either layers={list(layers)} or stride={stride}, not both")
-    if layers is not None:
-        if start is not None:
-            raise ValueError(f"start={start} only applies with stride; got explicit layers={list(layers)}")
-        ids = list(layers)
-        if not ids:
-            raise ValueError("layers is empty; give at least one hidden-state id")
-        resolved = []
-        for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise ValueError(f"layer ids must be ints, got {i!r} in {ids}")
-            if not -n_states <= i < n_states:
-                raise ValueError(
-                    f"layer id {i} out of range: valid ids are 0..{num_layers} (or {-n_states}..-1) "
-                    f"for a model with {num_layers} layers"
-                )
-            resolved.append(i % n_states)
-        if len(set(resolved)) != len(resolved):
-            raise ValueError(f"duplicate layer ids in {ids} (resolved to {resolved} over 0..{num_layers})")
-        return tuple(sorted(resolved))
-    if stride is None:
-        if start is not None:
-            raise ValueError(f"start={start} only applies with stride; give stride too")
-        return (num_layers,)
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= num_layers:
-        raise ValueError(f"stride must be an int in 1..{num_layers} (num_layers), got {stride!r}")
-    start = stride - 1 if start is None else start
-    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= num_layers:
-        raise ValueError(f"start must be an int in 0..{num_layers}, got {start!r}")
-    return tuple(range(start, num_layers + 1, stride))
-
-
-# ---------------------------------------------------------------------------------------------- the encoder
+from common.prompt import Prompt, as_prompt, decode_image
+from models.encoders.spec import VerifiSpec, VisionSpec
+from models.encoders.taps import find_blocks, select_layers
 
 
 @dataclass
@@ -101,94 +43,6 @@ class _StopForward(Exception):
     """Raised by the hook of the deepest selected block so that deeper blocks never run."""
 
 
-# Where the transformer blocks live, tried in order (text LLMs, HF composite VLMs, T5 encoders, GPT-2 style).
-_BLOCK_PATHS = (
-    "layers",
-    "model.layers",
-    "language_model.layers",
-    "model.language_model.layers",
-    "language_model.model.layers",
-    "encoder.block",
-    "block",
-    "h",
-    "transformer.h",
-)
-
-
-def _resolve(module: nn.Module, path: str) -> Any:
-    obj: Any = module
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def _find_blocks(model: nn.Module, path: str | None) -> nn.ModuleList:
-    paths = (path,) if path is not None else _BLOCK_PATHS
-    for p in paths:
-        blocks = _resolve(model, p)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            return blocks
-    raise ValueError(
-        f"cannot find the transformer blocks of {type(model).__name__}: tried attribute paths {list(paths)}; "
-        "pass blocks_path='dotted.path.to.ModuleList'"
-    )
-
-
-@dataclass  # not frozen: Lightning's batch transfer rebuilds dataclasses in a batch field by field
-class Prompt:
-    """One conditioning request: user text plus optional reference images.
-
-    ``images``: PIL images or uint8 arrays (H, W, 3), each of any size and aspect ratio. They reach the DiT only
-    as the VLM's image tokens (no VAE or CLIP tokens): the placeholder of each image is put before the text in
-    the user turn and the preset's processor expands it into the model's image tokens.
-    """
-
-    text: str
-    images: tuple[Any, ...] = ()
-
-
-def as_prompt(p: str | Prompt) -> Prompt:
-    """A str is a text-only Prompt."""
-    if isinstance(p, Prompt):
-        return p
-    if isinstance(p, str):
-        return Prompt(p)
-    raise ValueError(f"a prompt must be a str or models.encoders.Prompt, got {type(p).__name__}")
-
-
-@dataclass(frozen=True)
-class VisionSpec:
-    """How a VLM preset takes images: the processor's placeholder, which tokens are image tokens, tiling.
-
-    ``set_tiles(processor, n)`` configures the processor for n tiles and raises ValueError for an n the model
-    cannot do; None = the architecture has no tiles (native resolution or a fixed crop): only ``tiles=1`` is valid.
-    """
-
-    placeholder: str
-    image_tokens: tuple[str, ...]
-    separator: str = "\n"
-    set_tiles: Callable[[Any, int], None] | None = None
-    default_tiles: int = 1
-
-
-@dataclass(frozen=True)
-class VerifiSpec:
-    """VERIFI (paper Sec. 3): a system prompt asks the VLM for a detailed description of the target image; the
-    DiT is conditioned only on the generated tokens (plus the image tokens of multimodal inputs).
-
-    ``template`` has one ``{}`` for the user content and ends where the assistant's answer starts; ``stop`` is
-    the end-of-turn token that ends the rewrite.
-    """
-
-    template: str
-    stop: str
-    max_new_tokens: int = 160
-    do_sample: bool = False
-    temperature: float = 1.0
-
-
 @dataclass
 class _Row:
     ids: list[int]
@@ -197,39 +51,6 @@ class _Row:
     seq_keys: tuple[str, ...] = ()  # vision entries aligned with ids (token_type_ids...), padded like ids
     rewrite: str | None = None
 
-
-def _decode_image(img: Any, where: str) -> Any:
-    """PIL RGB image of a PIL image / uint8 (H, W, 3) array / file path; a clear error for anything else."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        if isinstance(img, Image.Image):
-            img.load()
-            return img.convert("RGB")
-        if isinstance(img, str) or hasattr(img, "__fspath__"):
-            from evals.files import open_rgb  # the project's one image reader: full decode, file named on failure
-
-            return open_rgb(img)
-        arr = np.asarray(img)
-    except Exception as e:  # noqa: BLE001 - any decoder failure becomes one message naming the input
-        raise ValueError(f"{where}: the image failed to decode ({type(e).__name__}: {e})") from e
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
-        raise ValueError(f"{where}: an image array must be uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
-    return Image.fromarray(arr)
-
-
-
-def image_digest(image: Any, where: str = "image") -> str:
-    """32-hex-digit blake2b of an image as the encoder sees it (decoded to RGB uint8: shape + bytes), so an array,
-    its PIL image and a PNG of the same pixels share one digest: the key of cached features and rewrites."""
-    import numpy as np
-
-    arr = np.ascontiguousarray(np.asarray(_decode_image(image, where), dtype=np.uint8))
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr(arr.shape).encode())
-    h.update(arr.tobytes())
-    return h.hexdigest()
 
 class FrozenEncoder(nn.Module):
     """A frozen HF text encoder or VLM that returns selected hidden states of the user's content.
@@ -273,7 +94,7 @@ class FrozenEncoder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
-        self._blocks = _find_blocks(model, blocks_path)
+        self._blocks = find_blocks(model, blocks_path)
         self._layer_ids = select_layers(len(self._blocks), layers=list(layer_ids))
 
         if template.count("{}") != 1:
@@ -373,7 +194,7 @@ class FrozenEncoder(nn.Module):
             return prompt.text, []
         if self.vision is None:
             raise ValueError(f"prompt {i} has {len(prompt.images)} image(s) but encoder {self.name!r} is text-only")
-        images = [_decode_image(im, f"prompt {i}, image {j}") for j, im in enumerate(prompt.images)]
+        images = [decode_image(im, f"prompt {i}, image {j}") for j, im in enumerate(prompt.images)]
         head = "".join(self.vision.placeholder + self.vision.separator for _ in images)
         return head + prompt.text, images
 
@@ -625,197 +446,6 @@ class FrozenEncoder(nn.Module):
         )
 
 
-# ---------------------------------------------------------------------------------------------- presets
-
-Builder = Callable[[int], tuple[nn.Module, Any]]  # seed -> (base model, tokenizer)
-
-
-@dataclass(frozen=True)
-class EncoderPreset:
-    """One registry entry: how to build the backbone + tokenizer and how to prompt and tap it."""
-
-    builder: Builder
-    description: str = ""
-    template: str = "{}"
-    drop_prefix: int | str = "auto"
-    layers: tuple[int, ...] | None = None  # default taps: explicit ids, or
-    stride: int | None = None  # every k-th layer from
-    start: int | None = None  # start (default k - 1); neither -> last layer only
-    add_bos: bool = False
-    add_eos: bool = False
-    max_length: int = 192  # long DPG-style shapes descriptions reach ~150 tokens
-    seed: int = 0  # initialisation seed of tiny presets; hub presets ignore it
-    blocks_path: str | None = None
-    vision: VisionSpec | None = None  # image inputs (the builder then returns a processor, not a tokenizer)
-    verifi: VerifiSpec | None = None  # VERIFI rewrite prompt (generative presets)
-
-
-def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
-    # fork_rng restores the global CPU RNG afterwards, so building an encoder never shifts a run's randomness.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make()
-
-
-def _tiny_llama(seed: int) -> tuple[nn.Module, Any]:
-    from transformers import LlamaConfig, LlamaModel
-
-    from experiments.data.vocab import ALL_TOKENS
-    from models.tokenizer import shapes_tokenizer
-
-    tok = shapes_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(ALL_TOKENS),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=12,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        attn_implementation="sdpa",
-    )
-    return _seeded(seed, lambda: LlamaModel(cfg)), tok
-
-
-def _tiny_t5(seed: int) -> tuple[nn.Module, Any]:
-    from transformers import T5Config, T5EncoderModel
-
-    from experiments.data.vocab import ALL_TOKENS
-    from models.tokenizer import shapes_tokenizer
-
-    tok = shapes_tokenizer()
-    cfg = T5Config(
-        vocab_size=len(ALL_TOKENS),
-        d_model=64,
-        num_layers=6,
-        num_heads=4,
-        d_kv=16,
-        d_ff=128,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.pad_token_id,
-    )
-    return _seeded(seed, lambda: T5EncoderModel(cfg)), tok
-
-
-def _tiny_vlm(pretrained: bool) -> Builder:
-    def build(seed: int) -> tuple[nn.Module, Any]:
-        from models.tiny_vlm import build_tiny_vlm, pretrained_tiny_vlm, tiny_vlm_processor
-
-        model = pretrained_tiny_vlm() if pretrained else build_tiny_vlm(seed)
-        return model, tiny_vlm_processor()
-
-    return build
-
-
-def _tiny_vlm_preset(pretrained: bool) -> EncoderPreset:
-    from models import tiny_vlm as tv
-
-    return EncoderPreset(
-        builder=_tiny_vlm(pretrained),
-        description=(
-            "tiny InternVL (Qwen2 LM 4 x 192, 9 tokens per 12 px tile) over the shapes chat vocabulary, "
-            + ("pretrained once on the shapes world (captions, captioning, VERIFI rewrites, edits) and cached"
-               if pretrained else "randomly initialised")
-            + "; taps 1, 2, 3, 4 (4 = final-normed)"
-        ),
-        template=tv.CHAT_PREFIX + "{}" + tv.CHAT_SUFFIX,
-        stride=1,
-        start=1,
-        max_length=512,
-        vision=VisionSpec(
-            placeholder=tv.IMAGE_PLACEHOLDER,
-            image_tokens=("<img>", "</img>", tv.IMAGE_PLACEHOLDER),
-            separator=" ",
-            set_tiles=lambda proc, n: tv.set_internvl_tiles(proc, n, max_tiles=10),
-            default_tiles=5,  # 2x2 + thumbnail: a 12 px thumbnail alone loses the small shapes' colours
-        ),
-        verifi=VerifiSpec(template=tv.VERIFI_PREFIX + "{}" + tv.VERIFI_SUFFIX, stop=tv.END_OF_TURN),
-    )
-
-
-def hub_builder(repo_id: str, model_class: str = "AutoModel", dtype: str = "bfloat16", **kwargs: Any) -> Builder:
-    """A builder for a real preset: ``transformers.<model_class>.from_pretrained(repo_id)`` + its tokenizer.
-
-    Use the base-model class (``AutoModel`` gives e.g. ``Qwen3VLModel``/``LlamaModel``; ``T5EncoderModel``
-    for T5). Loads lazily, on clusters; tests never call it.
-    """
-
-    def build(seed: int) -> tuple[nn.Module, Any]:
-        import transformers
-
-        cls = getattr(transformers, model_class)
-        model = cls.from_pretrained(repo_id, dtype=getattr(torch, dtype), **kwargs)
-        return model, transformers.AutoTokenizer.from_pretrained(repo_id)
-
-    return build
-
-
-ENCODER_PRESETS: dict[str, EncoderPreset] = {
-    "tiny-llama": EncoderPreset(
-        builder=_tiny_llama,
-        description="random 12-layer Llama (hidden 64) over the shapes vocabulary; BOS; taps 2,5,8,11",
-        stride=3,
-        add_bos=True,
-    ),
-    "tiny-t5": EncoderPreset(
-        builder=_tiny_t5,
-        description="random 6-layer T5 encoder (d_model 64) over the shapes vocabulary; EOS; last layer",
-        add_eos=True,
-    ),
-}
-ENCODER_PRESETS["tiny-vlm"] = _tiny_vlm_preset(pretrained=True)
-ENCODER_PRESETS["tiny-vlm-random"] = _tiny_vlm_preset(pretrained=False)
-
-_OVERRIDABLE = ("template", "drop_prefix", "max_length", "add_bos", "add_eos", "seed", "blocks_path")
-
-
-def build_encoder(
-    name: str,
-    layers: Sequence[int] | None = None,
-    stride: int | None = None,
-    start: int | None = None,
-    **overrides: Any,
-) -> FrozenEncoder:
-    """Build preset ``name``; ``layers``/``stride``/``start`` replace the preset's taps when any is given.
-
-    ``overrides`` replace preset fields: template, drop_prefix, max_length, add_bos, add_eos, seed, blocks_path.
-    """
-    if name not in ENCODER_PRESETS:
-        raise ValueError(f"unknown encoder preset {name!r}; valid: {sorted(ENCODER_PRESETS)}")
-    bad = sorted(set(overrides) - set(_OVERRIDABLE))
-    if bad:
-        raise ValueError(f"unknown override(s) {bad} for build_encoder; valid: {list(_OVERRIDABLE)}")
-    p = ENCODER_PRESETS[name]
-    opts = {k: overrides.get(k, getattr(p, k)) for k in _OVERRIDABLE}
-    model, tokenizer = p.builder(opts.pop("seed"))
-    processor = None
-    if hasattr(tokenizer, "image_processor"):  # a VLM builder returns its processor
-        processor, tokenizer = tokenizer, tokenizer.tokenizer
-    if layers is None and stride is None:
-        layers, stride, start = p.layers, p.stride, p.start if start is None else start
-    n = len(_find_blocks(model, opts["blocks_path"]))
-    ids = select_layers(n, layers=layers, stride=stride, start=start)
-    return FrozenEncoder(
-        model,
-        tokenizer,
-        ids,
-        template=opts["template"],
-        drop_prefix=opts["drop_prefix"],
-        max_length=opts["max_length"],
-        name=name,
-        add_bos=opts["add_bos"],
-        add_eos=opts["add_eos"],
-        blocks_path=opts["blocks_path"],
-        processor=processor,
-        vision=p.vision if processor is not None else None,
-        verifi=p.verifi,
-    )
-
-
 def encoder_fingerprint(enc: FrozenEncoder) -> str:
     """16-hex-digit key for feature caches: preset name, layer ids, prompting and a checksum of all weights.
 
@@ -828,7 +458,3 @@ def encoder_fingerprint(enc: FrozenEncoder) -> str:
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-# Real presets (Llama-3.1, InternVL2.5/3, Gemma-3, Qwen2.5-VL, T5-XXL) live in their own module.
-from models import presets as _presets  # noqa: E402,F401  (registers into ENCODER_PRESETS)

@@ -1,4 +1,5 @@
-"""Real encoder presets (hub ids / local paths) of the paper's encoders, registered into ENCODER_PRESETS.
+"""Real encoder presets (hub ids / local paths) of the paper's encoders: ``HUB_PRESETS``, merged into
+``models.encoders.ENCODER_PRESETS``.
 
 Each preset's code path is tested offline on a tiny config of the same transformers architecture class
 (tests/test_presets.py); the weights themselves load with ``from_pretrained`` on clusters.
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.encoders import ENCODER_PRESETS, Builder, EncoderPreset, VerifiSpec, VisionSpec
+from models.encoders.spec import Builder, EncoderPreset, VerifiSpec, VisionSpec
 from models.tiny_vlm import set_internvl_tiles
 
 # VERIFI (paper Sec. 3): the VLM rewrites the request into a detailed description of the target image.
@@ -88,9 +89,6 @@ class HubSpec:
     num_layers: int  # text blocks of the real model: the default taps are chosen for this depth
     processor: bool = False  # load AutoProcessor (VLM: images) instead of AutoTokenizer
     special_tokens: tuple[str, ...] = ()  # used by the templates: each must be one token of the tokenizer
-
-
-HUB_SPECS: dict[str, HubSpec] = {}
 
 
 def env_var(name: str) -> str:
@@ -164,6 +162,23 @@ def _hub_builder(name: str) -> Builder:
     return build
 
 
+def hub_builder(repo_id: str, model_class: str = "AutoModel", dtype: str = "bfloat16", **kwargs: Any) -> Builder:
+    """A builder for a real preset: ``transformers.<model_class>.from_pretrained(repo_id)`` + its tokenizer.
+
+    Use the base-model class (``AutoModel`` gives e.g. ``Qwen3VLModel``/``LlamaModel``; ``T5EncoderModel``
+    for T5). Loads lazily, on clusters; tests never call it.
+    """
+
+    def build(seed: int) -> tuple[nn.Module, Any]:
+        import transformers
+
+        cls = getattr(transformers, model_class)
+        model = cls.from_pretrained(repo_id, dtype=getattr(torch, dtype), **kwargs)
+        return model, transformers.AutoTokenizer.from_pretrained(repo_id)
+
+    return build
+
+
 def with_builder(name: str, make: Callable[[int], tuple[nn.Module, Any]]) -> EncoderPreset:
     """Preset ``name`` with its weights from ``make(seed)`` instead of the hub (tests: tiny configs of the same
     classes); the tokenizer/processor is prepared exactly as a hub one."""
@@ -174,7 +189,7 @@ def with_builder(name: str, make: Callable[[int], tuple[nn.Module, Any]]) -> Enc
         model, loaded = make(seed)
         return model, prepare(name, loaded)
 
-    return replace(ENCODER_PRESETS[name], builder=build)
+    return replace(HUB_PRESETS[name], builder=build)
 
 
 def _taps_start(num_layers: int, stride: int = 3) -> int:
@@ -183,15 +198,15 @@ def _taps_start(num_layers: int, stride: int = 3) -> int:
     return start if start > 0 else stride
 
 
-def _register(name: str, spec: HubSpec, description: str, **fields: Any) -> None:
-    HUB_SPECS[name] = spec
+def _hub_preset(name: str, spec: HubSpec, description: str, **fields: Any) -> tuple[HubSpec, EncoderPreset]:
+    """(spec, preset) of real preset ``name``: default taps every 3rd layer ending at ``num_layers - 1``."""
     if "layers" not in fields:
         fields.setdefault("stride", 3)
         fields.setdefault("start", _taps_start(spec.num_layers, fields["stride"]))
-    ENCODER_PRESETS[name] = EncoderPreset(builder=_hub_builder(name), description=description, **fields)
+    return spec, EncoderPreset(builder=_hub_builder(name), description=description, **fields)
 
 
-# ---------------------------------------------------------------------------------------------- registry
+# ---------------------------------------------------------------------------------------------- presets
 
 _CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 _INTERNVL_IMAGE = ("<img>", "</img>", "<IMG_CONTEXT>")
@@ -208,76 +223,79 @@ def _internvl_vision() -> VisionSpec:
     )
 
 
-_register(
-    "llama-3.1-8b",
-    HubSpec("meta-llama/Llama-3.1-8B-Instruct", "LlamaForCausalLM", 32,
-            special_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
-    "Llama-3.1-8B-Instruct (paper Sec. 2 text-to-image ablations), text only; Llama 3.1 chat template with BOS; "
-    "taps 1,4,...,31 of 32",
-    template=LLAMA31_TEMPLATE,
-    max_length=1024,  # VERIFI: ~130 template/system + a long DPG prompt (~300) + 160 generated, with margin
-    verifi=VerifiSpec(template=LLAMA31_VERIFI, stop="<|eot_id|>"),
-)
-_register(
-    "internvl2.5-8b",
-    HubSpec("OpenGVLab/InternVL2_5-8B-MPO-hf", "InternVLForConditionalGeneration", 32, processor=True,
-            special_tokens=("<s>", *_CHATML_TOKENS, *_INTERNVL_IMAGE)),
-    "InternVL2.5-8B (paper ablations; the MPO weights are the only transformers-native -hf conversion), "
-    "InternLM2.5 LM with BOS; 256 tokens per 448 px tile, tiles 1 or 3..13; taps 1,4,...,31 of 32",
-    template="<s>" + _CHATML_USER,
-    max_length=4096,  # 13 tiles x 256 + 2 = 3330 image tokens + text
-    vision=_internvl_vision(),
-    verifi=VerifiSpec(template="<s>" + _CHATML_VERIFI, stop="<|im_end|>"),
-)
-_register(
-    "internvl3-8b",
-    HubSpec("OpenGVLab/InternVL3-8B-hf", "InternVLForConditionalGeneration", 28, processor=True,
-            special_tokens=(*_CHATML_TOKENS, *_INTERNVL_IMAGE)),
-    "InternVL3-8B (the final UniFusion encoder), Qwen2.5-7B LM; 256 tokens per 448 px tile, tiles 1 or 3..13; "
-    "taps 3,6,...,27 of 28",
-    template=_CHATML_USER,
-    max_length=4096,
-    vision=_internvl_vision(),
-    verifi=VerifiSpec(template=_CHATML_VERIFI, stop="<|im_end|>"),
-)
-_register(
-    "gemma-3-12b-it",
-    HubSpec("google/gemma-3-12b-it", "Gemma3ForConditionalGeneration", 48, processor=True,
-            special_tokens=("<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<image_soft_token>",
-                            "<end_of_image>")),
-    "Gemma-3-12B-it (paper App. A.1.4); fixed 896 px, 256 soft tokens per image (pan-and-scan off), no tiles; "
-    "taps 2,5,...,47 of 48",
-    template=GEMMA3_TEMPLATE,
-    max_length=2048,
-    vision=VisionSpec(
-        placeholder="<start_of_image>",  # expanded to \n\n<start_of_image> 256 x soft token <end_of_image>\n\n
-        image_tokens=("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
-        separator="",
+_HUB: dict[str, tuple[HubSpec, EncoderPreset]] = {
+    "llama-3.1-8b": _hub_preset(
+        "llama-3.1-8b",
+        HubSpec("meta-llama/Llama-3.1-8B-Instruct", "LlamaForCausalLM", 32,
+                special_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+        "Llama-3.1-8B-Instruct (paper Sec. 2 text-to-image ablations), text only; Llama 3.1 chat template with BOS; "
+        "taps 1,4,...,31 of 32",
+        template=LLAMA31_TEMPLATE,
+        max_length=1024,  # VERIFI: ~130 template/system + a long DPG prompt (~300) + 160 generated, with margin
+        verifi=VerifiSpec(template=LLAMA31_VERIFI, stop="<|eot_id|>"),
     ),
-    verifi=VerifiSpec(template=GEMMA3_VERIFI, stop="<end_of_turn>"),
-)
-_register(
-    "qwen2.5-vl-7b",
-    HubSpec("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen2_5_VLForConditionalGeneration", 28, processor=True,
-            special_tokens=(*_CHATML_TOKENS, "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")),
-    "Qwen2.5-VL-7B-Instruct (Qwen-Image's encoder); native resolution: (H/28)(W/28) merged 14 px patches per "
-    "image, no tiles; taps 3,6,...,27 of 28",
-    template=QWEN25VL_TEMPLATE,
-    max_length=4096,  # a 1024 x 1024 image is 1369 + 2 tokens
-    vision=VisionSpec(
-        placeholder="<|vision_start|><|image_pad|><|vision_end|>",  # the processor repeats <|image_pad|>
-        image_tokens=("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
-        separator="",
+    "internvl2.5-8b": _hub_preset(
+        "internvl2.5-8b",
+        HubSpec("OpenGVLab/InternVL2_5-8B-MPO-hf", "InternVLForConditionalGeneration", 32, processor=True,
+                special_tokens=("<s>", *_CHATML_TOKENS, *_INTERNVL_IMAGE)),
+        "InternVL2.5-8B (paper ablations; the MPO weights are the only transformers-native -hf conversion), "
+        "InternLM2.5 LM with BOS; 256 tokens per 448 px tile, tiles 1 or 3..13; taps 1,4,...,31 of 32",
+        template="<s>" + _CHATML_USER,
+        max_length=4096,  # 13 tiles x 256 + 2 = 3330 image tokens + text
+        vision=_internvl_vision(),
+        verifi=VerifiSpec(template="<s>" + _CHATML_VERIFI, stop="<|im_end|>"),
     ),
-    verifi=VerifiSpec(template=QWEN25VL_VERIFI, stop="<|im_end|>"),
-)
-_register(
-    "t5-v1_1-xxl",
-    HubSpec("google/t5-v1_1-xxl", "T5EncoderModel", 24, special_tokens=("</s>",)),
-    "T5 v1.1 XXL encoder (the paper's baseline), EOS appended and kept, no template, no VERIFI; last layer (24)",
-    layers=(-1,),  # the last, final-normed layer, whatever the depth
-    add_eos=True,
-    max_length=512,
-)
-
+    "internvl3-8b": _hub_preset(
+        "internvl3-8b",
+        HubSpec("OpenGVLab/InternVL3-8B-hf", "InternVLForConditionalGeneration", 28, processor=True,
+                special_tokens=(*_CHATML_TOKENS, *_INTERNVL_IMAGE)),
+        "InternVL3-8B (the final UniFusion encoder), Qwen2.5-7B LM; 256 tokens per 448 px tile, tiles 1 or 3..13; "
+        "taps 3,6,...,27 of 28",
+        template=_CHATML_USER,
+        max_length=4096,
+        vision=_internvl_vision(),
+        verifi=VerifiSpec(template=_CHATML_VERIFI, stop="<|im_end|>"),
+    ),
+    "gemma-3-12b-it": _hub_preset(
+        "gemma-3-12b-it",
+        HubSpec("google/gemma-3-12b-it", "Gemma3ForConditionalGeneration", 48, processor=True,
+                special_tokens=("<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<image_soft_token>",
+                                "<end_of_image>")),
+        "Gemma-3-12B-it (paper App. A.1.4); fixed 896 px, 256 soft tokens per image (pan-and-scan off), no tiles; "
+        "taps 2,5,...,47 of 48",
+        template=GEMMA3_TEMPLATE,
+        max_length=2048,
+        vision=VisionSpec(
+            placeholder="<start_of_image>",  # expanded to \n\n<start_of_image> 256 x soft token <end_of_image>\n\n
+            image_tokens=("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
+            separator="",
+        ),
+        verifi=VerifiSpec(template=GEMMA3_VERIFI, stop="<end_of_turn>"),
+    ),
+    "qwen2.5-vl-7b": _hub_preset(
+        "qwen2.5-vl-7b",
+        HubSpec("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen2_5_VLForConditionalGeneration", 28, processor=True,
+                special_tokens=(*_CHATML_TOKENS, "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")),
+        "Qwen2.5-VL-7B-Instruct (Qwen-Image's encoder); native resolution: (H/28)(W/28) merged 14 px patches per "
+        "image, no tiles; taps 3,6,...,27 of 28",
+        template=QWEN25VL_TEMPLATE,
+        max_length=4096,  # a 1024 x 1024 image is 1369 + 2 tokens
+        vision=VisionSpec(
+            placeholder="<|vision_start|><|image_pad|><|vision_end|>",  # the processor repeats <|image_pad|>
+            image_tokens=("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+            separator="",
+        ),
+        verifi=VerifiSpec(template=QWEN25VL_VERIFI, stop="<|im_end|>"),
+    ),
+    "t5-v1_1-xxl": _hub_preset(
+        "t5-v1_1-xxl",
+        HubSpec("google/t5-v1_1-xxl", "T5EncoderModel", 24, special_tokens=("</s>",)),
+        "T5 v1.1 XXL encoder (the paper's baseline), EOS appended and kept, no template, no VERIFI; last layer (24)",
+        layers=(-1,),  # the last, final-normed layer, whatever the depth
+        add_eos=True,
+        max_length=512,
+    ),
+}
+HUB_SPECS: dict[str, HubSpec] = {name: spec for name, (spec, _) in _HUB.items()}
+HUB_PRESETS: dict[str, EncoderPreset] = {name: preset for name, (_, preset) in _HUB.items()}
 REAL_PRESETS: tuple[str, ...] = tuple(HUB_SPECS)

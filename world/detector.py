@@ -15,7 +15,7 @@ It stands in for GenEval's Mask2Former on shapes-world images (and feeds the DPG
    of the box) and the triangle's linearly growing row widths at once. Clean renders score exactly 1.0; ragged,
    holed or blurred blobs score lower.
 
-Boxes are ``(x1, y1, x2, y2)`` inclusive pixel bounds, the same convention as ``shapes.Obj.box``.
+Boxes are ``(x1, y1, x2, y2)`` inclusive pixel bounds, the same convention as ``world.scene.Obj.box``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from experiments.data.shapes import BACKGROUND, CLASSES, COLORS, PALETTE, shape_mask
+from world.scene import BACKGROUND, CLASSES, COLORS, PALETTE, shape_mask
 
 COLOR_CUTOFF = 60.0
 MIN_AREA_FRAC = 0.01
