@@ -18,8 +18,8 @@ import pandas as pd  # noqa: E402
 
 
 def load_checkpoint(ckpt: str | Path | Any, device: str = "cpu"):
-    """A ``UniFusionModule`` in eval mode from a checkpoint path (a module passes through)."""
-    from evals.images import load_module
+    """A ``UniFusionModule`` in eval mode from a checkpoint path (a module passes through), on the CPU by default."""
+    from models.checkpoints import load_module
 
     return load_module(ckpt, device)
 

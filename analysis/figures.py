@@ -1,4 +1,4 @@
-"""Figures and tables drawn from results files alone (``results/<EXP>/metrics.csv``, DESIGN.md §4).
+"""Figures and tables drawn from results files alone (``results/<EXP>/metrics.csv``, docs/DESIGN.md §4).
 
     python -m analysis.figures results/conditioning_candidates/metrics.csv --figure fig4
     python -m analysis.figures --all [--results results]          (`make figures`: every EXP present)
@@ -13,6 +13,7 @@ resampled within tasks), whose lines are also printed under the figure and the t
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +26,28 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-TASK_ORDER = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+from analysis.common import save_figure, write_csv  # noqa: E402
+from common.files import atomic_write_text  # noqa: E402
+from common.geneval_spec import TASKS  # noqa: E402
+from experiments.evaluation import BENCHMARKS, table_metrics  # noqa: E402
+
+OVERALL = BENCHMARKS["geneval"].headline  # GenEval-shapes overall: the bars' headline, the paired tests' metric
+# the reconstruction / editing benchmarks' metrics, in their registry order
+IMAGE_METRICS = [m for name, b in BENCHMARKS.items() if name != "geneval" for m in b.metrics]
 RUN_ORDER = ["untrained", "t5", "last_layer", "kv_fusion", "hsi", "lap"]
+
+
+def _themed(drawer: Callable[..., Path]) -> Callable[..., Path]:
+    """Draw under seaborn's whitegrid / paper theme without leaking it: matplotlib's settings are restored
+    afterwards, so figures drawn later in the same process (the checkpoint analyses) look as when drawn alone."""
+
+    @functools.wraps(drawer)
+    def draw_themed(*args, **kwargs) -> Path:
+        with plt.rc_context():
+            sns.set_theme(style="whitegrid", context="paper")
+            return drawer(*args, **kwargs)
+
+    return draw_themed
 
 
 def _order(runs: list[str]) -> list[str]:
@@ -51,12 +72,7 @@ def _finish(fig: plt.Figure, out_dir: Path, name: str, caption: str) -> Path:
     fig.tight_layout()
     if caption:
         fig.text(0.01, -0.01, caption, ha="left", va="top", fontsize=7, family="monospace")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    fig.savefig(out_dir / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None})
-    plt.close(fig)
-    return path
+    return save_figure(fig, out_dir, name)
 
 
 def fig4(df: pd.DataFrame, out_dir: Path, caption: str = "") -> Path:
@@ -65,19 +81,19 @@ def fig4(df: pd.DataFrame, out_dir: Path, caption: str = "") -> Path:
     return bars(df, out_dir, name="fig4", title="Conditioning candidates", caption=caption)
 
 
+@_themed
 def bars(df: pd.DataFrame, out_dir: Path, name: str = "bars", title: str | None = None, caption: str = "") -> Path:
     """Any sweep: GenEval-shapes overall per run (95% bootstrap CI over prompts) + the six task accuracies.
     Writes ``<name>.png`` and ``<name>.pdf``; the title defaults to the experiment name in ``df.exp``."""
     if title is None:
         title = str(df.exp.iloc[0]) if "exp" in df and len(df) else "runs"
 
-    overall = df[df.metric == "geneval.overall"].copy()
+    overall = df[df.metric == OVERALL].copy()
     order = _order(list(overall.run.unique()))
     overall = overall.set_index("run").loc[order].reset_index()
-    tasks = df[df.metric.isin([f"geneval.{t}" for t in TASK_ORDER])].copy()
+    tasks = df[df.metric.isin([f"geneval.{t}" for t in TASKS])].copy()
     tasks["task"] = tasks.metric.str.removeprefix("geneval.")
 
-    sns.set_theme(style="whitegrid", context="paper")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.8]})
     palette = dict(zip(order, sns.color_palette("deep", len(order)), strict=True))
     x = np.arange(len(order))
@@ -90,7 +106,7 @@ def bars(df: pd.DataFrame, out_dir: Path, name: str = "bars", title: str | None 
     ax1.set_ylim(0, 1)
     steps = int(overall.loc[overall.run != "untrained", "step"].max()) if (overall.run != "untrained").any() else 0
     ax1.set_title(f"{title} after {steps} steps")
-    sns.barplot(data=tasks, x="task", y="value", hue="run", hue_order=order, order=TASK_ORDER, palette=palette,
+    sns.barplot(data=tasks, x="task", y="value", hue="run", hue_order=order, order=list(TASKS), palette=palette,
                 ax=ax2, errorbar=None)
     ax2.set_ylim(0, 1)
     ax2.set_xlabel("")
@@ -114,21 +130,17 @@ def paired_comparisons(per_prompt: pd.DataFrame, n_resamples: int = 2000, seed: 
     per_prompt: rows ``run, metadata, tag, n_correct, n_images`` (``per_prompt.csv``). Returns one row per pair:
     ``run_a, run_b, diff, ci_low, ci_high, p_value, prompts``.
     """
-    from common.stats import paired_bootstrap
-    from evals.geneval import overall_from_prompts, prompt_table
+    from evals.geneval import paired_overall
 
     runs = _order(list(per_prompt.run.unique()))
     rows = []
     for a, b in itertools.combinations(runs, 2):
-        pa = per_prompt[per_prompt.run == a].set_index("metadata")
-        pb = per_prompt[per_prompt.run == b].set_index("metadata")
-        keys = [k for k in pa.index if k in pb.index]
-        if not keys:
+        paired = paired_overall(per_prompt[per_prompt.run == a], per_prompt[per_prompt.run == b], n_resamples, seed)
+        if paired is None:
             continue
-        ta, tb = prompt_table(pa.loc[keys]), prompt_table(pb.loc[keys])
-        r = paired_bootstrap(ta, tb, overall_from_prompts, n_resamples=n_resamples, seed=seed, strata=ta[:, 0])
+        r, n = paired
         rows.append({"run_a": a, "run_b": b, "diff": r.diff, "ci_low": r.lo, "ci_high": r.hi, "p_value": r.p_value,
-                     "prompts": len(keys)})
+                     "prompts": n})
     return pd.DataFrame(rows, columns=["run_a", "run_b", "diff", "ci_low", "ci_high", "p_value", "prompts"])
 
 
@@ -136,7 +148,7 @@ def paired_caption(paired: pd.DataFrame, metrics: pd.DataFrame) -> str:
     """Lines "best - other = d [lo, hi], p = x" for the best run (highest overall) against every other run."""
     if paired.empty:
         return ""
-    overall = metrics[metrics.metric == "geneval.overall"].set_index("run")["value"]
+    overall = metrics[metrics.metric == OVERALL].set_index("run")["value"]
     best = overall.idxmax()
     k = int(((paired.run_a == best) | (paired.run_b == best)).sum())
     lines = [f"paired bootstrap over the same prompts+seeds ({int(paired.prompts.max())} prompts; two-sided p, "
@@ -150,14 +162,13 @@ def paired_caption(paired: pd.DataFrame, metrics: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-IMAGE_METRICS = ["reconstruction.psnr", "reconstruction.ssim", "edit.correct", "edit.psnr", "edit.ssim"]
 
 
 def table_markdown(metrics: pd.DataFrame, caption: str = "") -> str:
     """Runs x (GenEval overall + six tasks, then any reconstruction / edit metric present): value [95% CI], in the
     figure's run order, then the caption. Columns no run has are left out."""
     runs = _order(list(metrics.run.unique()))
-    keys = [f"geneval.{c}" for c in ["overall", *TASK_ORDER]] + IMAGE_METRICS
+    keys = table_metrics()
     keys = [k for k in keys if (metrics.metric == k).any()]
     cols = [k.removeprefix("geneval.") for k in keys]
     head = "| run | step | " + " | ".join(cols) + " |\n|---|---:|" + "---:|" * len(cols) + "\n"
@@ -177,6 +188,7 @@ def table_markdown(metrics: pd.DataFrame, caption: str = "") -> str:
     return text + (f"\n```\n{caption}\n```\n" if caption else "")
 
 
+@_themed
 def image_bars(df: pd.DataFrame, out_dir: Path, name: str = "image_metrics", caption: str = "") -> Path:
     """Reconstruction / editing sweeps (paper Fig. 5 question): PSNR, SSIM (and exact edit accuracy) per run
     with 95% bootstrap CIs over the held-out items. Writes ``<name>.png`` / ``.pdf``."""
@@ -184,7 +196,6 @@ def image_bars(df: pd.DataFrame, out_dir: Path, name: str = "image_metrics", cap
     if not present:
         raise ValueError(f"no reconstruction/edit metrics in this metrics.csv; expected some of {IMAGE_METRICS}")
     order = _order(list(df[df.metric.isin(present)].run.unique()))
-    sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.6), squeeze=False)
     palette = dict(zip(order, sns.color_palette("deep", len(order)), strict=True))
     for ax, metric in zip(axes[0], present, strict=True):
@@ -222,9 +233,6 @@ def render_experiment(exp_dir: Path, figure: str | None = None) -> list[Path]:
     """Figure + table.md (+ paired.csv) of one ``results/<EXP>/`` folder, from its files alone.
     ``figure``: the drawer (default: the one ``experiments/configs/<folder name>.yaml`` names)."""
     exp_dir = Path(exp_dir)
-    from analysis.common import write_csv
-    from common.files import atomic_write_text
-
     metrics = pd.read_csv(exp_dir / "metrics.csv", dtype={"layers": str})
     paired = pd.DataFrame()
     if (exp_dir / "per_prompt.csv").is_file():

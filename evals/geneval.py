@@ -1,4 +1,4 @@
-"""GenEval: object-focused correctness of generated images, reimplemented without mmdet (notes A1–A9).
+"""GenEval: object-focused correctness of generated images, reimplemented without mmdet.
 
 Rules reproduced from djghosh13/geneval ``evaluation/evaluate_images.py`` and ``summary_scores.py``:
 
@@ -35,7 +35,7 @@ import pandas as pd
 
 from common.files import atomic_write_text, open_rgb
 from common.geneval_spec import POSITION_THRESHOLD, RELATIONS, TASKS, relative_position
-from common.stats import bootstrap_ci
+from common.stats import PairedResult, bootstrap_ci, paired_bootstrap
 from evals.detectors import Detection, DetectorBackend, get_detector
 
 ROW_FIELDS: tuple[str, ...] = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
@@ -228,6 +228,11 @@ def validate_metadata(metadata: Any, where: str, classes: Sequence[str] | None =
     return metadata
 
 
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """The per-image rows of a ``results.jsonl`` (``evaluate_folder``'s output), one JSON object per line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def load_metadata_file(path: str | Path, classes: Sequence[str] | None = None,
                        colors: Sequence[str] | None = None) -> dict[str, Any]:
     """A prompt folder's ``metadata.jsonl``: ONE JSON object (read whole, as GenEval's ``json.load``)."""
@@ -297,6 +302,29 @@ def overall_from_prompts(table: np.ndarray) -> float:
     """table (P, 3): task id, correct images, images -> mean over tasks of (correct / images) within the task."""
     tasks = np.unique(table[:, 0])
     return float(np.mean([table[table[:, 0] == t, 1].sum() / table[table[:, 0] == t, 2].sum() for t in tasks]))
+
+
+def task_ci(per_prompt: pd.DataFrame, task: str, n_resamples: int = 1000, seed: int = 0,
+            alpha: float = 0.05) -> tuple[float | None, float | None]:
+    """Percentile bootstrap CI of one task's accuracy over its prompts (each prompt's share of correct images),
+    from ``per_prompt_scores`` rows; ``(None, None)`` when the task has no prompt."""
+    scores = per_prompt.loc[per_prompt["tag"] == task, "correct"].to_numpy()
+    if not len(scores):
+        return None, None
+    return bootstrap_ci(scores, lambda x: x.mean(axis=-1), n_resamples=n_resamples, seed=seed, alpha=alpha)
+
+
+def paired_overall(a: pd.DataFrame, b: pd.DataFrame, n_resamples: int = 2000,
+                   seed: int = 0) -> tuple[PairedResult, int] | None:
+    """Paired bootstrap of overall(a) - overall(b) over the prompts both ``per_prompt_scores`` tables hold (matched
+    by metadata), prompts resampled within tasks: (result, number of shared prompts); None when they share none."""
+    pa, pb = a.set_index("metadata"), b.set_index("metadata")
+    keys = [k for k in pa.index if k in pb.index]
+    if not keys:
+        return None
+    ta, tb = prompt_table(pa.loc[keys]), prompt_table(pb.loc[keys])
+    result = paired_bootstrap(ta, tb, overall_from_prompts, n_resamples=n_resamples, seed=seed, strata=ta[:, 0])
+    return result, len(keys)
 
 
 def geneval_bootstrap(rows: Sequence[Mapping[str, Any]], n_resamples: int = 1000, seed: int = 0,

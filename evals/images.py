@@ -8,28 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from models.checkpoints import load_module
 from models.module import UniFusionModule
-
-
-def load_module(ckpt: str | Path | UniFusionModule, device: str | None = None) -> UniFusionModule:
-    """A trained module from a Lightning checkpoint (or pass one through), in eval mode."""
-    if isinstance(ckpt, UniFusionModule):
-        return ckpt.eval()
-    path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with warnings.catch_warnings():  # the frozen encoder's keys are absent by design (rebuilt from its preset)
-        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
-        return UniFusionModule.load_from_checkpoint(path, map_location=device).eval()
 
 
 def save_png(array, path: Path) -> None:

@@ -9,9 +9,10 @@
 - ``debug``: in-process, one after another (pdb-able).
 - ``slurm``: a job array on the cluster (``slurm/profiles/<NAME>.yaml`` gives partition, GPUs, time, ...).
 
-Runs live in ``runs/<EXP>/<run>-<confighash>/``: finished runs are skipped, unfinished ones resume from their
-last checkpoint. When all runs end, their tidy rows are collected into ``results/<EXP>/metrics.csv`` and the
-figure is redrawn; failed runs are listed with the tail of their log, never silently missing.
+Runs live in ``runs/<EXP>/<run>-<confighash>/`` (``experiments.run_dir``): finished runs are skipped, unfinished
+ones resume from their last checkpoint. When all runs end, their tidy rows are collected into
+``results/<EXP>/metrics.csv`` and the figure is redrawn; failed runs are listed with the tail of their log, never
+silently missing.
 ``--collect`` only rebuilds the results (`make collect`); `make status` is ``experiments.status``.
 
 On SLURM every input is checked before submitting: profile keys and types, the partition (``sinfo``), GPUs asked
@@ -37,7 +38,9 @@ import yaml
 from common.files import atomic_write_text
 from common.paths import RESULTS_DIR, RUNS_DIR
 from experiments.config import RunSpec, load_experiment
-from experiments.status import JOB_RECORD, SLURM_TERMINAL, experiment_root, format_status, slurm_jobs, status_table
+from experiments.evaluation import BENCHMARKS
+from experiments.run_dir import RunDir
+from experiments.status import SLURM_TERMINAL, experiment_root, format_status, slurm_jobs, status_table
 from experiments.train import RunJob
 
 SLURM_PROFILES = Path(__file__).resolve().parents[1] / "slurm" / "profiles"
@@ -98,7 +101,7 @@ def slurm_parameters(profile: str | None) -> dict[str, Any]:
         "slurm_partition": prof.get("partition"),
         "timeout_min": int(prof.get("time_min") or 60),
         "nodes": int(prof.get("nodes") or 1),
-        # one task per GPU, as Lightning's SLURMEnvironment expects (notes/model_anchors.md §3)
+        # one task per GPU, as Lightning's SLURMEnvironment expects (it takes each rank from its SLURM task)
         "tasks_per_node": max(1, gpus),
         "gpus_per_node": gpus or None,  # no --gpus-per-node line at all on CPU partitions
         "cpus_per_task": int(prof.get("cpus_per_task") or 2),
@@ -236,7 +239,7 @@ def run_sweep(
         check_runs_fit_profile(runs, profile)
     root = experiment_root(exp, smoke, runs_dir, paper)
     results_dir = Path(results_dir) if results_dir else (root / "results" if smoke else RESULTS_DIR / root.name)
-    todo = [r for r in runs if not (root / r.dirname / "DONE").exists()]
+    todo = [r for r in runs if not RunDir(root / r.dirname).is_done()]
     for r in runs:
         if r not in todo:
             print(f"[sweep] {r.name}: done, skipped ({root / r.dirname})")
@@ -275,7 +278,7 @@ def run_sweep(
 
 def record_job(run_dir: Path, cluster: str, job: submitit.Job) -> None:
     """``job.json`` in the run directory: what `make status` needs to find the job and its log."""
-    atomic_write_text(run_dir / JOB_RECORD, json.dumps({
+    atomic_write_text(RunDir(run_dir).job_record, json.dumps({
         "cluster": cluster, "job_id": str(job.job_id), "submitted": time.time(),
         "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "result": str(job.paths.result_pickle),
     }, indent=1))
@@ -366,14 +369,14 @@ def submit(todo: list[RunSpec], root: Path, cluster: str, profile: str | None, p
 
 def collect(exp: str, runs: list[RunSpec], root: Path, results_dir: Path, figure: str | None = None) -> pd.DataFrame:
     """Rebuild ``results_dir/metrics.csv`` from the run directories (idempotent) and redraw the figure."""
-    done = [root / r.dirname for r in runs if (root / r.dirname / "DONE").exists()]
-    frames = [pd.read_csv(d / "metrics.csv", dtype={"layers": str}) for d in done]
+    done = [r for r in runs if RunDir(root / r.dirname).is_done()]
+    frames = [pd.read_csv(RunDir(root / r.dirname).metrics, dtype={"layers": str}) for r in done]
     if not frames:
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True)
     results_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results_dir / "metrics.csv", df.to_csv(index=False))
-    prompts = per_prompt_table(exp, [r for r in runs if (root / r.dirname / "DONE").exists()], root)
+    prompts = per_prompt_table(exp, done, root)
     if len(prompts):
         atomic_write_text(results_dir / "per_prompt.csv", prompts.to_csv(index=False))
     if figure:
@@ -384,20 +387,17 @@ def collect(exp: str, runs: list[RunSpec], root: Path, results_dir: Path, figure
 
 
 def per_prompt_table(exp: str, runs: list[RunSpec], root: Path) -> pd.DataFrame:
-    """Per-prompt GenEval outcomes of every run (``eval/geneval/results.jsonl``): what paired tests need.
+    """Per-prompt outcomes of every run, from each benchmark that has them (``Benchmark.per_prompt``: GenEval's
+    ``eval/geneval/results.jsonl``): what paired tests need.
 
     Columns: ``exp, run, metadata, tag, prompt, n_images, n_correct, correct``.
     """
-    from evals.geneval import per_prompt_scores
-
     frames = []
     for r in runs:
-        path = root / r.dirname / "eval" / "geneval" / "results.jsonl"
-        if not path.is_file():
-            continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if rows:
-            frames.append(per_prompt_scores(rows).assign(exp=exp, run=r.name))
+        for bench in BENCHMARKS.values():
+            table = bench.per_prompt(root / r.dirname) if bench.per_prompt is not None else None
+            if table is not None:
+                frames.append(table.assign(exp=exp, run=r.name))
     if not frames:
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True)

@@ -23,8 +23,8 @@ import pandas as pd
 
 from common.paths import RUNS_DIR
 from experiments.config import RunSpec, load_experiment
+from experiments.run_dir import RunDir
 
-JOB_RECORD = "job.json"
 # scontrol JobState values after which a job will not run again by itself
 SLURM_TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                   "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
@@ -77,13 +77,14 @@ def slurm_jobs() -> dict[str, dict[str, str]]:
 
 
 def read_job_record(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / JOB_RECORD
+    """The launcher's ``job.json`` of a run directory (None before it was submitted)."""
+    path = RunDir(run_dir).job_record
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def last_logged_step(run_dir: Path) -> tuple[int | None, str]:
     """(last step, "name=value" of the last logged metric) from Lightning's ``logs/metrics.csv``."""
-    path = Path(run_dir) / "logs" / "metrics.csv"
+    path = RunDir(run_dir).train_log
     if not path.is_file():
         return None, ""
     try:
@@ -134,7 +135,7 @@ def run_status(spec: RunSpec, root: Path, jobs: dict[str, dict[str, str]] | None
     record = read_job_record(run_dir) or {}
     job_id, log = str(record.get("job_id", "")), record.get("stderr", "")
     row = RunStatus(spec.name, "pending", step, metric, job_id, 0, "", log)
-    done = run_dir / "DONE"
+    done = RunDir(run_dir).done
     if done.is_file():
         info = json.loads(done.read_text() or "{}")
         row.state, row.step = "done", info.get("step", step)

@@ -2,9 +2,9 @@
 
     python -m experiments.train --exp conditioning_candidates --run lap [--smoke] [--run-dir DIR]
 
-A run directory holds ``config.yaml``, ``checkpoints/last.ckpt`` (resume), ``final.ckpt``, Lightning's CSV log,
-``eval/`` (images + GenEval rows) and ``metrics.csv`` (tidy rows, DESIGN.md §4); ``DONE`` marks it finished.
-Every file that other tools read is written atomically.
+A run directory (``experiments.run_dir.RunDir``) holds ``config.yaml``, ``checkpoints/last.ckpt`` (resume),
+``final.ckpt``, Lightning's CSV log, ``eval/`` (each benchmark's images and scores) and ``metrics.csv`` (tidy rows,
+docs/DESIGN.md §4); ``DONE`` marks it finished. Every file that other tools read is written atomically.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ import yaml
 
 from common.files import atomic_write_text
 from common.paths import RUNS_DIR
+from experiments.evaluation import BENCHMARKS, headline_metrics
+from experiments.run_dir import RunDir
+from models.checkpoints import load_module, read_checkpoint, resume_step, save_final
 
 METRIC_COLUMNS = ["exp", "run", "candidate", "seed", "step", "metric", "value", "ci_low", "ci_high", "n"]
 
@@ -104,7 +107,7 @@ def trainer_kwargs(config: dict[str, Any], gpu: bool) -> dict[str, Any]:
 
     if SLURMEnvironment.detect():
         # Under srun: ranks come from SLURM, but the requeue is submitit's (Checkpointable.checkpoint); Lightning's
-        # own SIGUSR1 requeue would race it and requeue the job twice (notes/model_anchors.md section 3).
+        # own SIGUSR1 requeue would race it and requeue the job twice.
         kw["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     return kw
 
@@ -118,13 +121,6 @@ def apply_model_settings(module, config: dict[str, Any]) -> None:
     module.dit.activation_checkpointing = t["activation_checkpointing"]
     if t["compile"]:
         module.dit.compile()
-
-
-def resume_step(ckpt: Path) -> int | None:
-    """The global step a Lightning checkpoint resumes at (None when there is no checkpoint)."""
-    if not ckpt.is_file():
-        return None
-    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
 
 
 def resumable_csv_logger(run_dir: Path, resume_at: int | None):
@@ -169,27 +165,6 @@ def resumable_csv_logger(run_dir: Path, resume_at: int | None):
     return ResumableCSVLogger(run_dir, name="logs", version="")
 
 
-def save_final(module, path: Path) -> Path:
-    """``final.ckpt``: the trained weights (EMA included, frozen encoder stripped) in Lightning's checkpoint format,
-    loadable with ``UniFusionModule.load_from_checkpoint`` / ``evals.images.load_module`` -- also for step 0."""
-    import lightning as L
-
-    trainer = module._trainer
-    # Through the strategy: under FSDP the weights are sharded and this gathers them (a collective: every rank
-    # must call it); otherwise it is module.state_dict(). Only global rank 0 writes.
-    state = trainer.strategy.lightning_module_state_dict() if trainer is not None else module.state_dict()
-    if module.global_rank != 0:
-        return path
-    ckpt = {"state_dict": state, "hyper_parameters": dict(module.hparams),
-            "global_step": int(module.global_step), "pytorch-lightning_version": L.__version__}
-    module.on_save_checkpoint(ckpt)  # drops the encoder's weights: it is rebuilt from its preset
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def datamodule(config: dict[str, Any]) -> Any:
     """The shapes world (default) or an HF dataset (``data.source: hf``, experiments/data/hf.py; edit batches
     from ``data.hf_edit`` when set): a LightningDataModule that resumes at data position
@@ -220,10 +195,10 @@ def init_from_run(module, config: dict[str, Any], run_dir: Path) -> None:
         return
     if not init.get("from_dir"):
         raise ValueError(f"init.from_run={init['from_run']!r} was not resolved; launch runs through the sweep")
-    src = Path(run_dir).parent / init["from_dir"] / "final.ckpt"
+    src = RunDir(Path(run_dir).parent / init["from_dir"]).final_ckpt
     if not src.is_file():
         raise FileNotFoundError(f"init.from_run={init['from_run']!r}: {src} does not exist; that run must finish first")
-    state = torch.load(src, map_location="cpu", weights_only=False)["state_dict"]
+    state = read_checkpoint(src)["state_dict"]
     prefixes = [f"{part}." for part in init["keep"]] + [f"ema.module.{part}." for part in init["keep"]]
     take = {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
     own = module.state_dict()
@@ -255,8 +230,8 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
         return module
     apply_model_settings(module, config)
     data = datamodule(config)
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
+    rd = RunDir(run_dir)
+    ckpt_dir, last = rd.checkpoints, rd.last_ckpt
     trainer = L.Trainer(
         max_steps=tcfg["steps"] if stop_at is None else stop_at,
         **scale,
@@ -271,36 +246,15 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
     return module
 
 
-def evaluate(module, config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], list[dict]]:
-    """Sample GenEval-format prompts of the shapes world and score them with the exact detector."""
-    from evals.geneval import evaluate_folder
-    from evals.images import generate_geneval_folder
-    from world.prompts import write_geneval_metadata
-
-    gcfg = config["eval"]["geneval"]
-    eval_dir = run_dir / "eval"
-    metadata = write_geneval_metadata(eval_dir / "evaluation_metadata.jsonl", gcfg["n_per_task"], gcfg["seed"])
-    generate_geneval_folder(
-        module, metadata, eval_dir / "images", n_samples=gcfg["n_samples"], seed=gcfg["seed"],
-        batch_size=config["eval"]["batch_size"],
-    )
-    rows, summary = evaluate_folder(eval_dir / "images", detector="shapes", out_dir=eval_dir / "geneval")
-    return summary, rows
-
-
-EVAL_TASKS = ("geneval", "reconstruction", "edit")
-
-
 def evaluate_all(module, config: dict[str, Any], run_dir: Path, exp: str, name: str, step: int) -> pd.DataFrame:
-    """Every evaluation in ``eval.tasks`` as tidy metric rows. ``eval.verifi`` (null = as trained) switches
-    VERIFI for sampling: a model trained with rewrites can be sampled without them (flexible inference)."""
-    from evals import reconstruction
-
+    """Every benchmark in ``eval.tasks`` (``experiments.evaluation.BENCHMARKS``) as tidy metric rows.
+    ``eval.verifi`` (null = as trained) switches VERIFI for sampling: a model trained with rewrites can be sampled
+    without them (flexible inference)."""
     ecfg = config["eval"]
     tasks = list(ecfg.get("tasks", ["geneval"]))
-    bad = sorted(set(tasks) - set(EVAL_TASKS))
+    bad = sorted(set(tasks) - set(BENCHMARKS))
     if bad:
-        raise ValueError(f"eval.tasks {tasks} has unknown entries {bad}; valid: {list(EVAL_TASKS)}")
+        raise ValueError(f"eval.tasks {tasks} has unknown entries {bad}; valid: {list(BENCHMARKS)}")
     if not tasks:  # e.g. paper runs: their checkpoints are scored by evals.genai_bench / dpg_refined afterwards
         return pd.DataFrame(columns=METRIC_COLUMNS)
     if ecfg.get("verifi") is not None:
@@ -308,47 +262,11 @@ def evaluate_all(module, config: dict[str, Any], run_dir: Path, exp: str, name: 
     frames = []
     base = {"exp": exp, "run": name, "candidate": config["candidate"], "seed": config["seed"], "step": step}
     for task in tasks:
-        if task == "geneval":
-            summary, rows = evaluate(module, config, run_dir)
-            frames.append(metric_rows(exp, name, config, step, summary, rows))
-            continue
-        icfg = ecfg["image"]
-        summ = reconstruction.evaluate(module, task, run_dir / "eval" / task, n=icfg["n"], seed=icfg["seed"],
-                                       batch_size=ecfg["batch_size"])
-        out = []
-        for key in ("psnr", "ssim", "correct"):
-            if key in summ:
-                lo, hi = summ[f"{key}_ci"]
-                out.append({**base, "metric": f"{task}.{key}", "value": summ[key], "ci_low": lo, "ci_high": hi,
-                            "n": summ["n"]})
-        df = pd.DataFrame(out)
+        df = pd.DataFrame([{**base, **row} for row in BENCHMARKS[task].run(module, config, run_dir)])
         for key, value in config_columns(config).items():
             df[key] = value
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
-
-
-def metric_rows(exp: str, run: str, config: dict[str, Any], step: int, summary: dict, rows: list[dict]) -> pd.DataFrame:
-    """Tidy rows: overall (bootstrap CI over prompts), each task (CI over that task's prompts), % images."""
-    from common.stats import bootstrap_ci
-    from evals.geneval import per_prompt_scores
-
-    base = {"exp": exp, "run": run, "candidate": config["candidate"], "seed": config["seed"], "step": step}
-    lo, hi = summary["ci95"]["overall"]
-    per_prompt = per_prompt_scores(rows)
-    out = [{**base, "metric": "geneval.overall", "value": summary["overall"], "ci_low": lo, "ci_high": hi,
-            "n": len(per_prompt)}]
-    for task, value in summary["tasks"].items():
-        scores = per_prompt.loc[per_prompt["tag"] == task, "correct"].to_numpy()
-        tlo, thi = bootstrap_ci(scores, lambda x: x.mean(axis=-1), seed=config["seed"]) if len(scores) else (None, None)
-        out.append({**base, "metric": f"geneval.{task}", "value": value, "ci_low": tlo, "ci_high": thi,
-                    "n": len(scores)})
-    out.append({**base, "metric": "geneval.images", "value": summary["images"], "ci_low": None, "ci_high": None,
-                "n": summary["counts"].get("images", len(rows))})
-    df = pd.DataFrame(out)
-    for key, value in config_columns(config).items():
-        df[key] = value
-    return df
 
 
 def _launch_rank() -> int:
@@ -365,26 +283,24 @@ def run(exp: str, name: str, config: dict[str, Any], run_dir: Path, threads: int
     part of the config, so it never changes a run's identity.
     """
     run_dir = Path(run_dir)
-    done = run_dir / "DONE"
-    if done.exists():
+    rd = RunDir(run_dir)
+    if rd.is_done():
         return run_dir
     if threads > 0:
         torch.set_num_threads(threads)
     if _launch_rank() == 0:  # under DDP/FSDP every rank runs this function; one writes
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({"exp": exp, "run": name, "config": config}))
+        atomic_write_text(rd.config, yaml.safe_dump({"exp": exp, "run": name, "config": config}))
     t0 = time.time()
     module = train(config, run_dir)
     t_train = time.time() - t0
     step = int(module.global_step)
-    save_final(module, run_dir / "final.ckpt")
+    save_final(module, rd.final_ckpt)
     if module.global_rank != 0:
         return run_dir  # the other ranks are done: rank 0 samples and scores alone
     if trainer_settings(config)["strategy"] == "fsdp":
         # FSDP wrapped the module's blocks in place and their forward needs every rank; sample from a fresh
         # unsharded copy of the final weights instead.
-        from evals.images import load_module
-
-        module = load_module(run_dir / "final.ckpt")
+        module = load_module(rd.final_ckpt)
     module.eval()
     t1 = time.time()
     df = evaluate_all(module, config, run_dir, exp, name, step)
@@ -396,9 +312,9 @@ def run(exp: str, name: str, config: dict[str, Any], run_dir: Path, threads: int
     for key, value in config_columns(config).items():
         timing[key] = value
     df = pd.concat([df, timing], ignore_index=True)
-    atomic_write_text(run_dir / "metrics.csv", df.to_csv(index=False))
-    headline = df.loc[df["metric"].isin(["geneval.overall", "reconstruction.psnr", "edit.correct"])]
-    atomic_write_text(done, json.dumps({**{m: float(v) for m, v in zip(headline["metric"], headline["value"],
+    atomic_write_text(rd.metrics, df.to_csv(index=False))
+    headline = df.loc[df["metric"].isin(headline_metrics())]
+    atomic_write_text(rd.done, json.dumps({**{m: float(v) for m, v in zip(headline["metric"], headline["value"],
                                                                        strict=True)}, "step": step,
                                         "train_s": round(t_train, 1), "eval_s": round(t_eval, 1)}))
     return run_dir

@@ -22,7 +22,8 @@ import torch
 def main() -> None:
     config, run_dir, stop_at, out = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     import experiments.train
-    from experiments.train import save_final, train
+    from experiments.train import train
+    from models.checkpoints import save_final
     from models.module import UniFusionModule
 
     seen: list[list[Any]] = []

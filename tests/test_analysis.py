@@ -12,7 +12,7 @@ import torch
 
 from analysis import figures, layer_dropout, layer_similarity, pooling_weights, qk_norms
 from experiments.config import load_base, merge
-from experiments.train import save_final
+from models.checkpoints import save_final
 from models.module import UniFusionModule
 
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares left of a green triangle"]

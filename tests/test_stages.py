@@ -1,4 +1,4 @@
-"""Two-stage runs (init.from_run) and the issue-#3 sweeps end to end on smoke settings."""
+"""Two-stage runs (init.from_run) and the tiny-VLM sweeps (VERIFI, tiles, two-stage) end to end on smoke settings."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 from experiments.config import RunSpec, load_experiment, merge, resolve_init
 from experiments.launch import run_sweep
-from experiments.train import init_from_run, save_final
+from experiments.train import init_from_run
+from models.checkpoints import save_final
 from models.module import UniFusionModule
 
 

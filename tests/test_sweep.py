@@ -62,7 +62,7 @@ def test_smoke_sweep_end_to_end_and_resume(tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from evals.images import load_module
+    from models.checkpoints import load_module
 
     for r in runs:
         run_dir = tmp_path / "runs" / "conditioning_candidates-smoke" / r.dirname
