@@ -3,7 +3,7 @@
     python -m analysis.layer_similarity --encoder tiny-llama --out DIR          (any encoder preset)
     python -m analysis.layer_similarity --ckpt CKPT --out DIR                   (the checkpoint's encoder)
 
-For every pair of hidden states (i, j) (``hidden_states`` ids 0..num_layers, DESIGN.md §2) the similarity is the
+For every pair of hidden states (i, j) (``hidden_states`` ids 0..num_layers, docs/DESIGN.md §2) the similarity is the
 cosine between the two layers' features of the same token, averaged over every real token of the prompts:
 
     S[i, j] = mean over tokens t of  <h_i(t), h_j(t)> / (|h_i(t)| |h_j(t)|)        S symmetric, S[i, i] = 1

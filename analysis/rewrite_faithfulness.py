@@ -1,4 +1,4 @@
-"""VERIFI rewrite faithfulness of an encoder (issue #3): does the VLM's rewrite keep the user's intent?
+"""VERIFI rewrite faithfulness of an encoder: does the VLM's rewrite keep the user's intent?
 
     python -m analysis.rewrite_faithfulness --encoder tiny-vlm --out results/verifi [--n-per-task 40]
 

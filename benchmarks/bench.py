@@ -1,4 +1,4 @@
-"""`make bench`: the harness's speed and memory, measured side by side in one run (issue #8).
+"""`make bench`: the harness's speed and memory, measured side by side in one run.
 
     python benchmarks/bench.py [--device cpu|cuda] [--repeats 5] [--out results/bench]
 

@@ -4,8 +4,9 @@
 
 Two probe sets, with ground truth computed from the scene itself, never from a judge:
 - **GenEval probes**: per task, ``n`` prompts; each is asked of a render of a scene made for it (truth: yes) and
-  of a near miss, a scene made for another prompt of the same task that does not satisfy it (``shapes.satisfies``;
-  truth: no). Judges: the GenEval ``shapes`` detector + official rules, and VQAScore backends (yes = score >= 0.5).
+  of a near miss, a scene made for another prompt of the same task that does not satisfy it
+  (``world.prompts.satisfies``; truth: no). Judges: the GenEval ``shapes`` detector + official rules, and VQAScore
+  backends (yes = score >= 0.5).
 - **DPG probes**: ``n`` dense scenes with their DSG question rows, asked of the scene's own render and of the next
   scene's render; truth = ``answer_question`` on the scene's exact objects. Judges: the DPG judges.
 

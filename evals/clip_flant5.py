@@ -1,6 +1,6 @@
 """CLIP-FlanT5 (Lin et al., 2024), the VQAScore model behind GenAI-Bench's published tables, rebuilt on
 transformers' ``CLIPVisionModel`` + ``T5ForConditionalGeneration`` (t2v_metrics' own LLaVA-style class no longer
-runs on current transformers; notes B1, B7).
+runs on current transformers).
 
     scorer = make_scorer("clip-flant5-xxl")                                  # hub: zhiqiulin/clip-flant5-xxl
     scorer = make_scorer("clip-flant5-xxl", model_id="/models/clip-flant5-xxl")        # a local copy

@@ -7,7 +7,7 @@ cut, NMS, clauses) live in ``evals.geneval`` and are the same for every backend.
 - ``shapes``: the exact detector of the synthetic world (``world.detector``); its colour is the
   quantised palette colour, so ``classify_colors`` just reads it back.
 - ``hf-mask2former``: COCO Mask2Former through transformers (mmdet's post-processing), colours by the CLIP
-  zero-shot classifier on the mask composited on ``#999`` and cropped to the box (notes A5).
+  zero-shot classifier on the mask composited on ``#999`` and cropped to the box (GenEval's colour rule).
 - ``mmdet``: the official detector (mmdet 2.x + mmcv-full 1.7, which cannot build against this repo's torch) in
   its own conda env: ``evals/mmdet_runner.py`` runs there as a persistent subprocess; its JSONL detections are
   parsed back into ``Detection``s here (``MMDetDetector``).
@@ -125,7 +125,7 @@ def _embedding(out):
 
 
 class CLIPColorClassifier:
-    """GenEval's zero-shot colour classifier (notes A5) on transformers' CLIP: per object class, the 10 colours x
+    """GenEval's zero-shot colour classifier on transformers' CLIP: per object class, the 10 colours x
     3 templates are embedded, L2-normalised, averaged per colour and renormalised (clip_benchmark's
     ``zero_shot_classifier``); each detection's mask is composited on ``#999``, cropped to its box, embedded, and
     the colour with the highest cosine wins. GenEval uses open_clip ``ViT-L-14`` (``pretrained="openai"``); the

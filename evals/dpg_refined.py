@@ -8,7 +8,7 @@ image_index, proposition_id); the unit of resume) -> ``OUT/scores.json``, ``OUT/
     python -m evals.dpg_refined --ckpt CKPT --questions Q.csv --judge ... --out OUT   (generates OUT/images first)
     python -m evals.dpg_refined aggregate --questions Q.csv --judgments J.jsonl --out DIR
 
-Score definitions (all in [0, 1]) are those of issue #5; see ``aggregate`` and ``legacy_scores``. Image layouts:
+Score definitions (all in [0, 1]) are in ``aggregate`` (refined) and ``legacy_scores`` (official). Image layouts:
 one ``<item_id>.<ext>`` 2x2 grid per prompt (tiles TL, TR, BL, BR = image 0..3, the official crop order) or
 per-seed files ``<item_id>/<k>.png``.
 """
@@ -333,7 +333,7 @@ def _index_judgments(items: dict[str, list[Question]], judgments: Iterable[dict[
 
 def aggregate(questions: Sequence[Question], judgments: Iterable[dict[str, Any]], n_images: int | None = None,
               n_resamples: int = 1000, seed: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Scores of issue #5 from question rows and judgment rows. Returns ``(scores, per_prompt_rows)``.
+    """Refined and legacy DPG-Bench scores from question rows and judgment rows. Returns ``(scores, per_prompt_rows)``.
 
     a = [answer == "yes"]; post-dependency scores per image (transitive, in dependency order); image score
     s(p, i) = mean over the prompt's questions (an image without any judgment is missing: all 0; a judged image

@@ -8,7 +8,7 @@ Backends (``SCORERS``):
   prompt (image + question, generation prompt on) is followed by the answer's tokens, teacher-forced in one
   forward pass; the score is the geometric mean over answer tokens of softmax(raw logits)[answer token], i.e.
   P("Yes") at the first step for a one-token answer. Raw logits, not ``generate(output_scores=True)``'s processed
-  ones (a repetition penalty from ``generation_config`` would otherwise leak in, see notes B2). Batched, left
+  ones (a repetition penalty from ``generation_config`` would otherwise leak in). Batched, left
   padding (so the answer positions line up at the end).
 - ``openai``: an OpenAI-compatible chat endpoint with logprobs (vLLM, GPT-4o): one generated token with
   ``top_logprobs`` (20); the score is exp(logprob) of the answer among the first token's top-k, else 0.0 -- as

@@ -1,4 +1,4 @@
-"""Rectified-flow matching, in diffusers' convention (DESIGN.md §2).
+"""Rectified-flow matching, in diffusers' convention (docs/DESIGN.md §2).
 
     x_s = (1 - s) * x0 + s * eps        s = 1 is pure noise, s = 0 is data
     v   = eps - x0                      what the network predicts (d x_s / d s)

@@ -1,4 +1,4 @@
-"""The tiny *pretrained* VLM: the default frozen encoder of CPU runs (issue #3, part 4).
+"""The tiny *pretrained* VLM: the default frozen encoder of CPU runs.
 
 A randomly initialised encoder makes ablations and VERIFI meaningless, so the default pipeline pretrains a tiny
 InternVL (transformers' ``InternVLForConditionalGeneration``: an InternViT-style vision tower, pixel-shuffle

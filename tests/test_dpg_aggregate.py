@@ -1,4 +1,4 @@
-"""Refined DPG-Bench aggregation against hand-computed values: the worked example of notes/dpg_bench.md §8, the
+"""Refined DPG-Bench aggregation against hand-computed values: a worked example (prompts 226 and vrd19), the
 official script's bugs (last-tile categories, first CSV row, one-pass dependencies), best-of-n ties, missing images,
 null answers, bootstrap CIs, report files and bad input."""
 
@@ -25,7 +25,7 @@ from evals.dpg_refined import (
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dpg" / "worked_example.csv"
-# §8: the questions answered "no" per (item, tile); every other answer is "yes"
+# the worked example: the questions answered "no" per (item, tile); every other answer is "yes"
 NOES = {("226", 0): {6}, ("226", 1): {1, 6}, ("226", 2): set(), ("226", 3): {3, 10},
         ("vrd19", 0): {9}, ("vrd19", 1): {9}, ("vrd19", 2): {3, 9}, ("vrd19", 3): set()}
 
@@ -72,7 +72,7 @@ def test_worked_example_fixed_matches_notes() -> None:
 
 
 def test_worked_example_official_numbers() -> None:
-    """§8 (a): with some other row first in the CSV, legacy = the official 78.75 and its last-tile raw categories."""
+    """With some other row first in the CSV, legacy = the official 78.75 and its last-tile raw categories."""
     questions = questions_from_rows([SENTINEL]) + load_questions(FIXTURE)
     answers = {(j["item_id"], j["image_index"], j["proposition_id"]): j["answer"] for j in worked_judgments()}
     legacy, per_item = legacy_scores(questions, answers, 4, {"226", "vrd19"})

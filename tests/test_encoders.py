@@ -1,7 +1,7 @@
 """Reference tests for models/encoders/ and models/tokenizer.py.
 
 The naive reference for every feature check is transformers' own ``output_hidden_states=True`` run of the same
-model: "layer i" must be ``hidden_states[i]`` (DESIGN.md §2), the last id the final-normed ``last_hidden_state``.
+model: "layer i" must be ``hidden_states[i]`` (docs/DESIGN.md §2), the last id the final-normed ``last_hidden_state``.
 """
 
 from __future__ import annotations

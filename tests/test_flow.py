@@ -1,4 +1,4 @@
-"""Flow-matching convention (DESIGN.md §2): sigma = 1 is noise, target v = eps - x0, Euler from 1 to 0."""
+"""Flow-matching convention (docs/DESIGN.md §2): sigma = 1 is noise, target v = eps - x0, Euler from 1 to 0."""
 
 from __future__ import annotations
 

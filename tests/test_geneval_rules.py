@@ -1,4 +1,4 @@
-"""GenEval correctness rules and aggregation on hand-built detections (notes/geneval_genaibench.md A4–A6)."""
+"""GenEval correctness rules and aggregation on hand-built detections."""
 
 from __future__ import annotations
 

@@ -326,7 +326,7 @@ def test_text_path_keeps_exactly_the_user_content(name: str) -> None:
     # the whole sequence is the chat template around the content, tokenized as one string (BOS written in it)
     input_ids, mask = enc.tokenize([TEXT])
     assert input_ids[0][mask[0]].tolist() == ids_of(enc, p.template.format(TEXT)) + eos
-    # features are HF hidden_states[i] (DESIGN.md §2) at the preset's taps, at the kept positions
+    # features are HF hidden_states[i] (docs/DESIGN.md §2) at the preset's taps, at the kept positions
     assert enc.layer_ids == select_layers(enc.num_layers, layers=p.layers, stride=p.stride, start=p.start)
     with torch.no_grad():
         hs = enc.model.base_model(input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True,

@@ -3,7 +3,7 @@
 Item i of the stream is a pure function of (seed, i), and an optimizer step consumes accumulate_grad_batches ×
 world_size batches of it, so the data position at step s is ``s * accumulate_grad_batches * world_size *
 batch_size``: a run resumed from a checkpoint continues with exactly the samples an uninterrupted run would have
-seen. Under DDP/FSDP each rank reads its own batches of the stream (``shapes.owns_batch``: rank r reads global
+seen. Under DDP/FSDP each rank reads its own batches of the stream (``sharding.owns_batch``: rank r reads global
 batches r, r + world_size, ...): Lightning shards only map-style datasets, never an ``IterableDataset``, so without
 this every rank would train on the same batch.
 """

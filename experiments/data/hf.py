@@ -30,7 +30,7 @@ Under DDP/FSDP (``world_size`` > 1) each rank reads its own share of every sourc
 so no rank reads another's bytes; otherwise every world_size-th row) and its t-th batch is global batch
 ``t * world_size + rank``; rows and ``row`` then count within the rank's share. The order thus depends on the
 world size, which a run keeps across requeues. With W DataLoader workers, worker k of a rank takes that rank's
-batches k, k + W, ... (``shapes.owns_batch``): each worker reads the rank's rows and decodes only its own batches.
+batches k, k + W, ... (``sharding.owns_batch``): each worker reads the rank's rows and decodes only its own batches.
 
 Items have the shapes world's format: ``{"image": (3, S, S) float in [-1, 1], "caption": str | Prompt, "index"}``;
 for an edit pair the caption is ``Prompt(instruction, (source image,))``, so the source image reaches the DiT only

@@ -2,7 +2,7 @@
 
 A conditioner turns frozen-encoder features into what the DiT consumes:
 
-    features (B, T, N, D_enc) float   N selected encoder layers (DESIGN.md §2)
+    features (B, T, N, D_enc) float   N selected encoder layers (docs/DESIGN.md §2)
     mask     (B, T) bool              True = real token
     drop     (B,) bool | None         True = replace this row by the learned null condition (CFG)
         -> Conditioning

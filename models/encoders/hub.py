@@ -13,7 +13,7 @@ Each preset's code path is tested offline on a tiny config of the same transform
 | qwen2.5-vl-7b  | Qwen/Qwen2.5-VL-7B-Instruct      | Qwen2_5_VLForConditionalGeneration | 28     | 3, 6, ..., 27 |
 | t5-v1_1-xxl    | google/t5-v1_1-xxl               | T5EncoderModel                     | 24     | 24 (last)     |
 
-Taps (DESIGN.md §2, "layer i" = ``hidden_states[i]``): every 3rd hidden state (paper Sec. 3), ending at
+Taps (docs/DESIGN.md §2, "layer i" = ``hidden_states[i]``): every 3rd hidden state (paper Sec. 3), ending at
 ``num_layers - 1`` like Krea2's 2, 5, ..., 35 of 36 blocks: the top tap is the last block output *before* the
 final norm, so every tap has the same (unnormed) scale, and the raw embeddings (0) are never tapped. T5 is the
 paper's baseline: its final-normed last layer, as SD3/Flux/Imagen condition on it.

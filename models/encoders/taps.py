@@ -19,7 +19,7 @@ def select_layers(
     stride: int | None = None,
     start: int | None = None,
 ) -> tuple[int, ...]:
-    """Hidden-state ids to tap, ascending, each in ``[0, num_layers]`` (DESIGN.md §2).
+    """Hidden-state ids to tap, ascending, each in ``[0, num_layers]`` (docs/DESIGN.md §2).
 
     - ``layers``: explicit ids; negative ids count Python-style over the ``num_layers + 1`` hidden states
       (-1 = ``num_layers`` = last, final-normed).
