@@ -1,0 +1,157 @@
+"""``python -m evals.ab``: create a study, serve it, move pairs and votes to and from a vendor, report.
+
+    python -m evals.ab create --db study.sqlite --study NAME --a DIR_A --b DIR_B --layout geneval \\
+        --aspects overall,prompt_adherence,visual_quality --votes-per-pair 3 --gold-rate 0.1 --annotators 20
+    python -m evals.ab serve --db study.sqlite --host 127.0.0.1 --port 8000
+    python -m evals.ab report --db study.sqlite --study NAME --out results/NAME
+
+``--db`` is a SQLite file path or a database URL (``postgresql://user@host/db``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from evals.ab.layouts import LAYOUTS, LayoutError
+from evals.ab.study import StudyError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evals.ab", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, text: str, study: bool = True) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=text, description=text)
+        c.add_argument("--db", required=name != "demo", help="SQLite file path or database URL")
+        if study:
+            c.add_argument("--study", required=True, help="study name")
+        return c
+
+    c = cmd("create", "pair two systems' images of the same prompts and seeds into a study (new, or one more "
+                      "comparison in an existing study)")
+    c.add_argument("--a", required=True, help="folder of system A's images")
+    c.add_argument("--b", required=True, help="folder of system B's images")
+    c.add_argument("--name-a", help="system A's name in reports (default: its folder's name)")
+    c.add_argument("--name-b", help="system B's name in reports (default: its folder's name)")
+    c.add_argument("--layout", required=True, choices=LAYOUTS, help="folder layout (see evals/ab/layouts.py)")
+    c.add_argument("--aspects", default="overall,prompt_adherence,visual_quality",
+                   help="comma-separated questions asked per pair (default: %(default)s)")
+    c.add_argument("--votes-per-pair", type=int, default=3, help="votes that make a pair valid (default: 3)")
+    c.add_argument("--gold-rate", type=float, default=0.0, help="share of gold pairs mixed in (e.g. 0.1)")
+    c.add_argument("--gold-threshold", type=float, default=0.8,
+                   help="annotators below this gold accuracy are flagged (default: 0.8)")
+    c.add_argument("--per-annotator", type=int, help="at most this many real pairs per annotator")
+    c.add_argument("--lease-minutes", type=float, default=30.0,
+                   help="an unanswered pair goes back to the pool after this long (default: 30)")
+    c.add_argument("--prompts", type=Path, help="prompts file for the genai / dpg layouts (default: the shipped one)")
+    c.add_argument("--seed", type=int, help="seed of the left/right sides and gold pairs (default: random)")
+    c.add_argument("--annotators", type=int, default=0, help="also make this many annotator links")
+    c.add_argument("--base-url", default="http://127.0.0.1:8000", help="server address used in printed links")
+
+    c = cmd("links", "make more annotator links")
+    c.add_argument("--n", type=int, required=True, help="how many")
+    c.add_argument("--base-url", default="http://127.0.0.1:8000", help="server address used in printed links")
+
+    c = cmd("serve", "serve every study of the database to annotators", study=False)
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--port", type=int, default=8000)
+
+    c = cmd("export-pairs", "write the pairs for a vendor: pair_id, prompt, left, right (+ source)")
+    c.add_argument("--out", required=True, type=Path, help="CSV to write")
+    c.add_argument("--images", type=Path, help="folder for blinded image copies (default: <out stem>_images/)")
+    c.add_argument("--original-paths", action="store_true", help="write the original image paths instead")
+
+    c = cmd("import-votes", "import a vendor's votes: annotator, pair_id, aspect, choice (all rows or none)")
+    c.add_argument("--csv", required=True, type=Path)
+
+    c = cmd("report", "win / tie / loss per aspect with CIs, agreement, figure")
+    c.add_argument("--out", required=True, type=Path)
+    c.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    c.add_argument("--gold-threshold", type=float, help="override the study's gold accuracy threshold")
+    c.add_argument("--keep-flagged", action="store_true", help="keep flagged annotators in the main table")
+    c.add_argument("--note", help="a line printed at the top of report.md")
+
+    c = cmd("demo", "the demo study with SIMULATED annotators on committed shapes-world images", study=False)
+    c.add_argument("--out", type=Path, default=Path("results/ab_demo"))
+    return p
+
+
+def _links(made: list[tuple[str, str]], base_url: str) -> None:
+    for label, token in made:
+        print(f"{label}\t{base_url.rstrip('/')}/a/{token}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return _run(args)
+    except (StudyError, LayoutError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as err:
+        print(f"error: database: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from evals.ab.db import make_engine, make_sessions
+
+    if args.command == "demo":
+        from evals.ab.demo import run_demo
+
+        print(f"demo report (simulated annotators) in {run_demo(args.out, args.db)}")
+        return 0
+    engine = make_engine(args.db)
+    if args.command == "serve":
+        from evals.ab.web import serve
+
+        print(f"serving on http://{args.host}:{args.port}/a/<token>  (Ctrl-C stops)", flush=True)
+        serve(engine, args.host, args.port)
+        return 0
+    sessions = make_sessions(engine)
+    if args.command == "create":
+        from evals.ab.study import add_annotators, create_study, parse_aspects
+
+        made = create_study(sessions, args.study, args.a, args.b, args.layout, parse_aspects(args.aspects),
+                            args.votes_per_pair, args.name_a, args.name_b, args.gold_rate, args.gold_threshold,
+                            args.per_annotator, round(args.lease_minutes * 60), args.prompts, args.seed)
+        print(f"study {made.study}: {made.pairs} pairs + {made.gold} gold pairs")
+        if made.admin_token:
+            print(f"admin token (shown once): {made.admin_token}")
+        if args.annotators:
+            _links(add_annotators(sessions, args.study, args.annotators), args.base_url)
+    elif args.command == "links":
+        from evals.ab.study import add_annotators
+
+        _links(add_annotators(sessions, args.study, args.n), args.base_url)
+    elif args.command == "export-pairs":
+        from evals.ab.vendor import export_pairs
+
+        out, n = export_pairs(sessions, args.study, args.out, args.images, args.original_paths)
+        print(f"{n} pairs -> {out}")
+    elif args.command == "import-votes":
+        from evals.ab.vendor import import_votes
+
+        done = import_votes(sessions, args.study, args.csv)
+        print(f"imported {done.votes} votes ({done.new_annotators} new annotators)")
+    elif args.command == "report":
+        from evals.ab.report import build_report, write_report
+
+        if args.resamples < 1:
+            raise StudyError(f"--resamples must be >= 1, got {args.resamples}")
+        report = build_report(sessions, args.study, args.resamples, args.seed, args.gold_threshold,
+                              args.keep_flagged, args.note)
+        for path in write_report(report, args.out):
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Who sees which pair, and recording votes: the transactions behind the annotator pages.
+
+Assignment rules:
+- a real pair goes to ``votes_per_pair`` distinct annotators: each takes one numbered slot (unique per pair in the
+  database, so two annotators racing for the last slot cannot both get it; the loser moves to another pair);
+- an annotator never gets the same pair twice (unique pair x annotator; a pair someone let expire stays theirs
+  in the record, so it is not offered to them again);
+- pairs that already have votes are offered first (a study accumulates valid pairs early); among equals each
+  annotator gets their own order, so concurrent annotators rarely race for the same slot;
+- an unanswered pair's slot is released ``lease_s`` seconds after it was handed out, for someone else to take;
+- gold pairs are mixed in at the study's gold rate: item k (0-based) of a person is gold when
+  ``floor((k + 1) * rate) > floor(k * rate)``, while unseen gold pairs remain. They fill no slot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, aliased, sessionmaker
+
+from evals.ab.db import CHOICES, Annotator, Assignment, Pair, Study, Vote, utcnow
+
+MAX_TRIES = 20  # transactions retried after a lost race (PostgreSQL) before giving up with an error
+
+
+class AnnotatorError(Exception):
+    """A request an annotator page must refuse: ``status`` is the HTTP status, ``message`` says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class Progress:
+    """``done`` items answered of ``total`` (done + the open one + what is left for this person now)."""
+
+    done: int
+    total: int
+
+
+def annotator_for(s: Session, token: str | None) -> tuple[Annotator, Study]:
+    """The annotator with this token and their study; 403 for a missing or unknown token."""
+    ann = s.scalar(select(Annotator).where(Annotator.token == token)) if token else None
+    if ann is None:
+        raise AnnotatorError(403, "This link is not valid. Please use the personal link you were given.")
+    return ann, s.get(Study, ann.study_id)
+
+
+def _open(s: Session, ann_id: int) -> Assignment | None:
+    return s.scalar(select(Assignment).where(
+        Assignment.annotator_id == ann_id, Assignment.completed_at.is_(None), Assignment.released_at.is_(None),
+    ).order_by(Assignment.id).limit(1))
+
+
+def _live_slots(now):  # noqa: ANN001, ANN202 - an SQL condition
+    """A slot counts while its assignment is answered, or unanswered and inside its lease."""
+    return and_(Assignment.slot.is_not(None), Assignment.released_at.is_(None),
+                (Assignment.completed_at.is_not(None)) | (Assignment.expires_at > now))
+
+
+def _candidates(s: Session, study: Study, ann_id: int, now, limit: int | None):  # noqa: ANN001
+    """Real pairs with a free (or expired) slot that this annotator never had: [(pair id, filled slots)]."""
+    filled = func.count(Assignment.id)
+    had = aliased(Assignment)
+    mine = exists().where(had.pair_id == Pair.id, had.annotator_id == ann_id)
+    query = (select(Pair.id, filled)
+             .outerjoin(Assignment, and_(Assignment.pair_id == Pair.id, _live_slots(now)))
+             .where(Pair.study_id == study.id, Pair.gold_answer.is_(None), ~mine)
+             .group_by(Pair.id).having(filled < study.votes_per_pair)
+             .order_by(filled.desc(), (Pair.id * 7919 + ann_id * 104729) % 1000003))
+    return s.execute(query.limit(limit) if limit else query).all()
+
+
+def _take_slot(s: Session, study: Study, pair_id: int, ann_id: int, now) -> bool:  # noqa: ANN001
+    """Give this pair's lowest free slot to the annotator (inside a savepoint); False if the race was lost."""
+    held = s.execute(select(Assignment.id, Assignment.slot, Assignment.completed_at, Assignment.expires_at)
+                     .where(Assignment.pair_id == pair_id, Assignment.slot.is_not(None))).all()
+    taken = {row.slot for row in held}
+    free = [k for k in range(study.votes_per_pair) if k not in taken]
+    expired = [row for row in held if row.completed_at is None and row.expires_at <= now]
+    try:
+        with s.begin_nested():
+            if free:
+                slot = free[0]
+            elif expired:
+                slot = expired[0].slot
+                released = s.execute(update(Assignment).where(
+                    Assignment.id == expired[0].id, Assignment.completed_at.is_(None),
+                    Assignment.released_at.is_(None)).values(slot=None, released_at=now))
+                if released.rowcount != 1:
+                    raise IntegrityError("release", {}, Exception("slot changed hands"))
+            else:
+                return False
+            s.add(Assignment(pair_id=pair_id, annotator_id=ann_id, slot=slot, assigned_at=now,
+                             expires_at=now + timedelta(seconds=study.lease_s)))
+            s.flush()
+        return True
+    except IntegrityError:
+        return False
+
+
+def _gold_due(study: Study, k: int) -> bool:
+    rate = study.gold_rate
+    return rate > 0 and math.floor((k + 1) * rate) > math.floor(k * rate)
+
+
+def _assign(s: Session, study: Study, ann: Annotator, now) -> Assignment | None:  # noqa: ANN001
+    k = s.scalar(select(func.count()).select_from(Assignment).where(Assignment.annotator_id == ann.id))
+    if _gold_due(study, k):
+        seen = exists().where(Assignment.pair_id == Pair.id, Assignment.annotator_id == ann.id)
+        gold = s.scalar(select(Pair.id).where(Pair.study_id == study.id, Pair.gold_answer.is_not(None), ~seen)
+                        .order_by((Pair.id * 7919 + ann.id * 104729) % 1000003).limit(1))
+        if gold is not None and _real_left(s, study, ann, now) > 0:
+            a = Assignment(pair_id=gold, annotator_id=ann.id, slot=None, assigned_at=now,
+                           expires_at=now + timedelta(seconds=study.lease_s))
+            s.add(a)
+            s.flush()
+            return a
+    if _real_left(s, study, ann, now) <= 0:
+        return None
+    for pair_id, _ in _candidates(s, study, ann.id, now, limit=10):
+        if _take_slot(s, study, pair_id, ann.id, now):
+            return _open(s, ann.id)
+    raise OperationalError("assign", {}, Exception("every candidate pair was taken meanwhile"))
+
+
+def _real_left(s: Session, study: Study, ann: Annotator, now) -> int:  # noqa: ANN001
+    """Real pairs this annotator could still get now (capped by the per-annotator quota)."""
+    left = len(_candidates(s, study, ann.id, now, limit=None))
+    if study.per_annotator is not None:
+        had = s.scalar(select(func.count()).select_from(Assignment).where(
+            Assignment.annotator_id == ann.id, Assignment.slot.is_not(None)))
+        left = min(left, max(0, study.per_annotator - had))
+    return left
+
+
+def _progress(s: Session, study: Study, ann: Annotator, now, has_open: bool) -> Progress:  # noqa: ANN001
+    done = s.scalar(select(func.count()).select_from(Assignment).where(
+        Assignment.annotator_id == ann.id, Assignment.completed_at.is_not(None)))
+    k = s.scalar(select(func.count()).select_from(Assignment).where(Assignment.annotator_id == ann.id))
+    seen = exists().where(Assignment.pair_id == Pair.id, Assignment.annotator_id == ann.id)
+    gold_left = s.scalar(select(func.count()).select_from(Pair).where(
+        Pair.study_id == study.id, Pair.gold_answer.is_not(None), ~seen))
+    real_left, coming = _real_left(s, study, ann, now), 0
+    while real_left > 0:  # replay the gold schedule over what is left
+        if gold_left and _gold_due(study, k):
+            gold_left -= 1
+        else:
+            real_left -= 1
+        k, coming = k + 1, coming + 1
+    return Progress(done, done + int(has_open) + coming)
+
+
+def next_pair(sessions: sessionmaker, token: str | None) -> tuple[Pair | None, Study, Progress]:
+    """The pair this annotator should answer now (their open one, or a newly assigned one); None when done."""
+    for _ in range(MAX_TRIES):
+        try:
+            with sessions.begin() as s:
+                ann, study = annotator_for(s, token)
+                now = utcnow()
+                current = _open(s, ann.id) or _assign(s, study, ann, now)
+                pair = s.get(Pair, current.pair_id) if current else None
+                if pair is not None:  # load what the page shows before the session closes
+                    _ = (pair.left_image_id, pair.right_image_id, pair.source_image_id)
+                return pair, study, _progress(s, study, ann, now, current is not None)
+        except (IntegrityError, OperationalError):
+            continue  # a concurrent annotator won a race: start over with fresh data
+    raise AnnotatorError(503, "The server is busy. Please reload the page in a moment.")
+
+
+def pair_for(sessions: sessionmaker, token: str | None, public_id: str) -> Pair:
+    """A pair this annotator was given (to serve its images); 403 bad token, 404 anything else."""
+    with sessions.begin() as s:
+        ann, study = annotator_for(s, token)
+        pair = s.scalar(select(Pair).where(Pair.public_id == public_id, Pair.study_id == study.id))
+        if pair is None or s.scalar(select(Assignment.id).where(
+                Assignment.pair_id == pair.id, Assignment.annotator_id == ann.id)) is None:
+            raise AnnotatorError(404, "No such comparison.")
+        _ = (pair.left_image, pair.right_image, pair.source_image)
+        return pair
+
+
+def record_vote(sessions: sessionmaker, token: str | None, public_id: str, choices: dict[str, str]) -> None:
+    """Store one choice per aspect for this annotator's pair, all or nothing.
+
+    403: bad token; 404: a pair id this annotator was not given; 409: already answered, or released to someone
+    else after its lease; 422: an aspect missing or a choice outside left / right / tie.
+    """
+    with sessions.begin() as s:
+        ann, study = annotator_for(s, token)
+        pair = s.scalar(select(Pair).where(Pair.public_id == public_id, Pair.study_id == study.id))
+        mine = None if pair is None else s.scalar(select(Assignment).where(
+            Assignment.pair_id == pair.id, Assignment.annotator_id == ann.id))
+        if mine is None:
+            raise AnnotatorError(404, "No such comparison.")
+        missing = [a for a in study.aspect_list if a not in choices]
+        bad = {a: c for a, c in choices.items() if a in study.aspect_list and c not in CHOICES}
+        if missing or bad:
+            raise AnnotatorError(422, f"Please answer every question (missing: {', '.join(missing) or 'none'}; "
+                                      f"invalid: {', '.join(bad) or 'none'}).")
+        done = s.execute(update(Assignment).where(
+            Assignment.id == mine.id, Assignment.completed_at.is_(None), Assignment.released_at.is_(None),
+        ).values(completed_at=utcnow()))
+        if done.rowcount != 1:
+            s.refresh(mine)
+            if mine.completed_at is not None:
+                raise AnnotatorError(409, "You have already answered this comparison.")
+            raise AnnotatorError(409, "This comparison timed out and was given to someone else.")
+        try:
+            s.add_all(Vote(pair_id=pair.id, annotator_id=ann.id, aspect=a, choice=choices[a], origin="web")
+                      for a in study.aspect_list)
+            s.flush()
+        except IntegrityError as err:
+            raise AnnotatorError(409, "You have already answered this comparison.") from err

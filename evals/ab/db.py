@@ -1,0 +1,211 @@
+"""The study database: SQLAlchemy tables and the engine (a SQLite file by default, PostgreSQL by URL).
+
+Integrity lives in the schema, not in the application's good behaviour:
+- one vote per annotator x pair x aspect (``uq_vote``), so a resubmitted form or a duplicated import row fails;
+- a real pair has ``votes_per_pair`` numbered slots, and a slot belongs to one assignment (``uq_assignment_slot``),
+  so concurrent annotators can never hand out a fourth copy of a 3-vote pair;
+- an annotator gets a pair at most once (``uq_assignment_person``).
+Writers catch ``IntegrityError`` and retry or reject; nothing is checked-then-written without the constraint.
+
+SQLite runs every transaction as ``BEGIN IMMEDIATE`` (one writer at a time, others wait up to ``timeout``), WAL
+mode, and enforces foreign keys; PostgreSQL runs READ COMMITTED and relies on the same constraints.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+CHOICES: tuple[str, ...] = ("left", "right", "tie")
+
+
+def utcnow() -> datetime:
+    """Timezone-naive UTC (both backends store it the same way)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    """One study: a layout, the aspects asked, and how many votes make a pair valid."""
+
+    __tablename__ = "ab_study"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    layout: Mapped[str] = mapped_column(String(20))
+    aspects: Mapped[str] = mapped_column(String(500))  # comma-separated, in the order the page asks them
+    votes_per_pair: Mapped[int] = mapped_column(Integer)
+    gold_rate: Mapped[float] = mapped_column(Float)
+    gold_threshold: Mapped[float] = mapped_column(Float)
+    per_annotator: Mapped[int | None] = mapped_column(Integer, nullable=True)  # cap on real pairs per person
+    lease_s: Mapped[int] = mapped_column(Integer)  # an unanswered pair goes back to the pool after this long
+    admin_token_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    @property
+    def aspect_list(self) -> list[str]:
+        return self.aspects.split(",")
+
+
+class System(Base):
+    """A compared system: its name and folder are for reports only, never shown to annotators."""
+
+    __tablename__ = "ab_system"
+    __table_args__ = (UniqueConstraint("study_id", "name", name="uq_system_name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("ab_study.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    folder: Mapped[str] = mapped_column(Text)
+
+
+class Image(Base):
+    """An image file (``path``) or, for gold renders, its PNG bytes (``data``)."""
+
+    __tablename__ = "ab_image"
+    __table_args__ = (CheckConstraint("(path IS NULL) <> (data IS NULL)", name="ck_image_one_source"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("ab_study.id"))
+    path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    data: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class Pair(Base):
+    """Two images of one prompt and seed, with the side system A is shown on (randomised per pair).
+
+    ``public_id`` is the only id an annotator or vendor sees (random, carries no order or name). Gold pairs have
+    no systems and a known ``gold_answer`` side.
+    """
+
+    __tablename__ = "ab_pair"
+    __table_args__ = (
+        UniqueConstraint("study_id", "system_a_id", "system_b_id", "item_key", name="uq_pair_item"),
+        CheckConstraint("gold_answer IS NULL OR gold_answer IN ('left', 'right')", name="ck_pair_gold"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(40), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("ab_study.id"), index=True)
+    prompt_key: Mapped[str] = mapped_column(String(200))  # the prompt's id: the unit CIs resample
+    item_key: Mapped[str] = mapped_column(String(300))  # prompt and seed
+    prompt: Mapped[str] = mapped_column(Text)
+    system_a_id: Mapped[int | None] = mapped_column(ForeignKey("ab_system.id"), nullable=True)
+    system_b_id: Mapped[int | None] = mapped_column(ForeignKey("ab_system.id"), nullable=True)
+    a_on_left: Mapped[bool | None] = mapped_column(nullable=True)
+    left_image_id: Mapped[int] = mapped_column(ForeignKey("ab_image.id"))
+    right_image_id: Mapped[int] = mapped_column(ForeignKey("ab_image.id"))
+    source_image_id: Mapped[int | None] = mapped_column(ForeignKey("ab_image.id"), nullable=True)
+    gold_answer: Mapped[str | None] = mapped_column(String(5), nullable=True)
+    left_image: Mapped[Image] = relationship(foreign_keys=[left_image_id])
+    right_image: Mapped[Image] = relationship(foreign_keys=[right_image_id])
+    source_image: Mapped[Image | None] = relationship(foreign_keys=[source_image_id])
+
+    @property
+    def is_gold(self) -> bool:
+        return self.gold_answer is not None
+
+
+class Annotator(Base):
+    """A person with a personal link (web) or a vendor's annotator id (imported votes)."""
+
+    __tablename__ = "ab_annotator"
+    __table_args__ = (UniqueConstraint("study_id", "label", name="uq_annotator_label"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("ab_study.id"), index=True)
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    label: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Assignment(Base):
+    """Pair -> annotator. Real pairs fill numbered ``slot``s (0 .. votes_per_pair - 1); gold pairs have none.
+    A released assignment (its lease ran out unanswered) keeps its row without a slot: the record that this
+    person had the pair."""
+
+    __tablename__ = "ab_assignment"
+    __table_args__ = (
+        UniqueConstraint("pair_id", "slot", name="uq_assignment_slot"),
+        UniqueConstraint("pair_id", "annotator_id", name="uq_assignment_person"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("ab_pair.id"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("ab_annotator.id"), index=True)
+    slot: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    assigned_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    released_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # lease ran out, slot given on
+
+
+class Vote(Base):
+    """One choice on one aspect of one pair, as the annotator saw it (``left`` / ``right`` / ``tie``)."""
+
+    __tablename__ = "ab_vote"
+    __table_args__ = (
+        UniqueConstraint("annotator_id", "pair_id", "aspect", name="uq_vote"),
+        CheckConstraint("choice IN ('left', 'right', 'tie')", name="ck_vote_choice"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("ab_pair.id"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("ab_annotator.id"))
+    aspect: Mapped[str] = mapped_column(String(100))
+    choice: Mapped[str] = mapped_column(String(5))
+    origin: Mapped[str] = mapped_column(String(300))  # "web" or "import:<file name>"
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+def database_url(db: str) -> str:
+    """A SQLAlchemy URL from ``--db``: a plain path is a SQLite file; ``postgresql://`` uses psycopg 3."""
+    if "://" not in db:
+        return f"sqlite:///{Path(db).expanduser().resolve()}"
+    for prefix in ("postgresql://", "postgres://"):
+        if db.startswith(prefix):
+            return "postgresql+psycopg://" + db[len(prefix):]
+    return db
+
+
+def make_engine(db: str, timeout_s: float = 60.0) -> Engine:
+    """The engine for ``db`` with the study tables created if missing."""
+    url = database_url(db)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": timeout_s, "check_same_thread": False},
+                               pool_size=10, max_overflow=10)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn, _record) -> None:  # noqa: ANN001 - DB-API objects
+            dbapi_conn.isolation_level = None  # SQLAlchemy issues BEGIN itself (below), not the sqlite3 module
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn) -> None:  # noqa: ANN001
+            # IMMEDIATE takes the write lock up front: a deferred transaction that reads and then writes can fail
+            # with "database is locked" without waiting when another writer got there first
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def make_sessions(engine: Engine) -> sessionmaker:
+    """Sessions that keep loaded attributes after commit (pages render after the transaction ends)."""
+    return sessionmaker(engine, expire_on_commit=False)

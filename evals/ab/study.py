@@ -1,0 +1,178 @@
+"""Creating a study: pair two systems' images, randomise and store the sides, mix in gold pairs, make links.
+
+A study may compare more than two systems: run ``create`` once per pair of systems with the same study name
+(same layout, aspects and votes per pair); the report then adds a Bradley-Terry ranking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import random
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from evals.ab.db import Annotator, Image, Pair, Study, System
+from evals.ab.layouts import pair_items, read_folder
+
+ASPECT_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
+# What each known aspect asks; any other aspect name is asked as "Which image is better for <name>?"
+ASPECT_QUESTIONS: dict[str, str] = {
+    "overall": "Overall, which image do you prefer?",
+    "prompt_adherence": "Which image follows the text better?",
+    "visual_quality": "Which image looks better (detail, artifacts, realism), ignoring the text?",
+    "identity_preservation": "Which edit keeps the parts of the source image that should not change?",
+}
+
+
+class StudyError(ValueError):
+    """A request the study cannot honour; the message says why (the CLI prints it as ``error: ...``)."""
+
+
+def question(aspect: str) -> str:
+    return ASPECT_QUESTIONS.get(aspect, f"Which image is better for {aspect.replace('_', ' ')}?")
+
+
+def parse_aspects(text: str) -> list[str]:
+    aspects = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in aspects if not ASPECT_RE.match(a)]
+    if not aspects or bad or len(set(aspects)) != len(aspects):
+        raise StudyError(f"aspects must be distinct lower_case names separated by commas, got {text!r}")
+    return aspects
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def admin_ok(study: Study, token: str | None) -> bool:
+    """Constant-time check of an admin token against the study's stored digest."""
+    return bool(token) and hmac.compare_digest(token_digest(token), study.admin_token_sha256)
+
+
+def get_study(session: Session, name: str) -> Study:
+    study = session.scalar(select(Study).where(Study.name == name))
+    if study is None:
+        known = session.scalars(select(Study.name).order_by(Study.name)).all()
+        raise StudyError(f"no study named {name!r} in this database (studies: {', '.join(known) or 'none'})")
+    return study
+
+
+@dataclass(frozen=True)
+class Created:
+    """What ``create_study`` did: ``admin_token`` is set only when the study was new (shown once, stored hashed)."""
+
+    study: str
+    pairs: int
+    gold: int
+    admin_token: str | None
+
+
+def _image_size(path: Path) -> int:
+    from PIL import Image as PILImage
+
+    with PILImage.open(path) as img:
+        return min(img.size)
+
+
+def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: str | Path, layout: str,
+                 aspects: list[str], votes_per_pair: int = 3, name_a: str | None = None, name_b: str | None = None,
+                 gold_rate: float = 0.0, gold_threshold: float = 0.8, per_annotator: int | None = None,
+                 lease_s: int = 1800, prompts_file: Path | None = None, seed: int | None = None) -> Created:
+    """Pair A's and B's images of every prompt and seed into a (new or existing) study, in one transaction."""
+    if votes_per_pair < 1:
+        raise StudyError(f"--votes-per-pair must be >= 1, got {votes_per_pair}")
+    if not 0.0 <= gold_rate < 1.0:
+        raise StudyError(f"--gold-rate must be in [0, 1), got {gold_rate}")
+    if not 0.0 <= gold_threshold <= 1.0:
+        raise StudyError(f"--gold-threshold must be in [0, 1], got {gold_threshold}")
+    name_a = name_a or Path(a_dir).resolve().name
+    name_b = name_b or Path(b_dir).resolve().name
+    if name_a == name_b:
+        raise StudyError(f"the two systems need different names (both {name_a!r}); pass --name-a / --name-b")
+    matched = pair_items(read_folder(a_dir, layout, prompts_file), read_folder(b_dir, layout, prompts_file),
+                         name_a, name_b)
+    rng = random.Random(seed) if seed is not None else random.SystemRandom()
+    admin_token = None
+    with sessions.begin() as s:
+        study = s.scalar(select(Study).where(Study.name == name))
+        if study is None:
+            admin_token = secrets.token_urlsafe(24)
+            study = Study(name=name, layout=layout, aspects=",".join(aspects), votes_per_pair=votes_per_pair,
+                          gold_rate=gold_rate, gold_threshold=gold_threshold, per_annotator=per_annotator,
+                          lease_s=lease_s, admin_token_sha256=token_digest(admin_token))
+            s.add(study)
+            s.flush()
+        elif (study.layout, study.aspect_list, study.votes_per_pair) != (layout, aspects, votes_per_pair):
+            raise StudyError(f"study {name!r} exists with layout {study.layout}, aspects {study.aspects}, "
+                             f"{study.votes_per_pair} votes per pair; a new comparison in it must use the same")
+        systems = []
+        for sys_name, folder in ((name_a, a_dir), (name_b, b_dir)):
+            folder = str(Path(folder).resolve())
+            system = s.scalar(select(System).where(System.study_id == study.id, System.name == sys_name))
+            if system is None:
+                system = System(study_id=study.id, name=sys_name, folder=folder)
+                s.add(system)
+                s.flush()
+            elif system.folder != folder:
+                raise StudyError(f"system {sys_name!r} is already in study {name!r} with folder {system.folder}")
+            systems.append(system)
+        sa, sb = systems
+        existing = s.scalar(select(func.count()).select_from(Pair).where(
+            or_((Pair.system_a_id == sa.id) & (Pair.system_b_id == sb.id),
+                (Pair.system_a_id == sb.id) & (Pair.system_b_id == sa.id))))
+        if existing:
+            raise StudyError(f"study {name!r} already compares {name_a} and {name_b} ({existing} pairs)")
+        # exactly balanced sides, shuffled: a position bias of the annotators cannot favour one system
+        sides = [True] * (len(matched) // 2) + [False] * (len(matched) - len(matched) // 2)
+        rng.shuffle(sides)
+        images: dict[Path, Image] = {}
+
+        def image(path: Path) -> Image:
+            if path not in images:
+                images[path] = Image(study_id=study.id, path=str(path))
+                s.add(images[path])
+            return images[path]
+
+        for (ia, ib), a_left in zip(matched, sides, strict=True):
+            left, right = (ia, ib) if a_left else (ib, ia)
+            s.add(Pair(public_id=secrets.token_urlsafe(9), study_id=study.id, prompt_key=ia.prompt_key,
+                       item_key=ia.item_key, prompt=ia.prompt, system_a_id=sa.id, system_b_id=sb.id,
+                       a_on_left=a_left, left_image=image(left.image), right_image=image(right.image),
+                       source_image=image(ia.source) if ia.source else None))
+        n_gold = math.ceil(gold_rate * len(matched)) if gold_rate > 0 else 0
+        if n_gold:
+            from evals.ab.shapes_world import gold_pairs
+
+            first_gold = s.scalar(select(func.count()).select_from(Pair).where(
+                Pair.study_id == study.id, Pair.gold_answer.is_not(None)))
+            size = _image_size(matched[0][0].image)
+            for k, gold in enumerate(gold_pairs(n_gold, layout == "edit", rng.randrange(2**31), size)):
+                better_left = rng.random() < 0.5
+                better, worse = Image(study_id=study.id, data=gold.better), Image(study_id=study.id, data=gold.worse)
+                key = f"gold-{first_gold + k:05d}"
+                s.add(Pair(public_id=secrets.token_urlsafe(9), study_id=study.id, prompt_key=key, item_key=key,
+                           prompt=gold.prompt, left_image=better if better_left else worse,
+                           right_image=worse if better_left else better,
+                           source_image=Image(study_id=study.id, data=gold.source) if gold.source else None,
+                           gold_answer="left" if better_left else "right"))
+        return Created(name, len(matched), n_gold, admin_token)
+
+
+def add_annotators(sessions: sessionmaker, study_name: str, n: int) -> list[tuple[str, str]]:
+    """``n`` new annotators with personal tokens: [(label, token)], labels ``web-001``, ``web-002``, ..."""
+    if n < 1:
+        raise StudyError(f"number of annotators must be >= 1, got {n}")
+    with sessions.begin() as s:
+        study = get_study(s, study_name)
+        have = s.scalar(select(func.count()).select_from(Annotator).where(
+            Annotator.study_id == study.id, Annotator.label.like("web-%")))
+        out = [(f"web-{have + k + 1:03d}", secrets.token_urlsafe(16)) for k in range(n)]
+        s.add_all(Annotator(study_id=study.id, label=label, token=token) for label, token in out)
+    return out

@@ -1,0 +1,186 @@
+"""The study's web app (FastAPI, server-rendered Jinja templates, no build step).
+
+Annotator routes (the token in the path is the only credential; unknown or missing -> 403):
+    GET  /a/{token}                    the next pair (prompt, two images, one left/right/tie per aspect) or "done"
+    POST /a/{token}/vote               the answers for one pair -> 303 back to /a/{token}
+    GET  /a/{token}/img/{pair}/{which} an image of a pair given to this annotator (which: left, right, source)
+Admin routes (``Authorization: Bearer <admin token>`` or ``?token=``; wrong or missing -> 403):
+    GET  /admin/{study}                progress: pairs, valid pairs, annotators and their links
+    POST /admin/{study}/annotators?n=K K new annotator links (JSON)
+    GET  /admin/{study}/pairs.csv      the pairs (export), GET /admin/{study}/votes.csv the votes
+    GET  /admin/{study}/report         the report as markdown; /admin/{study}/win_rates.csv its table
+
+Blinding: annotator pages and image URLs carry only random ids; images are re-encoded on the way out, so no
+file name, folder or embedded metadata (e.g. a generator's PNG text chunks) reaches the browser.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from starlette.concurrency import run_in_threadpool
+
+from evals.ab.assign import AnnotatorError, next_pair, pair_for, record_vote
+from evals.ab.blind import image_png
+from evals.ab.db import Annotator, Assignment, Image, Pair, make_engine, make_sessions
+from evals.ab.study import StudyError, add_annotators, admin_ok, get_study, question
+
+TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+CHOICE_LABELS = (("left", "Left is better", "1 or ←"), ("tie", "About the same", "2 or ↓"),
+                 ("right", "Right is better", "3 or →"))
+
+
+class _ImageCache:
+    """Re-encoded image bytes by image id (bounded LRU, thread-safe): a page's images are fetched once."""
+
+    def __init__(self, size: int = 512) -> None:
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, image: Image) -> bytes:
+        with self.lock:
+            if image.id in self.items:
+                self.items.move_to_end(image.id)
+                return self.items[image.id]
+        data = image_png(image)
+        with self.lock:
+            self.items[image.id] = data
+            if len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return data
+
+
+def _message(request: Request, status: int, text: str) -> HTMLResponse:
+    return TEMPLATES.TemplateResponse(request, "message.html", {"text": text}, status_code=status)
+
+
+def create_app(db: str | Engine) -> FastAPI:
+    """The app for a database URL (or an engine); every study in the database is served."""
+    engine = make_engine(db) if isinstance(db, str) else db
+    sessions = make_sessions(engine)
+    images = _ImageCache()
+    app = FastAPI(title="A/B study", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(AnnotatorError)
+    async def annotator_error(request: Request, err: AnnotatorError) -> HTMLResponse:
+        return _message(request, err.status, err.message)
+
+    @app.get("/", response_class=HTMLResponse)
+    @app.get("/a", response_class=HTMLResponse)
+    @app.get("/a/", response_class=HTMLResponse)
+    def no_token(request: Request) -> HTMLResponse:
+        return _message(request, 403, "Please use the personal link you were given.")
+
+    @app.get("/a/{token}", response_class=HTMLResponse)
+    def page(request: Request, token: str) -> HTMLResponse:
+        pair, study, progress = next_pair(sessions, token)
+        if pair is None:
+            return TEMPLATES.TemplateResponse(request, "done.html", {"progress": progress})
+        aspects = [(a, question(a)) for a in study.aspect_list]
+        return TEMPLATES.TemplateResponse(request, "pair.html", {
+            "token": token, "pair": pair, "aspects": aspects, "choices": CHOICE_LABELS, "progress": progress,
+            "edit": pair.source_image_id is not None, "n": progress.done + 1})
+
+    @app.post("/a/{token}/vote")
+    async def vote(request: Request, token: str) -> Response:
+        form = await request.form()
+        choices = {k[len("choice_"):]: str(v) for k, v in form.items() if k.startswith("choice_")}
+        await run_in_threadpool(record_vote, sessions, token, str(form.get("pair", "")), choices)
+        return RedirectResponse(f"/a/{token}", status_code=303)
+
+    @app.get("/a/{token}/img/{public_id}/{which}")
+    def image(token: str, public_id: str, which: str) -> Response:
+        pair = pair_for(sessions, token, public_id)
+        chosen = {"left": pair.left_image, "right": pair.right_image, "source": pair.source_image}.get(which)
+        if chosen is None:
+            raise AnnotatorError(404, "No such image.")
+        return Response(images.get(chosen), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    # ------------------------------------------------------------------------------------------------ admin
+    def admin_study(request: Request, name: str):  # noqa: ANN202
+        auth = request.headers.get("authorization", "")
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else request.query_params.get("token")
+        with sessions() as s:
+            try:
+                study = get_study(s, name)
+            except StudyError:
+                study = None
+            if study is None or not admin_ok(study, token):  # same answer: names of studies do not leak
+                raise AnnotatorError(403, "Admin token required.")
+            return study
+
+    @app.get("/admin/{name}", response_class=HTMLResponse)
+    def admin_page(request: Request, name: str) -> HTMLResponse:
+        study = admin_study(request, name)
+        with sessions() as s:
+            done = func.count(Assignment.completed_at)
+            rows = s.execute(select(Annotator.label, Annotator.token, done)
+                             .outerjoin(Assignment, Assignment.annotator_id == Annotator.id)
+                             .where(Annotator.study_id == study.id).group_by(Annotator.id)
+                             .order_by(Annotator.label)).all()
+            per_pair = select(Assignment.pair_id, func.count(Assignment.completed_at).label("n")).join(
+                Pair, Pair.id == Assignment.pair_id).where(Pair.study_id == study.id, Pair.gold_answer.is_(None),
+                                                            Assignment.slot.is_not(None)).group_by(
+                Assignment.pair_id).subquery()
+            complete = s.scalar(select(func.count()).select_from(per_pair).where(
+                per_pair.c.n >= study.votes_per_pair))
+            n_pairs = s.scalar(select(func.count()).select_from(Pair).where(
+                Pair.study_id == study.id, Pair.gold_answer.is_(None)))
+        base = str(request.base_url).rstrip("/")
+        return TEMPLATES.TemplateResponse(request, "admin.html", {
+            "study": study, "annotators": [(label, f"{base}/a/{tok}", n) for label, tok, n in rows],
+            "complete": complete, "n_pairs": n_pairs})
+
+    @app.post("/admin/{name}/annotators")
+    def admin_links(request: Request, name: str, n: int = 1) -> JSONResponse:
+        study = admin_study(request, name)
+        base = str(request.base_url).rstrip("/")
+        try:
+            made = add_annotators(sessions, study.name, n)
+        except StudyError as err:
+            return JSONResponse({"error": str(err)}, status_code=422)
+        return JSONResponse({"links": [{"label": label, "url": f"{base}/a/{tok}"} for label, tok in made]})
+
+    @app.get("/admin/{name}/pairs.csv")
+    def admin_pairs(request: Request, name: str) -> PlainTextResponse:
+        from evals.ab.vendor import pairs_table
+
+        study = admin_study(request, name)
+        return PlainTextResponse(pairs_table(sessions, study.name).to_csv(index=False), media_type="text/csv")
+
+    @app.get("/admin/{name}/votes.csv")
+    def admin_votes(request: Request, name: str) -> PlainTextResponse:
+        from evals.ab.report import load_votes
+
+        study = admin_study(request, name)
+        votes, _ = load_votes(sessions, study.name)
+        return PlainTextResponse(votes.to_csv(index=False), media_type="text/csv")
+
+    @app.get("/admin/{name}/report")
+    def admin_report(request: Request, name: str) -> PlainTextResponse:
+        from evals.ab.report import build_report
+
+        study = admin_study(request, name)
+        return PlainTextResponse(build_report(sessions, study.name).markdown, media_type="text/markdown")
+
+    @app.get("/admin/{name}/win_rates.csv")
+    def admin_win_rates(request: Request, name: str) -> PlainTextResponse:
+        from evals.ab.report import build_report
+
+        study = admin_study(request, name)
+        return PlainTextResponse(build_report(sessions, study.name).win_rates_csv(), media_type="text/csv")
+
+    return app
+
+
+def serve(db: str | Engine, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the app with uvicorn until interrupted (access log off: URLs carry annotators' tokens)."""
+    import uvicorn
+
+    uvicorn.run(create_app(db), host=host, port=port, log_level="warning", access_log=False)

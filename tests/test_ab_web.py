@@ -1,0 +1,118 @@
+"""The annotator and admin pages over real HTTP on loopback: tokens, tampering, double votes, blinding."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+from ab_helpers import PAIR_ID_PATTERN, SYSTEMS, running_app, write_system
+from sqlalchemy import func, select
+
+from evals.ab.db import Pair, Vote, make_engine, make_sessions
+from evals.ab.study import add_annotators, create_study
+
+
+@pytest.fixture
+def study(tmp_path: Path):
+    """An edit study (source images shown too) of 4 prompts x 2 seeds, 2 votes per pair, 2 gold pairs."""
+    a = write_system(tmp_path, SYSTEMS[0], 4, 2, layout="edit")
+    b = write_system(tmp_path, SYSTEMS[1], 4, 2, layout="edit", shift=1)
+    db = str(tmp_path / "study.sqlite")
+    sessions = make_sessions(make_engine(db))
+    made = create_study(sessions, "secret_study_SYSALPHA_vs_SYSBETA", a, b, "edit",
+                        ["overall", "identity_preservation"], votes_per_pair=2, name_a=SYSTEMS[0],
+                        name_b=SYSTEMS[1], gold_rate=0.25, seed=3)
+    tokens = [tok for _, tok in add_annotators(sessions, made.study, 3)]
+    return {"db": db, "sessions": sessions, "tokens": tokens, "admin": made.admin_token, "name": made.study,
+            "secrets": [*SYSTEMS, str(a), str(b), a.name, b.name, "00000.png", "samples", "source.png", made.study,
+                        "SYSALPHA_outputs"]}
+
+
+def _vote(client: httpx.Client, token: str, pair: str, **choices: str) -> httpx.Response:
+    return client.post(f"/a/{token}/vote", data={"pair": pair, **{f"choice_{k}": v for k, v in choices.items()}})
+
+
+def test_tokens_tampering_and_double_votes(study) -> None:
+    with running_app(study["db"]) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/a/").status_code == 403
+        assert c.get("/a").status_code == 403
+        assert c.get("/a/not-a-token").status_code == 403
+        assert _vote(c, "not-a-token", "x", overall="left", identity_preservation="tie").status_code == 403
+        token = study["tokens"][0]
+        page = c.get(f"/a/{token}")
+        assert page.status_code == 200
+        pair = re.search(PAIR_ID_PATTERN, page.text).group(1)
+        assert c.get(f"/a/not-a-token/img/{pair}/left").status_code == 403
+        # tampered pair ids: unknown, or a real pair that was not given to this annotator
+        tampered = pair[:-1] + ("A" if pair[-1] != "A" else "B")
+        assert _vote(c, token, tampered, overall="left", identity_preservation="tie").status_code == 404
+        assert c.get(f"/a/{token}/img/{tampered}/left").status_code == 404
+        with study["sessions"]() as s:
+            other = s.scalar(select(Pair.public_id).where(Pair.public_id != pair).limit(1))
+        assert _vote(c, token, other, overall="left", identity_preservation="tie").status_code == 404
+        assert c.get(f"/a/{token}/img/{other}/left").status_code == 404
+        assert c.get(f"/a/{token}/img/{pair}/elsewhere").status_code == 404
+        # a missing aspect or a choice outside left/right/tie stores nothing
+        assert _vote(c, token, pair, overall="left").status_code == 422
+        assert _vote(c, token, pair, overall="left", identity_preservation="both").status_code == 422
+        first = _vote(c, token, pair, overall="left", identity_preservation="tie")
+        assert first.status_code == 303
+        second = _vote(c, token, pair, overall="right", identity_preservation="right")
+        assert second.status_code == 409
+        with study["sessions"]() as s:
+            stored = s.execute(select(Vote.aspect, Vote.choice).join(Pair, Pair.id == Vote.pair_id)
+                               .where(Pair.public_id == pair)).all()
+            assert sorted(stored) == [("identity_preservation", "tie"), ("overall", "left")]
+            assert s.scalar(select(func.count()).select_from(Vote)) == 2
+        # admin routes: no token, a wrong token, an annotator's token -> 403; the admin token works
+        for bad in ({}, {"token": "wrong"}, {"token": token}):
+            assert c.get(f"/admin/{study['name']}", params=bad).status_code == 403
+            assert c.get(f"/admin/{study['name']}/report", params=bad).status_code == 403
+            assert c.get(f"/admin/{study['name']}/pairs.csv", params=bad).status_code == 403
+            assert c.post(f"/admin/{study['name']}/annotators", params={**bad, "n": 2}).status_code == 403
+        assert c.get("/admin/no_such_study", params={"token": study["admin"]}).status_code == 403
+        auth = {"Authorization": f"Bearer {study['admin']}"}
+        links = c.post(f"/admin/{study['name']}/annotators", params={"n": 2}, headers=auth).json()["links"]
+        assert len(links) == 2 and c.get(links[0]["url"].removeprefix(url)).status_code == 200
+        assert "overall" in c.get(f"/admin/{study['name']}/report", headers=auth).text
+        assert len(c.get(f"/admin/{study['name']}/pairs.csv", headers=auth).text.splitlines()) == 1 + 8 + 2
+
+
+def test_no_system_name_reaches_an_annotator(study) -> None:
+    """Every page, image and header an annotator gets, over a whole study, is free of names, folders, files."""
+    seen: list[str] = []
+    images = 0
+    with running_app(study["db"]) as url, httpx.Client(base_url=url, timeout=30) as c:
+        for token in study["tokens"]:
+            for _ in range(50):  # bounded: 8 pairs x 2 votes + gold, over 3 people
+                page = c.get(f"/a/{token}")
+                assert page.status_code == 200
+                seen += [page.text, str(page.headers), str(page.url)]
+                match = re.search(PAIR_ID_PATTERN, page.text)
+                if match is None:
+                    assert "Thank you" in page.text
+                    break
+                srcs = re.findall(r'src="([^"]+)"', page.text)
+                assert len(srcs) == 3  # source, left, right
+                for src in srcs:
+                    img = c.get(src)
+                    assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+                    seen += [src, str(img.headers), img.content.decode("latin-1")]
+                    images += 1
+                resp = _vote(c, token, match.group(1), overall="left", identity_preservation="right")
+                seen += [resp.text, str(resp.headers)]
+                assert resp.status_code == 303
+            else:
+                pytest.fail("annotator never reached the end")
+        seen += [c.get("/a/unknown").text, c.get(f"/a/{token}/img/zzz/left").text]
+    with study["sessions"]() as s:
+        n_real = s.scalar(select(func.count()).select_from(Pair).where(Pair.gold_answer.is_(None)))
+        counts = s.execute(select(func.count()).select_from(Vote).join(Pair, Pair.id == Vote.pair_id)
+                           .where(Pair.gold_answer.is_(None)).group_by(Vote.pair_id, Vote.aspect)).scalars().all()
+    assert n_real == 8 and counts == [2] * 16  # the walk covered the whole study
+    assert images >= 3 * 8 * 2
+    text = "\n".join(seen)
+    for secret in study["secrets"]:
+        assert secret not in text, f"{secret!r} reached an annotator"
