@@ -1,0 +1,131 @@
+"""Creating studies, assigning pairs, and the vendor CSV path (export, all-or-nothing import)."""
+
+from __future__ import annotations
+
+import csv
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from ab_helpers import SYSTEMS, write_system
+from PIL import Image
+from sqlalchemy import func, select, update
+
+from evals.ab.__main__ import main
+from evals.ab.assign import AnnotatorError, next_pair, record_vote
+from evals.ab.db import Assignment, Pair, Vote, make_engine, make_sessions, utcnow
+from evals.ab.study import add_annotators, create_study
+
+
+def _study(tmp_path: Path, n_prompts: int = 3, n_seeds: int = 2, **kw):
+    a = write_system(tmp_path, SYSTEMS[0], n_prompts, n_seeds)
+    b = write_system(tmp_path, SYSTEMS[1], n_prompts, n_seeds, shift=1)
+    db = str(tmp_path / "s.sqlite")
+    sessions = make_sessions(make_engine(db))
+    create_study(sessions, "s", a, b, "geneval", ["overall", "visual_quality"], name_a="alpha", name_b="beta",
+                 seed=0, **kw)
+    return db, sessions, a, b
+
+
+def test_pairs_sides_and_validation(tmp_path: Path) -> None:
+    db, sessions, a, b = _study(tmp_path, n_prompts=5, n_seeds=2)
+    with sessions() as s:
+        pairs = s.scalars(select(Pair).order_by(Pair.item_key)).all()
+        assert [p.item_key for p in pairs] == [f"{i:05d}/{k:05d}" for i in range(5) for k in range(2)]
+        assert sum(p.a_on_left for p in pairs) == 5  # sides balanced exactly
+        for p in pairs:  # A's image is on the stored side
+            a_img = p.left_image if p.a_on_left else p.right_image
+            assert Path(a_img.path).is_relative_to(a) and p.prompt == f"prompt number {p.prompt_key.lstrip('0') or 0}"
+        assert len({p.public_id for p in pairs}) == 10 and not any("0000" in p.public_id for p in pairs)
+    # the same comparison twice, or a study created differently, is refused
+    with pytest.raises(ValueError, match="already compares"):
+        create_study(sessions, "s", a, b, "geneval", ["overall", "visual_quality"], name_a="alpha", name_b="beta")
+    with pytest.raises(ValueError, match="same"):
+        create_study(sessions, "s", a, b, "geneval", ["overall"], name_a="x", name_b="y")
+    # folders that do not cover the same prompts and seeds
+    (b / "00004" / "samples" / "00001.png").unlink()
+    with pytest.raises(ValueError, match="1 only in alpha"):
+        create_study(sessions, "t", a, b, "geneval", ["overall"], name_a="alpha", name_b="beta")
+    # CLI: a bad folder is one error line and exit 2
+    assert main(["create", "--db", db, "--study", "u", "--a", str(a), "--b", str(tmp_path / "nope"),
+                 "--layout", "geneval"]) == 2
+
+
+def test_assignment_leases_and_no_repeats(tmp_path: Path) -> None:
+    """One vote per pair, two pairs X and Y: a pair someone holds is not handed out again until its lease runs
+    out; then its slot goes to the next person, the first holder's late vote is refused, and they never get X
+    again."""
+    _, sessions, _, _ = _study(tmp_path, n_prompts=2, n_seeds=1, votes_per_pair=1)
+    t0, t1 = (t for _, t in add_annotators(sessions, "s", 2))
+    x, _, progress = next_pair(sessions, t0)
+    assert (progress.done, progress.total) == (0, 2)
+    assert next_pair(sessions, t0)[0].id == x.id  # an open pair is shown until answered
+    y, _, _ = next_pair(sessions, t1)
+    assert y.id != x.id  # X's only slot is held by t0
+    record_vote(sessions, t1, y.public_id, {"overall": "left", "visual_quality": "tie"})
+    assert next_pair(sessions, t1)[0] is None
+    with sessions.begin() as s:  # t0's lease runs out
+        s.execute(update(Assignment).where(Assignment.completed_at.is_(None))
+                  .values(expires_at=utcnow() - timedelta(seconds=1)))
+    again, _, progress = next_pair(sessions, t1)
+    assert again.id == x.id and (progress.done, progress.total) == (1, 2)
+    with pytest.raises(AnnotatorError, match="given to someone else") as err:
+        record_vote(sessions, t0, x.public_id, {"overall": "left", "visual_quality": "left"})
+    assert err.value.status == 409
+    assert next_pair(sessions, t0)[0] is None  # X stays on t0's record; Y is full
+    record_vote(sessions, t1, x.public_id, {"overall": "right", "visual_quality": "right"})
+    with sessions() as s:
+        votes = s.execute(select(Vote.pair_id, Vote.annotator_id, Vote.aspect)).all()
+        assert len(votes) == 4 and {p for p, _, _ in votes} == {x.id, y.id}
+        assert s.scalar(select(func.count()).select_from(Assignment)) == 3  # t0-X (released), t1-Y, t1-X
+
+
+def test_export_and_all_or_nothing_import(tmp_path: Path, capsys) -> None:
+    db, sessions, a, b = _study(tmp_path, gold_rate=0.2)
+    out = tmp_path / "vendor" / "pairs.csv"
+    assert main(["export-pairs", "--db", db, "--study", "s", "--out", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["pair_id", "prompt", "left", "right"]
+    assert len(rows) == 6 + 2  # 3 prompts x 2 seeds + ceil(0.2 * 6) gold pairs, unmarked
+    text = out.read_text()
+    for secret in (*SYSTEMS, "samples", "alpha", "beta"):
+        assert secret not in text
+    for r in rows:  # blinded copies: pixels only, no text chunk naming the system
+        for side in ("left", "right"):
+            with Image.open(r[side]) as img:
+                assert not img.info and img.size == (64, 64)
+    ids = [r["pair_id"] for r in rows]
+    good = tmp_path / "good.csv"
+    good.write_text("annotator,pair_id,aspect,choice,seconds\n"
+                    f"v1,{ids[0]},overall,left,3\nv1,{ids[0]},visual_quality,TIE,4\nv2,{ids[1]},overall,right,2\n")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("annotator,pair_id,aspect,choice\n"
+                   f"v3,{ids[2]},overall,left\n"  # fine
+                   f"v3,NOPE,overall,left\n"  # line 3: unknown pair
+                   f"v3,{ids[2]},color,left\n"  # line 4: unknown aspect
+                   f"v3,{ids[3]},overall,both\n"  # line 5: unknown choice
+                   f"v3,{ids[2]},overall,right\n"  # line 6: repeats line 2
+                   f"v1,{ids[0]},overall,left\n"  # line 7: already in the database (after the good import)
+                   f",{ids[4]},overall,left\n")  # line 8: no annotator
+    assert main(["import-votes", "--db", db, "--study", "s", "--csv", str(good)]) == 0
+    with sessions() as s:
+        before = s.scalar(select(func.count()).select_from(Vote))
+    assert before == 3
+    capsys.readouterr()
+    assert main(["import-votes", "--db", db, "--study", "s", "--csv", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "6 bad row(s) of 7, nothing imported" in err
+    for line, why in ((3, "unknown pair_id 'NOPE'"), (4, "unknown aspect 'color'"), (5, "unknown choice 'both'"),
+                      (6, "repeats the vote of line 2"), (8, "empty annotator"),
+                      (7, "this annotator's vote on this pair and aspect is already in the database")):
+        assert f"line {line}: {why}" in err
+    assert "line 2:" not in err
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Vote)) == before  # line 2 was not imported either
+    missing = tmp_path / "cols.csv"
+    missing.write_text("who,pair_id,aspect,choice\nv1,x,overall,left\n")
+    assert main(["import-votes", "--db", db, "--study", "s", "--csv", str(missing)]) == 2
+    assert "missing column(s) annotator" in capsys.readouterr().err
+    assert main(["report", "--db", db, "--study", "nope", "--out", str(tmp_path / "r")]) == 2
+    assert "no study named 'nope'" in capsys.readouterr().err
