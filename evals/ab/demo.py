@@ -22,6 +22,7 @@ from evals.ab.assign import next_pair, record_vote
 from evals.ab.db import Pair, make_engine, make_sessions
 from evals.ab.report import build_report, write_report
 from evals.ab.study import add_annotators, create_study
+from evals.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "results" / "conditioning_candidates" / "analysis" / "lap" / "layer_dropout" / "images"
@@ -31,6 +32,25 @@ CAREFUL, CARELESS, P_RIGHT = 6, 2, 0.85
 NOTE = ("SIMULATED annotators, not people: 6 careful ones follow the exact shapes-world detector 85% of the time, "
         "2 careless ones answer at random (see evals/ab/demo.py). The numbers show the tool's report, not a human "
         "preference between the two systems.")
+
+README = f"""# A/B demo study — SIMULATED annotators
+
+{NOTE}
+
+Regenerate (about 10 s, no model needed): `python -m evals.ab demo --out results/ab_demo`
+
+- systems: `lap` = the committed LAP checkpoint's samples
+  (`results/conditioning_candidates/analysis/lap/layer_dropout/images/none`), `lap_drop_first` = the same
+  checkpoint with its first two pooled layers zeroed while sampling (`.../images/first`); 12 GenEval prompts x 2
+  seeds = 24 pairs, 3 votes per pair, 8 gold pairs (30%), gold threshold 0.7.
+- reading: the exact detector finds the same objects in both systems' images for 23 of the 24 pairs (both
+  variants fail GenEval on every prompt), so careful simulated annotators mostly answer "tie"; the two careless
+  ones are caught by the gold pairs (`annotators.csv`) and left out of `win_rates.csv`, which halves the valid
+  pairs (`win_rates_all_annotators.csv` keeps them).
+
+Files: `report.md`, `win_rates.csv`, `win_rates_all_annotators.csv`, `win_rates.png`, `annotators.csv`,
+`agreement.csv`.
+"""
 
 
 def _truth(pair: Pair, folder_a: Path) -> str:
@@ -71,4 +91,5 @@ def run_demo(out: str | Path, db: str | None = None, seed: int = 0) -> Path:
         report = build_report(sessions, "ab_demo", note=NOTE)
         engine.dispose()
     write_report(report, out)
+    atomic_write_text(out / "README.md", README)
     return out

@@ -299,7 +299,7 @@ def plot_win_rates(report: Report, path: Path) -> Path:
     wr = report.win_rates
     firsts = wr.iloc[::2]  # A's side of each comparison x aspect
     comparisons = list(dict.fromkeys(zip(firsts.system, firsts.opponent, strict=True)))
-    height = 0.9 + (0.55 * len(report.aspects) + 0.4) * len(comparisons)
+    height = 0.9 + (0.55 * len(report.aspects) + 0.4) * len(comparisons) + (0.5 if report.note else 0)
     fig, axes = plt.subplots(len(comparisons), 1, squeeze=False, figsize=(7.5, height))
     colors = ("#2a7ab0", "#c9c9c9", "#d9763b")
     for ax, (sys_a, sys_b) in zip(axes[:, 0], comparisons, strict=True):
@@ -319,12 +319,13 @@ def plot_win_rates(report: Report, path: Path) -> Path:
                                           zip(rows.aspect, rows.valid_pairs, strict=True)])
         ax.set_xlim(0, 1)
         ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-        ax.set_title(f"{sys_a} vs {sys_b}", fontsize=11)
-        ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, -0.55 if len(rows) < 3 else -0.35),
-                  frameon=False, fontsize=9)
-    fig.tight_layout()
+        ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False, fontsize=9,
+                  title=f"{sys_a} vs {sys_b}", title_fontsize=11)
+    if report.note:  # e.g. "SIMULATED annotators, not people": stays with the figure wherever it goes
+        fig.suptitle(report.note.split(":")[0], color="#b00020", fontsize=11, fontweight="bold")
+    fig.tight_layout(rect=(0, 0, 1, 0.93) if report.note else (0, 0, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, metadata={"Software": None})
+    fig.savefig(path, dpi=150, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return path
 

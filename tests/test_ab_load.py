@@ -1,0 +1,121 @@
+"""Load on loopback: 20 concurrent simulated annotators finish a 64-pair study over HTTP, on SQLite and on a real
+PostgreSQL (a throwaway cluster started here). Every pair must end with exactly votes_per_pair votes per aspect
+from distinct people, and the database must hold exactly the votes the server acknowledged: none lost, none
+duplicated. Each annotator's loop is bounded and ends by itself."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from ab_helpers import PAIR_ID_PATTERN, SYSTEMS, postgres_bin, require, running_app, write_system
+from sqlalchemy import func, select
+
+from evals.ab.db import Annotator, Pair, Vote, make_engine, make_sessions
+from evals.ab.study import add_annotators, create_study
+
+N_ANNOTATORS, N_PROMPTS, N_SEEDS, VOTES_PER_PAIR = 20, 32, 2, 3
+ASPECTS = ["overall", "prompt_adherence"]
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL cluster in a temporary folder on 127.0.0.1 (as the ``postgres`` user when run as root)."""
+    initdb = require(postgres_bin("initdb"), "PostgreSQL (initdb)", "apt-get install -y postgresql")
+    pg_ctl = require(postgres_bin("pg_ctl"), "PostgreSQL (pg_ctl)", "apt-get install -y postgresql")
+    root = Path(tempfile.mkdtemp(prefix="ab-pg-"))
+    root.chmod(0o755)
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "ab", "-A", "trust", "--no-sync"], check=True,
+                   capture_output=True, timeout=120)
+    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=100"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-o", opts, "-w", "-t", "60",
+                    "start"], check=True, capture_output=True, timeout=120)
+    try:
+        yield f"postgresql://ab@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True,
+                       timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def annotator(base: str, token: str, seed: int, acknowledged: list, errors: list) -> None:
+    """Answer pairs until the done page (at most 200 rounds); record every vote the server acknowledged."""
+    rng = random.Random(seed)
+    with httpx.Client(base_url=base, timeout=120) as c:
+        for _ in range(200):
+            page = c.get(f"/a/{token}")
+            if page.status_code != 200:
+                errors.append(("page", page.status_code, page.text[:200]))
+                return
+            match = re.search(PAIR_ID_PATTERN, page.text)
+            if match is None:
+                if "Thank you" not in page.text:
+                    errors.append(("no pair and not done", page.text[:200]))
+                return
+            choices = {a: rng.choice(["left", "right", "tie"]) for a in ASPECTS}
+            resp = c.post(f"/a/{token}/vote", data={"pair": match.group(1),
+                                                    **{f"choice_{a}": v for a, v in choices.items()}})
+            if resp.status_code != 303:
+                errors.append(("vote", resp.status_code, resp.text[:200]))
+                return
+            acknowledged += [(token, match.group(1), a, v) for a, v in choices.items()]
+        errors.append(("did not finish within 200 rounds", token))
+
+
+def run_study(db: str, tmp_path: Path) -> None:
+    a = write_system(tmp_path, SYSTEMS[0], N_PROMPTS, N_SEEDS)
+    b = write_system(tmp_path, SYSTEMS[1], N_PROMPTS, N_SEEDS, shift=1)
+    engine = make_engine(db)
+    sessions = make_sessions(engine)
+    create_study(sessions, "load", a, b, "geneval", ASPECTS, VOTES_PER_PAIR, "alpha", "beta", seed=0)
+    tokens = [t for _, t in add_annotators(sessions, "load", N_ANNOTATORS)]
+    acknowledged: list[tuple[str, str, str, str]] = []
+    errors: list = []
+    with running_app(db) as base:
+        threads = [threading.Thread(target=annotator, args=(base, t, k, acknowledged, errors))
+                   for k, t in enumerate(tokens)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in threads), "an annotator hung"
+    assert errors == []
+    with sessions() as s:
+        stored = s.execute(select(Annotator.token, Pair.public_id, Vote.aspect, Vote.choice)
+                           .join(Annotator, Annotator.id == Vote.annotator_id)
+                           .join(Pair, Pair.id == Vote.pair_id)).all()
+        per_pair = s.execute(select(Vote.pair_id, Vote.aspect, func.count(), func.count(func.distinct(
+            Vote.annotator_id))).group_by(Vote.pair_id, Vote.aspect)).all()
+        n_pairs = s.scalar(select(func.count()).select_from(Pair))
+    engine.dispose()
+    assert n_pairs == N_PROMPTS * N_SEEDS >= 60
+    assert sorted(stored) == sorted(acknowledged)  # nothing lost, nothing extra
+    assert len(per_pair) == n_pairs * len(ASPECTS)
+    assert {(n, people) for _, _, n, people in per_pair} == {(VOTES_PER_PAIR, VOTES_PER_PAIR)}
+    assert len({tok for tok, *_ in acknowledged}) > 1  # the work was shared
+
+
+def test_load_sqlite(tmp_path: Path) -> None:
+    run_study(str(tmp_path / "load.sqlite"), tmp_path)
+
+
+def test_load_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    run_study(postgres_url, tmp_path)
