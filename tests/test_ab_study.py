@@ -129,3 +129,41 @@ def test_export_and_all_or_nothing_import(tmp_path: Path, capsys) -> None:
     assert "missing column(s) annotator" in capsys.readouterr().err
     assert main(["report", "--db", db, "--study", "nope", "--out", str(tmp_path / "r")]) == 2
     assert "no study named 'nope'" in capsys.readouterr().err
+
+
+def test_genai_and_dpg_layouts(tmp_path: Path) -> None:
+    """Image-only layouts take their prompts from a prompts file; DPG's per-seed form pairs item x seed."""
+    from evals.ab.layouts import LayoutError, read_folder
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"item_id": "0", "prompt": "zero"}\n{"item_id": "7", "prompt": "seven"}\n')
+    genai = tmp_path / "genai"
+    genai.mkdir()
+    for stem in ("00000", "00007"):
+        Image.new("RGB", (8, 8)).save(genai / f"{stem}.png")
+    items = read_folder(genai, "genai", prompts)
+    assert {k: (i.prompt_key, i.prompt) for k, i in items.items()} == {"00000": ("00000", "zero"),
+                                                                       "00007": ("00007", "seven")}
+    dpg = tmp_path / "dpg"
+    (dpg / "7").mkdir(parents=True)
+    for k in range(2):
+        Image.new("RGB", (8, 8)).save(dpg / "7" / f"{k}.png")
+    Image.new("RGB", (8, 8)).save(dpg / "0.png")
+    items = read_folder(dpg, "dpg", prompts)
+    assert sorted((k, i.prompt) for k, i in items.items()) == [("0", "zero"), ("7/0", "seven"), ("7/1", "seven")]
+    Image.new("RGB", (8, 8)).save(genai / "00003.png")
+    with pytest.raises(LayoutError, match="no prompt with id '00003'"):
+        read_folder(genai, "genai", prompts)
+
+
+def test_demo_regenerates_committed_outputs(tmp_path: Path) -> None:
+    """`python -m evals.ab demo` reproduces the committed tables of results/ab_demo, labelled as simulated."""
+    from ab_helpers import ROOT
+
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    for name in ("win_rates.csv", "win_rates_all_annotators.csv", "annotators.csv", "agreement.csv", "report.md",
+                 "README.md"):
+        assert (tmp_path / name).read_text() == (ROOT / "results" / "ab_demo" / name).read_text(), name
+    assert "SIMULATED annotators" in (tmp_path / "report.md").read_text()
+    flagged = [r["annotator"] for r in csv.DictReader(open(tmp_path / "annotators.csv")) if r["flagged"] == "True"]
+    assert flagged == ["web-007", "web-008"]  # exactly the two careless simulated annotators
