@@ -167,3 +167,20 @@ def test_demo_regenerates_committed_outputs(tmp_path: Path) -> None:
     assert "SIMULATED annotators" in (tmp_path / "report.md").read_text()
     flagged = [r["annotator"] for r in csv.DictReader(open(tmp_path / "annotators.csv")) if r["flagged"] == "True"]
     assert flagged == ["web-007", "web-008"]  # exactly the two careless simulated annotators
+
+
+def test_more_systems_in_one_study(tmp_path: Path) -> None:
+    """A second `create` with the same study name adds a comparison; the report then ranks three systems."""
+    db, sessions, a, _ = _study(tmp_path, n_prompts=2, n_seeds=1)
+    c = write_system(tmp_path, "SYSGAMMA", 2, 1, shift=2)
+    create_study(sessions, "s", a, c, "geneval", ["overall", "visual_quality"], name_a="alpha", name_b="gamma")
+    from evals.ab.report import load_votes
+
+    _, pairs = load_votes(sessions, "s")
+    assert sorted(set(zip(pairs.system_a, pairs.system_b, strict=True))) == [("alpha", "beta"), ("alpha", "gamma")]
+    out = tmp_path / "rep"
+    assert main(["report", "--db", db, "--study", "s", "--out", str(out)]) == 0
+    with open(out / "win_rates.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-1] == "opponent" and len(rows) == 2 * 2 * 2  # comparisons x aspects x sides
+    assert (out / "bradley_terry.csv").read_text().count("\n") == 1 + 2 * 3

@@ -27,6 +27,10 @@ from evals.ab.db import CHOICES, Annotator, Assignment, Pair, Study, Vote, utcno
 MAX_TRIES = 20  # transactions retried after a lost race (PostgreSQL) before giving up with an error
 
 
+class _LostRace(Exception):
+    """Another annotator changed what this transaction read; it starts over."""
+
+
 class AnnotatorError(Exception):
     """A request an annotator page must refuse: ``status`` is the HTTP status, ``message`` says why."""
 
@@ -93,14 +97,14 @@ def _take_slot(s: Session, study: Study, pair_id: int, ann_id: int, now) -> bool
                     Assignment.id == expired[0].id, Assignment.completed_at.is_(None),
                     Assignment.released_at.is_(None)).values(slot=None, released_at=now))
                 if released.rowcount != 1:
-                    raise IntegrityError("release", {}, Exception("slot changed hands"))
+                    raise _LostRace  # rolls the savepoint back
             else:
                 return False
             s.add(Assignment(pair_id=pair_id, annotator_id=ann_id, slot=slot, assigned_at=now,
                              expires_at=now + timedelta(seconds=study.lease_s)))
             s.flush()
         return True
-    except IntegrityError:
+    except (IntegrityError, _LostRace):
         return False
 
 
@@ -126,7 +130,7 @@ def _assign(s: Session, study: Study, ann: Annotator, now) -> Assignment | None:
     for pair_id, _ in _candidates(s, study, ann.id, now, limit=10):
         if _take_slot(s, study, pair_id, ann.id, now):
             return _open(s, ann.id)
-    raise OperationalError("assign", {}, Exception("every candidate pair was taken meanwhile"))
+    raise _LostRace  # every candidate was taken meanwhile
 
 
 def _real_left(s: Session, study: Study, ann: Annotator, now) -> int:  # noqa: ANN001
@@ -168,8 +172,8 @@ def next_pair(sessions: sessionmaker, token: str | None) -> tuple[Pair | None, S
                 if pair is not None:  # load what the page shows before the session closes
                     _ = (pair.left_image_id, pair.right_image_id, pair.source_image_id)
                 return pair, study, _progress(s, study, ann, now, current is not None)
-        except (IntegrityError, OperationalError):
-            continue  # a concurrent annotator won a race: start over with fresh data
+        except (IntegrityError, OperationalError, _LostRace):
+            continue  # a concurrent annotator won a race (or SQLite stayed locked): start over with fresh data
     raise AnnotatorError(503, "The server is busy. Please reload the page in a moment.")
 
 

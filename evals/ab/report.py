@@ -137,26 +137,33 @@ def krippendorff_alpha(votes: pd.DataFrame, pairs: pd.DataFrame, aspect: str) ->
 def bradley_terry(wins: np.ndarray, pseudo_ties: float = 0.5, iters: int = 10_000, tol: float = 1e-12) -> np.ndarray:
     """Bradley-Terry log-strengths (mean 0) from ``wins`` (n, n): ``wins[i, j]`` = times i beat j (ties counted as
     half a win each way). Minorise-maximise updates (Hunter 2004). ``pseudo_ties`` adds that many virtual ties to
-    every compared pair, so a system that never wins keeps a finite score; 0 gives the plain MLE."""
+    every compared pair, so a system that never wins keeps a finite score; 0 gives the plain MLE. A system with no
+    comparison gets NaN. Scores of systems in separate comparison groups (never linked by any comparison) are
+    not on a common scale."""
     w = np.asarray(wins, float)
     n = w + w.T  # comparisons per pair of systems
     w = w + pseudo_ties * 0.5 * (n > 0)
     n = w + w.T
+    out = np.full(len(w), np.nan)
+    active = np.flatnonzero(n.sum(axis=1) > 0)
+    if not len(active):
+        return out
+    w, n = w[np.ix_(active, active)], n[np.ix_(active, active)]
     p = np.ones(len(w))
     for _ in range(iters):
-        denom = (n / (p[:, None] + p[None, :])).sum(axis=1)
-        new = w.sum(axis=1) / denom
+        new = w.sum(axis=1) / (n / (p[:, None] + p[None, :])).sum(axis=1)
         new /= np.exp(np.log(new).mean())
-        if np.max(np.abs(new - p)) < tol:
-            p = new
-            break
+        done = np.max(np.abs(new - p)) < tol
         p = new
-    return np.log(p) - np.log(p).mean()
+        if done:
+            break
+    out[active] = np.log(p) - np.log(p).mean()
+    return out
 
 
-def bt_table(outcomes: pd.DataFrame, aspects: list[str]) -> pd.DataFrame:
-    """``aspect, system, score, rank`` (rank 1 = strongest) from the valid pairs' outcomes."""
-    systems = sorted(set(outcomes.system_a) | set(outcomes.system_b))
+def bt_table(outcomes: pd.DataFrame, systems: list[str], aspects: list[str]) -> pd.DataFrame:
+    """``aspect, system, score, rank`` (rank 1 = strongest; NaN without valid pairs) from the valid pairs'
+    outcomes."""
     index = {name: i for i, name in enumerate(systems)}
     rows = []
     for aspect in aspects:
@@ -171,11 +178,8 @@ def bt_table(outcomes: pd.DataFrame, aspects: list[str]) -> pd.DataFrame:
                 w[i, j] += 0.5
                 w[j, i] += 0.5
         scores = bradley_terry(w)
-        order = np.argsort(-scores, kind="stable")
-        rank = np.empty(len(systems), int)
-        rank[order] = np.arange(1, len(systems) + 1)
-        rows += [{"aspect": aspect, "system": s, "score": float(scores[index[s]]), "rank": int(rank[index[s]])}
-                 for s in systems]
+        rank = pd.Series(scores).rank(ascending=False, method="min").to_numpy()
+        rows += [{"aspect": aspect, "system": s, "score": scores[index[s]], "rank": rank[index[s]]} for s in systems]
     return pd.DataFrame(rows, columns=["aspect", "system", "score", "rank"])
 
 
@@ -230,7 +234,7 @@ class Report:
         if self.bt is not None:
             lines += ["", "## Bradley–Terry ranking (log-strength, mean 0; ties = half a win)", "",
                       "| aspect | rank | system | score |", "|---|---:|---|---:|"]
-            lines += [f"| {r.aspect} | {r.rank} | {r.system} | {r.score:+.3f} |"
+            lines += [f"| {r.aspect} | {_num(r.rank, '.0f')} | {r.system} | {_num(r.score, '+.3f')} |"
                       for r in self.bt.sort_values(["aspect", "rank"]).itertuples()]
         if flagged:
             other = "with" if not self.keep_flagged else "without"
@@ -243,8 +247,8 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
-def _num(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if x is None or math.isnan(x) else format(x, fmt)
 
 
 def _table(wr: pd.DataFrame, with_opponent: bool) -> str:
@@ -283,7 +287,7 @@ def compute_report(votes: pd.DataFrame, pairs: pd.DataFrame, study: str, aspects
     main = votes if keep_flagged else kept
     agreement = pd.DataFrame([(a, *krippendorff_alpha(main, pairs, a)) for a in aspects],
                              columns=["aspect", "alpha", "units"])
-    bt = bt_table(pair_outcomes(main, pairs, votes_per_pair), aspects) if len(systems) > 2 else None
+    bt = bt_table(pair_outcomes(main, pairs, votes_per_pair), systems, aspects) if len(systems) > 2 else None
     return Report(study, aspects, votes_per_pair, systems, all_rates if keep_flagged else kept_rates,
                   kept_rates if keep_flagged else all_rates, agreement, bt, annotators, len(real),
                   len(pairs) - len(real), threshold, keep_flagged, n_resamples, seed, note)
