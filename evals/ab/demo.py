@@ -18,11 +18,11 @@ import random
 import tempfile
 from pathlib import Path
 
+from common.files import atomic_write_text
 from evals.ab.assign import next_pair, record_vote
 from evals.ab.db import Pair, make_engine, make_sessions
 from evals.ab.report import build_report, write_report
 from evals.ab.study import add_annotators, create_study
-from evals.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "results" / "conditioning_candidates" / "analysis" / "lap" / "layer_dropout" / "images"

@@ -23,10 +23,10 @@ import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.orm import aliased, sessionmaker
 
+from common.files import atomic_write_text
+from common.stats import bootstrap_ci
 from evals.ab.db import Annotator, Pair, System, Vote
 from evals.ab.study import get_study
-from evals.files import atomic_write_text
-from evals.stats import bootstrap_ci
 
 WIN_RATE_COLUMNS = ["aspect", "system", "wins", "ties", "losses", "valid_pairs", "win_rate", "ci_low", "ci_high"]
 GOLD_ASPECTS = ("overall", "prompt_adherence")

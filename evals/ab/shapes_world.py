@@ -43,8 +43,10 @@ def _png(array: np.ndarray, size: int) -> bytes:
 
 def gold_pairs(n: int, edit: bool, seed: int, size: int) -> list[GoldPair]:
     """``n`` gold pairs, rendered at ``size`` x ``size`` pixels; tasks (or edit kinds) cycle so each appears."""
-    from experiments.data.edits import random_edit
-    from experiments.data.shapes import TASKS, render, sample_prompt, satisfies, scene_for_prompt
+    from common.geneval_spec import TASKS
+    from world.edits import random_edit
+    from world.prompts import sample_prompt, satisfies, scene_for_prompt
+    from world.scene import render
 
     rng = np.random.default_rng(seed)
     out: list[GoldPair] = []
@@ -71,7 +73,7 @@ def adherence(image_path: str | Path, meta: dict[str, Any]) -> float:
     used only by the demo's simulated annotators; it is not GenEval's pass/fail score."""
     from PIL import Image
 
-    from experiments.data.shapes_detector import detect_shapes
+    from world.detector import detect_shapes
 
     with Image.open(image_path) as img:
         found = detect_shapes(np.asarray(img.convert("RGB")))
