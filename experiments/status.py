@@ -23,6 +23,7 @@ import pandas as pd
 
 from common.paths import RUNS_DIR
 from experiments.config import RunSpec, load_experiment
+from experiments.evaluation import headline_metrics
 from experiments.run_dir import RunDir
 
 # scontrol JobState values after which a job will not run again by itself
@@ -139,7 +140,8 @@ def run_status(spec: RunSpec, root: Path, jobs: dict[str, dict[str, str]] | None
     if done.is_file():
         info = json.loads(done.read_text() or "{}")
         row.state, row.step = "done", info.get("step", step)
-        row.metric = f"geneval.overall={info['overall']:.4g}" if "overall" in info else metric
+        shown = [f"{m}={info[m]:.4g}" for m in headline_metrics() if m in info]
+        row.metric = ", ".join(shown) if shown else metric
         return row
     if not record:
         # never submitted by this launcher (or before job records existed)

@@ -106,6 +106,8 @@ def test_config_error_in_one_grid_point_fails_that_run_only(tmp_path: Path, monk
     assert set(df.run) == {"good"}
     table = status_table("mixed", runs_dir=runs_dir).set_index("run")
     assert table.loc["good", "state"] == "done"
+    overall = df.loc[df.metric == "geneval.overall", "value"].item()  # the finished run's headline, from its CSV
+    assert table.loc["good", "metric"] == f"geneval.overall={overall:.4g}"
     assert table.loc["broken", "state"] == "failed"
     assert "LAP blocks must be an int >= 0" in table.loc["broken", "detail"]
     assert "--- broken failed: ValueError: LAP blocks must be an int >= 0" in format_status(table.reset_index())
