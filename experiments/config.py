@@ -34,7 +34,8 @@ FREE_FORM = ("conditioner",)  # validated by the candidate, not against base.yam
 # and defaults of another section, so `--set data.hf_edit.path=...` builds a full data.hf-like dict.
 NULL_SECTIONS = {"data.hf_edit": "data.hf"}
 # Keys added after runs were made: left out of the hash while null, so existing run directories keep their names.
-HASH_OMIT_NULL = (("data", "hf_edit"), ("encoder", "cache"), ("trainer", "accumulate_grad_batches"))
+HASH_OMIT_NULL = (("data", "hf_edit"), ("encoder", "cache"), ("trainer", "accumulate_grad_batches"),
+                  ("eval", "val_every"))
 
 
 def available_experiments() -> list[str]:

@@ -5,7 +5,8 @@ layout is spelled once (docs/DESIGN.md §4 lists it):
 
 - ``config.yaml``: the run's resolved config; ``job.json``: the job the launcher submitted;
 - ``checkpoints/last.ckpt``: where a requeued run resumes; ``final.ckpt``: the trained weights;
-- ``logs/metrics.csv``: Lightning's training log; ``eval/<benchmark>/``: each benchmark's images and scores;
+- ``logs/metrics.csv``: Lightning's training log; ``validation.csv``: the held-out validation points
+  (``experiments.validation``); ``eval/<benchmark>/``: each benchmark's images and scores;
 - ``metrics.csv``: the run's tidy metric rows; ``DONE``: the headline metrics as JSON, written last, so a run
   is finished exactly when it exists.
 """
@@ -48,6 +49,11 @@ class RunDir:
     @property
     def train_log(self) -> Path:
         return self.path / "logs" / "metrics.csv"
+
+    @property
+    def validation(self) -> Path:
+        """Held-out validation rows, one block per validated step (``experiments.validation``)."""
+        return self.path / "validation.csv"
 
     @property
     def eval(self) -> Path:

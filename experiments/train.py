@@ -3,7 +3,8 @@
     python -m experiments.train --exp conditioning_candidates --run lap [--smoke] [--run-dir DIR]
 
 A run directory (``experiments.run_dir.RunDir``) holds ``config.yaml``, ``checkpoints/last.ckpt`` (resume),
-``final.ckpt``, Lightning's CSV log, ``eval/`` (each benchmark's images and scores) and ``metrics.csv`` (tidy rows,
+``final.ckpt``, Lightning's CSV log, ``validation.csv`` (held-out validation points, with ``eval.val_every``;
+experiments/validation.py), ``eval/`` (each benchmark's images and scores) and ``metrics.csv`` (tidy rows,
 docs/DESIGN.md §4); ``DONE`` marks it finished. Every file that other tools read is written atomically.
 """
 
@@ -218,31 +219,43 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from experiments import validation
     from models.module import UniFusionModule
 
     L.seed_everything(config["seed"], workers=True, verbose=False)
     gpu = torch.cuda.is_available()
     scale = trainer_kwargs(config, gpu)  # validate before building anything
+    validating = validation.val_every(config) is not None
     module = UniFusionModule(config)
     tcfg = config["train"]
     init_from_run(module, config, run_dir)  # before the 0-step exit: a 0-step run can re-evaluate another's weights
+    rd = RunDir(run_dir)
+    ckpt_dir, last = rd.checkpoints, rd.last_ckpt
+    resume_at = resume_step(last)
+    recorder = validation.ValidationRecorder(rd.validation, resume_at)
     if tcfg["steps"] == 0:
+        if validating:  # the untrained model's point of the learning curves
+            L.Trainer(**scale, logger=False, callbacks=[recorder], enable_model_summary=False,
+                      enable_progress_bar=False, use_distributed_sampler=False).validate(
+                module, datamodule=datamodule(config), verbose=False)
         return module
     apply_model_settings(module, config)
     data = datamodule(config)
-    rd = RunDir(run_dir)
-    ckpt_dir, last = rd.checkpoints, rd.last_ckpt
     trainer = L.Trainer(
         max_steps=tcfg["steps"] if stop_at is None else stop_at,
         **scale,
+        **validation.trainer_options(config, scale["accumulate_grad_batches"]),
         gradient_clip_val=config["optim"]["grad_clip"],
-        logger=resumable_csv_logger(run_dir, resume_step(last)),
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=tcfg["ckpt_every"])],
+        logger=resumable_csv_logger(run_dir, resume_at),
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=tcfg["ckpt_every"]),
+                   *([recorder] if validating else [])],
         log_every_n_steps=tcfg["log_every"],
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    if validating and trainer.global_step == tcfg["steps"] and trainer.global_step not in recorder.steps():
+        trainer.validate(module, datamodule=data, verbose=False)  # the last step, when val_every does not divide it
     return module
 
 
@@ -267,6 +280,26 @@ def evaluate_all(module, config: dict[str, Any], run_dir: Path, exp: str, name: 
             df[key] = value
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def validation_metric_rows(exp: str, run: str, config: dict[str, Any], run_dir: Path) -> pd.DataFrame:
+    """The run's held-out validation rows (``experiments.validation``) at every validated step, and the total
+    seconds spent validating (``time.val_s``, at the last step); empty when ``eval.val_every`` is null."""
+    from experiments.validation import VAL_METRICS, read_rows
+
+    rows = read_rows(RunDir(run_dir).validation)
+    if rows.empty:
+        return pd.DataFrame(columns=METRIC_COLUMNS)
+    curve = rows[rows.metric.isin(VAL_METRICS)]
+    spent = rows[rows.metric == "time.val_s"]
+    total = pd.DataFrame([{"step": int(rows.step.max()), "metric": "time.val_s", "value": float(spent.value.sum()),
+                           "n": len(spent)}])
+    df = pd.concat([curve, total], ignore_index=True).assign(exp=exp, run=run, candidate=config["candidate"],
+                                                             seed=config["seed"])
+    df = df[[c for c in METRIC_COLUMNS if c in df.columns]]
+    for key, value in config_columns(config).items():
+        df[key] = value
+    return df
 
 
 def _launch_rank() -> int:
@@ -311,7 +344,7 @@ def run(exp: str, name: str, config: dict[str, Any], run_dir: Path, threads: int
     )
     for key, value in config_columns(config).items():
         timing[key] = value
-    df = pd.concat([df, timing], ignore_index=True)
+    df = pd.concat([df, validation_metric_rows(exp, name, config, run_dir), timing], ignore_index=True)
     atomic_write_text(rd.metrics, df.to_csv(index=False))
     headline = df.loc[df["metric"].isin(headline_metrics())]
     atomic_write_text(rd.done, json.dumps({**{m: float(v) for m, v in zip(headline["metric"], headline["value"],

@@ -55,10 +55,13 @@ def flow_matching_loss(
     x0: torch.Tensor,
     eps: torch.Tensor,
     s: torch.Tensor,
+    per_item: bool = False,
 ) -> torch.Tensor:
-    """Mean squared error between velocity_fn(x_s, s) and eps - x0. Returns a scalar."""
+    """Mean squared error between velocity_fn(x_s, s) and eps - x0: a scalar, or (B,) per item with ``per_item``
+    (the mean over each item's elements; their mean over B is the scalar)."""
     pred = velocity_fn(interpolate(x0, eps, s), s)
-    return torch.mean((pred.float() - velocity_target(x0, eps).float()) ** 2)
+    sq = (pred.float() - velocity_target(x0, eps).float()) ** 2
+    return sq.flatten(1).mean(1) if per_item else torch.mean(sq)
 
 
 def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:

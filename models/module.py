@@ -11,6 +11,8 @@ images (reconstruction, editing), which reach the DiT only as the VLM's image to
 DiT is conditioned on the VLM's own rewrite of each caption (paper Sec. 3), generated once per distinct caption
 and cached; ``generate(..., verifi=...)`` switches it per call ("flexible inference"). With ``encoder.cache`` set
 (a folder, or ``auto``), plain encodings are read from / written to a disk feature cache (models/feature_cache.py).
+Validation batches (Lightning's validation loop) add fixed noise levels and noise seeds per item; ``validation_step``
+scores them with the EMA weights, conditional and with the null condition (experiments/validation.py).
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class UniFusionModule(L.LightningModule):
         )
         self.ema.requires_grad_(False)
         self.strict_loading = False  # encoder keys are absent by design; on_load_checkpoint checks the rest
+        self._val_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.val_losses: dict[str, np.ndarray] | None = None  # per-item losses of the latest validation
 
     # ---------------------------------------------------------------- checkpoints without the frozen encoder
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -185,6 +189,46 @@ class UniFusionModule(L.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=b)
         return loss
+
+    # ---------------------------------------------------------------- validation (held-out flow-matching loss)
+    def on_validation_epoch_start(self) -> None:
+        self._val_parts = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Flow-matching loss of fixed items at fixed noise levels with fixed noise, conditional and with the null
+        condition, with the EMA weights (the ones ``generate`` samples with).
+
+        batch: the training keys plus ``sigmas`` (B, K) noise levels and ``noise_seeds`` (B, K) torch seeds of each
+        item's noise at each level. Keeps each item's loss, averaged over its K levels, for
+        ``on_validation_epoch_end``.
+        """
+        x0 = self.latent.encode(batch["image"])
+        b, k = batch["sigmas"].shape
+        enc = self.encode(batch["caption"])
+        features = enc.features.to(x0.device).repeat_interleave(k, 0)
+        mask = enc.mask.to(x0.device).repeat_interleave(k, 0)
+        xk = x0.repeat_interleave(k, 0)
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(sd)))
+                           for sd in batch["noise_seeds"].reshape(-1)]).to(x0.device, x0.dtype)
+        s = batch["sigmas"].reshape(-1).to(x0.device)
+        losses = []
+        for null in (False, True):
+            drop = torch.full((b * k,), null, dtype=torch.bool, device=x0.device)
+            per = flow_matching_loss(lambda xs, ss, drop=drop: self.velocity(xs, ss, features, mask, drop, ema=True),
+                                     xk, eps, s, per_item=True)
+            losses.append(per.view(b, k).mean(1).cpu())
+        self._val_parts.append((batch["index"].cpu(), losses[0], losses[1]))
+
+    def on_validation_epoch_end(self) -> None:
+        """``self.val_losses``: {"index", "cond", "uncond"}, float64 (N,) arrays in item order (one entry per item
+        of the validation set), and the means logged as ``val.loss``, ``val.loss_uncond``, ``val.cond_gain``."""
+        index, cond, uncond = (torch.cat(parts) for parts in zip(*self._val_parts, strict=True))
+        order = torch.argsort(index)
+        self.val_losses = {"index": index[order].numpy(), "cond": cond[order].double().numpy(),
+                           "uncond": uncond[order].double().numpy()}
+        means = {"val.loss": cond.mean(), "val.loss_uncond": uncond.mean(), "val.cond_gain": (uncond - cond).mean()}
+        for name, value in means.items():  # every rank scored the same items: the sync averages equal values
+            self.log(name, value.item(), on_epoch=True, sync_dist=True)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # EMA right after the weights change, before any callback (ModelCheckpoint) sees the step: a checkpoint

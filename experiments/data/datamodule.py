@@ -5,7 +5,7 @@ world_size batches of it, so the data position at step s is ``s * accumulate_gra
 batch_size``: a run resumed from a checkpoint continues with exactly the samples an uninterrupted run would have
 seen. Under DDP/FSDP each rank reads its own batches of the stream (``sharding.owns_batch``: rank r reads global
 batches r, r + world_size, ...): Lightning shards only map-style datasets, never an ``IterableDataset``, so without
-this every rank would train on the same batch.
+this every rank would train on the same batch. ``val_dataloader`` serves the held-out validation set.
 """
 
 from __future__ import annotations
@@ -20,12 +20,17 @@ from experiments.data.shapes import ShapesStream
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images (B, 3, S, S); keep captions (str or ``Prompt`` with images) as a list."""
-    return {
+    """Stack images (B, 3, S, S); keep captions (str or ``Prompt`` with images) as a list. Validation items'
+    noise levels and noise seeds (``experiments.data.heldout``) stack to (B, K)."""
+    out = {
         "image": torch.stack([it["image"] for it in items]),
         "caption": [it["caption"] for it in items],
         "index": torch.tensor([it["index"] for it in items]),
     }
+    for key in ("sigmas", "noise_seeds"):
+        if key in items[0]:
+            out[key] = torch.stack([it[key] for it in items])
+    return out
 
 
 def trainer_position(trainer: L.Trainer | None) -> tuple[int, int, int]:
@@ -43,12 +48,13 @@ def trainer_position(trainer: L.Trainer | None) -> tuple[int, int, int]:
 class ShapesDataModule(L.LightningDataModule):
     def __init__(
         self, seed: int, batch_size: int, size: int = 32, long_caption_prob: float = 0.2, num_workers: int = 0,
-        tasks: dict[str, float] | None = None,
+        tasks: dict[str, float] | None = None, val_batch_size: int = 64,
     ):
         super().__init__()
         self.tasks = tasks
         self.seed, self.batch_size, self.size = seed, batch_size, size
         self.long_caption_prob, self.num_workers = long_caption_prob, num_workers
+        self.val_batch_size = val_batch_size
 
     def train_dataloader(self) -> DataLoader:
         start_batch, rank, world = trainer_position(self.trainer)
@@ -58,3 +64,10 @@ class ShapesDataModule(L.LightningDataModule):
             tasks=self.tasks, rank=rank, world_size=world,
         )
         return DataLoader(stream, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        """The held-out validation set (``experiments.data.heldout``): the same for every seed and run; every rank
+        scores all of it (the trainer runs without a distributed sampler when it validates)."""
+        from experiments.data.heldout import HeldOutSet
+
+        return DataLoader(HeldOutSet(self.size), batch_size=self.val_batch_size, collate_fn=collate, shuffle=False)

@@ -1,7 +1,9 @@
 """The shapes-world training stream: items as a pure function of (seed, index), sharded over ranks and workers.
 
 Text-to-image items pair a render with a GenEval prompt or a long description; reconstruction and editing items
-condition on a ``Prompt`` with the source image (``world.edits``). The world itself lives in ``world/``.
+condition on a ``Prompt`` with the source image (``world.edits``). The world itself lives in ``world/``. No item
+ever shows a held-out image (``world.holdout``): one that would is redrawn from the item's own rng, so the
+validation set (``experiments.data.heldout``) is disjoint from every training draw of every seed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from common.prompt import Prompt
 from experiments.data.sharding import batch_task, check_rank, draw_task
 from world.descriptions import describe
 from world.edits import random_edit
+from world.holdout import is_held_out
 from world.prompts import sample_prompt, scene_for_prompt
 from world.scene import radius_range, render, sample_scene
 
@@ -36,6 +39,7 @@ def stream_item(seed: int, index: int, size: int = 32, long_caption_prob: float 
     ``caption_block`` > 1 draws that long-or-short coin once per block of indices (one batch), so a batch is all
     short prompts or all long descriptions: a batch pads to its longest caption, and a single ~150-token
     description in every batch would triple the condition length of every step.
+    A scene whose render is held out (``world.holdout``) is redrawn from the same rng, for the same prompt.
     Returns ``{"image": float32 (3, S, S) in [-1, 1], "caption": str, "scene": dict, "index": int}``.
     """
     task = batch_task(tasks, seed, index // caption_block)
@@ -45,27 +49,32 @@ def stream_item(seed: int, index: int, size: int = 32, long_caption_prob: float 
     coin = rng.random()
     if caption_block > 1:
         coin = np.random.default_rng([seed, index // caption_block, 1]).random()
-    if coin < long_caption_prob:
-        scene = sample_scene(rng, size)
-        text = describe(scene)
-    else:
-        meta = sample_prompt(rng, TASKS[rng.integers(len(TASKS))])
-        scene = scene_for_prompt(meta, rng, size)
-        text = meta["prompt"]
-    return {"image": to_tensor(render(scene)), "caption": text, "scene": scene.to_json(), "index": index}
+    meta = None if coin < long_caption_prob else sample_prompt(rng, TASKS[rng.integers(len(TASKS))])
+    while True:  # a held-out scene is redrawn (same prompt): validation keeps those
+        scene = sample_scene(rng, size) if meta is None else scene_for_prompt(meta, rng, size)
+        image = render(scene)
+        if not is_held_out(image):
+            break
+    text = describe(scene) if meta is None else meta["prompt"]
+    return {"image": to_tensor(image), "caption": text, "scene": scene.to_json(), "index": index}
 
 
 def _image_item(seed: int, index: int, size: int, task: str) -> dict[str, Any]:
     """A reconstruction (image -> same image) or editing (image + instruction -> edited image) item; the
     condition is a ``Prompt`` whose image reaches the DiT only through the VLM."""
     rng = np.random.default_rng([seed, index, 3])
-    if task == "reconstruction":
-        scene = sample_scene(rng, size)
-        prompt, target = Prompt("", (render(scene),)), scene
-    else:
-        src, instruction, target = random_edit(rng, size)
-        prompt = Prompt(instruction, (render(src),))
-    return {"image": to_tensor(render(target)), "caption": prompt, "scene": target.to_json(), "index": index}
+    while True:  # neither the target nor the source image may be held out
+        if task == "reconstruction":
+            target = sample_scene(rng, size)
+            image = source = render(target)
+            instruction = ""
+        else:
+            src, instruction, target = random_edit(rng, size)
+            source, image = render(src), render(target)
+        if not (is_held_out(image) or is_held_out(source)):
+            break
+    prompt = Prompt(instruction, (source,))
+    return {"image": to_tensor(image), "caption": prompt, "scene": target.to_json(), "index": index}
 
 
 class ShapesStream(IterableDataset):
