@@ -4,10 +4,11 @@
     python -m analysis.figures --all [--results results]          (`make figures`: every EXP present)
 
 Each drawer takes the tidy DataFrame and an output folder and writes PNG + PDF. With ``--all``, every
-``results/<EXP>/`` also gets ``table.md`` (the runs in the paper's bar-chart order: overall and per-task scores with
-95% CIs) and, where ``per_prompt.csv`` exists (written by ``make collect``), ``paired.csv``: a paired bootstrap
-of the GenEval-shapes overall difference for every pair of runs, over the same prompts and seeds (prompts
-resampled within tasks), whose lines are also printed under the figure and the table.
+``results/<EXP>/`` also gets ``learning_curves.png`` where its runs have held-out validation rows (``val.*``,
+mean ± SD over training seeds against the step), ``table.md`` (the runs in the paper's bar-chart order: overall
+and per-task scores with 95% CIs) and, where ``per_prompt.csv`` exists (written by ``make collect``),
+``paired.csv``: a paired bootstrap of the GenEval-shapes overall difference for every pair of runs, over the same
+prompts and seeds (prompts resampled within tasks), whose lines are also printed under the figure and the table.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from analysis.common import save_figure, write_csv  # noqa: E402
 from common.files import atomic_write_text  # noqa: E402
 from common.geneval_spec import TASKS  # noqa: E402
 from experiments.evaluation import BENCHMARKS, table_metrics  # noqa: E402
+from experiments.validation import VAL_METRICS  # noqa: E402
 
 OVERALL = BENCHMARKS["geneval"].headline  # GenEval-shapes overall: the bars' headline, the paired tests' metric
 # the reconstruction / editing benchmarks' metrics, in their registry order
@@ -215,7 +217,64 @@ def image_bars(df: pd.DataFrame, out_dir: Path, name: str = "image_metrics", cap
     return _finish(fig, out_dir, name, caption)
 
 
-FIGURES: dict[str, Callable[..., Path]] = {"fig4": fig4, "bars": bars, "image_bars": image_bars}
+VAL_TITLES = {"val.loss": "held-out loss (conditional)", "val.loss_uncond": "held-out loss (null condition)",
+              "val.cond_gain": "conditioning gain (uncond - cond)"}
+
+
+def curve_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The held-out validation rows (``experiments.validation``), one row per (run, metric, step): ``mean`` over
+    the run's training seeds (the ``seed`` column), ``sd`` across them (NaN for one seed), ``seeds``, and the band
+    ``lo``/``hi``: mean ± sd with 2+ seeds, else that seed's ``ci_low``/``ci_high`` (CI over held-out scenes)."""
+    df = metrics[metrics.metric.isin(VAL_METRICS)].copy()
+    if "seed" not in df:
+        df["seed"] = 0
+    g = df.groupby(["run", "metric", "step"], sort=True)
+    out = g.agg(mean=("value", "mean"), sd=("value", "std"), seeds=("seed", "nunique"),
+                ci_low=("ci_low", "first"), ci_high=("ci_high", "first")).reset_index()
+    many = out.seeds >= 2
+    out["lo"] = (out["mean"] - out["sd"]).where(many, out["ci_low"])
+    out["hi"] = (out["mean"] + out["sd"]).where(many, out["ci_high"])
+    return out.drop(columns=["ci_low", "ci_high"])
+
+
+@_themed
+def learning_curves(df: pd.DataFrame, out_dir: Path, name: str = "learning_curves", caption: str = "") -> Path:
+    """Held-out validation against the training step (runs with ``eval.val_every``): one panel per metric of
+    ``VAL_METRICS``, one line per run = the mean over its training seeds, band = ± 1 SD across seeds (a run with
+    one seed: its 95% CI over held-out scenes, and the caption says training variance is not measured)."""
+    table = curve_table(df)
+    if table.empty:
+        raise ValueError(f"no held-out validation rows in this metrics.csv ({', '.join(VAL_METRICS)}); runs "
+                         "record them with eval.val_every")
+    runs = _order(list(table.run.unique()))
+    palette = dict(zip(runs, sns.color_palette("deep", len(runs)), strict=True))
+    fig, axes = plt.subplots(1, len(VAL_METRICS), figsize=(4.2 * len(VAL_METRICS), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], VAL_METRICS, strict=True):
+        for run in runs:
+            d = table[(table.run == run) & (table.metric == metric)]
+            if d.empty:
+                continue
+            ax.plot(d.step, d["mean"], marker="o", ms=3, color=palette[run], label=run)
+            ax.fill_between(d.step, d.lo, d.hi, color=palette[run], alpha=0.2, lw=0)
+        ax.set_title(VAL_TITLES[metric])
+        ax.set_xlabel("training step")
+        if metric == "val.cond_gain":
+            ax.axhline(0, color="black", lw=0.8)
+    axes[0][0].legend(fontsize=7)
+    title = str(df.exp.iloc[0]) if "exp" in df and len(df) else "runs"
+    fig.suptitle(f"{title}: held-out validation (fixed scenes, noise levels and noise)")
+    seeds = sorted(set(table.seeds))
+    if seeds == [1]:
+        bands = ("one training seed per run: band = 95% bootstrap CI over held-out scenes; training variance not "
+                 "measured")
+    else:
+        bands = (f"line = mean over training seeds ({'/'.join(map(str, seeds))} per run), band = ± 1 SD across "
+                 "seeds (a run with one seed: 95% CI over held-out scenes)")
+    return _finish(fig, out_dir, name, "\n".join(filter(None, [bands, caption])))
+
+
+FIGURES: dict[str, Callable[..., Path]] = {"fig4": fig4, "bars": bars, "image_bars": image_bars,
+                                           "learning_curves": learning_curves}
 
 
 def experiment_figure(exp: str) -> str:
@@ -241,7 +300,10 @@ def render_experiment(exp_dir: Path, figure: str | None = None) -> list[Path]:
     caption = paired_caption(paired, metrics)
     fig = draw(figure or experiment_figure(exp_dir.name), metrics, exp_dir, caption)
     table = atomic_write_text(exp_dir / "table.md", f"# {exp_dir.name}\n\n" + table_markdown(metrics, caption))
-    return [fig, table]
+    made = [fig, table]
+    if metrics.metric.isin(VAL_METRICS).any():  # held-out validation against the step, when the runs have it
+        made.append(learning_curves(metrics, exp_dir))
+    return made
 
 
 def render_checkpoint_analyses(exp_dir: Path) -> list[Path]:

@@ -212,7 +212,7 @@ def test_val_every_config_and_hash() -> None:
 
 
 def test_learning_curves_average_over_seeds(tmp_path: Path) -> None:
-    from analysis.learning_curves import curve_table, learning_curves
+    from analysis.figures import curve_table, learning_curves
 
     rng = np.random.default_rng(0)
     rows = []
@@ -237,4 +237,5 @@ def test_learning_curves_average_over_seeds(tmp_path: Path) -> None:
     assert "geneval.overall" not in set(table.index.get_level_values("metric"))
     path = learning_curves(df, tmp_path)
     assert path.is_file() and path.with_suffix(".pdf").is_file()
-    assert learning_curves(df[df.metric == "geneval.overall"], tmp_path / "none") is None
+    with pytest.raises(ValueError, match="no held-out validation rows"):
+        learning_curves(df[df.metric == "geneval.overall"], tmp_path / "none")
