@@ -62,5 +62,10 @@ def test_loss_is_zero_for_the_exact_velocity_and_cfg_formula():
     x0, eps = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
     s = torch.rand(2, generator=g)
     assert flow_matching_loss(lambda x, t: eps - x0, x0, eps, s).item() == 0.0
-    vc, vu = torch.ones(2), torch.zeros(2)
-    assert torch.equal(cfg_velocity(vc, vu, 1.0), vc) and torch.equal(cfg_velocity(vc, vu, 3.0), 3 * vc)
+    # CFG with a non-zero unconditional velocity, against the formula rearranged: (1 - w) v_u + w v_c
+    vc, vu = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g) + 2.0
+    for w in (0.0, 1.0, 3.0, 7.5):
+        torch.testing.assert_close(cfg_velocity(vc, vu, w), (1 - w) * vu + w * vc)
+    torch.testing.assert_close(cfg_velocity(vc, vu, 1.0), vc)  # w = 1: the conditional model
+    assert torch.equal(cfg_velocity(vc, vu, 0.0), vu)  # w = 0: the unconditional one
+    assert not torch.allclose(cfg_velocity(vc, vu, 3.0), 3 * vc)  # dropping v_u would be caught
