@@ -23,12 +23,14 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float], threshold:
     Centres and dims from the boxes; ``offset = cA - cB``; each component shrinks by ``threshold * (dA + dB)``
     (clamped at 0, sign kept); all-zero -> empty set; else the unit vector ``revised / |offset|`` gives "left of"
     (dx < -0.5), "right of" (dx > 0.5), "above" (dy < -0.5), "below" (dy > 0.5).
+    All in float32, as in GenEval, whose boxes are mmdet's float32 arrays (the threshold and the 1e-3 cut are
+    cast to float32 by numpy there): a box pair on the edge of a relation is decided as the official scorer does.
     """
-    a, b = np.asarray(box_a[:4], dtype=float), np.asarray(box_b[:4], dtype=float)
-    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    a, b = np.asarray(box_a[:4], dtype=np.float32), np.asarray(box_b[:4], dtype=np.float32)
+    offset = (a[:2] + a[2:]) / np.float32(2) - (b[:2] + b[2:]) / np.float32(2)
     dims = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
-    revised = np.maximum(np.abs(offset) - threshold * dims, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
+    revised = np.maximum(np.abs(offset) - np.float32(threshold) * dims, np.float32(0)) * np.sign(offset)
+    if np.all(np.abs(revised) < np.float32(1e-3)):
         return set()
     dx, dy = revised / np.linalg.norm(offset)
     rels = set()

@@ -2,10 +2,12 @@
 
 Rules reproduced from djghosh13/geneval ``evaluation/evaluate_images.py`` and ``summary_scores.py``:
 
-- Detections per class: score ``> threshold`` (``counting_threshold`` for tag ``counting``) BEFORE the cut to the
-  ``max_objects`` highest scores; then greedy same-class NMS, off by default (``max_overlap == 1``), IoU with the
-  +1 pixel convention. Kept detections stay sorted by score, descending (ties keep the backend's order; numpy's
-  ``argsort[::-1]`` in the original leaves tie order implementation-defined).
+- Detections per class: score ``> threshold`` (``counting_threshold`` for tag ``counting``), compared in float32
+  as the official mmdet path does (its scores and boxes are float32 arrays; ``relative_position`` computes in
+  float32 too), BEFORE the cut to the ``max_objects`` highest scores; then greedy same-class NMS, off by default
+  (``max_overlap == 1``), IoU with the +1 pixel convention. Kept detections stay sorted by score, descending
+  (ties keep the backend's order; numpy's ``argsort[::-1]`` in the original leaves tie order
+  implementation-defined).
 - Include clause: ``found = kept[class][:count]``; fails if fewer than ``count``. Colour (only if presence passed)
   classifies the top-``count`` objects only and needs ``count`` of the required colour. Position (only if the
   clause passed so far) needs the relation between every found object and every object of the target group; a
@@ -109,8 +111,11 @@ def compute_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
 
 def select_detections(detections: Sequence[Detection], tag: str, options: GenevalOptions) -> list[Detection]:
     """One class's kept detections: score threshold, then top-``max_objects``, then optional NMS; best first."""
-    cut = options.counting_threshold if tag == "counting" else options.threshold
-    ranked = sorted((d for d in detections if d.score > cut), key=lambda d: -d.score)[: options.max_objects]
+    # float32, as the official scorer compares mmdet's float32 scores with the threshold: a score of exactly
+    # float32(0.3) (0.30000001 as a double) is not above 0.3 there, so it is dropped here too
+    cut = np.float32(options.counting_threshold if tag == "counting" else options.threshold)
+    ranked = sorted((d for d in detections if np.float32(d.score) > cut), key=lambda d: -d.score)
+    ranked = ranked[: options.max_objects]
     kept: list[Detection] = []
     while ranked:
         best = ranked.pop(0)

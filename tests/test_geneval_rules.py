@@ -86,6 +86,25 @@ def test_threshold_is_strict_and_overridable():
     assert not evaluate_image([det("circle", score=0.5)], SINGLE, GenevalOptions(threshold=0.5))[0]
 
 
+def official_keep(scores: list[float], threshold: float) -> np.ndarray:
+    """GenEval's cut, ``bbox[index][ordering, 4] > confidence_threshold``, on mmdet's float32 score column."""
+    return np.asarray(scores, dtype=np.float32) > threshold
+
+
+def test_score_threshold_is_compared_in_float32_as_the_mmdet_path_does():
+    at = float(np.float32(0.3))  # 0.30000001192092896: above 0.3 as a double, equal to it in float32
+    above = float(np.nextafter(np.float32(0.3), np.float32(1)))
+    assert at > 0.3 and official_keep([at, above], 0.3).tolist() == [False, True]
+    assert not evaluate_image([det("circle", score=at)], SINGLE)[0]  # dropped, as officially
+    assert evaluate_image([det("circle", score=above)], SINGLE)[0]
+    # counting: three circles at exactly float32(0.9) are not counted; just above they are
+    boxes = boxes_in_a_row(3)
+    at9, above9 = float(np.float32(0.9)), float(np.nextafter(np.float32(0.9), np.float32(1)))
+    assert official_keep([at9, above9], 0.9).tolist() == [False, True]
+    assert not evaluate_image([det("circle", b, at9) for b in boxes], COUNT3)[0]
+    assert evaluate_image([det("circle", b, above9) for b in boxes], COUNT3)[0]
+
+
 def test_top16_cut_after_threshold_keeps_the_best_scores():
     scores = np.linspace(0.31, 0.99, 20)
     rng = np.random.default_rng(0)
@@ -190,6 +209,34 @@ def test_relative_position_matches_naive_on_random_boxes():
         a = np.sort(rng.integers(0, 64, (2, 2)), axis=0).T.ravel()[[0, 2, 1, 3]]
         b = np.sort(rng.integers(0, 64, (2, 2)), axis=0).T.ravel()[[0, 2, 1, 3]]
         assert relative_position(a, b) == naive_relative_position(a, b)
+
+
+def official_relative_position(box_a, box_b, threshold: float = 0.1) -> set[str]:
+    """GenEval's ``relative_position`` line by line, on mmdet-style float32 box rows."""
+    boxes = np.array([np.asarray(box_a, np.float32), np.asarray(box_b, np.float32)])[:, :4].reshape(2, 2, 2)
+    center_a, center_b = boxes.mean(axis=-2)
+    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
+    offset = center_a - center_b
+    revised_offset = np.maximum(np.abs(offset) - threshold * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised_offset) < 1e-3):
+        return set()
+    dx, dy = revised_offset / np.linalg.norm(offset)
+    return ({"left of"} if dx < -0.5 else set()) | ({"right of"} if dx > 0.5 else set()) | \
+        ({"above"} if dy < -0.5 else set()) | ({"below"} if dy > 0.5 else set())
+
+
+def test_relative_position_is_computed_in_float32_as_the_mmdet_path_does():
+    # b sits where dx is -0.5 to within float32 rounding: a double says "left of" too, mmdet's float32 does not
+    a, b = (0.0, 0.0, 10.0, 10.0), (11.0, 14.247806549072266, 21.0, 24.247806549072266)
+    assert naive_relative_position(np.array(a), np.array(b)) == {"above", "left of"}
+    assert official_relative_position(a, b) == {"above"} == relative_position(a, b)
+    circle_left_of_square = [det("square", b), det("circle", a)]
+    assert not evaluate_image(circle_left_of_square, CIRCLE_LEFT_OF_SQUARE)[0]
+    rng = np.random.default_rng(2)  # and on random float boxes
+    for _ in range(300):
+        x, y = np.sort(rng.uniform(0, 64, (2, 2)), axis=0), np.sort(rng.uniform(0, 64, (2, 2)), axis=0)
+        box_a, box_b = (x[0, 0], y[0, 0], x[1, 0], y[1, 0]), (x[0, 1], y[0, 1], x[1, 1], y[1, 1])
+        assert relative_position(box_a, box_b) == official_relative_position(box_a, box_b)
 
 
 def test_position_pass_fail_overlap_and_no_target():
