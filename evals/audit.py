@@ -15,8 +15,10 @@ the tiny random Gemma3 as VQAScore and DPG judge (a deliberately bad judge: the 
 ``--vqascore-hf`` / ``--dpg-hf`` add real models on a cluster.
 
 Writes ``OUT/audit.csv`` (``judge, probe, group, n_yes, n_no, false_yes, fy_low, fy_high, false_no, fn_low,
-fn_high, accuracy``; rates with 95% bootstrap CIs; group = GenEval task or DPG L1 category, plus ``all``) and
-``OUT/audit.md``.
+fn_high, unparsed, unparsed_rate, accuracy``; rates with 95% bootstrap CIs; group = GenEval task or DPG L1
+category, plus ``all``) and ``OUT/audit.md``. A judge answer that cannot be parsed as yes or no is counted as
+``unparsed``, never as either answer: false-yes and false-no rates count only real answers (over all probes of the
+truth), and an unparsed answer is never correct.
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ def dpg_probes(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def rates(rows: pd.DataFrame, judge: str, probe: str, seed: int = 0) -> list[dict[str, Any]]:
-    """False-yes / false-no rates with bootstrap CIs, per group and over all; rows: group, truth, answer (bool)."""
+    """False-yes / false-no rates with bootstrap CIs, per group and over all; rows: group, truth (bool), answer
+    (True = yes, False = no, None = unparsed). Rates are over all probes of the truth; unparsed answers are counted
+    on their own (``unparsed``, ``unparsed_rate``) and are never correct."""
     from common.stats import bootstrap_ci
 
     def rate(values: np.ndarray) -> tuple[float | None, float | None, float | None]:
@@ -93,12 +97,17 @@ def rates(rows: pd.DataFrame, judge: str, probe: str, seed: int = 0) -> list[dic
 
     out = []
     for group, g in [*rows.groupby("group", sort=False), ("all", rows)]:
-        neg, pos = g[~g.truth], g[g.truth]
-        fy, fy_lo, fy_hi = rate(neg.answer.to_numpy())
-        fn, fn_lo, fn_hi = rate(~pos.answer.to_numpy())
-        out.append({"judge": judge, "probe": probe, "group": group, "n_yes": len(pos), "n_no": len(neg),
-                    "false_yes": fy, "fy_low": fy_lo, "fy_high": fy_hi, "false_no": fn, "fn_low": fn_lo,
-                    "fn_high": fn_hi, "accuracy": float((g.truth == g.answer).mean())})
+        truth = g.truth.to_numpy(dtype=bool)
+        said_yes = np.array([a is True or a is np.True_ for a in g.answer])
+        said_no = np.array([a is False or a is np.False_ for a in g.answer])
+        unparsed = ~(said_yes | said_no)
+        fy, fy_lo, fy_hi = rate(said_yes[~truth])
+        fn, fn_lo, fn_hi = rate(said_no[truth])
+        out.append({"judge": judge, "probe": probe, "group": group, "n_yes": int(truth.sum()),
+                    "n_no": int((~truth).sum()), "false_yes": fy, "fy_low": fy_lo, "fy_high": fy_hi, "false_no": fn,
+                    "fn_low": fn_lo, "fn_high": fn_hi, "unparsed": int(unparsed.sum()),
+                    "unparsed_rate": float(unparsed.mean()),
+                    "accuracy": float(np.where(truth, said_yes, said_no).mean())})
     return out
 
 
@@ -143,14 +152,16 @@ def dpg_judges(hf_tiny: bool, dpg_hf: str | None) -> dict[str, Any]:
     return judges
 
 
-def run_dpg_judge(judge: Any, probes: list[dict]) -> list[bool]:
+def run_dpg_judge(judge: Any, probes: list[dict]) -> list[bool | None]:
+    """The judge's verdict on every probe: True (yes), False (no) or None (its answer could not be parsed)."""
     from evals.judges import JudgeRequest
 
     reqs = [JudgeRequest(p["row"]["item_id"], 0, int(p["row"]["proposition_id"]),
                          p["row"]["question_natural_language"], p["image"], p["row"]) for p in probes]
-    answers = []
+    verdict = {"yes": True, "no": False}
+    answers: list[bool | None] = []
     for start in range(0, len(reqs), max(1, judge.batch_size)):
-        answers += [r.answer == "yes" for r in judge.judge(reqs[start: start + judge.batch_size])]
+        answers += [verdict.get(r.answer) for r in judge.judge(reqs[start: start + judge.batch_size])]
     return answers
 
 
@@ -176,12 +187,12 @@ def render_markdown(df: pd.DataFrame) -> str:
     def pct(v, lo, hi) -> str:
         return "" if pd.isna(v) else f"{100 * v:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 
-    lines = ["| judge | probe | group | yes / no probes | false yes | false no | accuracy |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| judge | probe | group | yes / no probes | false yes | false no | unparsed | accuracy |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for _, r in df.iterrows():
         lines.append(f"| {r.judge} | {r.probe} | {r.group} | {r.n_yes} / {r.n_no} | "
                      f"{pct(r.false_yes, r.fy_low, r.fy_high)} | {pct(r.false_no, r.fn_low, r.fn_high)} | "
-                     f"{100 * r.accuracy:.1f}% |")
+                     f"{r.unparsed} | {100 * r.accuracy:.1f}% |")
     return "\n".join(lines) + "\n"
 
 

@@ -35,6 +35,29 @@ def test_rates_by_hand() -> None:
     assert r.loc["all", "fy_low"] <= r.loc["all", "false_yes"] <= r.loc["all", "fy_high"]
 
 
+def test_unparsed_answers_are_counted_apart_never_as_no() -> None:
+    # truth yes: yes, no, unparsed; truth no: no, unparsed, unparsed, yes
+    df = pd.DataFrame({"group": ["a"] * 7, "truth": [True, True, True, False, False, False, False],
+                       "answer": [True, False, None, False, None, None, True]})
+    r = pd.DataFrame(audit.rates(df, "j", "dpg")).set_index("group").loc["all"]
+    assert r.unparsed == 3 and r.unparsed_rate == pytest.approx(3 / 7)
+    assert r.false_yes == pytest.approx(1 / 4) and r.false_no == pytest.approx(1 / 3)  # over all probes of a truth
+    assert r.accuracy == pytest.approx(2 / 7)  # counted as "no", the two unparsed no-probes would make it 4 / 7
+
+
+def test_run_dpg_judge_keeps_unparsed_verdicts() -> None:
+    from evals.judges import JudgeResult
+
+    class Stub:
+        batch_size = 2
+
+        def judge(self, requests):
+            return [JudgeResult(a, "") for a in ["yes", None, "no"][: len(requests)]]
+
+    probes = audit.dpg_probes(2, seed=0)[:3]
+    assert audit.run_dpg_judge(Stub(), probes) == [True, None, True]  # batches of 2: yes, None | yes
+
+
 def test_audit_end_to_end(tmp_path: Path) -> None:
     df = audit.main(["--n", "2", "--hf-tiny", "--out", str(tmp_path)])
     overall = df[df.group == "all"].set_index("judge")
