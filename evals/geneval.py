@@ -407,6 +407,33 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
     return rows, summary
 
 
+def missing_samples(images_dir: str | Path, n_prompts: int | None = None, n_samples: int | None = None) -> list[str]:
+    """What a partly generated GenEval folder lacks, as paths relative to it: ``00003/`` for a missing prompt
+    folder, ``00005/samples/00002.png`` for a missing sample.
+
+    Expected: prompt folders ``0 .. n_prompts - 1`` (default: up to the highest one present) with samples
+    ``0 .. n_samples - 1`` each (default: as many as the fullest prompt has), named as GenEval's generator names
+    them (``<NNNNN>/samples/<k:05d>.png``).
+    """
+    images_dir = Path(images_dir)
+    present: dict[int, set[int]] = {}
+    for sub in images_dir.iterdir() if images_dir.is_dir() else []:
+        if sub.is_dir() and sub.name.isdigit():
+            names = [q.name for q in (sub / "samples").iterdir()] if (sub / "samples").is_dir() else []
+            present[int(sub.name)] = {int(n[:-4]) for n in names if _SAMPLE_NAME.fullmatch(n)}
+    if n_prompts is None:
+        n_prompts = max(present, default=-1) + 1
+    if n_samples is None:
+        n_samples = max((max(ks) + 1 for ks in present.values() if ks), default=0)
+    missing = []
+    for i in range(n_prompts):
+        if i not in present:
+            missing.append(f"{i:05d}/")
+            continue
+        missing += [f"{i:05d}/samples/{k:05d}.png" for k in range(n_samples) if k not in present[i]]
+    return missing
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
@@ -442,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--ci-resamples", type=int, default=1000)
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="score a partly generated folder (missing prompt folders or samples) instead of failing")
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
                         help=f"rule overrides; keys: {[f.name for f in fields(GenevalOptions)]}")
     args = parser.parse_args(argv)
@@ -451,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     images = args.images
+    expected: dict[str, int | None] = {"n_prompts": None, "n_samples": None}
     if args.ckpt is not None:
         if args.metadata is None and args.n_per_task is None:
             parser.error("--ckpt needs --metadata FILE or --n-per-task K")
@@ -464,8 +494,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         images = generate_geneval_folder(args.ckpt, metadata, args.out / "images", n_samples=args.n_samples,
                                          seed=args.seed, batch_size=args.batch_size)
+        expected = {"n_prompts": len(metadata), "n_samples": args.n_samples}
     elif args.metadata is not None or args.n_per_task is not None:
         parser.error("--metadata / --n-per-task only apply with --ckpt")
+    missing = missing_samples(images, **expected)
+    if missing and not args.allow_partial:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        parser.exit(2, f"{parser.prog}: error: {images} is partly generated; missing: {shown}. Finish the "
+                       "generation, or pass --allow-partial to score what is there\n")
     rows, summary = evaluate_folder(images, args.detector, args.out, ci_resamples=args.ci_resamples,
                                     ci_seed=args.seed, **options)
     print(format_summary(summary, rows))

@@ -159,3 +159,40 @@ def test_cli_ckpt_generates_then_scores(tmp_path, monkeypatch, capsys):
         main(["--ckpt", "m.ckpt", "--out", str(tmp_path / "run3")])
     assert "--metadata FILE or --n-per-task K" in capsys.readouterr().err
     assert geneval.read_metadata_lines(out / "evaluation_metadata.jsonl")[0]["tag"] == TASKS[0]
+
+
+def test_partly_generated_folder_fails_naming_what_is_missing(clean, tmp_path, capsys):
+    import shutil
+
+    images, metadata = clean
+    part = copy_tree(images, tmp_path / "images")
+    shutil.rmtree(part / "00003")  # a whole prompt folder
+    (part / "00005" / "samples" / "00001.png").unlink()  # one of a prompt's two samples
+    with pytest.raises(SystemExit) as stop:
+        main(["--images", str(part), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "partly generated" in err and "--allow-partial" in err
+    assert "missing: 00003/, 00005/samples/00001.png." in err
+    assert not (tmp_path / "out" / "summary.json").exists()  # nothing scored
+    assert main(["--images", str(part), "--out", str(tmp_path / "out"), "--allow-partial"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["counts"]["images"] == 2 * len(metadata) - 3
+    # expected counts from the caller: prompts past the last folder and samples past the fullest prompt
+    assert geneval.missing_samples(images) == []
+    assert geneval.missing_samples(images, n_prompts=len(metadata) + 1, n_samples=3)[:2] == [
+        "00000/samples/00002.png", "00001/samples/00002.png"]
+    assert geneval.missing_samples(images, n_prompts=len(metadata) + 1)[-1] == f"{len(metadata):05d}/"
+
+
+def test_cli_ckpt_fails_when_generation_left_samples_missing(tmp_path, monkeypatch, capsys):
+    import evals.images
+
+    def short_generate(ckpt_path, metadata, out_dir, n_samples=4, seed=0, batch_size=64):
+        return render_geneval_folder(metadata, out_dir, n_samples=n_samples - 1, seed=seed)  # one short each
+
+    monkeypatch.setattr(evals.images, "generate_geneval_folder", short_generate)
+    with pytest.raises(SystemExit) as stop:
+        main(["--ckpt", "m.ckpt", "--n-per-task", "1", "--n-samples", "2", "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    assert "missing: 00000/samples/00001.png, 00001/samples/00001.png" in capsys.readouterr().err
