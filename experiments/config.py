@@ -35,7 +35,7 @@ FREE_FORM = ("conditioner",)  # validated by the candidate, not against base.yam
 NULL_SECTIONS = {"data.hf_edit": "data.hf"}
 # Keys added after runs were made: left out of the hash while null, so existing run directories keep their names.
 HASH_OMIT_NULL = (("data", "hf_edit"), ("encoder", "cache"), ("trainer", "accumulate_grad_batches"),
-                  ("eval", "val_every"))
+                  ("eval", "val_every"), ("data", "hf", "max_skip_rate"), ("data", "hf_edit", "max_skip_rate"))
 
 
 def available_experiments() -> list[str]:

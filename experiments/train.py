@@ -241,14 +241,20 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
         return module
     apply_model_settings(module, config)
     data = datamodule(config)
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=tcfg["ckpt_every"])]
+    if validating:
+        callbacks.append(recorder)
+    if config["data"].get("source") == "hf":  # report every worker's skipped rows; fail past the limit
+        from experiments.data.hf import SkipRate, max_skip_rate
+
+        callbacks.append(SkipRate(max_skip_rate(config["data"]["hf"])))
     trainer = L.Trainer(
         max_steps=tcfg["steps"] if stop_at is None else stop_at,
         **scale,
         **validation.trainer_options(config, scale["accumulate_grad_batches"]),
         gradient_clip_val=config["optim"]["grad_clip"],
         logger=resumable_csv_logger(run_dir, resume_at),
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=tcfg["ckpt_every"]),
-                   *([recorder] if validating else [])],
+        callbacks=callbacks,
         log_every_n_steps=tcfg["log_every"],
         enable_model_summary=False,
         num_sanity_val_steps=0,

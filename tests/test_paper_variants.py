@@ -7,6 +7,7 @@ import io
 import logging
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 from PIL import Image
@@ -131,7 +132,6 @@ def _png(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes
 
 @pytest.fixture()
 def parquet(tmp_path: Path) -> Path:
-    datasets = pytest.importorskip("datasets")
     rows = {
         "image": [{"bytes": _png((10 * i, 0, 0)), "path": None} for i in range(8)],
         "caption": [f"a red circle {i}" for i in range(8)],
@@ -166,6 +166,70 @@ def test_hf_stream_items_skips_and_resume(parquet: Path, caplog: pytest.LogCaptu
         assert a["caption"] == b["caption"] and np.array_equal(a["image"].numpy(), b["image"].numpy())
 
 
+def test_items_carry_the_rows_their_worker_skipped(parquet: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import experiments.data.hf as hf_data
+    from experiments.data.hf import HFStream
+
+    hf = {"path": "parquet", "data_files": str(parquet)}
+    items = list(HFStream(hf, size=16))
+    # rows 3 (corrupt) and 5 (empty caption) are reported with the next item read
+    assert [(it["index"], it["skipped"]) for it in items] == [(0, 0), (1, 0), (2, 0), (4, 1), (6, 1), (7, 0)]
+    # any other error is no bad row: the run stops with it
+    monkeypatch.setattr(hf_data, "square", lambda img, size: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        list(HFStream(hf, size=16))
+
+
+def test_skips_of_every_worker_reach_the_batches(split_sources) -> None:
+    from torch.utils.data import DataLoader
+
+    from experiments.data.datamodule import collate
+    from experiments.data.hf import HFStream
+
+    hf, _ = split_sources  # row 4 corrupt; two files, read by two worker processes
+    loader = DataLoader(HFStream(hf, size=16, batch_size=2), batch_size=2, num_workers=2, collate_fn=collate)
+    batches = list(loader)
+    assert sum(int(b["skipped"].sum()) for b in batches) == 1
+    assert sum(len(b["index"]) for b in batches) == N_ROWS - 1
+
+
+def test_hf_training_reports_skips_and_fails_past_the_limit(parquet: Path, tmp_path: Path, caplog) -> None:
+    from experiments.config import load_base, merge
+    from experiments.train import train
+
+    cfg = merge(load_base(), {
+        "data": {"source": "hf", "hf": {"path": "parquet", "data_files": str(parquet)}},
+        "dit": {"dim": 32, "depth": 4, "heads": 2, "patch": 8}, "conditioner": {"heads": 2},
+        "train": {"steps": 3, "batch_size": 2, "ckpt_every": 10, "log_every": 1}, "optim": {"warmup_steps": 1},
+    })
+    # 3 steps x 2 items read rows 0-7: rows 3 and 5 skipped, 2 of 8 = 25%, over the default limit of 1%
+    with pytest.raises(RuntimeError, match=r"data: 2 of 8 rows read skipped \(25.00%\).*max_skip_rate = 0.01"):
+        train(cfg, tmp_path / "strict")
+    with caplog.at_level(logging.WARNING):
+        module = train(merge(cfg, {"data": {"hf": {"max_skip_rate": 0.3}}}), tmp_path / "lenient")
+    assert module.global_step == 3 and "data: 2 of 8 rows read skipped (25.00%)" in caplog.text
+
+
+def test_max_skip_rate_config() -> None:
+    from experiments.config import config_hash, load_base, merge
+    from experiments.data.hf import max_skip_rate
+
+    base = load_base()
+    assert base["data"]["hf"]["max_skip_rate"] is None and max_skip_rate(base["data"]["hf"]) == 0.01
+    old = merge(base, {})
+    del old["data"]["hf"]["max_skip_rate"]
+    assert config_hash(base) == config_hash(old)  # runs made before the key keep their directories
+    edit = merge(base, {"data": {"hf_edit": {"path": "parquet"}}})
+    assert edit["data"]["hf_edit"]["max_skip_rate"] is None
+    old_edit = merge(edit, {})
+    del old_edit["data"]["hf_edit"]["max_skip_rate"], old_edit["data"]["hf"]["max_skip_rate"]
+    assert config_hash(edit) == config_hash(old_edit)
+    assert max_skip_rate({"max_skip_rate": 0.2}) == 0.2
+    for bad in (-0.1, 1.5, "1%", True):
+        with pytest.raises(ValueError, match="max_skip_rate must be a fraction in"):
+            max_skip_rate({"max_skip_rate": bad})
+
+
 def test_hf_stream_edit_pairs_and_reconstruction(parquet: Path) -> None:
     from experiments.data.hf import HFStream
     from models.encoders import Prompt
@@ -198,7 +262,6 @@ N_ROWS = 12
 def two_sources(tmp_path: Path) -> tuple[dict, dict]:
     """Image-caption rows ("t2i r", red 10r) and edit pairs ("edit r": source blue 10r -> target green 10r),
     with one corrupt file in each source."""
-    datasets = pytest.importorskip("datasets")
     t2i = {"image": [{"bytes": _png((10 * i, 0, 0)), "path": None} for i in range(N_ROWS)],
            "caption": [f"t2i {i}" for i in range(N_ROWS)]}
     t2i["image"][4] = {"bytes": b"\x89PNG not an image", "path": None}
@@ -369,7 +432,6 @@ def test_two_sources_errors(two_sources) -> None:
 @pytest.fixture()
 def split_sources(two_sources, tmp_path: Path) -> tuple[dict, dict]:
     """two_sources' rows with each source split over two parquet files (datasets hands out files per worker)."""
-    datasets = pytest.importorskip("datasets")
     out = []
     for cfg in two_sources:
         ds = datasets.load_dataset("parquet", data_files=cfg["data_files"], split="train")

@@ -21,7 +21,7 @@ from experiments.data.shapes import ShapesStream
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images (B, 3, S, S); keep captions (str or ``Prompt`` with images) as a list. Validation items'
-    noise levels and noise seeds (``experiments.data.heldout``) stack to (B, K)."""
+    noise levels and noise seeds (``experiments.data.heldout``) stack to (B, K); HF items' ``skipped`` to (B,)."""
     out = {
         "image": torch.stack([it["image"] for it in items]),
         "caption": [it["caption"] for it in items],
@@ -30,6 +30,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("sigmas", "noise_seeds"):
         if key in items[0]:
             out[key] = torch.stack([it[key] for it in items])
+    if "skipped" in items[0]:  # HF rows skipped by the worker before each item (experiments.data.hf)
+        out["skipped"] = torch.tensor([it["skipped"] for it in items])
     return out
 
 

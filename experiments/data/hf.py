@@ -35,10 +35,13 @@ batches k, k + W, ... (``sharding.owns_batch``): each worker reads the rank's ro
 Items have the shapes world's format: ``{"image": (3, S, S) float in [-1, 1], "caption": str | Prompt, "index"}``;
 for an edit pair the caption is ``Prompt(instruction, (source image,))``, so the source image reaches the DiT only
 through the VLM. Images are centre-cropped to a square and resized to S (Lanczos).
-A row whose image does not decode, or whose caption is empty, is skipped, counted and reported (a warning
-naming the source, the row and the running count); it is never silently dropped. The resume position counts
-rows (B per batch), so exact resume holds for data without bad rows; a skipped row shifts later batch
-boundaries by one item.
+A row whose image does not decode (PIL's decode errors) or that does not fit the schema (no image, an empty or
+non-text caption) is skipped, counted and reported (a warning naming the source, the row and the running count);
+any other error stops the run. Each item carries ``skipped``, the rows its DataLoader worker skipped since its
+previous item, so ``SkipRate`` (a training callback) totals the skips of every worker and rank and, at the end of
+training, reports them and fails the run when they exceed ``data.hf.max_skip_rate`` of the rows read (null = 1%).
+The resume position counts rows (B per batch), so exact resume holds for data without bad rows; a skipped row
+shifts later batch boundaries by one item.
 """
 
 from __future__ import annotations
@@ -58,7 +61,12 @@ from experiments.data.shapes import to_tensor
 from experiments.data.sharding import batch_task, check_rank, draw_task, owns_batch
 
 log = logging.getLogger(__name__)
-HF_KEYS = ("path", "name", "data_files", "split", "image_column", "caption_column", "source_image_column")
+HF_KEYS = ("path", "name", "data_files", "split", "image_column", "caption_column", "source_image_column",
+           "max_skip_rate")
+DEFAULT_MAX_SKIP_RATE = 0.01  # data.hf.max_skip_rate: null
+# What a bad row raises: PIL's decode errors (UnidentifiedImageError and truncated files are OSErrors, broken
+# chunks SyntaxErrors, oversized images DecompressionBombError) and the schema checks' ValueError.
+ROW_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def square(img: Image.Image, size: int) -> np.ndarray:
@@ -156,6 +164,7 @@ class HFStream(IterableDataset):
         self.two = edit and hf_edit is not None  # edit batches read hf_edit
         self.skipped = 0
         self.skipped_by = {"hf": 0, "hf_edit": 0}
+        self._unreported = 0  # skips since the last item this worker yielded (each item carries its count)
         if start_index % (batch_size * world_size):
             raise ValueError(f"the stream resumes at whole steps: start_index {start_index} is not a multiple of "
                              f"batch_size {batch_size} x world_size {world_size}")
@@ -206,13 +215,15 @@ class HFStream(IterableDataset):
                 caption = Prompt(text, (np.asarray(_to_pil(row[src_col]).convert("RGB")),))
         except KeyError as e:
             raise ValueError(f"{label} row {row_index} has no column {e}; columns: {sorted(row)}") from None
-        except Exception as e:  # noqa: BLE001 - corrupt files are skipped, counted and reported
+        except ROW_ERRORS as e:  # a corrupt file or a row off the schema: skipped, counted and reported
             self.skipped += 1
             self.skipped_by[source] += 1
+            self._unreported += 1
             log.warning("%s row %d skipped (%s: %s); %d skipped so far", label, row_index, type(e).__name__, e,
                         self.skipped)
             return None
-        out = {"image": to_tensor(image), "caption": caption, "index": index}
+        out = {"image": to_tensor(image), "caption": caption, "index": index, "skipped": self._unreported}
+        self._unreported = 0
         if self.two:
             out.update(source=source, row=row_index)
         return out
@@ -244,6 +255,55 @@ class HFStream(IterableDataset):
             t += 1
 
 
+def max_skip_rate(hf: dict[str, Any]) -> float:
+    """``data.hf.max_skip_rate`` (null = ``DEFAULT_MAX_SKIP_RATE``); ValueError outside [0, 1]."""
+    rate = hf.get("max_skip_rate")
+    rate = DEFAULT_MAX_SKIP_RATE if rate is None else rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"data.hf.max_skip_rate must be a fraction in [0, 1] or null, got {rate!r}")
+    return float(rate)
+
+
+class SkipRate(L.Callback):
+    """Totals the rows skipped by every DataLoader worker of every rank (the ``skipped`` each batch carries, next to
+    its rows used); at the end of training reports ``skipped of read`` and raises when the fraction exceeds
+    ``max_rate``. The totals are kept in checkpoints, so a resumed run counts from its start."""
+
+    def __init__(self, max_rate: float):
+        self.max_rate = max_rate
+        self.skipped = self.used = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.skipped += int(batch["skipped"].sum()) if "skipped" in batch else 0
+        self.used += len(batch["index"])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "used": self.used}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.skipped, self.used = int(state_dict["skipped"]), int(state_dict["used"])
+
+    def totals(self, trainer: L.Trainer) -> tuple[int, int]:
+        """(rows skipped, rows read) over every rank: a collective under DDP (every rank calls it)."""
+        import torch
+
+        both = torch.tensor([self.skipped, self.skipped + self.used], dtype=torch.float64,
+                            device=trainer.strategy.root_device)
+        both = trainer.strategy.reduce(both, reduce_op="sum")
+        return int(both[0]), int(both[1])
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        skipped, read = self.totals(trainer)
+        rate = skipped / read if read else 0.0
+        msg = f"data: {skipped} of {read} rows read skipped ({100 * rate:.2f}%) over all workers and ranks"
+        if trainer.is_global_zero:
+            log.warning(msg)
+        if rate > self.max_rate:
+            raise RuntimeError(f"{msg}: more than data.hf.max_skip_rate = {self.max_rate}; check the data (the "
+                               "warnings name each skipped row) or raise the limit")
+
+
 class HFDataModule(L.LightningDataModule):
     """``data.source: hf`` (see module docstring); resumes at the trainer's data position (``trainer_position``),
     each source at its own row when ``hf_edit`` serves the edit batches; each training rank reads its own batches."""
@@ -252,6 +312,7 @@ class HFDataModule(L.LightningDataModule):
                  tasks: dict[str, float] | None = None, seed: int = 0, hf_edit: dict[str, Any] | None = None):
         super().__init__()
         HFStream(hf, size, batch_size=batch_size, tasks=tasks, seed=seed, hf_edit=hf_edit)  # validates before launch
+        max_skip_rate(hf)
         self.hf, self.batch_size, self.size, self.num_workers = hf, batch_size, size, num_workers
         self.tasks, self.seed, self.hf_edit = tasks, seed, hf_edit
 
