@@ -2,7 +2,8 @@
 # Start a one-node SLURM (Debian slurm-wlm + munge) on this machine, for the SLURM tests and CI.
 # Idempotent: run it again and it only checks that the node is up. Needs root (apt, daemons).
 #   tests/slurm/start_cluster.sh          # installs if missing, writes /etc/slurm/slurm.conf, starts daemons
-# Exit 0 once `sinfo` shows the node idle; otherwise print why on stderr and exit non-zero (tests then skip).
+# Exit 0 once `sinfo` shows the node idle; otherwise print why on stderr and exit non-zero (.ci/run then fails;
+# elsewhere the SLURM tests skip).
 set -uo pipefail
 
 TIMEOUT_S=${SLURM_START_TIMEOUT_S:-60}
