@@ -104,7 +104,7 @@ def test_a_sweep_run_under_ddp_trains_on_every_rank_and_evaluates_once(tmp_path:
     """``experiments.train.run``, what each SLURM task of a multi-GPU job runs: every rank trains, rank 0 alone
     writes the config, ``final.ckpt``, the evaluation and ``DONE``."""
     cfg = merge(DDP, {"train": {"steps": 2}, "sample": {"steps": 2},
-                      "eval": {"geneval": {"n_per_task": 1, "n_samples": 1}}})
+                      "eval": {"geneval": {"n_per_task": 1, "n_samples": 1}, "val_every": 1}})
     ranks = launch(cfg, tmp_path / "run", tmp_path / "out", ranks=2, mode="run")
     assert [rec["seen"] for rec in ranks.values()] == [[[0, [0, 1]], [1, [4, 5]]], [[0, [2, 3]], [1, [6, 7]]]]
     done = json.loads((tmp_path / "run" / "DONE").read_text())
@@ -114,3 +114,18 @@ def test_a_sweep_run_under_ddp_trains_on_every_rank_and_evaluates_once(tmp_path:
     images = list((tmp_path / "run" / "eval" / "images").rglob("*.png"))
     assert len(images) == metrics.set_index("metric").loc["geneval.images", "n"] > 0  # every prompt sampled once
     assert torch.load(tmp_path / "run" / "final.ckpt", weights_only=False)["global_step"] == 2
+    # held-out validation: every rank scored the whole set, one row per metric and step was written, and the last
+    # one is what one process gets from the final weights
+    val = metrics[metrics.metric.str.startswith("val.")]
+    assert sorted(val.groupby("step").size().items()) == [(1, 3), (2, 3)]
+    import lightning as L
+
+    from experiments.data.datamodule import ShapesDataModule
+    from models.checkpoints import load_module
+
+    module = load_module(tmp_path / "run" / "final.ckpt")
+    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(
+        module, datamodule=ShapesDataModule(seed=0, batch_size=BS), verbose=False)
+    last = val[val.step == 2].set_index("metric").value
+    assert last["val.loss"] == pytest.approx(module.val_losses["cond"].mean(), rel=1e-5)
+    assert last["val.loss_uncond"] == pytest.approx(module.val_losses["uncond"].mean(), rel=1e-5)
