@@ -223,25 +223,23 @@ VAL_TITLES = {"val.loss": "held-out loss (conditional)", "val.loss_uncond": "hel
 
 def curve_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """The held-out validation rows (``experiments.validation``), one row per (run, metric, step): ``mean`` over
-    the run's training seeds (the ``seed`` column), ``sd`` across them (NaN for one seed), ``seeds``, and the band
-    ``lo``/``hi``: mean ± sd with 2+ seeds, else that seed's ``ci_low``/``ci_high`` (CI over held-out scenes)."""
+    the run's training seeds (the ``seed`` column), ``sd`` across them, ``seeds``, and the band ``lo``/``hi`` =
+    mean ± sd (NaN with one seed: its training variance is not measured)."""
     df = metrics[metrics.metric.isin(VAL_METRICS)].copy()
     if "seed" not in df:
         df["seed"] = 0
     g = df.groupby(["run", "metric", "step"], sort=True)
-    out = g.agg(mean=("value", "mean"), sd=("value", "std"), seeds=("seed", "nunique"),
-                ci_low=("ci_low", "first"), ci_high=("ci_high", "first")).reset_index()
-    many = out.seeds >= 2
-    out["lo"] = (out["mean"] - out["sd"]).where(many, out["ci_low"])
-    out["hi"] = (out["mean"] + out["sd"]).where(many, out["ci_high"])
-    return out.drop(columns=["ci_low", "ci_high"])
+    out = g.agg(mean=("value", "mean"), sd=("value", "std"), seeds=("seed", "nunique")).reset_index()
+    out["lo"], out["hi"] = out["mean"] - out["sd"], out["mean"] + out["sd"]
+    return out
 
 
 @_themed
 def learning_curves(df: pd.DataFrame, out_dir: Path, name: str = "learning_curves", caption: str = "") -> Path:
     """Held-out validation against the training step (runs with ``eval.val_every``): one panel per metric of
-    ``VAL_METRICS``, one line per run = the mean over its training seeds, band = ± 1 SD across seeds (a run with
-    one seed: its 95% CI over held-out scenes, and the caption says training variance is not measured)."""
+    ``VAL_METRICS``, one line per run = the mean over its training seeds, band = ± 1 SD across seeds (none for a
+    run with one seed; the caption then says that training variance is not measured). Every run is scored on the
+    same scenes, noise levels and noise, so the gaps between lines are paired differences."""
     table = curve_table(df)
     if table.empty:
         raise ValueError(f"no held-out validation rows in this metrics.csv ({', '.join(VAL_METRICS)}); runs "
@@ -264,12 +262,12 @@ def learning_curves(df: pd.DataFrame, out_dir: Path, name: str = "learning_curve
     title = str(df.exp.iloc[0]) if "exp" in df and len(df) else "runs"
     fig.suptitle(f"{title}: held-out validation (fixed scenes, noise levels and noise)")
     seeds = sorted(set(table.seeds))
+    same = "every run on the same held-out scenes and noise"
     if seeds == [1]:
-        bands = ("one training seed per run: band = 95% bootstrap CI over held-out scenes; training variance not "
-                 "measured")
+        bands = f"one training seed per run: no band, training variance not measured; {same}"
     else:
         bands = (f"line = mean over training seeds ({'/'.join(map(str, seeds))} per run), band = ± 1 SD across "
-                 "seeds (a run with one seed: 95% CI over held-out scenes)")
+                 f"seeds (none for a run with one seed); {same}")
     return _finish(fig, out_dir, name, "\n".join(filter(None, [bands, caption])))
 
 
