@@ -82,15 +82,13 @@ def running_app(db: str) -> Iterator[str]:
 
 
 def require(paths: list[str], what: str, install: str) -> str:
-    """The first existing path (or PATH name) of a required external tool. Without it: fail under CI (``.ci/run``
-    installs it), skip elsewhere with the install command."""
+    """The first existing path (or PATH name) of a required external tool. Without it the test skips with the
+    install command; tests/conftest.py ALLOWED_SKIPS lets that happen only outside CI (``.ci/run`` installs it)."""
     for p in paths:
         found = shutil.which(p) if "/" not in p else (p if os.path.exists(p) else None)
         if found:
             return found
     message = f"{what} not found ({', '.join(paths)}); install with: {install}"
-    if os.environ.get("CI"):
-        pytest.fail(f"{message} (.ci/run should have installed it)")
     pytest.skip(message)
 
 

@@ -38,6 +38,10 @@ ALLOWED_SKIPS: dict[str, Allowed] = {
     "tests/test_scale.py::test_inductor_compiled_dit_matches_eager": Allowed(
         "outside_ci", "a cold inductor compile takes ~70 s on 2 CPU cores; opt in with UNIFUSION_SLOW_TESTS=1 "
                       "(.ci/run does)"),
+    "tests/test_ab_browser.py::*": Allowed("outside_ci", "needs Debian's chromium + chromium-driver; .ci/run installs "
+                                                         "them"),
+    "tests/test_ab_load.py::test_load_postgresql": Allowed("outside_ci", "needs Debian's postgresql; .ci/run installs "
+                                                                         "it"),
 }
 _SKIPS: list[tuple[str, str]] = []  # (node id, skip message) of this session
 
