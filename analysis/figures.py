@@ -36,7 +36,7 @@ from experiments.validation import VAL_METRICS  # noqa: E402
 OVERALL = BENCHMARKS["geneval"].headline  # GenEval-shapes overall: the bars' headline, the paired tests' metric
 # the reconstruction / editing benchmarks' metrics, in their registry order
 IMAGE_METRICS = [m for name, b in BENCHMARKS.items() if name != "geneval" for m in b.metrics]
-RUN_ORDER = ["untrained", "t5", "last_layer", "kv_fusion", "hsi", "lap"]
+RUN_ORDER = ["untrained", "t5", "last_layer", "kv_fusion", "kv_fusion_hidden", "hsi", "lap"]
 
 
 def _themed(drawer: Callable[..., Path]) -> Callable[..., Path]:

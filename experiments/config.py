@@ -35,7 +35,8 @@ FREE_FORM = ("conditioner",)  # validated by the candidate, not against base.yam
 NULL_SECTIONS = {"data.hf_edit": "data.hf"}
 # Keys added after runs were made: left out of the hash while null, so existing run directories keep their names.
 HASH_OMIT_NULL = (("data", "hf_edit"), ("encoder", "cache"), ("trainer", "accumulate_grad_batches"),
-                  ("eval", "val_every"), ("data", "hf", "max_skip_rate"), ("data", "hf_edit", "max_skip_rate"))
+                  ("eval", "val_every"), ("data", "hf", "max_skip_rate"), ("data", "hf_edit", "max_skip_rate"),
+                  ("dit", "kv_heads"), ("dit", "head_dim"))
 
 
 def available_experiments() -> list[str]:
@@ -131,7 +132,33 @@ def load_experiment(exp: str, smoke: bool = False, paper: bool = False,
                 cfg = merge(cfg, set_dotted(k, v))
                 suffix.append(f"{k.split('.')[-1]}{v}")
             runs.append(RunSpec(exp, "_".join([name, *suffix]), cfg))
+    for r in runs:
+        try:
+            check_model_config(r.config)
+        except ValueError as err:
+            raise ValueError(f"{exp} run {r.name!r}: {err}") from None
     return spec, resolve_init(runs)
+
+
+def check_model_config(config: dict[str, Any]) -> None:
+    """What can be checked before building anything: a kv_fusion run on the encoder's own keys and values
+    (``conditioner.kv_source: encoder``) has a DiT shaped like the encoder preset's attention (depth, dim, heads,
+    kv_heads, head_dim). ValueError naming the keys otherwise."""
+    from models.conditioning import encoder_features
+    from models.conditioning.kv_fusion import check_dit_shape
+    from models.encoders import ENCODER_PRESETS
+
+    if encoder_features(config["candidate"], config.get("conditioner")) != "kv":
+        return
+    name = config["encoder"]["preset"]
+    if name not in ENCODER_PRESETS:
+        raise ValueError(f"unknown encoder.preset {name!r}; valid: {sorted(ENCODER_PRESETS)}")
+    shape = ENCODER_PRESETS[name].attention
+    if shape is None:
+        raise ValueError(f"candidate kv_fusion with conditioner.kv_source=encoder needs a decoder-style encoder whose "
+                         f"attention keys/values can be cached; encoder.preset={name!r} has none (use "
+                         "conditioner.kv_source: hidden)")
+    check_dit_shape(config["dit"], shape, name)
 
 
 def resolve_init(runs: list[RunSpec]) -> list[RunSpec]:

@@ -6,8 +6,11 @@ Condition tokens (B, T, D) and image patches (B, L, D) form one sequence ``[cond
 attends over with full self-attention; the condition's key padding mask masks padded tokens, so padding never
 changes an output. Timestep modulation is adaLN-zero on every token (as Flux/Krea2 single-stream blocks).
 The other two conditioning channels hook in per block:
-- ``cond.kv[i]`` (B, T, D): block i projects it to extra keys/values (layerwise KV fusion, Playground-v3 /
-  FuseDiT style); the block's queries are only its own tokens.
+- ``cond.kv[i]``: extra keys/values of block i (layerwise KV fusion, Playground v3 style), masked by
+  ``cond.mask``; the block's queries are only its own tokens. ``kv_context="encoder"``: (B, T, 2 * kv_heads *
+  head_dim), the frozen encoder's own keys (after its RoPE) and values of its layer i, packed [k | v] head-major
+  (models/encoders/kv.py), used as they are, so the block's heads must be the encoder's; ``kv_context="hidden"``:
+  (B, T, D), a hidden state that block i projects to keys/values itself (RMSNorm + Linear, keys QK-normed).
 - ``cond.inject[i]`` (B, T, D): added to the condition positions of the residual stream after block i
   (hidden-state injection).
 """
@@ -29,27 +32,54 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-class DiTBlock(nn.Module):
-    """adaLN-zero transformer block; optional extra K/V from a per-block context (KV fusion)."""
+KV_CONTEXTS = ("hidden", "encoder")  # what cond.kv[i] holds: a hidden state to project, or the encoder's (k, v)
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, kv_context: bool = False):
+
+def _kv_context(kv_context: bool | str | None) -> str | None:
+    """None (no extra keys/values), "hidden" or "encoder"; True means "hidden" (the original switch)."""
+    if kv_context is True:
+        return "hidden"
+    if kv_context is False or kv_context is None:
+        return None
+    if kv_context not in KV_CONTEXTS:
+        raise ValueError(f"kv_context must be one of {KV_CONTEXTS} or None, got {kv_context!r}")
+    return kv_context
+
+
+class DiTBlock(nn.Module):
+    """adaLN-zero transformer block; optional extra K/V per block (KV fusion, see the module docstring)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, kv_context: bool | str | None = None,
+                 kv_heads: int | None = None, head_dim: int | None = None):
         super().__init__()
+        self.kv_context = _kv_context(kv_context)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads, qk_norm=True)
+        self.attn = Attention(dim, heads, qk_norm=True, kv_heads=kv_heads, head_dim=head_dim)
         self.mlp = MLP(dim, mlp_ratio)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
-        if kv_context:
+        if self.kv_context == "hidden":
             self.ctx_norm = nn.RMSNorm(dim, eps=1e-6)
-            self.ctx_kv = nn.Linear(dim, 2 * dim)
+            self.ctx_kv = nn.Linear(dim, 2 * self.attn.kv_inner)
 
     def context_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ctx (B, T, D) -> k, v (B, heads, T, D/heads), k RMS-normed like the block's own keys."""
+        """The extra k, v (B, kv_heads, T, head_dim) of this block.
+
+        "encoder": ctx (B, T, 2 * kv_heads * head_dim) is the encoder's packed [k | v], unpacked as it is;
+        "hidden": ctx (B, T, D) is projected, k RMS-normed like the block's own keys.
+        """
+        a = self.attn
+        if self.kv_context == "encoder":
+            if ctx.shape[-1] != 2 * a.kv_inner:
+                raise ValueError(
+                    f"encoder keys/values of width {ctx.shape[-1]} do not fit this DiT block: it has {a.kv_heads} KV "
+                    f"heads of {a.head_dim} channels (needs 2 x {a.kv_inner}); its heads must be the encoder's")
+            k, v = ctx.chunk(2, dim=-1)
+            return a.split_heads(k, a.kv_heads), a.split_heads(v, a.kv_heads)
         k, v = self.ctx_kv(self.ctx_norm(ctx)).chunk(2, dim=-1)
-        k, v = self.attn.split_heads(k), self.attn.split_heads(v)
-        return self.attn.k_norm(k), v
+        return a.k_norm(a.split_heads(k, a.kv_heads)), a.split_heads(v, a.kv_heads)
 
     def forward(
         self,
@@ -60,6 +90,8 @@ class DiTBlock(nn.Module):
         ctx_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        if ctx is not None and self.kv_context is None:
+            raise ValueError("this DiT block takes no extra keys/values (built with kv_context=None)")
         extra = (*self.context_kv(ctx), ctx_mask) if ctx is not None else None
         x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), mask, extra_kv=extra)
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
@@ -71,6 +103,10 @@ class DiT(nn.Module):
     ``activation_checkpointing`` (also settable as an attribute): in training with grad enabled, each block's
     activations are recomputed in backward instead of stored, trading ~1 extra forward for memory that no
     longer grows with depth. Same loss and gradients; off (and never used) in eval / no-grad sampling.
+
+    ``kv_context``: None, "hidden" or "encoder" (module docstring). ``kv_heads`` / ``head_dim``: grouped KV heads and
+    the per-head width of every block's attention (defaults: ``heads``, ``dim / heads``); KV fusion on the encoder's
+    own keys and values sets them to the encoder's.
     """
 
     def __init__(
@@ -82,8 +118,10 @@ class DiT(nn.Module):
         depth: int = 4,
         heads: int = 4,
         mlp_ratio: float = 4.0,
-        kv_context: bool = False,
+        kv_context: bool | str | None = None,
         activation_checkpointing: bool = False,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
     ):
         super().__init__()
         self.activation_checkpointing = activation_checkpointing
@@ -98,7 +136,9 @@ class DiT(nn.Module):
         self.register_buffer("pos", torch.as_tensor(pos, dtype=torch.float32)[None], persistent=False)
         self.cond_type = nn.Parameter(torch.zeros(1, 1, dim))  # tells condition tokens from image tokens
         self.t_embed = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio, kv_context) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(dim, heads, mlp_ratio, kv_context, kv_heads=kv_heads, head_dim=head_dim) for _ in range(depth)
+        )
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.final = nn.Linear(dim, patch * patch * in_channels)

@@ -28,9 +28,11 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common.prompt import Prompt, as_prompt
-from models.conditioning import build_conditioner
+from models.conditioning import build_conditioner, encoder_features
+from models.conditioning.kv_fusion import check_dit_shape
 from models.dit import DiT
 from models.encoders import EncoderOutput, build_encoder
+from models.encoders.kv import attention_shape
 from models.flow import cfg_velocity, euler_sample, flow_matching_loss, sample_sigmas
 from models.latents import build_latent_space
 
@@ -62,14 +64,18 @@ class UniFusionModule(L.LightningModule):
             raise ValueError(f"encoder.cache must be null, 'auto' or a folder path, got {cache!r}")
         self._cache_root = cache
         self._feature_cache: Any = None  # models.feature_cache.FeatureCache, built at the first encode
+        cond_opts = config.get("conditioner", {})
+        if encoder_features(config["candidate"], cond_opts) == "kv":  # KV fusion on the encoder's own keys/values
+            self.encoder.set_features("kv")
+            check_dit_shape(dit_cfg, attention_shape(self.encoder.model), enc_cfg["preset"])
         n_layers = len(self.encoder.layer_ids)
         self.conditioner = build_conditioner(
             config["candidate"],
-            enc_dim=self.encoder.hidden_size,
+            enc_dim=self.encoder.feature_size,
             num_layers=n_layers,
             dit_dim=dit_cfg["dim"],
             dit_depth=dit_cfg["depth"],
-            **config.get("conditioner", {}),
+            **cond_opts,
         )
         self.latent = build_latent_space(config.get("latent", "pixel"))
         self.dit = DiT(
@@ -80,7 +86,9 @@ class UniFusionModule(L.LightningModule):
             depth=dit_cfg["depth"],
             heads=dit_cfg["heads"],
             mlp_ratio=dit_cfg.get("mlp_ratio", 4.0),
-            kv_context=not self.conditioner.feeds_tokens,
+            kv_context=self.conditioner.kv_context,
+            kv_heads=dit_cfg.get("kv_heads"),  # absent in configs saved before the key existed: = heads
+            head_dim=dit_cfg.get("head_dim"),
         )
         # EMA of everything trainable; buffers follow too (use_buffers) so the EMA model is self-contained.
         self.ema = AveragedModel(

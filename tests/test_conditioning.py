@@ -17,7 +17,8 @@ ENC, DIT, HEADS = 16, 24, 4
 CASES = [
     ("last_layer", {}),
     ("last_layer", {"refiner_blocks": 1, "layer": -2}),
-    ("kv_fusion", {}),
+    ("kv_fusion", {"kv_source": "hidden"}),
+    ("kv_fusion", {"kv_source": "encoder"}),
     ("hsi", {"refiner_blocks": 1}),
     ("lap", {"refiner_blocks": 1}),
     ("lap", {"injection": "per_layer", "lap_blocks": 1}),
@@ -83,7 +84,8 @@ def test_output_shapes(name: str, options: dict, t: int, n: int) -> None:
         assert out.tokens.shape == (2, t, DIT) and out.kv is None
     else:
         assert out.tokens is None and len(out.kv) == depth
-        assert all(k.shape == (2, t, DIT) for k in out.kv)
+        width = ENC if options.get("kv_source") == "encoder" else DIT  # the encoder's packed K/V pass unchanged
+        assert all(k.shape == (2, t, width) for k in out.kv)
     injects = name == "hsi" or options.get("injection") == "per_layer"
     if injects:
         assert len(out.inject) == depth and out.inject[-1] is None
@@ -164,12 +166,18 @@ def test_last_layer_matches_hand_projection() -> None:
 
 
 def test_kv_fusion_pairs_layer_i_with_block_i() -> None:
-    cond = build("kv_fusion", 3, 3)
+    cond = build("kv_fusion", 3, 3, kv_source="hidden")
     feats, mask = make_inputs([4, 2], 4, 3)
     out = cond(feats, mask)
     for i, proj in enumerate(cond.proj):
         ref = rms(feats[:, :, i], proj.norm.weight) @ proj.linear.weight.T + proj.linear.bias
         torch.testing.assert_close(out.kv[i][mask], ref[mask], atol=1e-5, rtol=1e-5)
+    # on the encoder's own keys/values: block i gets encoder layer i's packed K/V exactly, nothing learned
+    enc = build("kv_fusion", 3, 3, kv_source="encoder")
+    assert [n for n, _ in enc.named_parameters()] == ["null_features"]
+    out = enc(feats, mask)
+    for i in range(3):
+        assert torch.equal(out.kv[i][mask], feats[:, :, i][mask])
 
 
 def test_hsi_tokens_from_layer0_inject_from_next_layer() -> None:
@@ -413,14 +421,16 @@ def test_registry() -> None:
 
 
 # ------------------------------------------------------------------------------------------ through the DiT
-@pytest.mark.parametrize("name,options", CASES[1:6], ids=CASE_IDS[1:6])
+@pytest.mark.parametrize("name,options", CASES[1:7], ids=CASE_IDS[1:7])
 def test_dit_output_is_padding_invariant(name: str, options: dict) -> None:
     """The contract with models/dit.py: whatever channel a candidate uses, padding never reaches the image."""
     n = 3
     cond = build(name, n, n, **options)
     torch.manual_seed(0)
+    # KV fusion on the encoder's keys/values: the blocks' KV heads must take the ENC-wide packed [k | v]
+    gqa = {"kv_heads": 2, "head_dim": ENC // 4} if cond.kv_context == "encoder" else {}
     dit = DiT(in_channels=3, image_size=8, patch=4, dim=DIT, depth=n, heads=HEADS,
-              kv_context=not cond.feeds_tokens).eval()
+              kv_context=cond.kv_context, **gqa).eval()
     with torch.no_grad():
         for p in dit.parameters():
             if not p.abs().sum():

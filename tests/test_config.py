@@ -29,7 +29,7 @@ def test_unknown_experiment_lists_valid_names():
 def test_conditioning_candidates_grid():
     spec, runs = load_experiment("conditioning_candidates")
     names = [r.name for r in runs]
-    assert names == ["t5", "last_layer", "kv_fusion", "hsi", "lap", "untrained"]
+    assert names == ["t5", "last_layer", "kv_fusion", "kv_fusion_hidden", "hsi", "lap", "untrained"]
     by = {r.name: r.config for r in runs}
     assert by["t5"]["encoder"]["preset"] == "tiny-t5"
     assert by["lap"]["encoder"]["preset"] == "tiny-vlm" and by["lap"]["conditioner"]["refiner_blocks"] == 2
@@ -37,7 +37,7 @@ def test_conditioning_candidates_grid():
     assert by["untrained"]["train"]["steps"] == 0
     # same config -> same directory; any change -> a new one
     assert len({r.dirname for r in runs}) == len(runs)
-    assert config_hash(by["lap"]) == config_hash(load_experiment("conditioning_candidates")[1][4].config)
+    assert config_hash(by["lap"]) == config_hash(load_experiment("conditioning_candidates")[1][5].config)
 
 
 def test_smoke_overrides_apply():
@@ -61,8 +61,11 @@ def test_every_ablation_builds_every_run(exp: str) -> None:
     for run in runs:
         module = UniFusionModule(run.config)
         enc = run.config["encoder"]
-        assert module.encoder.layer_ids == select_layers(
-            module.encoder.num_layers, layers=enc["layers"], stride=enc["stride"], start=enc["start"])
+        if module.encoder.features == "kv":  # KV fusion on the encoder's own keys/values: every layer's attention
+            assert module.encoder.layer_ids == tuple(range(module.encoder.num_layers))
+        else:
+            assert module.encoder.layer_ids == select_layers(
+                module.encoder.num_layers, layers=enc["layers"], stride=enc["stride"], start=enc["start"])
         assert module.config["candidate"] == run.config["candidate"]
 
 

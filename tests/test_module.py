@@ -31,10 +31,19 @@ def batch(b: int = 3) -> dict:
     return {"image": torch.rand(b, 3, 32, 32, generator=g) * 2 - 1, "caption": PROMPTS[:b], "index": torch.arange(b)}
 
 
-@pytest.mark.parametrize("candidate", ["last_layer", "kv_fusion", "hsi", "lap"])
-def test_training_step_gives_finite_loss_and_gradients(candidate: str) -> None:
+# kv_fusion on tiny-llama's own keys/values: the DiT copies its 12 layers x 64, 4 query / 2 KV heads
+KV_ENCODER = {"conditioner": {"kv_source": "encoder"}, "dit": {"dim": 64, "depth": 12, "heads": 4, "kv_heads": 2}}
+
+
+CANDIDATE_CASES = {"last_layer": ("last_layer", {}),
+                   "kv_fusion_hidden": ("kv_fusion", {"conditioner": {"kv_source": "hidden"}}),
+                   "kv_fusion_encoder": ("kv_fusion", KV_ENCODER), "hsi": ("hsi", {}), "lap": ("lap", {})}
+
+
+@pytest.mark.parametrize("candidate,extra", list(CANDIDATE_CASES.values()), ids=list(CANDIDATE_CASES))
+def test_training_step_gives_finite_loss_and_gradients(candidate: str, extra: dict) -> None:
     torch.manual_seed(0)
-    m = UniFusionModule(tiny_config(candidate))
+    m = UniFusionModule(tiny_config(candidate, **extra))
     perturb(m.dit)  # adaLN-zero: at init the DiT ignores its condition, so no gradient could reach it
     loss = m.training_step(batch(), 0)
     assert torch.isfinite(loss) and loss.item() > 0

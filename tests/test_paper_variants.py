@@ -14,6 +14,7 @@ from PIL import Image
 
 from experiments.config import available_experiments, load_experiment
 from experiments.train import trainer_settings
+from models.conditioning import encoder_features
 from models.encoders import ENCODER_PRESETS, select_layers
 from models.encoders.hub import HUB_SPECS
 
@@ -37,7 +38,9 @@ def test_paper_variant_is_consistent(exp: str) -> None:
         else:
             layers, stride, start = enc["layers"], enc["stride"], enc["start"]
         taps = select_layers(HUB_SPECS[enc["preset"]].num_layers, layers=layers, stride=stride, start=start)
-        if c["candidate"] in ("kv_fusion", "hsi"):  # one encoder layer per DiT block
+        if encoder_features(c["candidate"], c["conditioner"]) == "kv":  # every encoder layer's keys/values
+            assert HUB_SPECS[enc["preset"]].num_layers == c["dit"]["depth"], (exp, r.name)
+        elif c["candidate"] in ("kv_fusion", "hsi"):  # one encoder layer per DiT block
             assert len(taps) == c["dit"]["depth"], (exp, r.name, taps)
         if enc.get("tiles") is not None:
             preset.vision.set_tiles(type("P", (), {"image_processor": type("I", (), {})()})(), enc["tiles"])

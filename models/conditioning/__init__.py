@@ -39,6 +39,7 @@ __all__ = [
     "Refiner",
     "build_conditioner",
     "candidate_options",
+    "encoder_features",
 ]
 
 
@@ -47,6 +48,12 @@ def candidate_options(name: str) -> dict[str, Any]:
     cls = _lookup(name)
     params = inspect.signature(cls.__init__).parameters.values()
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def encoder_features(name: str, options: dict[str, Any] | None = None) -> str:
+    """What candidate ``name`` with ``options`` (the config's ``conditioner`` section) reads from the frozen
+    encoder: "hidden" (the tapped hidden states) or "kv" (every layer's attention keys and values)."""
+    return _lookup(name).encoder_features(options or {})
 
 
 def build_conditioner(

@@ -11,8 +11,9 @@ A conditioner turns frozen-encoder features into what the DiT consumes:
 
 - ``tokens`` (B, T', D) + ``mask`` (B, T'): a sequence prepended to the DiT's image tokens
   (single-stream full self-attention over ``[condition; image]``).
-- ``kv`` list of ``depth`` tensors (B, T', D): block i adds keys/values projected from ``kv[i]`` to its
-  attention (layerwise KV fusion). Masked by ``mask``.
+- ``kv`` list of ``depth`` tensors (B, T', D'): block i adds keys/values from ``kv[i]`` to its attention
+  (layerwise KV fusion: the encoder's own packed keys/values, or a hidden state the block projects; see
+  ``Conditioner.kv_context``). Masked by ``mask``.
 - ``inject`` list of ``depth`` tensors (B, T', D) or None entries: added to the condition-token positions of
   the residual stream after block i (hidden-state injection). Requires ``tokens``.
 
@@ -47,6 +48,14 @@ class Conditioner(nn.Module):
 
     #: True when the candidate feeds DiT input tokens (the refiner switch applies to those only).
     feeds_tokens: bool = True
+    #: How the DiT blocks read ``Conditioning.kv`` (models/dit.py: "hidden" | "encoder"); None = no kv channel.
+    kv_context: str | None = None
+
+    @classmethod
+    def encoder_features(cls, options: dict) -> str:
+        """What this candidate with these options reads from the frozen encoder: "hidden" (the tapped hidden
+        states) or "kv" (every layer's attention keys and values, models/encoders/kv.py)."""
+        return "hidden"
 
     def __init__(self, enc_dim: int, num_layers: int, dit_dim: int, dit_depth: int):
         super().__init__()

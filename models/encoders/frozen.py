@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from common.prompt import Prompt, as_prompt, decode_image
+from models.encoders.kv import attention_shape, check_kv_capable, encoder_kv
 from models.encoders.spec import VerifiSpec, VisionSpec
 from models.encoders.taps import find_blocks, select_layers
 
@@ -141,6 +142,7 @@ class FrozenEncoder(nn.Module):
                 raise ValueError(f"VERIFI needs a generative model (with .generate), not {type(model).__name__}")
             self._stop_id = int(tokenizer.convert_tokens_to_ids(verifi.stop))
 
+        self.features = "hidden"  # what encode_ids returns: the tapped hidden states, or "kv" (set_features)
         self.model.requires_grad_(False)
         self.train(False)
 
@@ -157,8 +159,24 @@ class FrozenEncoder(nn.Module):
 
     @property
     def layer_ids(self) -> tuple[int, ...]:
-        """The N selected hidden-state ids, ascending."""
-        return self._layer_ids
+        """The N selected hidden-state ids, ascending; with ``features="kv"`` every block 0..num_layers-1 (the
+        attention of block i reads hidden state i)."""
+        return tuple(range(self.num_layers)) if self.features == "kv" else self._layer_ids
+
+    @property
+    def feature_size(self) -> int:
+        """Width of the features' last axis: ``hidden_size``, or with ``features="kv"`` one layer's packed keys and
+        values (2 * kv_heads * head_dim)."""
+        return attention_shape(self.model).kv_width if self.features == "kv" else self.hidden_size
+
+    def set_features(self, kind: str) -> None:
+        """"hidden": the tapped hidden states (default); "kv": every layer's own attention keys and values
+        (models/encoders/kv.py, layerwise KV fusion). ValueError for an unknown kind or a model without a KV cache."""
+        if kind not in ("hidden", "kv"):
+            raise ValueError(f"encoder features must be 'hidden' or 'kv', got {kind!r}")
+        if kind == "kv":
+            check_kv_capable(self.model)
+        self.features = kind
 
     def train(self, mode: bool = True) -> FrozenEncoder:
         """Always eval: dropout off, whatever Lightning or a caller asks."""
@@ -370,6 +388,8 @@ class FrozenEncoder(nn.Module):
         device = self.model.get_input_embeddings().weight.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         model_inputs = {k: v.to(device) for k, v in model_inputs.items()}
+        if self.features == "kv":
+            return encoder_kv(self.model, input_ids, attention_mask, **model_inputs)
         wanted, deepest, last = set(self._layer_ids), max(self._layer_ids), self.num_layers
         captured: dict[int, Tensor] = {}
 
@@ -439,7 +459,7 @@ class FrozenEncoder(nn.Module):
         return EncoderOutput(
             features=out,
             mask=keep_mask.to(d),
-            layer_ids=self._layer_ids,
+            layer_ids=self.layer_ids,
             token_ids=token_ids.to(d),
             positions=positions.to(d),
             rewrites=[r.rewrite for r in rows] if verifi else None,
@@ -453,6 +473,8 @@ def encoder_fingerprint(enc: FrozenEncoder) -> str:
     """
     h = hashlib.blake2b(digest_size=8)
     meta = (enc.name, enc.layer_ids, enc.template, enc.drop_prefix, enc.add_bos, enc.add_eos)
+    if enc.features != "hidden":  # appended only then: the fingerprints (feature-cache folders) of hidden states stay
+        meta += (enc.features,)
     h.update(repr(meta).encode())
     for key, t in enc.model.state_dict().items():
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())

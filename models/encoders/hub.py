@@ -22,6 +22,10 @@ Where the weights come from: ``$UNIFUSION_MODEL_<NAME>`` (``env_var(name)``, e.g
 when set (a local directory, e.g. from ``hf download <repo> --local-dir DIR``), else the hub id above. Real
 presets load the generative class (VERIFI generates with it) in bf16.
 
+``attention``: each LM's layers, width, query / KV heads and head width as its ``config.json`` gives them: the shape
+a DiT doing KV fusion on the encoder's keys and values copies (config load checks the DiT against this table;
+building the module checks it against the loaded model's own config).
+
 Templates are each model's own chat template rendered for one user turn (no generation prompt); BOS, when the
 model has one, is written in the template, so it is dropped with the rest and the kept tokens are the user content.
 """
@@ -37,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.encoders.kv import AttentionShape
 from models.encoders.spec import Builder, EncoderPreset, VerifiSpec, VisionSpec
 from models.tiny_vlm import set_internvl_tiles
 
@@ -200,6 +205,9 @@ def _taps_start(num_layers: int, stride: int = 3) -> int:
 
 def _hub_preset(name: str, spec: HubSpec, description: str, **fields: Any) -> tuple[HubSpec, EncoderPreset]:
     """(spec, preset) of real preset ``name``: default taps every 3rd layer ending at ``num_layers - 1``."""
+    attention = fields.get("attention")
+    if attention is not None and attention.layers != spec.num_layers:
+        raise AssertionError(f"{name}: attention shape has {attention.layers} layers, the model {spec.num_layers}")
     if "layers" not in fields:
         fields.setdefault("stride", 3)
         fields.setdefault("start", _taps_start(spec.num_layers, fields["stride"]))
@@ -233,6 +241,7 @@ _HUB: dict[str, tuple[HubSpec, EncoderPreset]] = {
         template=LLAMA31_TEMPLATE,
         max_length=1024,  # VERIFI: ~130 template/system + a long DPG prompt (~300) + 160 generated, with margin
         verifi=VerifiSpec(template=LLAMA31_VERIFI, stop="<|eot_id|>"),
+        attention=AttentionShape(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128),
     ),
     "internvl2.5-8b": _hub_preset(
         "internvl2.5-8b",
@@ -244,6 +253,7 @@ _HUB: dict[str, tuple[HubSpec, EncoderPreset]] = {
         max_length=4096,  # 13 tiles x 256 + 2 = 3330 image tokens + text
         vision=_internvl_vision(),
         verifi=VerifiSpec(template="<s>" + _CHATML_VERIFI, stop="<|im_end|>"),
+        attention=AttentionShape(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128),  # InternLM2.5-7B
     ),
     "internvl3-8b": _hub_preset(
         "internvl3-8b",
@@ -255,6 +265,7 @@ _HUB: dict[str, tuple[HubSpec, EncoderPreset]] = {
         max_length=4096,
         vision=_internvl_vision(),
         verifi=VerifiSpec(template=_CHATML_VERIFI, stop="<|im_end|>"),
+        attention=AttentionShape(layers=28, hidden=3584, heads=28, kv_heads=4, head_dim=128),  # Qwen2.5-7B
     ),
     "gemma-3-12b-it": _hub_preset(
         "gemma-3-12b-it",
@@ -271,6 +282,7 @@ _HUB: dict[str, tuple[HubSpec, EncoderPreset]] = {
             separator="",
         ),
         verifi=VerifiSpec(template=GEMMA3_VERIFI, stop="<end_of_turn>"),
+        attention=AttentionShape(layers=48, hidden=3840, heads=16, kv_heads=8, head_dim=256),  # 16 x 256 != hidden
     ),
     "qwen2.5-vl-7b": _hub_preset(
         "qwen2.5-vl-7b",
@@ -286,6 +298,7 @@ _HUB: dict[str, tuple[HubSpec, EncoderPreset]] = {
             separator="",
         ),
         verifi=VerifiSpec(template=QWEN25VL_VERIFI, stop="<|im_end|>"),
+        attention=AttentionShape(layers=28, hidden=3584, heads=28, kv_heads=4, head_dim=128),
     ),
     "t5-v1_1-xxl": _hub_preset(
         "t5-v1_1-xxl",

@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from models.encoders.kv import AttentionShape
+
 
 @dataclass(frozen=True)
 class VisionSpec:
@@ -65,3 +67,6 @@ class EncoderPreset:
     blocks_path: str | None = None
     vision: VisionSpec | None = None  # image inputs (the builder then returns a processor, not a tokenizer)
     verifi: VerifiSpec | None = None  # VERIFI rewrite prompt (generative presets)
+    # the LM's attention shape, known without building it (KV fusion's DiT copies it; checked at config load and
+    # against the built model); None = an encoder-only model without a KV cache
+    attention: AttentionShape | None = None

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.encoders.kv import AttentionShape
 from models.encoders.spec import Builder, EncoderPreset, VerifiSpec, VisionSpec
 
 
@@ -79,6 +80,7 @@ def _tiny_vlm(pretrained: bool) -> Builder:
 def _tiny_vlm_preset(pretrained: bool) -> EncoderPreset:
     from models import tiny_vlm as tv
 
+    text = tv.TINY_VLM["text"]
     return EncoderPreset(
         builder=_tiny_vlm(pretrained),
         description=(
@@ -99,6 +101,8 @@ def _tiny_vlm_preset(pretrained: bool) -> EncoderPreset:
             default_tiles=5,  # 2x2 + thumbnail: a 12 px thumbnail alone loses the small shapes' colours
         ),
         verifi=VerifiSpec(template=tv.VERIFI_PREFIX + "{}" + tv.VERIFI_SUFFIX, stop=tv.END_OF_TURN),
+        attention=AttentionShape(layers=text["layers"], hidden=text["hidden_size"], heads=text["heads"],
+                                 kv_heads=text["kv_heads"], head_dim=text["hidden_size"] // text["heads"]),
     )
 
 
@@ -108,6 +112,7 @@ TINY_PRESETS: dict[str, EncoderPreset] = {
         description="random 12-layer Llama (hidden 64) over the shapes vocabulary; BOS; taps 2,5,8,11",
         stride=3,
         add_bos=True,
+        attention=AttentionShape(layers=12, hidden=64, heads=4, kv_heads=2, head_dim=16),  # = _tiny_llama's config
     ),
     "tiny-t5": EncoderPreset(
         builder=_tiny_t5,
