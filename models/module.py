@@ -9,10 +9,11 @@ The DiT works in ``latent`` space (models/latents.py: ``pixel`` by default, or a
 Batches: {"image": (B, 3, S, S) float in [-1, 1], "caption": list[str | Prompt]}: a ``Prompt`` carries reference
 images (reconstruction, editing), which reach the DiT only as the VLM's image tokens. With ``encoder.verifi`` the
 DiT is conditioned on the VLM's own rewrite of each caption (paper Sec. 3), generated once per distinct caption
-and cached; ``generate(..., verifi=...)`` switches it per call ("flexible inference"). With ``encoder.cache`` set
-(a folder, or ``auto``), plain encodings are read from / written to a disk feature cache (models/feature_cache.py).
-Validation batches (Lightning's validation loop) add fixed noise levels and noise seeds per item; ``validation_step``
-scores them with the EMA weights, conditional and with the null condition (experiments/validation.py).
+and cached as the generated token ids (models/encoders/rewrites.py); ``generate(..., verifi=...)`` switches it per call
+("flexible inference"). With ``encoder.cache`` set (a folder, or ``auto``), plain encodings are read from / written
+to a disk feature cache (models/feature_cache.py). Validation batches (Lightning's validation loop) add fixed noise
+levels and noise seeds per item; ``validation_step`` scores them with the EMA weights, conditional and with the null
+condition (experiments/validation.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from models.conditioning.kv_fusion import check_dit_shape
 from models.dit import DiT
 from models.encoders import EncoderOutput, build_encoder
 from models.encoders.kv import attention_shape
+from models.encoders.rewrites import RewriteCache
 from models.flow import cfg_velocity, euler_sample, flow_matching_loss, sample_sigmas
 from models.latents import build_latent_space
 
@@ -58,7 +60,8 @@ class UniFusionModule(L.LightningModule):
         self.verifi = bool(enc_cfg.get("verifi", False))
         if self.verifi and self.encoder.verifi is None:
             raise ValueError(f"encoder.verifi=true needs a generative VLM preset; {enc_cfg['preset']!r} cannot rewrite")
-        self._rewrites: dict[tuple, str] = {}  # VERIFI rewrite cache: prompt key -> decoded rewrite
+        # VERIFI rewrite cache: prompt key -> the generated token ids (+ their text, for people), for this tokenizer
+        self._rewrites = RewriteCache(self.encoder.tokenizer)
         cache = enc_cfg.get("cache")  # absent in configs saved before the key existed: off
         if cache is not None and (not isinstance(cache, (str, os.PathLike)) or not str(cache)):
             raise ValueError(f"encoder.cache must be null, 'auto' or a folder path, got {cache!r}")
@@ -152,12 +155,14 @@ class UniFusionModule(L.LightningModule):
             return self.encoder(prompts) if cache is None else cache(prompts)
         items = [as_prompt(p) for p in prompts]
         keys = [self._key(p) for p in items]
-        todo = list({k: p for k, p in zip(keys, items, strict=True) if k not in self._rewrites}.items())
+        by_key, tok = dict(zip(keys, items, strict=True)), self.encoder.tokenizer
+        todo = self._rewrites.missing(keys)
         for i in range(0, len(todo), 64):  # greedy rewrites are deterministic: generate each distinct one once
             chunk = todo[i: i + 64]
-            for (k, _), text in zip(chunk, self.encoder.rewrite([p for _, p in chunk]), strict=True):
-                self._rewrites[k] = text
-        return self.encoder(items, verifi=True, rewrites=[self._rewrites[k] for k in keys])
+            for k, rewrite in zip(chunk, self.encoder.generate_rewrites([by_key[k] for k in chunk]), strict=True):
+                self._rewrites.put(k, rewrite, tok)
+        # condition on exactly the generated ids (never on their decoded text tokenised again)
+        return self.encoder(items, verifi=True, rewrites=[self._rewrites.get(k, tok).ids for k in keys])
 
     # ---------------------------------------------------------------- model
     def velocity(

@@ -67,20 +67,20 @@ def test_multi_reference_generation_runs(module: UniFusionModule) -> None:
 
 def test_verifi_rewrites_are_generated_once_and_cached(module: UniFusionModule) -> None:
     calls: list[int] = []
-    real = module.encoder.rewrite
+    real = module.encoder.generate_rewrites
 
     def counting(prompts, seed=0):
         calls.append(len(prompts))
         return real(prompts, seed)
 
-    module.encoder.rewrite = counting
+    module.encoder.generate_rewrites = counting
     try:
         module._rewrites.clear()
         prompts = ["a photo of a circle", "a photo of a circle", Prompt("remove it", (img(2),))]
         first = module.encode(prompts, verifi=True)
         again = module.encode(prompts, verifi=True)
     finally:
-        module.encoder.rewrite = real
+        module.encoder.generate_rewrites = real
     assert calls == [2]  # two distinct prompts, generated in one batch, never again
     torch.testing.assert_close(first.features, again.features)
     assert first.rewrites[0] == first.rewrites[1]

@@ -94,7 +94,8 @@ def test_verifi_conditions_on_exactly_the_generated_positions(vlm: FrozenEncoder
     for b, p in enumerate(prompts):
         p = p if isinstance(p, Prompt) else Prompt(p)
         row = vlm._verifi_rows([p], None, 0)[0]
-        head_len = len(row.ids) - len(vlm.tokenizer(" " + out.rewrites[b], add_special_tokens=False)["input_ids"])
+        head_len = len(row.ids) - len(row.rewrite.ids)
+        assert row.rewrite.text == out.rewrites[b]
         image_pos = [i for i, t in enumerate(row.ids[:head_len]) if t in ctx_ids]
         want = image_pos + list(range(head_len, len(row.ids)))
         got = out.positions[b][out.mask[b]].tolist()
@@ -102,18 +103,21 @@ def test_verifi_conditions_on_exactly_the_generated_positions(vlm: FrozenEncoder
         assert all(t not in ctx_ids for t in row.ids[head_len:])
     # the text-only row keeps the rewrite's tokens and nothing of the user's prompt or the chat markup
     gen = out.token_ids[0][out.mask[0]].tolist()
-    assert gen == vlm.tokenizer(" " + out.rewrites[0], add_special_tokens=False)["input_ids"]
+    assert gen == list(vlm.generate_rewrites(prompts[:1])[0].ids)
     assert out.positions[0, 0] > len(vlm.tokenizer("a photo of a red circle")["input_ids"]) + 10
 
 
 def test_cached_rewrites_equal_generated(vlm: FrozenEncoder) -> None:
     prompts = ["a photo of two squares"]
     live = vlm(prompts, verifi=True)
-    cached = vlm(prompts, verifi=True, rewrites=live.rewrites)
+    ids = [r.ids for r in vlm.generate_rewrites(prompts)]
+    cached = vlm(prompts, verifi=True, rewrites=ids)
     torch.testing.assert_close(cached.features, live.features)
     assert torch.equal(cached.positions, live.positions)
     with pytest.raises(ValueError, match="only applies with verifi"):
-        vlm(prompts, rewrites=live.rewrites)
+        vlm(prompts, rewrites=ids)
+    with pytest.raises(ValueError, match="token ids generation produced"):  # text would be tokenised again
+        vlm(prompts, verifi=True, rewrites=live.rewrites)
 
 
 def test_bad_inputs(vlm: FrozenEncoder, tmp_path) -> None:

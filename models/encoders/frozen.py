@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from common.prompt import Prompt, as_prompt, decode_image
 from models.encoders.kv import attention_shape, check_kv_capable, encoder_kv
+from models.encoders.rewrites import Rewrite
 from models.encoders.spec import VerifiSpec, VisionSpec
 from models.encoders.taps import find_blocks, select_layers
 
@@ -37,7 +38,7 @@ class EncoderOutput:
     layer_ids: tuple[int, ...]  # the N hidden-state ids, ascending
     token_ids: Tensor | None = None  # (B, T) long, the kept token ids, pad id where mask is False
     positions: Tensor | None = None  # (B, T) long, where each kept token sits in the encoded sequence; -1 = pad
-    rewrites: list[str | None] | None = None  # VERIFI: the decoded rewrite of each prompt
+    rewrites: list[str | None] | None = None  # VERIFI: the decoded rewrite of each prompt, for people to read
 
 
 class _StopForward(Exception):
@@ -50,7 +51,7 @@ class _Row:
     keep: list[int]  # positions in ids the DiT sees, ascending
     vision: dict[str, Tensor]  # processor outputs other than ids/mask (pixel_values, image_grid_thw, ...)
     seq_keys: tuple[str, ...] = ()  # vision entries aligned with ids (token_type_ids...), padded like ids
-    rewrite: str | None = None
+    rewrite: Rewrite | None = None
 
 
 class FrozenEncoder(nn.Module):
@@ -314,7 +315,7 @@ class FrozenEncoder(nn.Module):
         return input_ids, mask, {k: torch.cat(v) for k, v in merged.items()}
 
     # -------------------------------------------------------------------------------------- VERIFI
-    def _verifi_rows(self, prompts: list[Prompt], rewrites: Sequence[str] | None, seed: int) -> list[_Row]:
+    def _verifi_rows(self, prompts: list[Prompt], rewrites: Sequence[Sequence[int]] | None, seed: int) -> list[_Row]:
         if self.verifi is None:
             raise ValueError(f"encoder preset {self.name!r} has no VERIFI prompt (a generative VLM preset does)")
         prefix, suffix = self.verifi.template.split("{}")
@@ -329,7 +330,10 @@ class FrozenEncoder(nn.Module):
         else:
             if len(rewrites) != len(prompts):
                 raise ValueError(f"{len(rewrites)} rewrites for {len(prompts)} prompts")
-            new_ids = [self._ids(" " + r) for r in rewrites]
+            if any(isinstance(r, str) or not all(isinstance(t, int) for t in r) for r in rewrites):
+                raise ValueError("rewrites are the token ids generation produced (e.g. Rewrite.ids), not text: "
+                                 "re-tokenised text is not what the VLM generated")
+            new_ids = [list(r) for r in rewrites]
         rows = []
         for i, (h, gen) in enumerate(zip(heads, new_ids, strict=True)):
             ids = h.ids + gen
@@ -341,8 +345,8 @@ class FrozenEncoder(nn.Module):
             vision = {}
             for k, v in h.vision.items():
                 vision[k] = torch.nn.functional.pad(v, (*(0, 0) * (v.dim() - 2), 0, len(gen))) if k in h.seq_keys else v
-            text = self.tokenizer.decode(gen, skip_special_tokens=True).strip()
-            rows.append(_Row(ids, keep, vision, h.seq_keys, rewrite=text))
+            text = self.tokenizer.decode(gen, skip_special_tokens=True).strip()  # for people only
+            rows.append(_Row(ids, keep, vision, h.seq_keys, rewrite=Rewrite(tuple(gen), text)))
         return rows
 
     @torch.no_grad()
@@ -373,9 +377,13 @@ class FrozenEncoder(nn.Module):
             result.append(row[: row.index(self._stop_id)] if self._stop_id in row else row)
         return result
 
+    def generate_rewrites(self, prompts: Sequence[str | Prompt], seed: int = 0) -> list[Rewrite]:
+        """The VERIFI rewrites of prompts (generated token ids + decoded text), without encoding them."""
+        return [r.rewrite for r in self._verifi_rows(self._prompts(prompts), None, seed)]
+
     def rewrite(self, prompts: Sequence[str | Prompt], seed: int = 0) -> list[str]:
-        """The VERIFI rewrites (decoded text) of prompts, without encoding them."""
-        return [r.rewrite or "" for r in self._verifi_rows(self._prompts(prompts), None, seed)]
+        """The VERIFI rewrites of prompts as decoded text, for people to read."""
+        return [r.text for r in self.generate_rewrites(prompts, seed)]
 
     # -------------------------------------------------------------------------------------- running
     @torch.no_grad()
@@ -431,14 +439,15 @@ class FrozenEncoder(nn.Module):
         self,
         prompts: Sequence[str | Prompt],
         verifi: bool = False,
-        rewrites: Sequence[str] | None = None,
+        rewrites: Sequence[Sequence[int]] | None = None,
         seed: int = 0,
     ) -> EncoderOutput:
         """Encode prompts: B str/Prompt -> EncoderOutput (features (B, T, N, D), mask (B, T)).
 
         Plain: the kept tokens are the user content (image tokens, then text; plus EOS if added), the template
-        dropped. ``verifi=True``: the VLM rewrites each prompt (or ``rewrites`` are given, e.g. cached ones) and
-        the kept tokens are the image tokens + the rewrite's tokens only; the user's text is not kept.
+        dropped. ``verifi=True``: the VLM rewrites each prompt (or ``rewrites`` are given: the token ids an earlier
+        generation produced, e.g. cached ones, used as they are) and the kept tokens are the image tokens + the
+        rewrite's tokens only; the user's text is not kept.
         """
         items = self._prompts(prompts)
         if rewrites is not None and not verifi:
@@ -462,7 +471,7 @@ class FrozenEncoder(nn.Module):
             layer_ids=self.layer_ids,
             token_ids=token_ids.to(d),
             positions=positions.to(d),
-            rewrites=[r.rewrite for r in rows] if verifi else None,
+            rewrites=[r.rewrite.text for r in rows] if verifi else None,
         )
 
 
