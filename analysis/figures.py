@@ -103,7 +103,8 @@ def bars(df: pd.DataFrame, out_dir: Path, name: str = "bars", title: str | None 
     _errorbars(ax1, x, overall["value"], overall["ci_low"], overall["ci_high"])
     for xi, v in zip(x, overall["value"], strict=True):
         ax1.text(xi, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
-    ax1.set_xticks(x, order, rotation=20)
+    params = dit_params(df)  # under each run's name: its DiT's size, where the results record it
+    ax1.set_xticks(x, [f"{r}\n{params[r]}" if r in params else r for r in order], rotation=20)
     ax1.set_ylabel("GenEval-shapes overall (95% CI)")
     ax1.set_ylim(0, 1)
     steps = int(overall.loc[overall.run != "untrained", "step"].max()) if (overall.run != "untrained").any() else 0
@@ -166,14 +167,22 @@ def paired_caption(paired: pd.DataFrame, metrics: pd.DataFrame) -> str:
 
 
 
+def dit_params(metrics: pd.DataFrame) -> dict[str, str]:
+    """Each run's trainable DiT parameters as "2.65M" (metric ``params.dit``); {} for results made before it."""
+    rows = metrics[metrics.metric == "params.dit"]
+    return {r.run: f"{r.value / 1e6:.2f}M" for r in rows.itertuples()}
+
+
 def table_markdown(metrics: pd.DataFrame, caption: str = "") -> str:
-    """Runs x (GenEval overall + six tasks, then any reconstruction / edit metric present): value [95% CI], in the
-    figure's run order, then the caption. Columns no run has are left out."""
+    """Runs x (DiT parameters, GenEval overall + six tasks, then any reconstruction / edit metric present): value
+    [95% CI], in the figure's run order, then the caption. Columns no run has are left out."""
     runs = _order(list(metrics.run.unique()))
     keys = table_metrics()
     keys = [k for k in keys if (metrics.metric == k).any()]
     cols = [k.removeprefix("geneval.") for k in keys]
-    head = "| run | step | " + " | ".join(cols) + " |\n|---|---:|" + "---:|" * len(cols) + "\n"
+    params = dit_params(metrics)
+    size = ("DiT params | ", "---:|") if params else ("", "")
+    head = f"| run | step | {size[0]}" + " | ".join(cols) + f" |\n|---|---:|{size[1]}" + "---:|" * len(cols) + "\n"
     body = []
     for run in runs:
         m = metrics[metrics.run == run].set_index("metric")
@@ -185,6 +194,7 @@ def table_markdown(metrics: pd.DataFrame, caption: str = "") -> str:
             v, lo, hi = m.loc[key, "value"], m.loc[key, "ci_low"], m.loc[key, "ci_high"]
             digits = 2 if key.endswith("psnr") else 3
             cells.append(f"{v:.{digits}f}" + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and pd.notna(hi) else ""))
+        cells = [params.get(run, "")] + cells if params else cells
         body.append(f"| {run} | {int(m['step'].iloc[0])} | " + " | ".join(cells) + " |")
     text = head + "\n".join(body) + "\n"
     return text + (f"\n```\n{caption}\n```\n" if caption else "")

@@ -344,9 +344,14 @@ def run(exp: str, name: str, config: dict[str, Any], run_dir: Path, threads: int
     t1 = time.time()
     df = evaluate_all(module, config, run_dir, exp, name, step)
     t_eval = time.time() - t1
+    from models.dit import count_parameters
+
+    # model size beside the scores: candidates differ in what they train (KV fusion's DiT copies the encoder's shape)
+    facts = (("time.train_s", t_train), ("time.eval_s", t_eval), ("params.dit", count_parameters(module.dit)),
+             ("params.trainable", count_parameters(module.dit) + count_parameters(module.conditioner)))
     timing = pd.DataFrame(
         [{"exp": exp, "run": name, "candidate": config["candidate"], "seed": config["seed"], "step": step,
-          "metric": m, "value": v, "n": 1} for m, v in (("time.train_s", t_train), ("time.eval_s", t_eval))]
+          "metric": m, "value": v, "n": 1} for m, v in facts]
     )
     for key, value in config_columns(config).items():
         timing[key] = value

@@ -196,3 +196,17 @@ def test_render_experiment_from_files_alone(tmp_path: Path) -> None:
     table = (exp / "table.md").read_text()
     assert "| lap | 10 | 0.833 [0.73, 0.93] |" in table and "lap - last_layer: +0.667" in table
     assert len(pd.read_csv(exp / "paired.csv")) == 3
+
+
+def test_table_shows_each_runs_dit_parameters_beside_its_scores() -> None:
+    base = {"exp": "x", "seed": 0, "step": 10, "ci_low": None, "ci_high": None, "n": 1}
+    rows = [{**base, "run": "lap", "candidate": "lap", "metric": "geneval.overall", "value": 0.5},
+            {**base, "run": "lap", "candidate": "lap", "metric": "params.dit", "value": 731_568},
+            {**base, "run": "kv_fusion", "candidate": "kv_fusion", "metric": "geneval.overall", "value": 0.25},
+            {**base, "run": "kv_fusion", "candidate": "kv_fusion", "metric": "params.dit", "value": 2_647_728}]
+    table = figures.table_markdown(pd.DataFrame(rows))
+    assert table.splitlines()[0] == "| run | step | DiT params | overall |"
+    assert "| kv_fusion | 10 | 2.65M | 0.250 |" in table and "| lap | 10 | 0.73M | 0.500 |" in table
+    # results made before the metric existed keep their table unchanged
+    old = figures.table_markdown(pd.DataFrame([r for r in rows if r["metric"] != "params.dit"]))
+    assert old.splitlines()[0] == "| run | step | overall |" and "| lap | 10 | 0.500 |" in old

@@ -73,6 +73,12 @@ def test_smoke_sweep_end_to_end_and_resume(tmp_path: Path) -> None:
         seed = r.config["eval"]["geneval"]["seed"]
         again = module.generate([prompt], [seed])[0]
         np.testing.assert_array_equal(again, np.asarray(Image.open(folder / "samples" / "00000.png")))
+        # the DiT size in the results is the reloaded DiT's trainable parameter count
+        params = df[(df.run == r.name) & (df.metric == "params.dit")]["value"]
+        assert params.tolist() == [sum(p.numel() for p in module.dit.parameters() if p.requires_grad)]
+    sizes = df[df.metric == "params.dit"].set_index("run")["value"]
+    assert sizes["kv_fusion"] > 3 * sizes["kv_fusion_hidden"]  # the encoder-shaped DiT (192 wide) vs the 96-wide one
+    assert "DiT params" in (results / "table.md").read_text()
 
     # A second sweep finds every run finished and redoes nothing.
     again = subprocess.run(["make", "sweep", "EXP=conditioning_candidates", "SMOKE=1"], cwd=ROOT, env=env,
