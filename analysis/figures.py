@@ -34,8 +34,13 @@ from experiments.evaluation import BENCHMARKS, table_metrics  # noqa: E402
 from experiments.validation import VAL_METRICS  # noqa: E402
 
 OVERALL = BENCHMARKS["geneval"].headline  # GenEval-shapes overall: the bars' headline, the paired tests' metric
+# A metric "<benchmark>.<score>@<x>" is one point of a setting swept inside a benchmark (zero-shot editing's p):
+# tables list those per x, in a table of their own, and ``fig15b`` draws them against x.
+SWEPT = "@"
+SWEEP_LABELS = {"zero_shot_edit": ("p", "p = share of sampling steps on the source image's tokens (then the "
+                                        "target's description)")}
 # the reconstruction / editing benchmarks' metrics, in their registry order
-IMAGE_METRICS = [m for name, b in BENCHMARKS.items() if name != "geneval" for m in b.metrics]
+IMAGE_METRICS = [m for name, b in BENCHMARKS.items() if name != "geneval" for m in b.metrics if SWEPT not in m]
 RUN_ORDER = ["untrained", "t5", "last_layer", "kv_fusion", "kv_fusion_hidden", "hsi", "lap"]
 
 
@@ -177,12 +182,11 @@ def table_markdown(metrics: pd.DataFrame, caption: str = "") -> str:
     """Runs x (DiT parameters, GenEval overall + six tasks, then any reconstruction / edit metric present): value
     [95% CI], in the figure's run order, then the caption. Columns no run has are left out."""
     runs = _order(list(metrics.run.unique()))
-    keys = table_metrics()
-    keys = [k for k in keys if (metrics.metric == k).any()]
+    keys = [k for k in table_metrics() if SWEPT not in k and (metrics.metric == k).any()]
     cols = [k.removeprefix("geneval.") for k in keys]
     params = dit_params(metrics)
-    size = ("DiT params | ", "---:|") if params else ("", "")
-    head = f"| run | step | {size[0]}" + " | ".join(cols) + f" |\n|---|---:|{size[1]}" + "---:|" * len(cols) + "\n"
+    cols = ["step", *(["DiT params"] if params else []), *cols]
+    head = "| run | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
     body = []
     for run in runs:
         m = metrics[metrics.run == run].set_index("metric")
@@ -196,8 +200,46 @@ def table_markdown(metrics: pd.DataFrame, caption: str = "") -> str:
             cells.append(f"{v:.{digits}f}" + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and pd.notna(hi) else ""))
         cells = [params.get(run, "")] + cells if params else cells
         body.append(f"| {run} | {int(m['step'].iloc[0])} | " + " | ".join(cells) + " |")
-    text = head + "\n".join(body) + "\n"
+    text = head + "\n".join(body) + "\n" + swept_table(metrics)
     return text + (f"\n```\n{caption}\n```\n" if caption else "")
+
+
+def swept(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The swept metrics' rows with ``benchmark`` ("zero_shot_edit"), ``score`` ("correct") and ``at`` (x as a
+    float) split out of the metric name, sorted by benchmark, run and x."""
+    d = metrics[metrics.metric.str.contains(SWEPT, regex=False)].copy()
+    if d.empty:
+        return d.assign(benchmark=[], score=[], at=[])
+    parts = d.metric.str.rsplit(SWEPT, n=1, expand=True)
+    head = parts[0].str.split(".", n=1, expand=True)
+    d["benchmark"], d["score"], d["at"] = head[0], head[1], parts[1].astype(float)
+    return d.sort_values(["benchmark", "run", "at"], kind="stable")
+
+
+def swept_table(metrics: pd.DataFrame) -> str:
+    """One markdown table per swept benchmark: a row per run and x, a column per score, value [95% CI]; "" when
+    the results have none."""
+    d = swept(metrics)
+    out = ""
+    for bench, b in d.groupby("benchmark", sort=False):
+        scores = list(dict.fromkeys(b.score))
+        x, meaning = SWEEP_LABELS.get(bench, ("x", "x = the swept setting"))
+        out += f"\n## {bench}\n\n{meaning}\n\n"
+        out += f"| run | {x} | " + " | ".join(scores) + " |\n|---|---:|" + "---:|" * len(scores) + "\n"
+        for run in _order(list(b.run.unique())):
+            r = b[b.run == run]
+            for at in sorted(r["at"].unique()):
+                cells = []
+                for sc in scores:
+                    row = r[(r["at"] == at) & (r.score == sc)]
+                    if row.empty:
+                        cells.append("")
+                        continue
+                    v, lo, hi = row[["value", "ci_low", "ci_high"]].iloc[0]
+                    cells.append(f"{v:.{2 if 'psnr' in sc else 3}f}"
+                                 + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and pd.notna(hi) else ""))
+                out += f"| {run} | {at:g} | " + " | ".join(cells) + " |\n"
+    return out
 
 
 @_themed
@@ -281,7 +323,39 @@ def learning_curves(df: pd.DataFrame, out_dir: Path, name: str = "learning_curve
     return _finish(fig, out_dir, name, "\n".join(filter(None, [bands, caption])))
 
 
-FIGURES: dict[str, Callable[..., Path]] = {"fig4": fig4, "bars": bars, "image_bars": image_bars,
+@_themed
+def fig15b(df: pd.DataFrame, out_dir: Path, caption: str = "") -> Path:
+    """Paper Fig. 15b, measured: zero-shot editing against p, the share of sampling steps on the source image's
+    tokens. Left: exact edit check and the asked change present; right: PSNR of the untouched pixels (to the
+    source) and of the whole image (to the target); 95% bootstrap CIs over held-out items; the paper's 10-20% is
+    shaded. One line style per run."""
+    d = swept(df)
+    d = d[d.benchmark == "zero_shot_edit"]
+    if d.empty:
+        raise ValueError("no zero_shot_edit.<score>@<p> metrics in this metrics.csv")
+    labels = {"correct": "exact edit check", "target": "asked change present",
+              "psnr_untouched": "PSNR untouched pixels vs source", "psnr": "PSNR vs target"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    styles = dict(zip(_order(list(d.run.unique())), ["-", "--", ":", "-."] * 4, strict=False))
+    for ax, group in zip(axes, (("correct", "target"), ("psnr_untouched", "psnr")), strict=True):
+        ax.axvspan(0.1, 0.2, color="0.9", zorder=0, label="paper: 10-20%")
+        for (run, sc), r in d[d.score.isin(group)].groupby(["run", "score"], sort=False):
+            color = sns.color_palette("deep")[group.index(sc)]
+            ax.plot(r["at"], r["value"], styles[run], marker="o", color=color,
+                    label=labels[sc] + (f" ({run})" if len(styles) > 1 else ""))
+            ax.fill_between(r["at"], r["ci_low"], r["ci_high"], color=color, alpha=0.2, lw=0)
+        ax.set_xlabel("p: share of steps on the source image's tokens")
+        ax.set_xticks(sorted(d["at"].unique()))
+        ax.legend(fontsize=7)
+    axes[0].set_ylim(0, 1)
+    axes[0].set_ylabel("share of held-out edits")
+    axes[1].set_ylabel("dB")
+    steps, n = int(d["step"].max()), int(d["n"].max())
+    fig.suptitle(f"Zero-shot editing ({df.exp.iloc[0]}, {steps} steps, {n} held-out edits, 95% CI over items)")
+    return _finish(fig, out_dir, "fig15b", caption)
+
+
+FIGURES: dict[str, Callable[..., Path]] = {"fig4": fig4, "bars": bars, "image_bars": image_bars, "fig15b": fig15b,
                                            "learning_curves": learning_curves}
 
 

@@ -38,7 +38,8 @@ def image_metrics(sample: np.ndarray, reference: np.ndarray) -> tuple[float, flo
 
 
 def held_out_items(kind: str, n: int, seed: int, size: int = 32) -> list[dict[str, Any]]:
-    """``n`` items: {"source": uint8 image, "instruction": str, "target": uint8 image, "groups": dict}."""
+    """``n`` items: {"source": uint8 image, "instruction": str, "target": uint8 image, "groups": dict,
+    "source_scene" / "target_scene": the ``world.scene.Scene`` of each image}."""
     from world.edits import random_edit
     from world.scene import render, sample_scene
 
@@ -55,7 +56,8 @@ def held_out_items(kind: str, n: int, seed: int, size: int = 32) -> list[dict[st
         groups: dict[str, int] = {}
         for o in tgt.objects:
             groups[o.name] = groups.get(o.name, 0) + 1
-        items.append({"source": render(src), "instruction": instruction, "target": render(tgt), "groups": groups})
+        items.append({"source": render(src), "instruction": instruction, "target": render(tgt), "groups": groups,
+                      "source_scene": src, "target_scene": tgt})
     return items
 
 

@@ -8,13 +8,15 @@ Edits (paper Sec. 4 / 5 at toy scale), each a pure function of (scene, rng):
 - move:     "move the red circle to the left ."  (its centre moves into that third of the canvas)
 
 ``parse_description`` inverts ``world.descriptions.describe`` (the VERIFI rewrite target) back into counts and
-relations, so a VLM's rewrite can be checked against the prompt it rewrote (``rewrite_faithful``).
+relations, so a VLM's rewrite can be checked against the prompt it rewrote (``rewrite_faithful``);
+``parse_instruction`` inverts an edit instruction, so an edited image can be checked for the one change it asks
+(``edit_target_present``).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,11 +32,16 @@ def _unique(scene: Scene) -> list[Obj]:
     return [o for o in scene.objects if sum(p.name == o.name for p in scene.objects) == 1]
 
 
+def _third(direction: str, size: int) -> tuple[int, int]:
+    """Centre coordinates (inclusive) of the ``direction`` third of the canvas, on the axis it names."""
+    third = size // 3
+    return (0, third - 1) if direction in ("left", "top") else (size - third, size - 1)
+
+
 def _moved(obj: Obj, direction: str, size: int, rng: np.random.Generator) -> Obj:
     """``obj`` with its centre drawn uniformly inside the ``direction`` third of the canvas (other axis kept)."""
-    lo, hi = obj.r, size - 1 - obj.r
-    third = size // 3
-    a, b = (lo, third - 1) if direction in ("left", "top") else (size - third, hi)
+    lo, hi = _third(direction, size)
+    a, b = max(lo, obj.r), min(hi, size - 1 - obj.r)
     v = int(rng.integers(a, max(a, b), endpoint=True))
     return replace(obj, cx=v) if direction in ("left", "right") else replace(obj, cy=v)
 
@@ -91,6 +98,53 @@ def random_edit(scene_rng: np.random.Generator, size: int = 32) -> tuple[Scene, 
 
 
 # ------------------------------------------------------------------------------------------------ parsing
+
+_NAME = r"(\w+) (circle|square|triangle)"
+_INSTRUCTIONS = {
+    "recolour": re.compile(rf"^make the {_NAME} (\w+) \.$"),
+    "remove": re.compile(rf"^remove the {_NAME} \.$"),
+    "add": re.compile(rf"^add an? {_NAME} \.$"),
+    "move": re.compile(rf"^move the {_NAME} to the (left|right|top|bottom) \.$"),
+}
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """What an instruction asks: ``kind`` (EDIT_KINDS) and ``name``, the coloured class that shows the edit in the
+    edited scene (recolour: the new colour; add: the added object; remove: the removed one, now absent; move: the
+    moved one), plus the third it moves into."""
+
+    kind: str
+    name: str
+    direction: str | None = None
+
+
+def parse_instruction(text: str) -> EditSpec | None:
+    """The ``EditSpec`` of an ``edit_scene`` instruction; None if it does not follow that grammar."""
+    for kind, pattern in _INSTRUCTIONS.items():
+        m = pattern.match(text.strip())
+        if m is None or m.group(1) not in COLORS:
+            continue
+        if kind == "recolour":
+            return EditSpec(kind, f"{m.group(3)} {m.group(2)}") if m.group(3) in COLORS else None
+        return EditSpec(kind, f"{m.group(1)} {m.group(2)}", m.group(3) if kind == "move" else None)
+    return None
+
+
+def edit_target_present(spec: EditSpec, target: Scene, found: list[tuple[str, tuple[float, ...]]]) -> bool:
+    """Does an image show the change ``spec`` asks? ``found``: its objects as (name, box), e.g. from the exact
+    detector; ``target``: the edited scene. The edit's object must appear exactly as often as in ``target``
+    (recolour / add: the new one is there; remove: it is gone), and a moved object must sit, by its box centre, in
+    the third it was moved to. Nothing else in the image is judged (the exact edit check does that)."""
+    boxes = [box for name, box in found if name == spec.name]
+    if len(boxes) != sum(o.name == spec.name for o in target.objects):
+        return False
+    if spec.kind != "move":
+        return True
+    lo, hi = _third(spec.direction, target.size)
+    axis = 0 if spec.direction in ("left", "right") else 1
+    return all(lo <= (box[axis] + box[axis + 2]) / 2 <= hi for box in boxes)
+
 
 _NUM = {"a": 1, "an": 1, **{w: n for n, w in NUMBER_WORDS.items()}}
 _GROUP = re.compile(r"^(a|an|two|three|four) (\w+) (circle|square|triangle)s?$")
@@ -163,4 +217,5 @@ def rewrite_faithful(meta: dict[str, Any], rewrite: str) -> bool:
     return True
 
 
-__all__ = ["EDIT_KINDS", "edit_scene", "parse_description", "random_edit", "rewrite_faithful"]
+__all__ = ["EDIT_KINDS", "EditSpec", "edit_scene", "edit_target_present", "parse_description", "parse_instruction",
+           "random_edit", "rewrite_faithful"]

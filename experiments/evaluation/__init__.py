@@ -20,7 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.evaluation import geneval, image_tasks
+from evals.zero_shot_edit import METRICS as ZERO_SHOT_METRICS
+from experiments.evaluation import geneval, image_tasks, zero_shot_edit
 
 MetricRows = list[dict[str, Any]]
 
@@ -40,6 +41,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "reconstruction": Benchmark(image_tasks.reconstruction, ("reconstruction.psnr", "reconstruction.ssim"),
                                 "reconstruction.psnr"),
     "edit": Benchmark(image_tasks.edit, ("edit.correct", "edit.psnr", "edit.ssim"), "edit.correct"),
+    "zero_shot_edit": Benchmark(zero_shot_edit.run, ZERO_SHOT_METRICS, "zero_shot_edit.correct@0.2"),
 }
 
 
