@@ -36,7 +36,8 @@ NULL_SECTIONS = {"data.hf_edit": "data.hf"}
 # Keys added after runs were made: left out of the hash while null, so existing run directories keep their names.
 HASH_OMIT_NULL = (("data", "hf_edit"), ("encoder", "cache"), ("trainer", "accumulate_grad_batches"),
                   ("eval", "val_every"), ("data", "hf", "max_skip_rate"), ("data", "hf_edit", "max_skip_rate"),
-                  ("dit", "kv_heads"), ("dit", "head_dim"))
+                  ("dit", "kv_heads"), ("dit", "head_dim"),
+                  ("flow", "prediction"))
 
 
 def available_experiments() -> list[str]:

@@ -64,6 +64,23 @@ def flow_matching_loss(
     return sq.flatten(1).mean(1) if per_item else torch.mean(sq)
 
 
+PREDICTIONS = ("v", "x")
+X_PRED_MIN_SIGMA = 0.05  # x-prediction's velocity divides by s; clamped as JiT (Li & He 2025) clamps 1 - t
+
+
+def velocity_from_output(out: torch.Tensor, x: torch.Tensor, s: torch.Tensor, prediction: str = "v") -> torch.Tensor:
+    """The velocity a network output stands for: ``v`` = the output itself; ``x`` = the output is the clean image
+    x0_hat, so v = (x_s - x0_hat) / s (s clamped at ``X_PRED_MIN_SIGMA``). x-prediction (JiT, Li & He 2025) keeps
+    the flow-matching loss on v but lets a narrow network predict the low-dimensional clean image instead of
+    full-dimensional noise, which matters in pixel space where a patch (p*p*C values) is as wide as the model.
+    out, x (B, C, H, W), s (B,) -> v (B, C, H, W)."""
+    if prediction == "v":
+        return out
+    if prediction == "x":
+        return (x - out) / s.clamp(min=X_PRED_MIN_SIGMA).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    raise ValueError(f"unknown flow.prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+
+
 def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: v_u + scale * (v_c - v_u). scale = 1 is the plain conditional model."""
     return v_uncond + scale * (v_cond - v_uncond)

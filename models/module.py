@@ -35,7 +35,7 @@ from models.dit import DiT
 from models.encoders import EncoderOutput, build_encoder
 from models.encoders.kv import attention_shape
 from models.encoders.rewrites import RewriteCache
-from models.flow import cfg_velocity, euler_sample, flow_matching_loss, sample_sigmas
+from models.flow import cfg_velocity, euler_sample, flow_matching_loss, sample_sigmas, velocity_from_output
 from models.latents import build_latent_space
 
 ENCODER_PREFIX = "encoder."
@@ -177,7 +177,8 @@ class UniFusionModule(L.LightningModule):
         """x (B, C, S, S), s (B,), features (B, T, N, D_enc), mask (B, T) -> v (B, C, S, S)."""
         parts = self.ema.module if ema else {"conditioner": self.conditioner, "dit": self.dit}
         cond_mod, dit = parts["conditioner"], parts["dit"]
-        return dit(x, s, cond_mod(features, mask, drop))
+        out = dit(x, s, cond_mod(features, mask, drop))
+        return velocity_from_output(out, x, s, self.config["flow"].get("prediction") or "v")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0 = self.latent.encode(batch["image"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models.flow import (
@@ -11,6 +12,7 @@ from models.flow import (
     interpolate,
     sample_sigmas,
     shift_sigmas,
+    velocity_from_output,
     velocity_target,
 )
 
@@ -69,3 +71,20 @@ def test_loss_is_zero_for_the_exact_velocity_and_cfg_formula():
     torch.testing.assert_close(cfg_velocity(vc, vu, 1.0), vc)  # w = 1: the conditional model
     assert torch.equal(cfg_velocity(vc, vu, 0.0), vu)  # w = 0: the unconditional one
     assert not torch.allclose(cfg_velocity(vc, vu, 3.0), 3 * vc)  # dropping v_u would be caught
+
+
+def test_x_prediction_of_the_clean_image_gives_the_true_velocity():
+    # a network that outputs x0 exactly stands for v = eps - x0 wherever s is above the clamp; v-prediction is the
+    # identity; an unknown prediction type is refused
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(5, 3, 4, 4, generator=g), torch.randn(5, 3, 4, 4, generator=g)
+    s = torch.tensor([0.05, 0.2, 0.5, 0.9, 1.0])
+    xs = interpolate(x0, eps, s)
+    torch.testing.assert_close(velocity_from_output(x0, xs, s, "x"), velocity_target(x0, eps), atol=1e-5, rtol=1e-5)
+    assert torch.equal(velocity_from_output(eps, xs, s, "v"), eps)
+    # below the clamp the division uses 0.05, not s: (x_s - x0) / 0.05 = s / 0.05 * (eps - x0)
+    s_small = torch.full((5,), 0.01)
+    got = velocity_from_output(x0, interpolate(x0, eps, s_small), s_small, "x")
+    torch.testing.assert_close(got, 0.2 * (eps - x0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="flow.prediction"):
+        velocity_from_output(x0, xs, s, "eps")
