@@ -9,7 +9,7 @@ The run is ``conditioning_candidates``'s ``--run`` with the overrides applied la
 --set``), trained and evaluated in this process with one torch thread, in ``--runs-dir/<trial>/``. One row per
 trial is appended to ``results/recipe_search/trials.csv``: the overrides, GenEval-shapes overall and per task,
 and the train / eval wall times. ``--radius LO,HI`` trains and evaluates in a world whose shapes have radii
-LO..HI at 32 px instead of the default ``shapes.radius_range`` (a world-spec change, tried here before it is
+LO..HI at 32 px instead of the default ``world.scene.radius_range`` (a world-spec change, tried here before it is
 made in code). ``--from-trial SRC`` trains nothing: it re-samples and re-scores SRC's final weights with SRC's
 config updated by the ``sample.*`` / ``eval.*`` overrides (sampler and CFG settings cost no training); its
 ``train_s`` is SRC's.
@@ -31,11 +31,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.geneval_spec import TASKS  # noqa: E402
 from experiments.config import load_experiment  # noqa: E402
-from experiments.data import shapes  # noqa: E402
+from world import scene  # noqa: E402
 
 CSV = ROOT / "results" / "recipe_search" / "trials.csv"
-COLUMNS = ["trial", "from_trial", "exp", "run", "radius", "sets", "steps", "overall", *shapes.TASKS,
+COLUMNS = ["trial", "from_trial", "exp", "run", "radius", "sets", "steps", "overall", *TASKS,
            "train_s", "eval_s", "total_s", "cpu_s", "threads", "note"]
 
 
@@ -44,7 +45,7 @@ def patch_radius(radius: str) -> None:
     lo, hi = (int(v) for v in radius.split(","))
     if not 1 <= lo <= hi:
         raise SystemExit(f"error: --radius needs 1 <= LO <= HI, got {radius!r}")
-    shapes.radius_range = lambda size: (lo, hi)
+    scene.radius_range = lambda size: (lo, hi)
 
 
 def trial(name: str, exp: str, run_name: str, sets: list[str], radius: str, runs_dir: Path, note: str) -> dict:
@@ -65,7 +66,7 @@ def trial(name: str, exp: str, run_name: str, sets: list[str], radius: str, runs
     val = dict(zip(df["metric"], df["value"], strict=True))
     row = {"trial": name, "from_trial": "", "exp": exp, "run": run_name, "radius": radius, "sets": shlex.join(sets),
            "steps": int(df["step"].iloc[0]), "overall": round(val["geneval.overall"], 4),
-           **{t: round(val[f"geneval.{t}"], 4) for t in shapes.TASKS},
+           **{t: round(val[f"geneval.{t}"], 4) for t in TASKS},
            "train_s": round(val["time.train_s"], 1), "eval_s": round(val["time.eval_s"], 1),
            "total_s": round(total, 1), "cpu_s": round(cpu, 1), "threads": torch.get_num_threads(), "note": note}
     return row
@@ -100,7 +101,7 @@ def resample(name: str, src: str, sets: list[str], runs_dir: Path, note: str) ->
     val = dict(zip(df["metric"], df["value"], strict=True))
     return {"trial": name, "from_trial": src, "exp": base["exp"], "run": base["run"], "radius": base["radius"],
             "sets": shlex.join(shlex.split(base["sets"]) + sets), "steps": base["steps"],
-            "overall": round(val["geneval.overall"], 4), **{t: round(val[f"geneval.{t}"], 4) for t in shapes.TASKS},
+            "overall": round(val["geneval.overall"], 4), **{t: round(val[f"geneval.{t}"], 4) for t in TASKS},
             "train_s": base["train_s"], "eval_s": round(t_eval, 1),
             "total_s": round(float(base["train_s"]) + t_eval, 1), "cpu_s": round(cpu, 1),
             "threads": torch.get_num_threads(), "note": note}
