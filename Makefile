@@ -12,6 +12,9 @@ PROFILE ?=
 SMOKE ?=
 PAPER ?=
 SET ?=
+SEEDS ?=
+# SEEDS=0,1,2: every run once per training seed (--set seeds=[0,1,2]); empty = base.yaml's (one run, seed 0)
+SEED_SET = $(if $(SEEDS),--set seeds=[$(SEEDS)])
 PYTEST_ARGS ?=
 
 .PHONY: venv test test-fast lint sweep status collect figures bench
@@ -36,18 +39,19 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# make sweep EXP=conditioning_candidates [SMOKE=1] [CLUSTER=local|debug|slurm] [PROFILE=<slurm/profiles/NAME>]
+# make sweep EXP=conditioning_candidates [SMOKE=1] [SEEDS=0,1,2] [CLUSTER=local|debug|slurm]
+#            [PROFILE=<slurm/profiles/NAME>]
 #            [PAPER=1 SET="data.hf.path=parquet data.hf.data_files=/data/*.parquet"]  (the YAML's paper variant)
 sweep: $(STAMP)
-	$(PY) -m experiments.launch $(EXP) --cluster $(CLUSTER) $(if $(PROFILE),--profile $(PROFILE)) $(if $(SMOKE),--smoke) $(if $(PAPER),--paper) $(foreach kv,$(SET),--set $(kv))
+	$(PY) -m experiments.launch $(EXP) --cluster $(CLUSTER) $(if $(PROFILE),--profile $(PROFILE)) $(if $(SMOKE),--smoke) $(if $(PAPER),--paper) $(foreach kv,$(SET),--set $(kv)) $(SEED_SET)
 
 # make status EXP=<name> [SMOKE=1]: one row per run (pending/running/requeued/done/failed, step, metric, log)
 status: $(STAMP)
-	$(PY) -m experiments.status $(EXP) $(if $(SMOKE),--smoke) $(if $(PAPER),--paper) $(foreach kv,$(SET),--set $(kv))
+	$(PY) -m experiments.status $(EXP) $(if $(SMOKE),--smoke) $(if $(PAPER),--paper) $(foreach kv,$(SET),--set $(kv)) $(SEED_SET)
 
 # make collect EXP=<name> [SMOKE=1]: rebuild results/<EXP>/metrics.csv + figure from the run directories
 collect: $(STAMP)
-	$(PY) -m experiments.launch $(EXP) --collect $(if $(SMOKE),--smoke) $(if $(PAPER),--paper) $(foreach kv,$(SET),--set $(kv))
+	$(PY) -m experiments.launch $(EXP) --collect $(if $(SMOKE),--smoke) $(if $(PAPER),--paper) $(foreach kv,$(SET),--set $(kv)) $(SEED_SET)
 
 # make figures: every figure, table (table.md, paired.csv) and checkpoint analysis of every results/<EXP>/, from files
 figures: $(STAMP)

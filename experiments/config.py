@@ -6,7 +6,7 @@ An ablation YAML:
     overrides: {...}            # applied to base.yaml for every run
     runs:                       # named grid points, each an override dict
       lap: {candidate: lap, conditioner: {refiner_blocks: 2}}
-    grid: {seed: [0, 1]}        # optional cartesian product applied on top of every run
+    grid: {dit.depth: [4, 8]}   # optional cartesian product applied on top of every run
     smoke: {...}                # overrides for `--smoke` (tiny, for tests)
     smoke_runs: {name: {...}}   # per-run smoke overrides, after the run's own (e.g. stage lengths)
     paper: {overrides: {...}, runs: {name: {...}}}   # `--paper`: real encoders + data, paper hyper-parameters
@@ -14,6 +14,12 @@ An ablation YAML:
 
 A run's directory name is ``<name>-<hash>`` where the hash covers the full resolved config, so re-running a
 sweep finds finished runs (skip) and unfinished ones (resume) and never mixes two configs.
+
+Training-seed replicates: ``seeds: [0, 1, 2]`` (base.yaml, ``--set seeds=[0,1,2]``, ``make sweep SEEDS=0,1,2``)
+expands every run into one run per training seed. Each replicate is the run's config with ``seed`` set (model
+init, data order, training noise) and ``seeds`` back to null, so it is the very config a single-seed sweep with
+that ``seed`` would train; its directory is ``<name>-seed<s>-<hash>``. The evaluation prompts and sampling seeds
+(``eval.*.seed``) are not touched, so the replicates of two runs are scored on the same prompts and noise.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ NULL_SECTIONS = {"data.hf_edit": "data.hf"}
 HASH_OMIT_NULL = (("data", "hf_edit"), ("encoder", "cache"), ("trainer", "accumulate_grad_batches"),
                   ("eval", "val_every"), ("data", "hf", "max_skip_rate"), ("data", "hf_edit", "max_skip_rate"),
                   ("dit", "kv_heads"), ("dit", "head_dim"),
-                  ("flow", "prediction"))
+                  ("flow", "prediction"), ("seeds",))
 
 
 def available_experiments() -> list[str]:
@@ -86,13 +92,47 @@ def config_hash(config: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class RunSpec:
+    """One run of a sweep. ``replicate``: one of several training-seed replicates of the run ``name`` (they share
+    the name; the seed is ``config["seed"]`` and is part of the directory name)."""
+
     exp: str
     name: str
     config: dict[str, Any]
+    replicate: bool = False
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["seed"])
+
+    @property
+    def label(self) -> str:
+        """How logs name the run: ``lap``, or ``lap seed 1`` for a replicate."""
+        return f"{self.name} seed {self.seed}" if self.replicate else self.name
 
     @property
     def dirname(self) -> str:
-        return f"{self.name}-{config_hash(self.config)}"
+        seed = f"-seed{self.seed}" if self.replicate else ""
+        return f"{self.name}{seed}-{config_hash(self.config)}"
+
+
+def training_seeds(config: dict[str, Any]) -> list[int] | None:
+    """The ``seeds`` list of a config (None when null); anything but a non-empty list of distinct ints raises
+    ValueError."""
+    seeds = config.get("seeds")
+    if seeds is None:
+        return None
+    if (not isinstance(seeds, list) or not seeds
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"seeds must be a non-empty list of distinct ints (e.g. seeds=[0,1,2]), got {seeds!r}")
+    return seeds
+
+
+def expand_seeds(run: RunSpec) -> list[RunSpec]:
+    """One replicate per training seed of ``run.config["seeds"]`` (the run itself when it is null)."""
+    seeds = training_seeds(run.config)
+    if seeds is None:
+        return [run]
+    return [RunSpec(run.exp, run.name, merge(run.config, {"seed": s, "seeds": None}), replicate=True) for s in seeds]
 
 
 def load_experiment(exp: str, smoke: bool = False, paper: bool = False,
@@ -132,12 +172,12 @@ def load_experiment(exp: str, smoke: bool = False, paper: bool = False,
             for k, v in zip(keys, values, strict=True):
                 cfg = merge(cfg, set_dotted(k, v))
                 suffix.append(f"{k.split('.')[-1]}{v}")
-            runs.append(RunSpec(exp, "_".join([name, *suffix]), cfg))
+            runs += expand_seeds(RunSpec(exp, "_".join([name, *suffix]), cfg))
     for r in runs:
         try:
             check_model_config(r.config)
         except ValueError as err:
-            raise ValueError(f"{exp} run {r.name!r}: {err}") from None
+            raise ValueError(f"{exp} run {r.label!r}: {err}") from None
     return spec, resolve_init(runs)
 
 
@@ -164,25 +204,32 @@ def check_model_config(config: dict[str, Any]) -> None:
 
 def resolve_init(runs: list[RunSpec]) -> list[RunSpec]:
     """Fill ``init.from_dir`` of runs that start from another run (``init.from_run``) with that run's directory
-    name; an unknown or self reference, a chain, or a bad ``keep`` raises ValueError naming the choices."""
-    by_name = {r.name: r for r in runs}
+    name -- the replicate of the same training seed; an unknown or self reference, a source without that seed, a
+    chain, or a bad ``keep`` raises ValueError naming the choices."""
+    by_key = {(r.name, r.seed): r for r in runs}
+    names = {r.name for r in runs}
     out = []
     for r in runs:
         src = r.config.get("init", {}).get("from_run")
         if src is None:
             out.append(r)
             continue
-        if src not in by_name or src == r.name:
+        if src not in names or src == r.name:
             raise ValueError(f"run {r.name!r}: init.from_run={src!r} is not another run of {r.exp}; "
-                             f"valid: {sorted(set(by_name) - {r.name})}")
-        if by_name[src].config.get("init", {}).get("from_run") is not None:
+                             f"valid: {sorted(names - {r.name})}")
+        source = by_key.get((src, r.seed))
+        if source is None:
+            have = sorted(s for n, s in by_key if n == src)
+            raise ValueError(f"run {r.name!r} (seed {r.seed}) starts from {src!r}, which has no seed {r.seed}; "
+                             f"its seeds: {have}")
+        if source.config.get("init", {}).get("from_run") is not None:
             raise ValueError(f"run {r.name!r} starts from {src!r}, which starts from another run; chains are not "
                              "supported (one stage of dependency)")
         keep = r.config["init"].get("keep") or []
         if not keep or set(keep) - {"dit", "conditioner"}:
             raise ValueError(f"run {r.name!r}: init.keep={keep} must list some of ['dit', 'conditioner']")
-        cfg = merge(r.config, {"init": {"from_dir": by_name[src].dirname}})
-        out.append(RunSpec(r.exp, r.name, cfg))
+        cfg = merge(r.config, {"init": {"from_dir": source.dirname}})
+        out.append(RunSpec(r.exp, r.name, cfg, r.replicate))
     return out
 
 

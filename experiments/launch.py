@@ -188,7 +188,7 @@ def check_runs_fit_profile(runs: list[RunSpec], profile: str) -> None:
         acc = t["accumulate_grad_batches"] or 1
         ranks, fit = devices * t["num_nodes"] * acc, tasks * nodes
         hint = f", accumulate_grad_batches={ranks // fit} keeps its global batch" if ranks % fit == 0 else ""
-        bad.append(f"{r.name} (devices={t['devices']}, num_nodes={t['num_nodes']}{hint})")
+        bad.append(f"{r.label} (devices={t['devices']}, num_nodes={t['num_nodes']}{hint})")
     if bad:
         raise ValueError(
             f"profile {profile!r} starts {tasks} task(s) per node on {nodes} node(s), but these runs ask Lightning for "
@@ -242,7 +242,7 @@ def run_sweep(
     todo = [r for r in runs if not RunDir(root / r.dirname).is_done()]
     for r in runs:
         if r not in todo:
-            print(f"[sweep] {r.name}: done, skipped ({root / r.dirname})")
+            print(f"[sweep] {r.label}: done, skipped ({root / r.dirname})")
     t0 = time.time()
     failures: list[tuple[RunSpec, str]] = []
     if any(r.config["encoder"]["preset"] == "tiny-vlm" for r in todo):
@@ -265,15 +265,27 @@ def run_sweep(
             failures += submit(ready, root, cluster, profile, parallel)
     wall = time.time() - t0
     df = collect(exp, runs, root, results_dir, figure=spec.get("figure"))
-    if todo:
-        atomic_write_text(results_dir / "sweep_time.txt", f"{wall:.1f} s for {len(todo)} runs ({cluster})\n")
+    log_sweep_time(results_dir / "sweep_time.txt", wall, len(todo), len(runs) - len(todo), len(failures), cluster)
     print(f"[sweep] {exp}: {len(runs) - len(failures)}/{len(runs)} runs done in {wall:.0f} s; "
           f"results in {results_dir}")
     if failures:
         for r, tail in failures:
-            print(f"[sweep] FAILED {r.name} ({root / r.dirname}):\n{tail}", file=sys.stderr)
-        raise SystemExit(f"{len(failures)} run(s) failed: {', '.join(r.name for r, _ in failures)}")
+            print(f"[sweep] FAILED {r.label} ({root / r.dirname}):\n{tail}", file=sys.stderr)
+        raise SystemExit(f"{len(failures)} run(s) failed: {', '.join(r.label for r, _ in failures)}")
     return df
+
+
+def log_sweep_time(path: Path, wall: float, ran: int, skipped: int, failed: int, cluster: str) -> None:
+    """Append one line per sweep invocation to ``sweep_time.txt`` (a partial re-run adds its line instead of
+    replacing the full sweep's): UTC date, wall seconds, runs started, runs found done, runs failed, cluster."""
+    from datetime import datetime, timezone
+
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    line = (f"{date}  {wall:.1f} s for {ran} runs ({cluster}; {skipped} already done"
+            + (f", {failed} failed" if failed else "") + ")\n")
+    old = path.read_text() if path.is_file() else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, old + ("" if not old or old.endswith("\n") else "\n") + line)
 
 
 def record_job(run_dir: Path, cluster: str, job: submitit.Job) -> None:
@@ -334,7 +346,7 @@ def submit(todo: list[RunSpec], root: Path, cluster: str, profile: str | None, p
         jobs = futures
         for r, j in jobs:
             record_job(root / r.dirname, cluster, j)
-            print(f"[sweep] {r.name}: submitted as SLURM job {j.job_id}")
+            print(f"[sweep] {r.label}: submitted as SLURM job {j.job_id}")
         final = wait_slurm(jobs)
     else:
         queue = list(todo)
@@ -345,7 +357,7 @@ def submit(todo: list[RunSpec], root: Path, cluster: str, profile: str | None, p
                 job = executor.submit(make(r))
                 if cluster == "local":
                     record_job(root / r.dirname, cluster, job)
-                print(f"[sweep] {r.name}: started (job {job.job_id}, {threads} threads)")
+                print(f"[sweep] {r.label}: started (job {job.job_id}, {threads} threads)")
                 running.append((r, job))
                 jobs.append((r, job))
             time.sleep(0.5 if cluster == "local" else 0)
@@ -356,7 +368,7 @@ def submit(todo: list[RunSpec], root: Path, cluster: str, profile: str | None, p
             if cluster == "slurm" and not job.paths.result_pickle.exists():
                 raise RuntimeError(f"SLURM job {job.job_id} ended ({final.get(str(job.job_id))}) without a result")
             job.result()
-            print(f"[sweep] {r.name}: done")
+            print(f"[sweep] {r.label}: done")
         except Exception as err:  # noqa: BLE001 - report every failure with its log, keep the others
             log = ""
             try:
@@ -390,18 +402,19 @@ def per_prompt_table(exp: str, runs: list[RunSpec], root: Path) -> pd.DataFrame:
     """Per-prompt outcomes of every run, from each benchmark that has them (``Benchmark.per_prompt``: GenEval's
     ``eval/geneval/results.jsonl``): what paired tests need.
 
-    Columns: ``exp, run, metadata, tag, prompt, n_images, n_correct, correct``.
+    Columns: ``exp, run, seed, metadata, tag, prompt, n_images, n_correct, correct`` (``seed``: the training
+    seed; the prompts and sampling seeds are the same for every run and seed).
     """
     frames = []
     for r in runs:
         for bench in BENCHMARKS.values():
             table = bench.per_prompt(root / r.dirname) if bench.per_prompt is not None else None
             if table is not None:
-                frames.append(table.assign(exp=exp, run=r.name))
+                frames.append(table.assign(exp=exp, run=r.name, seed=r.seed))
     if not frames:
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True)
-    return df[["exp", "run", *[c for c in df.columns if c not in ("exp", "run")]]]
+    return df[["exp", "run", "seed", *[c for c in df.columns if c not in ("exp", "run", "seed")]]]
 
 
 def collect_experiment(exp: str, smoke: bool = False, runs_dir: Path = RUNS_DIR,

@@ -37,6 +37,7 @@ class RunStatus:
     """One row of the status table."""
 
     run: str
+    seed: int  # training seed (runs expanded by ``seeds`` share the name)
     state: str  # pending | running | requeued | done | failed | unknown
     step: int | None
     metric: str
@@ -135,7 +136,7 @@ def run_status(spec: RunSpec, root: Path, jobs: dict[str, dict[str, str]] | None
     step, metric = last_logged_step(run_dir)
     record = read_job_record(run_dir) or {}
     job_id, log = str(record.get("job_id", "")), record.get("stderr", "")
-    row = RunStatus(spec.name, "pending", step, metric, job_id, 0, "", log)
+    row = RunStatus(spec.name, spec.seed, "pending", step, metric, job_id, 0, "", log)
     done = RunDir(run_dir).done
     if done.is_file():
         info = json.loads(done.read_text() or "{}")
@@ -184,7 +185,7 @@ def run_status(spec: RunSpec, root: Path, jobs: dict[str, dict[str, str]] | None
 
 def status_table(exp: str, smoke: bool = False, runs_dir: Path = RUNS_DIR, paper: bool = False,
                  sets: list[str] | None = None) -> pd.DataFrame:
-    """One row per run of ``exp``: run, state, step, metric, job_id, restarts, detail, log."""
+    """One row per run of ``exp``: run, seed, state, step, metric, job_id, restarts, detail, log."""
     _, runs = load_experiment(exp, smoke=smoke, paper=paper, sets=sets)
     root = experiment_root(exp, smoke, runs_dir, paper)
     jobs = slurm_jobs()

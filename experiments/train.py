@@ -1,6 +1,6 @@
 """One run: train (Lightning), then sample the synthetic GenEval prompts and score them.
 
-    python -m experiments.train --exp conditioning_candidates --run lap [--smoke] [--run-dir DIR]
+    python -m experiments.train --exp conditioning_candidates --run lap [--seed S] [--smoke] [--run-dir DIR]
 
 A run directory (``experiments.run_dir.RunDir``) holds ``config.yaml``, ``checkpoints/last.ckpt`` (resume),
 ``final.ckpt``, Lightning's CSV log, ``validation.csv`` (held-out validation points, with ``eval.val_every``;
@@ -381,14 +381,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp", required=True)
     p.add_argument("--run", required=True)
+    p.add_argument("--seed", type=int, help="training seed: one of the run's replicates (default: its first)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--run-dir", type=Path)
     a = p.parse_args(argv)
     _, runs = load_experiment(a.exp, smoke=a.smoke)
-    by_name = {r.name: r for r in runs}
-    if a.run not in by_name:
-        raise SystemExit(f"unknown run {a.run!r} in {a.exp}; valid: {', '.join(by_name)}")
-    spec = by_name[a.run]
+    names = list(dict.fromkeys(r.name for r in runs))
+    if a.run not in names:
+        raise SystemExit(f"error: unknown run {a.run!r} in {a.exp}; valid: {', '.join(names)}")
+    replicates = [r for r in runs if r.name == a.run]
+    chosen = [r for r in replicates if a.seed is None or r.seed == a.seed]
+    if not chosen:
+        raise SystemExit(f"error: run {a.run!r} has no seed {a.seed}; its seeds: {[r.seed for r in replicates]}")
+    spec = chosen[0]
     out = run(spec.exp, spec.name, spec.config, a.run_dir or RUNS_DIR / spec.exp / spec.dirname)
     print(out)
 

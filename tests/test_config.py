@@ -78,3 +78,99 @@ def test_ablation_grids_vary_what_they_claim() -> None:
     ref = {r.name: r.config for r in load_experiment("refiner")[1]}
     assert ref["penultimate"]["encoder"]["layers"] == [-2] and "refiner_blocks" not in ref["penultimate"]["conditioner"]
     assert ref["penultimate_refiner"]["conditioner"]["refiner_blocks"] == 2
+
+
+# ---------------------------------------------------------------- training-seed replicates
+# Directory names of the default (single-seed) runs, computed by the code before `seeds` existed: adding the key
+# must not rename a run, or every finished run would train again.
+DEFAULT_DIRNAMES = {
+    "conditioning_candidates": ["t5-296ee0e5", "last_layer-711fdd8e", "kv_fusion-185dddac",
+                                "kv_fusion_hidden-535b5a29", "hsi-75c6c48a", "lap-62ba7ef3", "untrained-d1cff2c5"],
+    "continued_training": ["t5_stage-17292f35", "continued-851a613e", "scratch-d7c18b48"],
+    "injection": ["input-951936c8", "per_layer-31cdfe89"],
+}
+
+
+@pytest.mark.parametrize("exp", sorted(DEFAULT_DIRNAMES))
+def test_default_single_seed_run_directories_keep_their_names(exp: str) -> None:
+    assert [r.dirname for r in load_experiment(exp)[1]] == DEFAULT_DIRNAMES[exp]
+
+
+def test_committed_checkpoint_config_hashes_to_its_run_directory() -> None:
+    """The config stored in the committed LAP checkpoint (saved before `seeds` existed) still hashes to the
+    directory name the sweep gives that run today."""
+    from pathlib import Path
+
+    import torch
+
+    ckpt = Path(__file__).resolve().parents[1] / "results" / "conditioning_candidates" / "checkpoints" / "lap.ckpt"
+    stored = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["config"]
+    assert "seeds" not in stored
+    lap = {r.name: r for r in load_experiment("conditioning_candidates")[1]}["lap"]
+    assert lap.dirname == f"lap-{config_hash(stored)}"
+
+
+def test_seeds_expand_every_run_into_one_replicate_per_seed() -> None:
+    _, single = load_experiment("conditioning_candidates")
+    _, runs = load_experiment("conditioning_candidates", sets=["seeds=[0,1,2]"])
+    assert [(r.name, r.seed) for r in runs] == [(r.name, s) for r in single for s in (0, 1, 2)]
+    assert len({r.dirname for r in runs}) == len(runs)
+    by = {(r.name, r.seed): r for r in runs}
+    assert by[("lap", 1)].dirname.startswith("lap-seed1-") and by[("lap", 1)].label == "lap seed 1"
+    for name in {r.name for r in single}:
+        reps = [by[(name, s)].config for s in (0, 1, 2)]
+        # only the training seed differs: the evaluation prompts and sampling seeds are shared, so runs pair
+        assert all({k: v for k, v in c.items() if k != "seed"} == {k: v for k, v in reps[0].items() if k != "seed"}
+                   for c in reps)
+        assert [c["seed"] for c in reps] == [0, 1, 2] and all(c["seeds"] is None for c in reps)
+        assert all(c["eval"] == reps[0]["eval"] for c in reps)
+    # a replicate is exactly the single-seed run with that seed: same config, same hash
+    seed1 = {r.name: r for r in load_experiment("conditioning_candidates", sets=["seed=1"])[1]}
+    assert by[("lap", 1)].config == seed1["lap"].config
+    assert by[("lap", 1)].dirname == f"lap-seed1-{config_hash(seed1['lap'].config)}"
+
+
+def test_two_stage_runs_start_from_the_replicate_of_their_own_seed() -> None:
+    _, runs = load_experiment("continued_training", sets=["seeds=[3,4]"])
+    by = {(r.name, r.seed): r for r in runs}
+    for s in (3, 4):
+        assert by[("continued", s)].config["init"]["from_dir"] == by[("t5_stage", s)].dirname
+
+
+@pytest.mark.parametrize("bad", ["seeds=[]", "seeds=[1,1]", "seeds=3", "seeds=[0,x]", "seeds=[true]"])
+def test_bad_seeds_are_an_error(bad: str) -> None:
+    with pytest.raises(ValueError, match="seeds must be a non-empty list of distinct ints"):
+        load_experiment("injection", sets=[bad])
+
+
+def test_training_seeds_change_init_and_data_order_but_not_the_evaluation() -> None:
+    """What a training seed reaches, through the same entry points a run uses: the model's initial weights and
+    the data stream differ between seeds and repeat for one seed (the training noise is drawn from the same
+    ``seed``, models/module.py); the GenEval prompts and the sampling noise do not depend on it."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from experiments.train import datamodule, train
+    from world.prompts import write_geneval_metadata
+
+    small = ["dit.dim=32", "dit.depth=1", "dit.heads=2", "encoder.preset=tiny-llama", "encoder.stride=12",
+             "train.steps=0", "train.batch_size=4"]
+    _, runs = load_experiment("injection", sets=[*small, "seeds=[0,1]"])
+    r0, r1 = [r for r in runs if r.name == "input"]
+    with tempfile.TemporaryDirectory() as tmp:
+        w0, w0_again, w1 = (train(r.config, Path(tmp) / r.dirname).dit.state_dict() for r in (r0, r0, r1))
+    assert all(torch.equal(w0[k], w0_again[k]) for k in w0)
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+
+    def first_batch(cfg):
+        return next(iter(datamodule(cfg).train_dataloader()))
+
+    b0, b0_again, b1 = first_batch(r0.config), first_batch(r0.config), first_batch(r1.config)
+    assert torch.equal(b0["image"], b0_again["image"]) and not torch.equal(b0["image"], b1["image"])
+    g0, g1 = r0.config["eval"]["geneval"], r1.config["eval"]["geneval"]
+    assert g0 == g1  # prompts: write_geneval_metadata(n_per_task, seed); sampling: seed + 1000 i + k per image
+    with tempfile.TemporaryDirectory() as tmp:
+        assert write_geneval_metadata(Path(tmp) / "a.jsonl", 2, g0["seed"]) == write_geneval_metadata(
+            Path(tmp) / "b.jsonl", 2, g1["seed"])
