@@ -3,19 +3,21 @@
     python -m analysis.figures results/conditioning_candidates/metrics.csv --figure fig4
     python -m analysis.figures --all [--results results]          (`make figures`: every EXP present)
 
-Each drawer takes the tidy DataFrame and an output folder and writes PNG + PDF. With ``--all``, every
-``results/<EXP>/`` also gets ``learning_curves.png`` where its runs have held-out validation rows (``val.*``,
-mean ± SD over training seeds against the step), ``table.md`` (the runs in the paper's bar-chart order: overall
-and per-task scores with 95% CIs) and, where ``per_prompt.csv`` exists (written by ``make collect``),
-``paired.csv``: a paired bootstrap of the GenEval-shapes overall difference for every pair of runs, over the same
-prompts and seeds (prompts resampled within tasks), whose lines are also printed under the figure and the table.
+Each drawer takes a run summary (one row per run and metric: ``analysis.comparisons.summarize``, the mean over
+training seeds with its two-level CI; ``learning_curves`` takes the tidy rows) and an output folder and writes
+PNG + PDF. With ``--all``, every ``results/<EXP>/`` also gets ``learning_curves.png`` where its runs have
+held-out validation rows (``val.*``, mean ± SD over training seeds against the step), ``table.md`` (the runs in
+the paper's bar-chart order: overall and per-task scores with 95% CIs and the seed-to-seed SD) and, where
+``per_prompt.csv`` exists (written by ``make collect``), ``paired.csv``: the paired two-level bootstrap of the
+GenEval-shapes overall difference for every pair of runs with raw and Holm-adjusted p and the detectable
+difference (``analysis.comparisons``), summarised under the figure and the table; ``results/README.md`` gets one
+generated section per experiment (``analysis.results_readme``).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,20 +30,23 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from analysis.common import save_figure, write_csv  # noqa: E402
+from analysis.comparisons import (  # noqa: E402
+    IMAGE_METRICS,
+    OVERALL,
+    SWEPT,
+    caption,
+    order_runs,
+    paired_comparisons,
+    summarize,
+    with_seed,
+)
 from common.files import atomic_write_text  # noqa: E402
 from common.geneval_spec import TASKS  # noqa: E402
-from experiments.evaluation import BENCHMARKS, table_metrics  # noqa: E402
+from experiments.evaluation import table_metrics  # noqa: E402
 from experiments.validation import VAL_METRICS  # noqa: E402
 
-OVERALL = BENCHMARKS["geneval"].headline  # GenEval-shapes overall: the bars' headline, the paired tests' metric
-# A metric "<benchmark>.<score>@<x>" is one point of a setting swept inside a benchmark (zero-shot editing's p):
-# tables list those per x, in a table of their own, and ``fig15b`` draws them against x.
-SWEPT = "@"
 SWEEP_LABELS = {"zero_shot_edit": ("p", "p = share of sampling steps on the source image's tokens (then the "
                                         "target's description)")}
-# the reconstruction / editing benchmarks' metrics, in their registry order
-IMAGE_METRICS = [m for name, b in BENCHMARKS.items() if name != "geneval" for m in b.metrics if SWEPT not in m]
-RUN_ORDER = ["untrained", "t5", "last_layer", "kv_fusion", "kv_fusion_hidden", "hsi", "lap"]
 
 
 def _themed(drawer: Callable[..., Path]) -> Callable[..., Path]:
@@ -57,15 +62,6 @@ def _themed(drawer: Callable[..., Path]) -> Callable[..., Path]:
     return draw_themed
 
 
-def _order(runs: list[str]) -> list[str]:
-    import re
-
-    known = [r for r in RUN_ORDER if r in runs]
-    # natural order for the rest: tiles1, tiles5, tiles10 (not tiles1, tiles10, tiles5)
-    return known + sorted((r for r in runs if r not in known),
-                          key=lambda r: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", r)])
-
-
 def _errorbars(ax, x, values, lo, hi) -> None:
     mask = lo.notna() & hi.notna()
     ax.errorbar(
@@ -76,27 +72,30 @@ def _errorbars(ax, x, values, lo, hi) -> None:
 
 def _finish(fig: plt.Figure, out_dir: Path, name: str, caption: str) -> Path:
     """Lay out, print the caption under the axes, write ``<name>.png`` (150 dpi) and a reproducible ``.pdf``."""
+    import textwrap
+
     fig.tight_layout()
-    if caption:
-        fig.text(0.01, -0.01, caption, ha="left", va="top", fontsize=7, family="monospace")
+    if caption:  # long lines wrapped, so the caption does not widen the figure
+        lines = [textwrap.fill(line, 140, subsequent_indent="    ") for line in caption.splitlines()]
+        fig.text(0.01, -0.01, "\n".join(lines), ha="left", va="top", fontsize=7, family="monospace")
     return save_figure(fig, out_dir, name)
 
 
 def fig4(df: pd.DataFrame, out_dir: Path, caption: str = "") -> Path:
-    """Paper Fig. 4 analogue: GenEval-shapes overall per candidate (95% bootstrap CI over prompts), plus the
-    six task accuracies."""
+    """Paper Fig. 4 analogue: GenEval-shapes overall per candidate (95% CI), plus the six task accuracies."""
     return bars(df, out_dir, name="fig4", title="Conditioning candidates", caption=caption)
 
 
 @_themed
 def bars(df: pd.DataFrame, out_dir: Path, name: str = "bars", title: str | None = None, caption: str = "") -> Path:
-    """Any sweep: GenEval-shapes overall per run (95% bootstrap CI over prompts) + the six task accuracies.
-    Writes ``<name>.png`` and ``<name>.pdf``; the title defaults to the experiment name in ``df.exp``."""
+    """Any sweep: GenEval-shapes overall per run (95% CI; mean over training seeds) + the six task accuracies.
+    df: a run summary (``summarize``). Writes ``<name>.png`` and ``<name>.pdf``; the title defaults to the
+    experiment name in ``df.exp``."""
     if title is None:
         title = str(df.exp.iloc[0]) if "exp" in df and len(df) else "runs"
 
     overall = df[df.metric == OVERALL].copy()
-    order = _order(list(overall.run.unique()))
+    order = order_runs(list(overall.run.unique()))
     overall = overall.set_index("run").loc[order].reset_index()
     tasks = df[df.metric.isin([f"geneval.{t}" for t in TASKS])].copy()
     tasks["task"] = tasks.metric.str.removeprefix("geneval.")
@@ -131,76 +130,42 @@ def draw(name: str, df: pd.DataFrame, out_dir: Path, caption: str = "") -> Path:
     return FIGURES[name](df, Path(out_dir), caption=caption)
 
 
-def paired_comparisons(per_prompt: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Every pair of runs (a, b) of one EXP: GenEval-shapes overall(a) - overall(b) over the prompts both scored,
-    paired bootstrap CI and two-sided p-value (``common.stats.paired_bootstrap``, prompts resampled within tasks).
-
-    per_prompt: rows ``run, metadata, tag, n_correct, n_images`` (``per_prompt.csv``). Returns one row per pair:
-    ``run_a, run_b, diff, ci_low, ci_high, p_value, prompts``.
-    """
-    from evals.geneval import paired_overall
-
-    runs = _order(list(per_prompt.run.unique()))
-    rows = []
-    for a, b in itertools.combinations(runs, 2):
-        paired = paired_overall(per_prompt[per_prompt.run == a], per_prompt[per_prompt.run == b], n_resamples, seed)
-        if paired is None:
-            continue
-        r, n = paired
-        rows.append({"run_a": a, "run_b": b, "diff": r.diff, "ci_low": r.lo, "ci_high": r.hi, "p_value": r.p_value,
-                     "prompts": n})
-    return pd.DataFrame(rows, columns=["run_a", "run_b", "diff", "ci_low", "ci_high", "p_value", "prompts"])
-
-
-def paired_caption(paired: pd.DataFrame, metrics: pd.DataFrame) -> str:
-    """Lines "best - other = d [lo, hi], p = x" for the best run (highest overall) against every other run."""
-    if paired.empty:
-        return ""
-    overall = metrics[metrics.metric == OVERALL].set_index("run")["value"]
-    best = overall.idxmax()
-    k = int(((paired.run_a == best) | (paired.run_b == best)).sum())
-    lines = [f"paired bootstrap over the same prompts+seeds ({int(paired.prompts.max())} prompts; two-sided p, "
-             f"not corrected for the {k} comparisons):"]
-    for _, r in paired.iterrows():
-        if best not in (r.run_a, r.run_b):
-            continue
-        sign, other = (1, r.run_b) if r.run_a == best else (-1, r.run_a)
-        lo, hi = sorted((sign * r.ci_low, sign * r.ci_high))
-        lines.append(f"  {best} - {other}: {sign * r['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], p = {r.p_value:.3f}")
-    return "\n".join(lines)
-
-
-
-
 def dit_params(metrics: pd.DataFrame) -> dict[str, str]:
     """Each run's trainable DiT parameters as "2.65M" (metric ``params.dit``); {} for results made before it."""
     rows = metrics[metrics.metric == "params.dit"]
     return {r.run: f"{r.value / 1e6:.2f}M" for r in rows.itertuples()}
 
 
-def table_markdown(metrics: pd.DataFrame, caption: str = "") -> str:
-    """Runs x (DiT parameters, GenEval overall + six tasks, then any reconstruction / edit metric present): value
-    [95% CI], in the figure's run order, then the caption. Columns no run has are left out."""
-    runs = _order(list(metrics.run.unique()))
-    keys = [k for k in table_metrics() if SWEPT not in k and (metrics.metric == k).any()]
+def table_markdown(summary: pd.DataFrame, caption: str = "") -> str:
+    """Runs x (DiT parameters, GenEval overall, its seed-to-seed SD, the six tasks, then any reconstruction / edit
+    metric present): value [95% CI], in the figure's run order, then the swept metrics' tables and the caption.
+    Columns no run has are left out.
+
+    summary: ``analysis.comparisons.summarize`` rows. The SD column is the first metric's (the headline)."""
+    runs = order_runs(list(summary.run.unique()))
+    keys = [k for k in table_metrics() if SWEPT not in k and (summary.metric == k).any()]
     cols = [k.removeprefix("geneval.") for k in keys]
-    params = dit_params(metrics)
-    cols = ["step", *(["DiT params"] if params else []), *cols]
+    if cols:
+        cols.insert(1, "seed SD")
+    params = dit_params(summary)
+    cols = ["step", "seeds", *(["DiT params"] if params else []), *cols]
     head = "| run | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
     body = []
     for run in runs:
-        m = metrics[metrics.run == run].set_index("metric")
-        cells = []
+        m = summary[summary.run == run].set_index("metric")
+        cells = [str(int(m["step"].max())), str(int(m["seeds"].max())), *([params.get(run, "")] if params else [])]
         for key in keys:
+            digits = 2 if key.endswith("psnr") else 3
             if key not in m.index:
                 cells.append("")
-                continue
-            v, lo, hi = m.loc[key, "value"], m.loc[key, "ci_low"], m.loc[key, "ci_high"]
-            digits = 2 if key.endswith("psnr") else 3
-            cells.append(f"{v:.{digits}f}" + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and pd.notna(hi) else ""))
-        cells = [params.get(run, "")] + cells if params else cells
-        body.append(f"| {run} | {int(m['step'].iloc[0])} | " + " | ".join(cells) + " |")
-    text = head + "\n".join(body) + "\n" + swept_table(metrics)
+            else:
+                v, lo, hi = m.loc[key, "value"], m.loc[key, "ci_low"], m.loc[key, "ci_high"]
+                cells.append(f"{v:.{digits}f}" + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and pd.notna(hi) else ""))
+            if key == keys[0]:
+                sd = m.loc[key, "sd"] if key in m.index else np.nan
+                cells.append("n/a" if pd.isna(sd) else f"{sd:.{digits}f}")
+        body.append(f"| {run} | " + " | ".join(cells) + " |")
+    text = head + "\n".join(body) + "\n" + swept_table(summary)
     return text + (f"\n```\n{caption}\n```\n" if caption else "")
 
 
@@ -226,7 +191,7 @@ def swept_table(metrics: pd.DataFrame) -> str:
         x, meaning = SWEEP_LABELS.get(bench, ("x", "x = the swept setting"))
         out += f"\n## {bench}\n\n{meaning}\n\n"
         out += f"| run | {x} | " + " | ".join(scores) + " |\n|---|---:|" + "---:|" * len(scores) + "\n"
-        for run in _order(list(b.run.unique())):
+        for run in order_runs(list(b.run.unique())):
             r = b[b.run == run]
             for at in sorted(r["at"].unique()):
                 cells = []
@@ -245,11 +210,11 @@ def swept_table(metrics: pd.DataFrame) -> str:
 @_themed
 def image_bars(df: pd.DataFrame, out_dir: Path, name: str = "image_metrics", caption: str = "") -> Path:
     """Reconstruction / editing sweeps (paper Fig. 5 question): PSNR, SSIM (and exact edit accuracy) per run
-    with 95% bootstrap CIs over the held-out items. Writes ``<name>.png`` / ``.pdf``."""
+    with 95% bootstrap CIs over the held-out items. df: a run summary. Writes ``<name>.png`` / ``.pdf``."""
     present = [m for m in IMAGE_METRICS if (df.metric == m).any()]
     if not present:
         raise ValueError(f"no reconstruction/edit metrics in this metrics.csv; expected some of {IMAGE_METRICS}")
-    order = _order(list(df[df.metric.isin(present)].run.unique()))
+    order = order_runs(list(df[df.metric.isin(present)].run.unique()))
     fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.6), squeeze=False)
     palette = dict(zip(order, sns.color_palette("deep", len(order)), strict=True))
     for ax, metric in zip(axes[0], present, strict=True):
@@ -291,12 +256,14 @@ def learning_curves(df: pd.DataFrame, out_dir: Path, name: str = "learning_curve
     """Held-out validation against the training step (runs with ``eval.val_every``): one panel per metric of
     ``VAL_METRICS``, one line per run = the mean over its training seeds, band = ± 1 SD across seeds (none for a
     run with one seed; the caption then says that training variance is not measured). Every run is scored on the
-    same scenes, noise levels and noise, so the gaps between lines are paired differences."""
+    same scenes, noise levels and noise, so the gaps between lines are paired differences.
+
+    df: the tidy ``metrics.csv`` rows (one per run, seed, metric and step), not a run summary."""
     table = curve_table(df)
     if table.empty:
         raise ValueError(f"no held-out validation rows in this metrics.csv ({', '.join(VAL_METRICS)}); runs "
                          "record them with eval.val_every")
-    runs = _order(list(table.run.unique()))
+    runs = order_runs(list(table.run.unique()))
     palette = dict(zip(runs, sns.color_palette("deep", len(runs)), strict=True))
     fig, axes = plt.subplots(1, len(VAL_METRICS), figsize=(4.2 * len(VAL_METRICS), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], VAL_METRICS, strict=True):
@@ -336,7 +303,7 @@ def fig15b(df: pd.DataFrame, out_dir: Path, caption: str = "") -> Path:
     labels = {"correct": "exact edit check", "target": "asked change present",
               "psnr_untouched": "PSNR untouched pixels vs source", "psnr": "PSNR vs target"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    styles = dict(zip(_order(list(d.run.unique())), ["-", "--", ":", "-."] * 4, strict=False))
+    styles = dict(zip(order_runs(list(d.run.unique())), ["-", "--", ":", "-."] * 4, strict=False))
     for ax, group in zip(axes, (("correct", "target"), ("psnr_untouched", "psnr")), strict=True):
         ax.axvspan(0.1, 0.2, color="0.9", zorder=0, label="paper: 10-20%")
         for (run, sc), r in d[d.score.isin(group)].groupby(["run", "score"], sort=False):
@@ -370,19 +337,32 @@ def experiment_figure(exp: str) -> str:
     return name if name in FIGURES else "bars"
 
 
-def render_experiment(exp_dir: Path, figure: str | None = None) -> list[Path]:
-    """Figure + table.md (+ paired.csv) of one ``results/<EXP>/`` folder, from its files alone.
-    ``figure``: the drawer (default: the one ``experiments/configs/<folder name>.yaml`` names)."""
+def experiment_report(exp_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """(run summary, paired tests, caption) of one ``results/<EXP>/`` folder, from its files alone; the paired
+    tests are empty without ``per_prompt.csv``."""
     exp_dir = Path(exp_dir)
     metrics = pd.read_csv(exp_dir / "metrics.csv", dtype={"layers": str})
-    paired = pd.DataFrame()
+    per_prompt, paired = None, pd.DataFrame()
     if (exp_dir / "per_prompt.csv").is_file():
-        paired = paired_comparisons(pd.read_csv(exp_dir / "per_prompt.csv"))
+        per_prompt = with_seed(pd.read_csv(exp_dir / "per_prompt.csv"), metrics)
+        paired = paired_comparisons(per_prompt)
+    summary = summarize(metrics, per_prompt)
+    return summary, paired, caption(summary, paired)
+
+
+def render_experiment(exp_dir: Path, figure: str | None = None,
+                      report: tuple[pd.DataFrame, pd.DataFrame, str] | None = None) -> list[Path]:
+    """Figure + table.md (+ paired.csv) of one ``results/<EXP>/`` folder, from its files alone.
+    ``figure``: the drawer (default: the one ``experiments/configs/<folder name>.yaml`` names); ``report``: its
+    ``experiment_report`` when already computed."""
+    exp_dir = Path(exp_dir)
+    summary, paired, text = report if report is not None else experiment_report(exp_dir)
+    if (exp_dir / "per_prompt.csv").is_file():
         write_csv(paired, exp_dir / "paired.csv")
-    caption = paired_caption(paired, metrics)
-    fig = draw(figure or experiment_figure(exp_dir.name), metrics, exp_dir, caption)
-    table = atomic_write_text(exp_dir / "table.md", f"# {exp_dir.name}\n\n" + table_markdown(metrics, caption))
+    fig = draw(figure or experiment_figure(exp_dir.name), summary, exp_dir, text)
+    table = atomic_write_text(exp_dir / "table.md", f"# {exp_dir.name}\n\n" + table_markdown(summary, text))
     made = [fig, table]
+    metrics = pd.read_csv(exp_dir / "metrics.csv", dtype={"layers": str})
     if metrics.metric.isin(VAL_METRICS).any():  # held-out validation against the step, when the runs have it
         made.append(learning_curves(metrics, exp_dir))
     return made
@@ -408,13 +388,18 @@ def render_checkpoint_analyses(exp_dir: Path) -> list[Path]:
 
 
 def render_all(results: Path = Path("results"), analyses: bool = True) -> list[Path]:
-    """``make figures``: figure + tables of every ``results/<EXP>/metrics.csv`` present, and (``analyses``) the
-    checkpoint analyses of every committed checkpoint."""
-    out = []
+    """``make figures``: figure + tables of every ``results/<EXP>/metrics.csv`` present, ``results/README.md``
+    (one generated section per experiment) and (``analyses``) the checkpoint analyses of every committed
+    checkpoint."""
+    from analysis.results_readme import write_readme
+
+    out, reports = [], {}
     for metrics in sorted(Path(results).glob("*/metrics.csv")):
-        out += render_experiment(metrics.parent)
+        reports[metrics.parent] = experiment_report(metrics.parent)
+        out += render_experiment(metrics.parent, report=reports[metrics.parent])
         if analyses:
             out += render_checkpoint_analyses(metrics.parent)
+    out.append(write_readme(Path(results), reports))
     return out
 
 
@@ -433,7 +418,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.metrics is None:
         p.error("give a metrics.csv or --all")
-    print(draw(a.figure, pd.read_csv(a.metrics), a.out or a.metrics.parent))
+    out = a.out or a.metrics.parent
+    if a.figure == "learning_curves":  # drawn from the tidy rows (every step), not from a run summary
+        print(learning_curves(pd.read_csv(a.metrics, dtype={"layers": str}), out))
+        return
+    summary, _, text = experiment_report(a.metrics.parent) if a.metrics.name == "metrics.csv" else (
+        summarize(pd.read_csv(a.metrics, dtype={"layers": str})), None, "")
+    print(draw(a.figure, summary, out, text))
 
 
 if __name__ == "__main__":

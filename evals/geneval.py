@@ -37,7 +37,7 @@ import pandas as pd
 
 from common.files import atomic_write_text, open_rgb
 from common.geneval_spec import POSITION_THRESHOLD, RELATIONS, TASKS, relative_position
-from common.stats import PairedResult, bootstrap_ci, paired_bootstrap
+from common.stats import PairedResult, bootstrap_ci, hierarchical_ci, hierarchical_paired, seed_mean, seed_sd
 from evals.detectors import Detection, DetectorBackend, get_detector
 
 ROW_FIELDS: tuple[str, ...] = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
@@ -309,27 +309,90 @@ def overall_from_prompts(table: np.ndarray) -> float:
     return float(np.mean([table[table[:, 0] == t, 1].sum() / table[table[:, 0] == t, 2].sum() for t in tasks]))
 
 
+def seed_tables(per_prompt: pd.DataFrame, seeds: Sequence[int] | None = None,
+                keys: Sequence[str] | None = None) -> tuple[np.ndarray, list[int], list[str]]:
+    """One run's ``per_prompt_scores`` rows (with a ``seed`` column when it was trained with several training
+    seeds; without one, a single seed) -> ``(tables (S, P, 3), seeds, prompt keys)``: ``prompt_table`` of each
+    seed over the same prompts, matched by metadata.
+
+    Defaults: every seed, and the first seed's prompts in file order. Every seed must hold every key (ValueError
+    naming the first missing one): the two-level bootstrap pairs a prompt across seeds.
+    """
+    rows = per_prompt if "seed" in per_prompt else per_prompt.assign(seed=0)
+    seeds = sorted(int(s) for s in rows["seed"].unique()) if seeds is None else [int(s) for s in seeds]
+    if keys is None:
+        keys = list(dict.fromkeys(rows.loc[rows["seed"] == seeds[0], "metadata"]))
+    tables = []
+    for s in seeds:
+        by_key = rows[rows["seed"] == s].drop_duplicates("metadata").set_index("metadata")
+        missing = [k for k in keys if k not in by_key.index]
+        if missing:
+            run = f"run {rows['run'].iloc[0]!r} " if "run" in rows and len(rows) else ""
+            raise ValueError(f"{run}seed {s} has no per-prompt row for {missing[0]!r} (scored by another seed): every "
+                             "training seed must score the same prompts")
+        tables.append(prompt_table(by_key.loc[list(keys)]))
+    return np.stack(tables), seeds, list(keys)
+
+
+def task_accuracy(table: np.ndarray) -> float:
+    """table (P, 3) of one task's prompts -> the mean over its prompts of each prompt's share of correct images."""
+    return float(np.mean(table[:, 1] / table[:, 2]))
+
+
+def _task_columns(tables: np.ndarray, task: str) -> np.ndarray:
+    return tables[:, tables[0, :, 0] == TASKS.index(task)]
+
+
+def overall_score(per_prompt: pd.DataFrame, n_resamples: int = 1000, seed: int = 0,
+                  alpha: float = 0.05) -> tuple[float, float, float, float]:
+    """(score, CI low, CI high, seed SD) of the overall: the mean over training seeds, two-level bootstrap over the
+    seeds and the prompts (resampled within tasks), ``common.stats.hierarchical_ci``; SD NaN for one seed."""
+    tables, _, _ = seed_tables(per_prompt)
+    lo, hi = hierarchical_ci(tables, overall_from_prompts, n_resamples, seed, alpha, strata=tables[0, :, 0])
+    return seed_mean(tables, overall_from_prompts), lo, hi, seed_sd(tables, overall_from_prompts)
+
+
+def task_score(per_prompt: pd.DataFrame, task: str, n_resamples: int = 1000, seed: int = 0,
+               alpha: float = 0.05) -> tuple[float, float, float, float] | None:
+    """(score, CI low, CI high, seed SD) of one task's accuracy, as ``overall_score`` over that task's prompts;
+    None when the task has no prompt."""
+    tables, _, _ = seed_tables(per_prompt)
+    sub = _task_columns(tables, task)
+    if not sub.shape[1]:
+        return None
+    lo, hi = hierarchical_ci(sub, task_accuracy, n_resamples, seed, alpha)
+    return seed_mean(sub, task_accuracy), lo, hi, seed_sd(sub, task_accuracy)
+
+
 def task_ci(per_prompt: pd.DataFrame, task: str, n_resamples: int = 1000, seed: int = 0,
             alpha: float = 0.05) -> tuple[float | None, float | None]:
     """Percentile bootstrap CI of one task's accuracy over its prompts (each prompt's share of correct images),
     from ``per_prompt_scores`` rows; ``(None, None)`` when the task has no prompt."""
-    scores = per_prompt.loc[per_prompt["tag"] == task, "correct"].to_numpy()
-    if not len(scores):
-        return None, None
-    return bootstrap_ci(scores, lambda x: x.mean(axis=-1), n_resamples=n_resamples, seed=seed, alpha=alpha)
+    score = task_score(per_prompt, task, n_resamples, seed, alpha)
+    return (None, None) if score is None else score[1:3]
 
 
 def paired_overall(a: pd.DataFrame, b: pd.DataFrame, n_resamples: int = 2000,
-                   seed: int = 0) -> tuple[PairedResult, int] | None:
-    """Paired bootstrap of overall(a) - overall(b) over the prompts both ``per_prompt_scores`` tables hold (matched
-    by metadata), prompts resampled within tasks: (result, number of shared prompts); None when they share none."""
-    pa, pb = a.set_index("metadata"), b.set_index("metadata")
-    keys = [k for k in pa.index if k in pb.index]
+                   seed: int = 0) -> tuple[PairedResult, int, int] | None:
+    """Paired two-level bootstrap of overall(a) - overall(b) (each the mean over its training seeds) over the
+    training seeds and prompts both ``per_prompt_scores`` tables hold (a ``seed`` column, or one seed each),
+    prompts matched by metadata and resampled within tasks: (result, shared prompts, shared seeds); None when they
+    share none."""
+    a = a if "seed" in a else a.assign(seed=0)
+    b = b if "seed" in b else b.assign(seed=0)
+    seeds = sorted(set(a["seed"].astype(int)) & set(b["seed"].astype(int)))
+    if not seeds:
+        return None
+    have = [set(zip(t["seed"].astype(int), t["metadata"], strict=True)) for t in (a, b)]
+    keys = [k for k in dict.fromkeys(a.loc[a["seed"] == seeds[0], "metadata"])
+            if all((s, k) in h for h in have for s in seeds)]
     if not keys:
         return None
-    ta, tb = prompt_table(pa.loc[keys]), prompt_table(pb.loc[keys])
-    result = paired_bootstrap(ta, tb, overall_from_prompts, n_resamples=n_resamples, seed=seed, strata=ta[:, 0])
-    return result, len(keys)
+    ta, _, _ = seed_tables(a, seeds, keys)
+    tb, _, _ = seed_tables(b, seeds, keys)
+    result = hierarchical_paired(ta, tb, overall_from_prompts, n_resamples=n_resamples, seed=seed,
+                                 strata=ta[0, :, 0])
+    return result, len(keys), len(seeds)
 
 
 def geneval_bootstrap(rows: Sequence[Mapping[str, Any]], n_resamples: int = 1000, seed: int = 0,

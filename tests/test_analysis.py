@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis import figures, layer_dropout, layer_similarity, pooling_weights, qk_norms
+from analysis import comparisons, figures, layer_dropout, layer_similarity, pooling_weights, qk_norms
 from experiments.config import load_base, merge
 from models.checkpoints import save_final
 from models.module import UniFusionModule
@@ -159,43 +159,102 @@ def test_qk_norms_equal_the_recorded_norms(lap_ckpt: Path, tmp_path: Path) -> No
 
 
 # ---------------------------------------------------------------- figures, tables, paired tests
-def per_prompt_fixture() -> pd.DataFrame:
+def per_prompt_fixture(seed: int = 0, shift: int = 0) -> pd.DataFrame:
+    """Three runs x 6 prompts (2 images each) of three tasks; ``shift`` moves lap's first prompt (another seed)."""
     rows = []
     tasks = ["single_object", "colors", "position"]
-    for run, correct in (("lap", [2, 2, 1, 2, 2, 1]), ("last_layer", [0, 1, 0, 1, 0, 0]), ("hsi", [0, 1, 0, 1, 0, 0])):
+    for run, correct in (("lap", [2 - shift, 2, 1, 2, 2, 1]), ("last_layer", [0, 1, 0, 1, 0, 0]),
+                         ("hsi", [0, 1, 0, 1, 0, 0])):
         for i, c in enumerate(correct):
-            rows.append({"exp": "x", "run": run, "metadata": f"m{i}", "tag": tasks[i % 3], "prompt": f"p{i}",
-                         "n_images": 2, "n_correct": c, "correct": c / 2})
+            rows.append({"exp": "x", "run": run, "seed": seed, "metadata": f"m{i}", "tag": tasks[i % 3],
+                         "prompt": f"p{i}", "n_images": 2, "n_correct": c, "correct": c / 2})
+    return pd.DataFrame(rows)
+
+
+def metrics_for(pp: pd.DataFrame) -> pd.DataFrame:
+    """metrics.csv rows matching a per-prompt fixture: each task's accuracy and overall (their unweighted mean) per
+    run and seed, with a made-up CI."""
+    rows = []
+    for (run, seed), g in pp.groupby(["run", "seed"]):
+        tasks = {f"geneval.{tag}": t.n_correct.sum() / t.n_images.sum() for tag, t in g.groupby("tag")}
+        for metric, v in {"geneval.overall": float(np.mean(list(tasks.values()))), **tasks}.items():
+            rows.append({"exp": "x", "run": run, "candidate": run, "seed": seed, "step": 10, "metric": metric,
+                         "value": v, "ci_low": v - 0.1, "ci_high": v + 0.1, "n": 6})
     return pd.DataFrame(rows)
 
 
 def test_paired_comparisons() -> None:
-    paired = figures.paired_comparisons(per_prompt_fixture(), n_resamples=500).set_index(["run_a", "run_b"])
+    paired = comparisons.paired_comparisons(per_prompt_fixture(), n_resamples=500).set_index(["run_a", "run_b"])
     same = paired.loc[("last_layer", "hsi")]
     assert same["diff"] == 0 and same.p_value == 1.0 and same.ci_low == same.ci_high == 0
     better = paired.loc[("last_layer", "lap")]  # order follows the figure: last_layer before lap
     # hand-computed: lap per task (single, colors, position) = (4/4, 4/4, 2/4) -> 5/6;
     # last_layer (prompts 0+3, 1+4, 2+5) = (1/4, 1/4, 0/4) -> 1/6
     assert better["diff"] == pytest.approx(1 / 6 - 5 / 6)
-    assert better.ci_high < 0 and better.p_value < 0.05 and better.prompts == 6
+    assert better.ci_high < 0 and better.p_value < 0.05 and better.prompts == 6 and better.seeds == 1
+    # Holm over the 3 pairs of this table, by hand: sorted p times 3, 2, 1, running max, capped at 1
+    p = paired.p_value.sort_values()
+    expected = np.minimum(1, np.maximum.accumulate(p.to_numpy() * [3, 2, 1]))
+    np.testing.assert_allclose(paired.loc[p.index, "p_holm"], expected)
+    # the detectable difference: (z_{1 - 0.05/6} + z_0.8) bootstrap SEs
+    from scipy.stats import norm
+
+    np.testing.assert_allclose(paired.mde80, (norm.ppf(1 - 0.05 / 6) + norm.ppf(0.8)) * paired.se)
+
+
+def test_paired_comparisons_pair_training_seeds_and_average_them() -> None:
+    pp = pd.concat([per_prompt_fixture(0), per_prompt_fixture(1, shift=2)], ignore_index=True)
+    paired = comparisons.paired_comparisons(pp, n_resamples=300).set_index(["run_a", "run_b"])
+    row = paired.loc[("last_layer", "lap")]
+    # seed 1: lap's single_object = 2/4 -> lap 4/6; the run score is the mean over seeds: (5/6 + 4/6) / 2
+    assert row["diff"] == pytest.approx(1 / 6 - (5 / 6 + 4 / 6) / 2) and row.seeds == 2
+    # a seed only one run has is left out of that pair (as a prompt only one scored would be)
+    extra = pd.concat([pp, per_prompt_fixture(2).query("run == 'lap'")], ignore_index=True)
+    again = comparisons.paired_comparisons(extra, n_resamples=300).set_index(["run_a", "run_b"])
+    assert again.loc[("last_layer", "lap"), "seeds"] == 2
+    assert again.loc[("last_layer", "lap"), "diff"] == pytest.approx(row["diff"])
+
+
+def test_summary_is_the_mean_over_seeds_with_the_seed_sd() -> None:
+    pp = pd.concat([per_prompt_fixture(0), per_prompt_fixture(1, shift=2)], ignore_index=True)
+    summary = comparisons.summarize(metrics_for(pp), pp, n_resamples=200).set_index(["run", "metric"])
+    lap = summary.loc[("lap", "geneval.overall")]
+    assert lap.value == pytest.approx((5 / 6 + 4 / 6) / 2) and lap.seeds == 2
+    assert lap.sd == pytest.approx(np.std([5 / 6, 4 / 6], ddof=1))
+    assert lap.ci_low <= lap.value <= lap.ci_high
+    assert summary.loc[("lap", "geneval.single_object"), "value"] == pytest.approx((4 / 4 + 2 / 4) / 2)
+    # one seed: the per-seed value and no SD
+    one = comparisons.summarize(metrics_for(per_prompt_fixture()), per_prompt_fixture()).set_index(["run", "metric"])
+    assert one.loc[("lap", "geneval.overall"), "value"] == pytest.approx(5 / 6)
+    assert np.isnan(one.loc[("lap", "geneval.overall"), "sd"])
+    # a seed that scored other prompts than the run's first seed is refused, not silently mixed
+    broken = pp[~((pp.run == "lap") & (pp.seed == 1) & (pp.metadata == "m0"))]
+    with pytest.raises(ValueError, match="run 'lap' seed 1 has no per-prompt row for 'm0'"):
+        comparisons.summarize(metrics_for(broken), broken)
+
+
+def write_experiment(root: Path, pp: pd.DataFrame, name: str = "conditioning_candidates",
+                     seed_column: bool = True) -> Path:
+    exp = root / name
+    exp.mkdir(parents=True)
+    (pp if seed_column else pp.drop(columns="seed")).to_csv(exp / "per_prompt.csv", index=False)
+    metrics_for(pp).to_csv(exp / "metrics.csv", index=False)
+    return exp
 
 
 def test_render_experiment_from_files_alone(tmp_path: Path) -> None:
-    exp = tmp_path / "conditioning_candidates"
-    exp.mkdir()
-    pp = per_prompt_fixture()
-    pp.to_csv(exp / "per_prompt.csv", index=False)
-    rows = []
-    for run, g in pp.groupby("run"):
-        for metric, value in (("geneval.overall", g.correct.mean()), ("geneval.colors", 0.5)):
-            rows.append({"exp": "x", "run": run, "candidate": run, "seed": 0, "step": 10, "metric": metric,
-                         "value": value, "ci_low": value - 0.1, "ci_high": value + 0.1, "n": 6})
-    pd.DataFrame(rows).to_csv(exp / "metrics.csv", index=False)
+    exp = write_experiment(tmp_path, per_prompt_fixture(), seed_column=False)  # written before runs had seeds
     made = figures.render_all(tmp_path, analyses=False)
-    assert {p.name for p in made} == {"fig4.png", "table.md"}  # the YAML of this EXP names fig4
+    assert {p.name for p in made} == {"fig4.png", "table.md", "README.md"}  # the YAML of this EXP names fig4
     table = (exp / "table.md").read_text()
-    assert "| lap | 10 | 0.833 [0.73, 0.93] |" in table and "lap - last_layer: +0.667" in table
-    assert len(pd.read_csv(exp / "paired.csv")) == 3
+    # the CI is the bootstrap over the per-prompt file (lap's prompts agree within each task: zero width), not the
+    # CI recorded in metrics.csv
+    assert "| lap | 10 | 1 | 0.833 [0.83, 0.83] | n/a |" in table and "lap - last_layer: +0.667" in table
+    assert comparisons.ONE_SEED in table
+    paired = pd.read_csv(exp / "paired.csv")
+    assert len(paired) == 3 and {"p_value", "p_holm", "mde80", "seeds"} <= set(paired.columns)
+    readme = (tmp_path / "README.md").read_text()
+    assert "## conditioning_candidates" in readme and comparisons.ONE_SEED in readme
 
 
 def test_table_shows_each_runs_dit_parameters_beside_its_scores() -> None:
@@ -204,9 +263,65 @@ def test_table_shows_each_runs_dit_parameters_beside_its_scores() -> None:
             {**base, "run": "lap", "candidate": "lap", "metric": "params.dit", "value": 731_568},
             {**base, "run": "kv_fusion", "candidate": "kv_fusion", "metric": "geneval.overall", "value": 0.25},
             {**base, "run": "kv_fusion", "candidate": "kv_fusion", "metric": "params.dit", "value": 2_647_728}]
-    table = figures.table_markdown(pd.DataFrame(rows))
-    assert table.splitlines()[0] == "| run | step | DiT params | overall |"
-    assert "| kv_fusion | 10 | 2.65M | 0.250 |" in table and "| lap | 10 | 0.73M | 0.500 |" in table
-    # results made before the metric existed keep their table unchanged
-    old = figures.table_markdown(pd.DataFrame([r for r in rows if r["metric"] != "params.dit"]))
-    assert old.splitlines()[0] == "| run | step | overall |" and "| lap | 10 | 0.500 |" in old
+    table = figures.table_markdown(comparisons.summarize(pd.DataFrame(rows)))
+    assert table.splitlines()[0] == "| run | step | seeds | DiT params | overall | seed SD |"
+    assert "| kv_fusion | 10 | 1 | 2.65M | 0.250 | n/a |" in table and "| lap | 10 | 1 | 0.73M | 0.500 | n/a |" in table
+    # results made before the metric existed get no parameter column
+    old = figures.table_markdown(comparisons.summarize(pd.DataFrame([r for r in rows if r["metric"] != "params.dit"])))
+    assert old.splitlines()[0] == "| run | step | seeds | overall | seed SD |"
+    assert "| lap | 10 | 1 | 0.500 | n/a |" in old
+
+
+def test_two_seed_tables_say_what_the_cis_cover(tmp_path: Path) -> None:
+    pp = pd.concat([per_prompt_fixture(0), per_prompt_fixture(1, shift=2)], ignore_index=True)
+    exp = write_experiment(tmp_path, pp)
+    figures.render_all(tmp_path, analyses=False)
+    table = (exp / "table.md").read_text()
+    assert "| lap | 10 | 2 | 0.750 [" in table and f"| {np.std([5 / 6, 4 / 6], ddof=1):.3f} |" in table
+    assert comparisons.ONE_SEED not in table and "two-level bootstrap over 2 training seeds" in table
+
+
+def test_readme_calls_significant_only_what_survives_holm(tmp_path: Path) -> None:
+    """Three all-zero runs, one with a single correct image in 6 of its 40 prompts (raw p ~ 0.016 against a zero
+    run) and one with every image correct. 10 pairs: the 4 smallest p-values (1/501, x 10 at most after Holm)
+    survive, the three ~0.016 ones (x 6 after Holm) do not; the generated text must name exactly the survivors."""
+    from analysis.results_readme import section
+
+    rows = []
+    tasks = ["single_object", "colors", "position", "counting"]
+    for run in ["zero_a", "zero_b", "zero_c", "few", "all"]:
+        for i in range(40):
+            c = 4 if run == "all" else int(run == "few" and i < 6)
+            rows.append({"exp": "x", "run": run, "seed": 0, "metadata": f"m{i}", "tag": tasks[i % 4], "prompt": "p",
+                         "n_images": 4, "n_correct": c, "correct": c / 4})
+    pp = pd.DataFrame(rows)
+    paired = comparisons.paired_comparisons(pp, n_resamples=500)
+    readme = section(tmp_path / "holm_case", comparisons.summarize(metrics_for(pp), pp, n_resamples=100), paired)
+    raw_only = paired[(paired.p_value < 0.05) & (paired.p_holm >= 0.05)]
+    survivors = paired[paired.p_holm < 0.05]
+    assert sorted(raw_only.run_a) == ["few"] * 3 and len(survivors) == 4  # the fixture has both kinds
+    for _, r in raw_only.iterrows():
+        assert f"{r.run_a} - {r.run_b}:" not in readme and f"{r.run_b} - {r.run_a}:" not in readme
+    for _, r in survivors.iterrows():
+        assert f"{r.run_a} - {r.run_b}:" in readme  # "all" first: the larger run
+    assert "Significant after Holm over 10 pairs" in readme
+    assert "No other pair differs significantly (6 pairs)" in readme
+
+
+@pytest.mark.slow
+def test_make_figures_reproduces_the_committed_results_byte_for_byte(tmp_path: Path) -> None:
+    """Every figure, table, paired.csv, checkpoint analysis and results/README.md regenerated from the committed
+    results/ equals the committed file byte for byte, and nothing new appears: `make figures` leaves
+    `git status --porcelain results/` empty."""
+    import filecmp
+    import shutil
+
+    committed = Path(__file__).resolve().parents[1] / "results"
+    copy = tmp_path / "results"
+    shutil.copytree(committed, copy)
+    made = figures.render_all(copy)
+    assert (copy / "README.md") in made and len(made) > 20
+    files = sorted(p.relative_to(committed) for p in committed.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file()) == files
+    changed = [str(f) for f in files if not filecmp.cmp(committed / f, copy / f, shallow=False)]
+    assert changed == [], f"make figures changed {changed}: regenerate and commit them"

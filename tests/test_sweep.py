@@ -117,3 +117,48 @@ def test_config_error_in_one_grid_point_fails_that_run_only(tmp_path: Path, monk
     assert table.loc["broken", "state"] == "failed"
     assert "LAP blocks must be an int >= 0" in table.loc["broken", "detail"]
     assert "--- broken failed: ValueError: LAP blocks must be an int >= 0" in format_status(table.reset_index())
+
+
+def test_make_passes_seeds_to_the_launcher() -> None:
+    out = subprocess.run(["make", "-n", "sweep", "EXP=injection", "SMOKE=1", "SEEDS=0,1,2"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "-m experiments.launch injection" in out.stdout
+    assert "--set seeds=[0,1,2]" in out.stdout
+    plain = subprocess.run(["make", "-n", "sweep", "EXP=injection"], cwd=ROOT, capture_output=True, text=True)
+    assert "seeds" not in plain.stdout
+
+
+@pytest.mark.slow
+def test_seeded_smoke_sweep_pairs_replicates_and_logs_every_invocation(tmp_path: Path) -> None:
+    """Two training seeds of two runs: four run folders carrying the seed, metric and per-prompt rows per seed on
+    the same prompts, two-level paired tests with Holm, and one sweep_time.txt line per invocation."""
+    runs_dir, results = tmp_path / "runs", tmp_path / "results"
+    kw = dict(smoke=True, runs_dir=runs_dir, results_dir=results, only=["lap", "untrained"], sets=["seeds=[0,1]"])
+    df = run_sweep("conditioning_candidates", **kw)
+    _, runs = load_experiment("conditioning_candidates", smoke=True, sets=["seeds=[0,1]"])
+    dirs = sorted(p.name for p in (runs_dir / "conditioning_candidates-smoke").iterdir() if (p / "DONE").exists())
+    assert dirs == sorted(r.dirname for r in runs if r.name in ("lap", "untrained"))
+    assert all("-seed0-" in d or "-seed1-" in d for d in dirs)
+    overall = df[df.metric == "geneval.overall"]
+    assert sorted(zip(overall.run, overall.seed, strict=True)) == [("lap", 0), ("lap", 1), ("untrained", 0),
+                                                                    ("untrained", 1)]
+    pp = pd.read_csv(results / "per_prompt.csv")
+    prompts = {(run, seed): g.metadata.tolist() for (run, seed), g in pp.groupby(["run", "seed"])}
+    assert len(prompts) == 4 and all(v == prompts[("lap", 0)] for v in prompts.values())
+    # same prompts and sampling seeds, different training seeds: lap's two replicates drew different images
+    by = {(r.name, r.seed): runs_dir / "conditioning_candidates-smoke" / r.dirname for r in runs}
+    import numpy as np
+    from PIL import Image
+
+    img = [np.asarray(Image.open(by[("lap", s)] / "eval" / "images" / "00000" / "samples" / "00000.png"))
+           for s in (0, 1)]
+    assert not np.array_equal(*img)
+    paired = pd.read_csv(results / "paired.csv")
+    assert paired[["run_a", "run_b", "seeds"]].values.tolist() == [["untrained", "lap", 2]]
+    assert paired.p_holm.between(paired.p_value, 1).all()
+    assert "two-level bootstrap over 2 training seeds" in (results / "table.md").read_text()
+    # a second invocation trains nothing and appends its own line
+    run_sweep("conditioning_candidates", **kw)
+    lines = (results / "sweep_time.txt").read_text().splitlines()
+    assert len(lines) == 2 and "for 4 runs (local; 0 already done)" in lines[0]
+    assert "for 0 runs (local; 4 already done)" in lines[1]
