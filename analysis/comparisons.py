@@ -129,7 +129,8 @@ def paired_comparisons(per_prompt: pd.DataFrame, n_resamples: int = 2000, seed: 
     out = pd.DataFrame(rows, columns=PAIRED_COLUMNS)
     if len(out):
         out["p_holm"] = holm(out.p_value.to_numpy())
-        out["mde80"] = [min_detectable_difference(se, len(out), ALPHA, POWER) for se in out.se]
+        # a zero SE (both runs score 0 on every resample) measures no variance to size a test with: no MDE
+        out["mde80"] = [min_detectable_difference(se, len(out), ALPHA, POWER) if se > 0 else np.nan for se in out.se]
     return out
 
 
@@ -165,8 +166,12 @@ def power_note(paired: pd.DataFrame) -> str:
     """The smallest difference detectable at 80% power after Holm: median (and range) over the family's pairs."""
     if paired.empty:
         return ""
-    lo, med, hi = np.quantile(paired.mde80, [0.0, 0.5, 1.0])
-    spread = f"{med:.3f}" if len(paired) == 1 else f"{med:.3f} (median over pairs; {lo:.3f}-{hi:.3f})"
+    mde = paired.mde80.dropna()
+    if mde.empty:
+        return ("Smallest detectable difference: not estimable (every pair's bootstrap SE is 0: no variation "
+                "measured).")
+    lo, med, hi = np.quantile(mde, [0.0, 0.5, 1.0])
+    spread = f"{med:.3f}" if len(mde) == 1 else f"{med:.3f} (median over {len(mde)} pairs; {lo:.3f}-{hi:.3f})"
     one_seed = int(paired.seeds.max()) == 1
     return (f"Smallest difference detectable at 80% power (alpha {ALPHA}, Holm over {plural(len(paired), 'pair')}): "
             f"{spread}, normal approximation with each pair's bootstrap SE"
