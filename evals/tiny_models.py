@@ -43,3 +43,39 @@ def tiny_gemma3(seed: int = 0) -> tuple[Any, Any]:
         mm_tokens_per_image=4, image_token_index=6, boi_token_index=4, eoi_token_index=5)
     torch.manual_seed(seed)
     return Gemma3ForConditionalGeneration(cfg).eval(), proc
+
+
+def tiny_sd_pipeline(folder: str, seed: int = 0) -> str:
+    """Save a random tiny ``StableDiffusionPipeline`` (16 px images from 8 px latents, a 1-layer CLIP text encoder
+    over a character-level BPE vocabulary) into ``folder``; returns ``folder`` for ``from_pretrained``."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz.,!?":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)  # CLIP's BPE marks word ends; without merges every word is its letters
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=16)
+    torch.manual_seed(seed)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                                        projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=2, norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                            scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return folder

@@ -336,3 +336,17 @@ def test_caption_block_makes_batches_all_short_or_all_long() -> None:
     # still a pure function of (seed, index, block)
     a, b = stream_item(4, 13, caption_block=8), stream_item(4, 13, caption_block=8)
     assert a["caption"] == b["caption"] and torch.equal(a["image"], b["image"])
+
+
+def test_parse_prompt_inverts_sample_prompt() -> None:
+    from world.prompts import parse_prompt
+
+    rng = np.random.default_rng(5)
+    for task in TASKS:
+        for _ in range(200):
+            meta = sample_prompt(rng, task)
+            assert parse_prompt(meta["prompt"]) == meta
+    for text in ("a photo of a red circle and a square", "a photo of five circles", "a picture of a circle",
+                 "a photo of a red circle left of a square", "a photo of a hexagon"):
+        with pytest.raises(ValueError, match="not a shapes-world GenEval prompt|unknown"):
+            parse_prompt(text)

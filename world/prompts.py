@@ -72,6 +72,54 @@ def sample_prompt(rng: np.random.Generator, task: str) -> dict[str, Any]:
     raise ValueError(f"unknown task {task!r}; valid: {TASKS}")
 
 
+_WORDS = {"a": 1, "an": 1, **{w: n for n, w in NUMBER_WORDS.items()}}
+
+
+def parse_prompt(text: str) -> dict[str, Any]:
+    """The GenEval metadata object of a prompt text written by ``sample_prompt`` (its inverse): "a photo of a red
+    circle" -> ``{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": ...}``.
+
+    What a generator that only sees the text (``evals.generate --callable``) needs to draw the scene exactly;
+    text outside the six templates raises ValueError.
+    """
+    words = text.strip().split(" ")
+    if words[:3] != ["a", "photo", "of"]:
+        raise ValueError(f"not a shapes-world GenEval prompt (must start 'a photo of'): {text!r}")
+    rest = words[3:]
+
+    def obj(tokens: list[str]) -> dict[str, Any] | None:
+        """[article, (colour,) class] -> a clause; None when the tokens are not one object."""
+        if len(tokens) == 2 and tokens[0] in ("a", "an") and tokens[1] in CLASSES:
+            return {"class": tokens[1], "count": 1}
+        if len(tokens) == 3 and tokens[0] in ("a", "an") and tokens[1] in COLORS and tokens[2] in CLASSES:
+            return {"class": tokens[2], "count": 1, "color": tokens[1]}
+        return None
+
+    def result(tag: str, include: list[dict], exclude: list[dict] | None = None) -> dict[str, Any]:
+        meta = {"tag": tag, "include": include, **({"exclude": exclude} if exclude else {}), "prompt": text}
+        _check_meta(meta)
+        return meta
+
+    if (single := obj(rest)) is not None:
+        return result("colors" if "color" in single else "single_object", [single])
+    if len(rest) == 2 and rest[0] in NUMBER_WORDS.values() and rest[1].endswith("s") and rest[1][:-1] in CLASSES:
+        n = _WORDS[rest[0]]
+        return result("counting", [{"class": rest[1][:-1], "count": n}], [{"class": rest[1][:-1], "count": n + 1}])
+    if "and" in rest:
+        cut = rest.index("and")
+        a, b = obj(rest[:cut]), obj(rest[cut + 1:])
+        if a is not None and b is not None and ("color" in a) == ("color" in b):
+            return result("color_attr" if "color" in a else "two_object", [a, b])
+    for rel in RELATIONS:
+        rw = rel.split(" ")
+        for cut in range(1, len(rest)):
+            if rest[cut: cut + len(rw)] == rw:
+                a, b = obj(rest[:cut]), obj(rest[cut + len(rw):])
+                if a is not None and b is not None and "color" not in a and "color" not in b:
+                    return result("position", [b, {**a, "position": [rel, 0]}])
+    raise ValueError(f"not a shapes-world GenEval prompt: {text!r}")
+
+
 def _check_meta(meta: dict[str, Any]) -> None:
     if meta.get("tag") not in TASKS:
         raise ValueError(f"unknown tag {meta.get('tag')!r}; valid: {TASKS}")

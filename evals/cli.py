@@ -1,0 +1,140 @@
+"""One command-line grammar for every evaluation tool (``evals.generate``, ``evals.geneval``, ``evals.dpg_refined``,
+``evals.genai_bench``, ``evals.audit``): the shared flags are defined here, once.
+
+- judge: ``--judge NAME`` (the real judge by default; toy judges ``shapes`` / ``oracle`` only when asked for),
+  ``--judge-model`` (hub id or local path), ``--judge-url`` (an OpenAI-compatible API base),
+  ``--judge-api-key-env``;
+- placement: ``--device``, ``--dtype``, ``--device-map`` (``evals.runtime``);
+- run: ``--batch-size``, ``--seed``, ``--n-resamples``, ``--out``.
+
+Every parser shows its defaults in ``--help``. Input errors end the program with ONE line ``error: ...`` on
+stderr and exit status 2 (argparse's own errors too), before any model is loaded: each tool checks its inputs
+first, then builds its judge. Old flag names stay accepted as aliases (hidden from ``--help``; using one prints a
+one-line note naming the new flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+DTYPE_CHOICES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
+
+class InputError(ValueError):
+    """A problem with what the user passed (a flag, a file, a folder): reported as one ``error:`` line, exit 2."""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every help text; the description keeps its line breaks."""
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line (``error: ...``, exit 2) and whose help shows the
+    defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+    """Print ``error: <message>`` as one line on stderr and exit (2 = bad input)."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def entry(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a CLI ``main``: input errors (``ValueError``, ``FileNotFoundError``, ``KeyError``) become one
+    ``error:`` line with exit 2; a failing judge endpoint (``RuntimeError``) one line with exit 1."""
+
+    @functools.wraps(main)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except (ValueError, FileNotFoundError, KeyError) as err:
+            fail(err.args[0] if isinstance(err, KeyError) and err.args else err)
+        except RuntimeError as err:
+            fail(err, status=1)
+
+    return wrapped
+
+
+class _Alias(argparse.Action):
+    """An old flag name: stores into the new flag's destination and says so on stderr."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "", **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"note: {option_string} is an old name of {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def alias(parser: argparse.ArgumentParser, old: str, new: str, type: Callable[[str], Any] | None = None,
+          choices: Sequence[Any] | None = None) -> None:
+    """Accept ``old`` as a hidden alias of the flag ``new`` (same value type and choices)."""
+    dest = new.lstrip("-").replace("-", "_")
+    parser.add_argument(old, dest=dest, action=_Alias, new=new, type=type, choices=choices,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_judge(parser: argparse.ArgumentParser, choices: Sequence[str], default: str, help: str,
+              model_help: str = "the judge's weights: hub id or local folder (default: the judge's own)",
+              url: bool = True) -> None:
+    """``--judge`` (+ ``--judge-model``, and with ``url`` ``--judge-url`` / ``--judge-api-key-env``)."""
+    parser.add_argument("--judge", default=default, choices=list(choices), help=help)
+    parser.add_argument("--judge-model", default=None, help=model_help)
+    if url:
+        parser.add_argument("--judge-url", default=None,
+                            help="API base of an OpenAI-compatible server for --judge openai, e.g. "
+                                 "http://localhost:8000/v1")
+        parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                            help="environment variable holding the endpoint's API key")
+
+
+def add_placement(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--dtype``, ``--device-map``: where and in what precision models are loaded."""
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:1, ...; auto = cuda when available (under torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="weights' dtype; auto = bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--device-map", default=None,
+                        help="spread a big model over the visible GPUs (and CPU) with accelerate: auto, balanced, "
+                             "sequential; default: the whole model on --device")
+
+
+def add_batch_size(parser: argparse.ArgumentParser, default: int | None, help: str = "images per model call") -> None:
+    parser.add_argument("--batch-size", type=positive_int, default=default, help=help)
+
+
+def add_seed(parser: argparse.ArgumentParser, default: int, help: str) -> None:
+    parser.add_argument("--seed", type=int, default=default, help=help)
+
+
+def add_n_resamples(parser: argparse.ArgumentParser, default: int = 1000) -> None:
+    parser.add_argument("--n-resamples", type=positive_int, default=default,
+                        help="bootstrap resamples of the 95%% confidence intervals")
+
+
+def add_out(parser: argparse.ArgumentParser, help: str, required: bool = True) -> None:
+    parser.add_argument("--out", required=required, help=help)

@@ -1,0 +1,114 @@
+"""Where judge and generator weights go: device, dtype, ``device_map``, and the one place models are loaded from
+the hub or a local folder (so a missing download is one clear message, and tests can assert nothing loads).
+
+- ``pick_device("auto")``: ``cuda`` when available (``cuda:$LOCAL_RANK`` under torchrun), else ``cpu``;
+- ``pick_dtype("auto", device)``: bfloat16 on GPU, float32 on CPU;
+- ``from_pretrained(cls, model_id, ...)``: ``cls.from_pretrained`` either whole onto one device, or, with
+  ``device_map`` (``auto`` / ``balanced`` / ``sequential`` / a dict), spread over the visible GPUs by accelerate,
+  layer by layer, spilling to CPU when they are full. A model id that is neither a local folder nor in the hub
+  cache, with the hub unreachable, raises ``WeightsNotFound`` saying how to get the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class WeightsNotFound(FileNotFoundError):
+    """A model's weights are neither a local folder nor downloadable from here."""
+
+
+def pick_device(device: str | None = "auto") -> str:
+    """``auto``/None -> ``cuda`` (``cuda:$LOCAL_RANK`` when launched by torchrun) if a GPU is visible, else
+    ``cpu``; anything else is returned as given (``cpu``, ``cuda:1``, ``mps``)."""
+    if device not in (None, "auto"):
+        return device
+    if torch.cuda.is_available():
+        local = os.environ.get("LOCAL_RANK")
+        return f"cuda:{int(local) % torch.cuda.device_count()}" if local is not None else "cuda"
+    return "cpu"
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """``auto``/None -> bfloat16 on a GPU, float32 elsewhere; a name of ``DTYPES`` or a torch dtype as given."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_device_map(device_map: str | dict | None) -> None:
+    """A ``device_map`` needs accelerate; say so before anything loads."""
+    if device_map is None:
+        return
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(f"unknown --device-map {device_map!r}; valid: auto, balanced, balanced_low_0, sequential")
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ValueError("--device-map needs the accelerate package: pip install accelerate (or the project's "
+                         "'eval' extra)") from None
+
+
+def looks_like_path(model_id: str) -> bool:
+    """A local folder rather than a hub id ``owner/name``: absolute, relative (``./``, ``../``), ``~``, or deeper."""
+    return str(model_id).startswith(("/", "./", "../", "~")) or str(model_id).count("/") > 1
+
+
+def weights_hint(model_id: str, flag: str = "--judge-model") -> str:
+    """How to get ``model_id``'s weights onto a machine without hub access."""
+    return (f"download them where the hub is reachable (`hf download {model_id} --local-dir DIR`) and pass "
+            f"{flag} DIR, or set HF_HOME to a cache that holds them")
+
+
+def from_pretrained(cls: Any, model_id: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                    device_map: str | dict | None = None, flag: str = "--judge-model", **kwargs: Any) -> Any:
+    """``cls.from_pretrained(model_id, dtype=dtype, ...)`` placed on ``device`` (or by ``device_map``), in eval mode.
+
+    Missing weights (not a local folder, not cached, hub unreachable) raise ``WeightsNotFound`` naming
+    ``model_id`` and the way to fetch them; ``flag`` is the CLI option that takes a local folder instead.
+    """
+    check_device_map(device_map)
+    if looks_like_path(model_id) and not Path(model_id).expanduser().exists():
+        raise WeightsNotFound(f"no such folder {model_id!r}; {weights_hint(model_id, flag)}")
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = cls.from_pretrained(model_id, **kwargs)
+    except OSError as err:  # transformers / diffusers raise OSError for unreachable or absent weights
+        where = "folder" if Path(model_id).exists() else "hub id"
+        raise WeightsNotFound(f"cannot load {model_id!r} ({where}): {str(err).splitlines()[0]}; "
+                              f"{weights_hint(model_id, flag)}") from err
+    if device_map is None and hasattr(model, "to"):
+        model = model.to(device)
+    return model.eval() if hasattr(model, "eval") else model
+
+
+def processor_from_pretrained(cls: Any, model_id: str, flag: str = "--judge-model", **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` for tokenizers / processors, with the same missing-weights message."""
+    if looks_like_path(model_id) and not Path(model_id).expanduser().exists():
+        raise WeightsNotFound(f"no such folder {model_id!r}; {weights_hint(model_id, flag)}")
+    try:
+        return cls.from_pretrained(model_id, **kwargs)
+    except OSError as err:
+        raise WeightsNotFound(f"cannot load the processor of {model_id!r}: {str(err).splitlines()[0]}; "
+                              f"{weights_hint(model_id, flag)}") from err
+
+
+def input_device(model: Any, fallback: str = "cpu") -> torch.device:
+    """Where a model's inputs go: its first parameter's device (with a device_map: the embedding's GPU)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device(fallback)
