@@ -83,7 +83,7 @@ def dpg_probes(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return probes
 
 
-def rates(rows: pd.DataFrame, judge: str, probe: str, seed: int = 0) -> list[dict[str, Any]]:
+def rates(rows: pd.DataFrame, judge: str, probe: str, seed: int = 0, n_resamples: int = 1000) -> list[dict[str, Any]]:
     """False-yes / false-no rates with bootstrap CIs, per group and over all; rows: group, truth (bool), answer
     (True = yes, False = no, None = unparsed). Rates are over all probes of the truth; unparsed answers are counted
     on their own (``unparsed``, ``unparsed_rate``) and are never correct."""
@@ -92,7 +92,7 @@ def rates(rows: pd.DataFrame, judge: str, probe: str, seed: int = 0) -> list[dic
     def rate(values: np.ndarray) -> tuple[float | None, float | None, float | None]:
         if not len(values):
             return None, None, None
-        lo, hi = bootstrap_ci(values.astype(float), lambda x: float(x.mean()), n_resamples=1000, seed=seed)
+        lo, hi = bootstrap_ci(values.astype(float), lambda x: float(x.mean()), n_resamples=n_resamples, seed=seed)
         return float(values.mean()), lo, hi
 
     out = []
@@ -111,7 +111,8 @@ def rates(rows: pd.DataFrame, judge: str, probe: str, seed: int = 0) -> list[dic
     return out
 
 
-def geneval_judges(hf_tiny: bool, vqascore_hf: str | None) -> dict[str, Callable[[list[dict]], list[bool]]]:
+def geneval_judges(hf_tiny: bool, vqascore_hf: str | None, place: dict[str, Any] | None = None
+                   ) -> dict[str, Callable[[list[dict]], list[bool]]]:
     from evals.detectors import get_detector
     from evals.geneval import evaluate_image
     from evals.vqascore import HFVQAScore, OracleVQAScore
@@ -134,11 +135,11 @@ def geneval_judges(hf_tiny: bool, vqascore_hf: str | None) -> dict[str, Callable
         model, proc = tiny_gemma3()
         judges["vqascore:hf-tiny-gemma3"] = vqa(lambda ps: HFVQAScore(model=model, processor=proc, answer="yes"))
     if vqascore_hf:
-        judges[f"vqascore:hf:{vqascore_hf}"] = vqa(lambda ps: HFVQAScore(model_id=vqascore_hf))
+        judges[f"vqascore:hf:{vqascore_hf}"] = vqa(lambda ps: HFVQAScore(model_id=vqascore_hf, **(place or {})))
     return judges
 
 
-def dpg_judges(hf_tiny: bool, dpg_hf: str | None) -> dict[str, Any]:
+def dpg_judges(hf_tiny: bool, dpg_hf: str | None, place: dict[str, Any] | None = None) -> dict[str, Any]:
     from evals.judges import HFJudge, OracleJudge
 
     judges: dict[str, Any] = {"dpg:oracle": OracleJudge()}
@@ -148,7 +149,7 @@ def dpg_judges(hf_tiny: bool, dpg_hf: str | None) -> dict[str, Any]:
         model, proc = tiny_gemma3()
         judges["dpg:hf-tiny-gemma3"] = HFJudge(mode="direct", model=model, processor=proc)
     if dpg_hf:
-        judges[f"dpg:hf:{dpg_hf}"] = HFJudge(model_id=dpg_hf)
+        judges[f"dpg:hf:{dpg_hf}"] = HFJudge(model_id=dpg_hf, **(place or {}))
     return judges
 
 
@@ -166,20 +167,20 @@ def run_dpg_judge(judge: Any, probes: list[dict]) -> list[bool | None]:
 
 
 def audit(n: int = 20, seed: int = 0, hf_tiny: bool = False, vqascore_hf: str | None = None,
-          dpg_hf: str | None = None) -> pd.DataFrame:
-    """The audit table (see the module docstring)."""
+          dpg_hf: str | None = None, n_resamples: int = 1000, place: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The audit table (see the module docstring). ``place``: device / dtype / device_map of the HF judges."""
     rows = []
     gprobes = geneval_probes(n, seed)
-    for name, judge in geneval_judges(hf_tiny, vqascore_hf).items():
+    for name, judge in geneval_judges(hf_tiny, vqascore_hf, place).items():
         answers = judge(gprobes)
         df = pd.DataFrame({"group": [p["group"] for p in gprobes], "truth": [p["truth"] for p in gprobes],
                            "answer": answers})
-        rows += rates(df, name, "geneval", seed)
+        rows += rates(df, name, "geneval", seed, n_resamples)
     dprobes = dpg_probes(n, seed)
-    for name, judge in dpg_judges(hf_tiny, dpg_hf).items():
+    for name, judge in dpg_judges(hf_tiny, dpg_hf, place).items():
         df = pd.DataFrame({"group": [p["group"] for p in dprobes], "truth": [p["truth"] for p in dprobes],
                            "answer": run_dpg_judge(judge, dprobes)})
-        rows += rates(df, name, "dpg", seed)
+        rows += rates(df, name, "dpg", seed, n_resamples)
     return pd.DataFrame(rows)
 
 
@@ -196,24 +197,45 @@ def render_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> pd.DataFrame:
+def parser() -> argparse.ArgumentParser:
+    from evals import cli
+
+    p = cli.Parser(prog="python -m evals.audit", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=cli.positive_int, default=20, help="prompts per GenEval task; DPG scenes")
+    cli.add_seed(p, 0, help="seed of the probes and of the bootstrap")
+    cli.add_n_resamples(p)
+    p.add_argument("--hf-tiny", action="store_true", help="also audit the tiny random Gemma3 (a bad judge)")
+    p.add_argument("--vqascore-hf", help="hub id / local folder of a VQAScore VLM to audit")
+    p.add_argument("--dpg-hf", help="hub id / local folder of a DPG judge VLM to audit (CoT mode)")
+    cli.add_placement(p)
+    cli.add_out(p, help="writes audit.csv and audit.md here")
+    return p
+
+
+def _main(argv: list[str] | None = None) -> pd.DataFrame:
     from common.files import atomic_write_text
 
-    p = argparse.ArgumentParser(prog="python -m evals.audit", description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=20, help="prompts per GenEval task; DPG scenes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hf-tiny", action="store_true", help="also audit the tiny random Gemma3 (a bad judge)")
-    p.add_argument("--vqascore-hf", help="hub id / path of a VQAScore VLM to audit")
-    p.add_argument("--dpg-hf", help="hub id / path of a DPG judge VLM to audit (CoT mode)")
-    p.add_argument("--out", type=Path, required=True)
-    a = p.parse_args(argv)
-    if a.n < 1:
-        raise SystemExit("error: --n must be >= 1")
-    df = audit(a.n, a.seed, a.hf_tiny, a.vqascore_hf, a.dpg_hf)
-    atomic_write_text(a.out / "audit.csv", df.to_csv(index=False))
-    atomic_write_text(a.out / "audit.md", render_markdown(df))
+    a = parser().parse_args(argv)
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if a.device_map is not None:
+        from evals.runtime import check_device_map
+
+        check_device_map(a.device_map)
+    place = {"device": a.device, "dtype": a.dtype, "device_map": a.device_map}
+    df = audit(a.n, a.seed, a.hf_tiny, a.vqascore_hf, a.dpg_hf, a.n_resamples, place)
+    atomic_write_text(out / "audit.csv", df.to_csv(index=False))
+    atomic_write_text(out / "audit.md", render_markdown(df))
     print(render_markdown(df[df.group == "all"]))
     return df
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    """CLI entry; returns the audit table. Input errors exit 2 with one ``error:`` line."""
+    from evals.cli import entry
+
+    return entry(_main)(argv)
 
 
 if __name__ == "__main__":

@@ -248,12 +248,14 @@ def _read_tensors(folder: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Te
 
 def load_clip_flant5(model_id: str, tokenizer_id: str | None = None, vision_tower: str | None = None,
                      device: str = "cpu", dtype: torch.dtype = torch.float32, cache_dir: str | None = None,
-                     local_files_only: bool = False) -> tuple[CLIPFlanT5, Any, Any]:
+                     local_files_only: bool = False, device_map: str | dict | None = None
+                     ) -> tuple[CLIPFlanT5, Any, Any]:
     """(model, tokenizer, image processor) of a CLIP-FlanT5 checkpoint (hub id or local folder).
 
     T5 weights load through ``T5ForConditionalGeneration.from_pretrained`` (sharded, untied FlanT5 lm_head); the
     vision tower and projector from the checkpoint's ``vision_tower.vision_tower.*`` / ``mm_projector.*`` tensors
-    (falling back to ``vision_tower``'s own CLIP weights if the checkpoint has none).
+    (falling back to ``vision_tower``'s own CLIP weights if the checkpoint has none). With ``device_map`` the T5
+    is spread by accelerate and the vision tower + projector sit on the T5 embedding's device.
     """
     from transformers import (
         AutoTokenizer,
@@ -279,7 +281,11 @@ def load_clip_flant5(model_id: str, tokenizer_id: str | None = None, vision_towe
         vision_config = CLIPVisionConfig.from_pretrained(vision_id)
     except OSError as err:
         raise _missing_model_error("tokenizer or vision tower", f"{tokenizer_id} / {vision_id}", err) from err
-    t5 = T5ForConditionalGeneration.from_pretrained(str(folder), dtype=dtype)
+    from evals.runtime import check_device_map
+
+    check_device_map(device_map)
+    t5 = T5ForConditionalGeneration.from_pretrained(str(folder), dtype=dtype,
+                                                    **({"device_map": device_map} if device_map else {}))
     extra = _read_tensors(folder, ("vision_tower.", "mm_projector."))
     if any(k.startswith("vision_tower.") for k in extra):
         vision = CLIPVisionModel(vision_config).to(dtype)
@@ -297,6 +303,11 @@ def load_clip_flant5(model_id: str, tokenizer_id: str | None = None, vision_towe
             own[new].copy_(value.to(dtype))
     if not any(k.startswith("mm_projector.") for k in extra):
         raise ValueError(f"{folder}: no mm_projector.* weights: not a CLIP-FlanT5 checkpoint")
+    if device_map is not None:  # T5 is placed; the rest goes where its embedding lives
+        first = t5.get_input_embeddings().weight.device
+        model.vision.to(first)
+        model.projector.to(first)
+        return model.eval(), tokenizer, processor
     return model.to(device).eval(), tokenizer, processor
 
 
@@ -325,7 +336,7 @@ class CLIPFlanT5Score(VQAScorer):
                  tokenizer: Any = None, image_processor: Any = None, tokenizer_id: str | None = None,
                  vision_tower: str | None = None, batch_size: int = 16, question: str = QUESTION_TEMPLATE,
                  answer: str = ANSWER_TEMPLATE, prompt_style: str = "t5_chat", official_batch_mask: bool = False,
-                 device: str | None = None) -> None:
+                 device: str | None = None, dtype: Any = "auto", device_map: str | dict | None = None) -> None:
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"unknown prompt_style {prompt_style!r}; valid: {list(PROMPT_STYLES)}")
         if batch_size < 1:
@@ -335,11 +346,12 @@ class CLIPFlanT5Score(VQAScorer):
                 raise ValueError(f"unknown CLIP-FlanT5 variant {variant!r}; valid: {list(CLIP_FLANT5_MODELS)} "
                                  "(or pass model_id=)")
             spec = CLIP_FLANT5_MODELS.get(variant, {})
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+            from evals.runtime import pick_device, pick_dtype
+
+            device = pick_device(device)
             model, tokenizer, image_processor = load_clip_flant5(
                 model_id or spec["checkpoint"], tokenizer_id or (None if model_id else spec.get("tokenizer")),
-                vision_tower, device=device, dtype=dtype)
+                vision_tower, device=device, dtype=pick_dtype(dtype, device), device_map=device_map)
         elif tokenizer is None or image_processor is None:
             raise ValueError("model= needs tokenizer= and image_processor= too")
         self.model, self.tokenizer, self.image_processor = model.eval(), tokenizer, image_processor
@@ -362,7 +374,7 @@ class CLIPFlanT5Score(VQAScorer):
 
     @torch.no_grad()
     def _batch(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
-        device = next(self.model.parameters()).device
+        device = next(self.model.vision.parameters()).device
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats = self.model.encode_images(self.pixel_values(images).to(device))
             embeds, mask = self.model.encoder_inputs([self.token_ids(t) for t in texts], feats,

@@ -99,15 +99,30 @@ DETECTORS: dict[str, type[DetectorBackend]] = {
 }
 
 
-def get_detector(name: str) -> DetectorBackend:
-    """Instantiate the registered backend ``name``; unknown names raise ValueError listing the valid ones."""
+def get_detector(name: str, **kwargs: Any) -> DetectorBackend:
+    """Instantiate the registered backend ``name`` with its keyword arguments (``device``, ``dtype``, ...);
+    unknown names raise ValueError listing the valid ones."""
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; valid: {sorted(DETECTORS)}")
-    return DETECTORS[name]()
+    return DETECTORS[name](**kwargs)
+
+
+def detector_vocabulary(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(classes, colours) a backend can report, known without loading it: prompts are checked against them
+    before any model loads."""
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; valid: {sorted(DETECTORS)}")
+    if name == "shapes":
+        from world.scene import CLASSES, COLORS
+
+        return tuple(CLASSES), tuple(COLORS)
+    return coco_object_names(), GENEVAL_COLORS
 
 
 # ------------------------------------------------------------------------------------------------ COCO backends
 GENEVAL_DATA = Path(__file__).parent / "data" / "geneval"
+MASK2FORMER_ID = "facebook/mask2former-swin-small-coco-instance"
+CLIP_ID = "openai/clip-vit-large-patch14"
 GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
 
@@ -133,13 +148,20 @@ class CLIPColorClassifier:
     """
 
     def __init__(self, model_id: str = "openai/clip-vit-large-patch14", model=None, processor=None,
-                 device: str | None = None):
+                 device: str | None = None, dtype: Any = None, device_map: str | None = None):
         import torch
         from transformers import CLIPModel, CLIPProcessor
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = (model or CLIPModel.from_pretrained(model_id)).to(self.device).eval()
-        self.processor = processor or CLIPProcessor.from_pretrained(model_id)
+        from evals.runtime import from_pretrained, input_device, pick_device, processor_from_pretrained
+
+        device = pick_device(device)
+        dtype = dtype or torch.float32  # colour decisions are argmaxes over close cosines: keep full precision
+        if model is None:
+            model = from_pretrained(CLIPModel, model_id, device=device, dtype=dtype, device_map=device_map,
+                                    flag="--color-model")
+        self.model = model.to(device).eval() if device_map is None else model.eval()
+        self.device = input_device(self.model, device)
+        self.processor = processor or processor_from_pretrained(CLIPProcessor, model_id, flag="--color-model")
         self._weights: dict[str, object] = {}
 
     def _classifier(self, class_name: str):
@@ -170,6 +192,7 @@ class CLIPColorClassifier:
         if not detections:
             return []
         pix = self.processor(images=[self.crop(image, d) for d in detections], return_tensors="pt").to(self.device)
+        pix["pixel_values"] = pix["pixel_values"].to(self.model.dtype)
         with torch.no_grad():
             feats = _embedding(self.model.get_image_features(**pix))
         feats = feats / feats.norm(dim=-1, keepdim=True)
@@ -190,15 +213,25 @@ class HFMask2FormerDetector(DetectorBackend):
 
     name = "hf-mask2former"
 
-    def __init__(self, model_id: str = "facebook/mask2former-swin-small-coco-instance", model=None, processor=None,
+    def __init__(self, model_id: str | None = None, model=None, processor=None,
                  color_classifier: CLIPColorClassifier | None = None, max_per_image: int = 100,
-                 device: str | None = None):
+                 device: str | None = None, dtype: Any = None, device_map: str | None = None,
+                 color_model: str | None = None):
         import torch
         from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = (model or Mask2FormerForUniversalSegmentation.from_pretrained(model_id)).to(self.device).eval()
-        self.processor = processor or Mask2FormerImageProcessor.from_pretrained(model_id)
+        from evals.runtime import from_pretrained, input_device, pick_device, processor_from_pretrained
+
+        model_id = model_id or MASK2FORMER_ID
+        device = pick_device(device)
+        dtype = dtype or torch.float32  # scores are compared with thresholds (0.3, 0.9): keep full precision
+        if model is None:
+            model = from_pretrained(Mask2FormerForUniversalSegmentation, model_id, device=device, dtype=dtype,
+                                    device_map=device_map)
+        self.model = model.to(device).eval() if device_map is None else model.eval()
+        self.device = input_device(self.model, device)
+        self.processor = processor or processor_from_pretrained(Mask2FormerImageProcessor, model_id)
+        self._color_args = {"model_id": color_model or CLIP_ID, "device": device, "device_map": device_map}
         self.classes = coco_object_names()
         n_labels = self.model.config.num_labels
         if n_labels != len(self.classes):
@@ -213,6 +246,7 @@ class HFMask2FormerDetector(DetectorBackend):
 
         image = image.convert("RGB")
         inputs = self.processor(images=[image], return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         with torch.no_grad():
             out = self.model(**inputs)
         probs = out.class_queries_logits[0].float().softmax(-1)[:, :-1]  # (Q, C)
@@ -237,7 +271,7 @@ class HFMask2FormerDetector(DetectorBackend):
 
     def classify_colors(self, image: Image.Image, detections: list[Detection], class_name: str) -> list[str]:
         if self._colors is None:
-            self._colors = CLIPColorClassifier(device=self.device)
+            self._colors = CLIPColorClassifier(**self._color_args)
         return self._colors(image, detections, class_name)
 
 

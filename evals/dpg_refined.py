@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from common.files import atomic_write_text, open_rgb
 from common.stats import bootstrap_ci
-from evals.judges import JUDGE_MODES, JUDGES, Judge, JudgeRequest, make_judge
+from evals.judges import HF_PRESETS, JUDGE_MODES, Judge, JudgeRequest, make_judge
 
 CSV_COLUMNS: tuple[str, ...] = (
     "item_id", "text", "keywords", "proposition_id", "dependency", "category_broad", "category_detailed", "tuple",
@@ -115,14 +115,19 @@ def load_questions_hf(prompts_path: str | Path = DEFAULT_PROMPTS) -> list[Questi
     try:
         import datasets
     except ImportError:
-        raise RuntimeError("no --questions given and the `datasets` package is not installed; pass --questions "
-                           "dpg_bench.csv (official format) or install `datasets` and run online") from None
+        raise ValueError("no --questions given and the `datasets` package is not installed; pass --questions "
+                         "dpg_bench.csv (official format) or install `datasets` and run online") from None
     texts = {}
     if Path(prompts_path).is_file():
         with open(prompts_path, encoding="utf-8") as fp:
             texts = {d["item_id"]: d["prompt"] for d in map(json.loads, fp)}
+    try:
+        dataset = datasets.load_dataset(HF_DATASET, split="train")
+    except Exception as err:  # offline, a firewall, a moved dataset: all end in the same advice
+        raise ValueError(f"could not load the DPG-Bench questions from the hub ({HF_DATASET}: "
+                         f"{type(err).__name__}); pass --questions dpg_bench.csv (the official CSV)") from None
     rows = []
-    for ex in datasets.load_dataset(HF_DATASET, split="train"):
+    for ex in dataset:
         for q in ex["questions"]:
             broad, detailed = q["category_broad"], q["category_detailed"] or ""
             rows.append({"item_id": ex["item_id"], "text": texts.get(ex["item_id"], ex.get("prompt", "")),
@@ -625,83 +630,131 @@ def run(images_dir: str | Path | ImageSet, questions_csv: str | Path | Sequence[
     """Judge a folder of images (resumable), then aggregate into ``out_dir``. ``judge``: a ``Judge`` or a registry
     name (oracle, hf, openai) built with ``judge_kwargs``. Returns the scores dict (as in scores.json)."""
     questions = (load_questions(questions_csv) if isinstance(questions_csv, (str, Path)) else list(questions_csv))
-    judge = make_judge(judge, **judge_kwargs) if isinstance(judge, str) else judge
-    path = judge_images(images_dir, questions, judge, out_dir, n_images, resolution, progress)
+    images = images_dir if isinstance(images_dir, ImageSet) else scan_images(images_dir, group_items(questions),
+                                                                             n_images, resolution)
+    judge = make_judge(judge, **judge_kwargs) if isinstance(judge, str) else judge  # after every input check
+    path = judge_images(images, questions, judge, out_dir, n_images, resolution, progress)
     scores, rows = aggregate(questions, read_judgments(path), n_images, n_resamples, seed)
     write_reports(scores, rows, out_dir)
     return scores
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
+JUDGE_CHOICES: tuple[str, ...] = (*HF_PRESETS, "hf", "openai", "oracle")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evals.dpg_refined", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    j = sub.add_parser("judge", help="judge an image folder, then aggregate (the default command)")
+    from evals import cli
+
+    p = cli.Parser(prog="python -m evals.dpg_refined", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
+    j = sub.add_parser("judge", help="judge an image folder, then aggregate (the default command)",
+                       description="Judge every tile of an image folder (resumable), then aggregate.",
+                       formatter_class=p.formatter_class)
     src = j.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder: <item_id>.png 2x2 grids or <item_id>/<k>.png")
     src.add_argument("--ckpt", help="a checkpoint of this harness: generate 4 seeds per prompt into OUT/images "
                      "(2x2 grids, resumable), then judge them")
-    j.add_argument("--gen-seed", type=int, default=0, help="--ckpt: image k of item i uses seed + 1000 i + k")
-    j.add_argument("--questions", help="DPG-Bench questions CSV (official header); default: HF dataset (online)")
+    j.add_argument("--questions", help="DPG-Bench questions CSV (official header); default: the HF dataset "
+                   f"{HF_DATASET} (needs the hub)")
     j.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompts.jsonl used with the HF dataset")
-    j.add_argument("--judge", default="oracle", choices=sorted(JUDGES))
-    j.add_argument("--judge-mode", default="cot", choices=JUDGE_MODES)
-    j.add_argument("--judge-model", default=None, help="hf: preset or model id (default gemma-3-27b-it); "
-                   "openai: the served model name")
-    j.add_argument("--judge-url", default=None, help="openai: API base, e.g. http://localhost:8000/v1")
-    j.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="env var holding the endpoint's key")
-    j.add_argument("--batch-size", type=int, default=None)
+    cli.add_judge(j, JUDGE_CHOICES, "gemma-3-27b-it",
+                  help="gemma-3-27b-it / gemma-3-12b-it: that VLM through transformers; hf: any transformers VLM "
+                       "(--judge-model); openai: an OpenAI-compatible server (--judge-url); oracle: the shapes "
+                       "world's exact answers",
+                  model_help="hf / presets: hub id or local folder of the VLM (default: the preset's hub id); "
+                             "openai: the served model name (default google/gemma-3-27b-it)")
+    j.add_argument("--judge-mode", default="cot", choices=JUDGE_MODES, help="chain-of-thought prompt or a direct "
+                   "yes/no question")
     j.add_argument("--size-hint", type=int, default=None, help="oracle: world canvas size the tiles depict")
-    j.add_argument("--out", required=True)
-    a = sub.add_parser("aggregate", help="scores from a judgments file")
-    a.add_argument("--questions", required=True)
-    a.add_argument("--judgments", required=True)
-    a.add_argument("--out", required=True)
-    for s in (j, a):
-        s.add_argument("--n-images", type=int, default=None, help="images per prompt (judge default 4)")
-        s.add_argument("--n-resamples", type=int, default=1000)
-        s.add_argument("--seed", type=int, default=0)
+    cli.add_placement(j)
+    cli.add_batch_size(j, None, help="questions per judge call (default: the judge's own: oracle 256, hf 8, "
+                                     "openai 16 concurrent requests)")
     j.add_argument("--resolution", type=int, default=None, help="tile size in pixels (default: inferred)")
+    cli.add_out(j, help="judgments.jsonl (the resumable cache), scores.json, table.md, per_prompt.csv")
+    a = sub.add_parser("aggregate", help="scores from a judgments file", formatter_class=p.formatter_class,
+                       description="Scores, table and per-prompt rows from an existing judgments file.")
+    a.add_argument("--questions", required=True, help="DPG-Bench questions CSV")
+    a.add_argument("--judgments", required=True, help="a judgments.jsonl")
+    cli.add_out(a, help="scores.json, table.md, per_prompt.csv")
+    for s in (j, a):
+        s.add_argument("--n-samples", type=cli.positive_int, default=None,
+                       help="images per prompt (default: judge 4, aggregate: as many as judged)")
+        cli.add_n_resamples(s)
+        cli.add_seed(s, 0, help="bootstrap seed; with --ckpt also the generation seed (image k of item i: "
+                                "seed + 1000 i + k)")
+        cli.alias(s, "--n-images", "--n-samples", type=cli.positive_int)
+    cli.alias(j, "--gen-seed", "--seed", type=int)
     return p
 
 
 def _judge_from_args(args: argparse.Namespace) -> Judge:
+    """The ``--judge`` with its flags (call after every input check: a VLM judge loads its weights here)."""
     kw: dict[str, Any] = {} if args.batch_size is None else {"batch_size": args.batch_size}
     if args.judge == "oracle":
         return make_judge("oracle", size_hint=args.size_hint, **kw)
     kw["mode"] = args.judge_mode
-    if args.judge == "hf":
-        return make_judge("hf", model_id=args.judge_model or "gemma-3-27b-it", **kw)
-    if not args.judge_url:
-        raise SystemExit("--judge openai needs --judge-url (an OpenAI-compatible API base, e.g. http://host:8000/v1)")
-    return make_judge("openai", url=args.judge_url, api_key=os.environ.get(args.judge_api_key_env),
-                      **({"model": args.judge_model} if args.judge_model else {}), **kw)
+    if args.judge == "openai":
+        return make_judge("openai", url=args.judge_url, api_key=os.environ.get(args.judge_api_key_env),
+                          **({"model": args.judge_model} if args.judge_model else {}), **kw)
+    model_id = args.judge_model or (args.judge if args.judge in HF_PRESETS else "gemma-3-27b-it")
+    return make_judge("hf", model_id=model_id, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                      **kw)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI entry; ``judge`` is the default subcommand. Returns the scores."""
+def _check_judge_args(args: argparse.Namespace) -> None:
+    if args.judge == "openai" and not args.judge_url:
+        raise ValueError("--judge openai needs --judge-url (an OpenAI-compatible API base, e.g. http://host:8000/v1)")
+    if args.judge_url:
+        if args.judge != "openai":
+            raise ValueError(f"--judge-url only applies to --judge openai, not {args.judge!r}")
+        from evals.judges import chat_endpoint
+
+        chat_endpoint(args.judge_url)
+    if args.device_map is not None:
+        from evals.runtime import check_device_map
+
+        check_device_map(args.device_map)
+    if args.n_samples not in (None, 4) and args.ckpt:
+        raise ValueError(f"--ckpt writes 2x2 grids: --n-samples must be 4, got {args.n_samples}")
+
+
+def _main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("judge", "aggregate", "-h", "--help"):
         argv = ["judge", *argv]
     args = _parser().parse_args(argv)
     if args.command == "aggregate":
-        scores = aggregate_files(args.questions, args.judgments, args.out, args.n_images, args.n_resamples, args.seed)
+        scores = aggregate_files(args.questions, args.judgments, args.out, args.n_samples, args.n_resamples,
+                                 args.seed)
     else:
+        _check_judge_args(args)
         questions = load_questions(args.questions) if args.questions else load_questions_hf(args.prompts)
-        images = args.images
+        n_images = args.n_samples or 4
         if args.ckpt:
-            from evals.images import generate_dpg_folder
+            from evals import images as layouts
 
-            images = generate_dpg_folder(args.ckpt, item_prompts(questions), Path(args.out) / "images",
-                                         seed=args.gen_seed)
-        scores = run(images, questions, _judge_from_args(args), args.out, args.n_images or 4, args.resolution,
+            if not Path(args.ckpt).is_file():
+                raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
+            images = Path(args.out) / "images"
+            layouts.write_folder("dpg", layouts.module_generator(layouts.load_module(args.ckpt)),
+                                 item_prompts(questions), images, 4, args.seed, 64,
+                                 generator=f"ckpt:{Path(args.ckpt).resolve()}", rank=0, world=1)
+        else:
+            images = args.images
+        image_set = scan_images(images, group_items(questions), n_images, args.resolution)
+        scores = run(image_set, questions, _judge_from_args(args), args.out, n_images, args.resolution,
                      args.n_resamples, args.seed)
     print(render_table(scores))
     return scores
 
 
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """CLI entry; ``judge`` is the default subcommand. Returns the scores; input errors exit 2 with one line."""
+    from evals.cli import entry
+
+    return entry(_main)(argv)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, RuntimeError) as err:  # bad input: a message, not a traceback
-        raise SystemExit(f"error: {err}") from None
+    main()

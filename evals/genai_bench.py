@@ -379,66 +379,115 @@ def human_correlation_run(ratings_path: Path, out_dir: Path, images_dir: Path | 
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from evals.vqascore import SCORERS, make_scorer
+JUDGE_DEFAULT = "clip-flant5-xxl"  # the VQAScore model of GenAI-Bench's published tables
 
-    p = argparse.ArgumentParser(prog="python -m evals.genai_bench", description=__doc__.split("\n\n")[0])
+
+def parser() -> argparse.ArgumentParser:
+    from evals import cli
+    from evals.vqascore import HF_DEFAULT, SCORERS
+
+    p = cli.Parser(prog="python -m evals.genai_bench", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", type=Path, help="folder of <00000>.png|jpeg, one per prompt")
-    src.add_argument("--ckpt", help="checkpoint of this harness: generate OUT/images first (seed 42 + index)")
+    src.add_argument("--images", type=Path, help="folder of <00000>.png|jpeg, one per prompt (see python -m "
+                     "evals.generate --benchmark genai)")
+    src.add_argument("--ckpt", help="checkpoint of this harness: generate OUT/images first (seed + index)")
     src.add_argument("--scores", type=Path, help="with --human-correlation: per-image judge scores, JSONL rows "
                      '{"model", "index", "score", "backend"}, instead of scoring --images')
     p.add_argument("--human-correlation", type=Path, metavar="GENAI_IMAGE_JSON",
                    help="agreement with the human ratings in this file; --images is then DIR/<generator>/<00000>.jpeg")
-    p.add_argument("--model", default="hf", choices=sorted(SCORERS), help="VQAScore backend")
-    p.add_argument("--model-id", help="hf: hub id or local path of the VLM, e.g. Qwen/Qwen2.5-VL-7B-Instruct; "
-                   "openai: the served model name; clip-flant5-*: a local checkpoint folder (default: the hub id)")
-    p.add_argument("--url", help="openai: API base of an OpenAI-compatible server, e.g. http://host:8000/v1")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: env var holding the key")
-    p.add_argument("--batch-size", type=int, default=16)
+    cli.add_judge(p, sorted(SCORERS), JUDGE_DEFAULT,
+                  help="VQAScore backend: clip-flant5-xxl / -xl (the published tables' model), hf (any transformers "
+                       "VLM, --judge-model), openai (a server with logprobs, --judge-url), oracle (shapes world only)",
+                  model_help=f"hf: hub id or local folder (default {HF_DEFAULT}); openai: the served model name; "
+                             "clip-flant5-*: a local checkpoint folder (default: the hub id)")
+    cli.add_placement(p)
+    cli.add_batch_size(p, 16, help="image-prompt pairs per model call (openai: concurrent requests)")
     p.add_argument("--official-batch-mask", action="store_true",
                    help="clip-flant5: reproduce t2v_metrics' mixed-length batch attention mask (see evals.clip_flant5)")
     p.add_argument("--data", type=Path, default=DATA, help="folder with genai_image.json + genai_skills.json")
-    p.add_argument("--n-resamples", type=int, default=1000)
-    p.add_argument("--out", type=Path, required=True)
-    a = p.parse_args(argv)
-    if a.scores is not None and a.human_correlation is None:
-        p.error("--scores only applies with --human-correlation")
-    if a.human_correlation is not None and a.ckpt is not None:
-        p.error("--human-correlation judges GenAI-Bench's released images: pass --images DIR or --scores FILE")
-    if a.human_correlation is not None and a.scores is not None:
-        result = human_correlation_run(a.human_correlation, a.out, scores_path=a.scores)
-        print(render_human_table(result))
-        return result
-    if a.model == "oracle":
-        raise ValueError("--model oracle cannot judge GenAI-Bench's natural-language prompts; use hf or openai")
-    if a.model == "openai":
-        if not a.url or not a.model_id:
-            raise ValueError("--model openai needs --url (API base) and --model-id (the served model name)")
-        scorer = make_scorer("openai", url=a.url, model=a.model_id, batch_size=a.batch_size,
-                             api_key=os.environ.get(a.api_key_env))
-    elif a.model.startswith("clip-flant5"):
-        scorer = make_scorer(a.model, model_id=a.model_id, batch_size=a.batch_size,
-                             official_batch_mask=a.official_batch_mask)
-    else:
-        scorer = make_scorer("hf", model_id=a.model_id, batch_size=a.batch_size)
-    if a.human_correlation is not None:
-        result = human_correlation_run(a.human_correlation, a.out, a.images, scorer)
-        print(render_human_table(result))
-        return result
-    if a.images is None:
-        from evals.images import generate_genai_folder
+    cli.add_seed(p, 42, help="--ckpt: the image of prompt i uses seed + i (GenAI-Bench's 42); also the bootstrap's "
+                             "seed")
+    cli.add_n_resamples(p)
+    cli.add_out(p, help="scores.jsonl (the resumable cache), results.json, table.md")
+    cli.alias(p, "--model", "--judge", choices=sorted(SCORERS))
+    cli.alias(p, "--model-id", "--judge-model")
+    cli.alias(p, "--url", "--judge-url")
+    cli.alias(p, "--api-key-env", "--judge-api-key-env")
+    return p
 
-        images = generate_genai_folder(a.ckpt, load_benchmark(a.data)[0], a.out / "images")
+
+def check_args(a: argparse.Namespace) -> None:
+    """Flag combinations, before anything is read or loaded."""
+    if a.scores is not None and a.human_correlation is None:
+        raise ValueError("--scores only applies with --human-correlation")
+    if a.human_correlation is not None and a.ckpt is not None:
+        raise ValueError("--human-correlation judges GenAI-Bench's released images: pass --images DIR or --scores "
+                         "FILE")
+    if a.judge == "oracle" and a.scores is None:
+        raise ValueError("--judge oracle cannot judge GenAI-Bench's natural-language prompts; use clip-flant5-xxl, "
+                         "hf or openai")
+    if a.judge == "openai" and a.scores is None and (not a.judge_url or not a.judge_model):
+        raise ValueError("--judge openai needs --judge-url (API base) and --judge-model (the served model name)")
+    if a.judge_url:
+        from evals.judges import chat_endpoint
+
+        chat_endpoint(a.judge_url)
+    if a.device_map is not None:
+        from evals.runtime import check_device_map
+
+        check_device_map(a.device_map)
+
+
+def build_scorer(a: argparse.Namespace) -> Any:
+    """The ``--judge`` backend (a VLM loads its weights here: call after every input check)."""
+    from evals.vqascore import HF_DEFAULT, make_scorer
+
+    if a.judge == "openai":
+        return make_scorer("openai", url=a.judge_url, model=a.judge_model, batch_size=a.batch_size,
+                           api_key=os.environ.get(a.judge_api_key_env))
+    place = {"device": a.device, "dtype": a.dtype, "device_map": a.device_map}
+    if a.judge.startswith("clip-flant5"):
+        return make_scorer(a.judge, model_id=a.judge_model, batch_size=a.batch_size,
+                           official_batch_mask=a.official_batch_mask, **place)
+    return make_scorer("hf", model_id=a.judge_model or HF_DEFAULT, batch_size=a.batch_size, **place)
+
+
+def _main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    a = parser().parse_args(argv)
+    check_args(a)
+    if a.human_correlation is not None:
+        load_human_ratings(a.human_correlation)  # a bad ratings file fails before any model loads
+        if a.scores is not None:
+            result = human_correlation_run(a.human_correlation, a.out, scores_path=a.scores)
+        else:
+            if not Path(a.images).is_dir():
+                raise FileNotFoundError(f"image folder not found: {a.images} (expected <generator>/<00000>.jpeg)")
+            result = human_correlation_run(a.human_correlation, a.out, a.images, build_scorer(a))
+        print(render_human_table(result))
+        return result
+    prompts, _ = load_benchmark(a.data)
+    if a.images is None:
+        from evals import images as layouts
+
+        if not Path(a.ckpt).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {a.ckpt}")
+        images = a.out / "images"
+        layouts.write_folder("genai", layouts.module_generator(layouts.load_module(a.ckpt)), prompts, images, 1,
+                             a.seed, a.batch_size, generator=f"ckpt:{Path(a.ckpt).resolve()}", rank=0, world=1)
     else:
         images = a.images
-    results = run(images, scorer, a.out, a.data, a.n_resamples)
+    find_images(images, sorted(prompts))  # every prompt's image exists before the judge loads
+    results = run(images, build_scorer(a), a.out, a.data, a.n_resamples, a.seed)
     print(render_table(results))
     return results
 
 
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """CLI entry; returns the results. Input errors exit 2 with one ``error:`` line."""
+    from evals.cli import entry
+
+    return entry(_main)(argv)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    main()

@@ -517,58 +517,131 @@ def format_summary(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def check_folder(images_dir: str | Path, classes: Sequence[str] | None = None,
+                 colors: Sequence[str] | None = None) -> int:
+    """Before any model loads: ``images_dir`` is a GenEval folder whose metadata fits the judge's vocabulary and
+    which holds PNG samples. Returns the number of prompt folders; raises naming what is wrong."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {images_dir}")
+    folders = [p for p in sorted(images_dir.iterdir()) if p.is_dir() and p.name.isdigit()]
+    if not folders:
+        loose = len([p for p in images_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")])
+        raise ValueError(f"{images_dir} holds no GenEval prompt folders (<dir>/<NNNNN>/metadata.jsonl + "
+                         f"samples/<k>.png){f', only {loose} loose images' if loose else ''}; write them with "
+                         "python -m evals.generate --benchmark geneval")
+    for sub in folders:
+        load_metadata_file(sub / "metadata.jsonl", classes, colors)
+    if not any(_SAMPLE_NAME.fullmatch(p.name) for sub in folders for p in (sub / "samples").glob("*.png")):
+        raise ValueError(f"no samples/<k>.png under the prompt folders of {images_dir}")
+    return len(folders)
+
+
+def build_detector(args: argparse.Namespace) -> DetectorBackend:
+    """The ``--judge`` backend with the placement flags that apply to it."""
+    from evals.runtime import pick_dtype
+
+    if args.judge == "shapes":
+        return get_detector("shapes")
+    if args.judge == "mmdet":
+        return get_detector("mmdet", checkpoint=args.judge_model, device=None if args.device == "auto" else args.device)
+    dtype = None if args.dtype == "auto" else pick_dtype(args.dtype, "cpu")
+    return get_detector(args.judge, model_id=args.judge_model, color_model=args.color_model, dtype=dtype,
+                        device=args.device, device_map=args.device_map)
+
+
+def parser() -> argparse.ArgumentParser:
+    from evals import cli
+    from evals.detectors import CLIP_ID, DETECTORS, MASK2FORMER_ID
+
+    p = cli.Parser(prog="python -m evals.geneval", description=__doc__.split("\n\n")[0] + "\n\n"
+                   "  python -m evals.geneval --images DIR --out OUT                  (DIR: <NNNNN>/metadata.jsonl + "
+                   "samples/<k>.png, see python -m evals.generate)\n"
+                   "  python -m evals.geneval --images DIR --judge shapes --out OUT   (the shapes world's exact judge)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", type=Path, help="a GenEval image folder")
+    src.add_argument("--ckpt", type=Path, help="a checkpoint of this harness: generate OUT/images first, then score")
+    cli.add_out(p, help="writes results.jsonl (GenEval's per-image rows) and summary.json here")
+    cli.add_judge(p, sorted(DETECTORS), "hf-mask2former", url=False,
+                  help="hf-mask2former: COCO Mask2Former (Swin-S) + CLIP colours through transformers; mmdet: "
+                       "GenEval's own detector in its conda env; shapes: the shapes world's exact detector",
+                  model_help=f"hf-mask2former: hub id or folder (default {MASK2FORMER_ID}); mmdet: the .pth "
+                             "checkpoint (default $GENEVAL_MMDET_CHECKPOINT)")
+    p.add_argument("--color-model", default=CLIP_ID, help="hf-mask2former: the CLIP model of the colour classifier")
+    cli.add_placement(p)
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--metadata", type=Path, help="--ckpt: an evaluation_metadata.jsonl")
+    prompts.add_argument("--n-per-task", type=cli.positive_int, help="--ckpt: a shapes-world prompt set, K per task")
+    p.add_argument("--n-samples", type=cli.positive_int, default=4, help="--ckpt: images per prompt")
+    cli.add_seed(p, 0, help="--ckpt: image k of prompt i uses seed + 1000 i + k; also the bootstrap's seed")
+    cli.add_batch_size(p, 64, help="--ckpt: images per generation call")
+    cli.add_n_resamples(p)
+    p.add_argument("--allow-partial", action="store_true",
+                   help="score a partly generated folder (missing prompt folders or samples) instead of failing")
+    p.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
+                   help=f"rule overrides; keys: {[f.name for f in fields(GenevalOptions)]}")
+    cli.alias(p, "--detector", "--judge", choices=sorted(DETECTORS))
+    cli.alias(p, "--ci-resamples", "--n-resamples", type=cli.positive_int)
+    return p
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     """``python -m evals.geneval --images DIR | --ckpt CKPT (--metadata FILE | --n-per-task K) --out OUT``."""
-    parser = argparse.ArgumentParser(prog="python -m evals.geneval", description=__doc__.splitlines()[0])
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", type=Path, help="existing GenEval image folder")
-    src.add_argument("--ckpt", type=Path, help="checkpoint: generate OUT/images first, then score")
-    parser.add_argument("--out", type=Path, required=True, help="writes results.jsonl and summary.json here")
-    parser.add_argument("--detector", default="shapes")
-    prompts = parser.add_mutually_exclusive_group()
-    prompts.add_argument("--metadata", type=Path, help="evaluation_metadata.jsonl (with --ckpt)")
-    prompts.add_argument("--n-per-task", type=int, help="write a shapes-world prompt set (with --ckpt)")
-    parser.add_argument("--n-samples", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--ci-resamples", type=int, default=1000)
-    parser.add_argument("--allow-partial", action="store_true",
-                        help="score a partly generated folder (missing prompt folders or samples) instead of failing")
-    parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
-                        help=f"rule overrides; keys: {[f.name for f in fields(GenevalOptions)]}")
-    args = parser.parse_args(argv)
-    try:
-        options = parse_options(args.options)
-        GenevalOptions.from_mapping(options)  # fail before any generation
-    except ValueError as err:
-        parser.error(str(err))
+    from evals.detectors import detector_vocabulary
+
+    p = parser()
+    args = p.parse_args(argv)
+    options = parse_options(args.options)
+    GenevalOptions.from_mapping(options)  # fail before any generation
+    classes, colors = detector_vocabulary(args.judge)
+    if args.device_map is not None:
+        from evals.runtime import check_device_map
+
+        check_device_map(args.device_map)
+    out = Path(args.out)
     images = args.images
     expected: dict[str, int | None] = {"n_prompts": None, "n_samples": None}
     if args.ckpt is not None:
         if args.metadata is None and args.n_per_task is None:
-            parser.error("--ckpt needs --metadata FILE or --n-per-task K")
+            raise ValueError("--ckpt needs --metadata FILE or --n-per-task K")
+        if args.n_per_task is not None and args.judge != "shapes":
+            raise ValueError(f"--n-per-task writes shapes-world prompts, which only --judge shapes knows (not "
+                             f"{args.judge!r})")
+        if not args.ckpt.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
         if args.metadata is not None:
             metadata = read_metadata_lines(args.metadata)
+            for n, meta in enumerate(metadata, 1):
+                validate_metadata(meta, f"{args.metadata}:{n}", classes, colors)
         else:
             from world.prompts import write_geneval_metadata
 
-            metadata = write_geneval_metadata(args.out / "evaluation_metadata.jsonl", args.n_per_task, args.seed)
-        from evals.images import generate_geneval_folder
+            metadata = write_geneval_metadata(out / "evaluation_metadata.jsonl", args.n_per_task, args.seed)
+        from evals import images as layouts
 
-        images = generate_geneval_folder(args.ckpt, metadata, args.out / "images", n_samples=args.n_samples,
-                                         seed=args.seed, batch_size=args.batch_size)
+        layouts.write_folder("geneval", layouts.module_generator(layouts.load_module(args.ckpt)), metadata,
+                             out / "images", args.n_samples, args.seed, args.batch_size,
+                             generator=f"ckpt:{args.ckpt.resolve()}", rank=0, world=1)
+        images = out / "images"
         expected = {"n_prompts": len(metadata), "n_samples": args.n_samples}
     elif args.metadata is not None or args.n_per_task is not None:
-        parser.error("--metadata / --n-per-task only apply with --ckpt")
+        raise ValueError("--metadata / --n-per-task only apply with --ckpt")
+    check_folder(images, classes, colors)
     missing = missing_samples(images, **expected)
     if missing and not args.allow_partial:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
-        parser.exit(2, f"{parser.prog}: error: {images} is partly generated; missing: {shown}. Finish the "
-                       "generation, or pass --allow-partial to score what is there\n")
-    rows, summary = evaluate_folder(images, args.detector, args.out, ci_resamples=args.ci_resamples,
+        raise ValueError(f"{images} is partly generated; missing: {shown}. Finish the generation (python -m "
+                         "evals.generate resumes it), or pass --allow-partial to score what is there")
+    rows, summary = evaluate_folder(images, build_detector(args), out, ci_resamples=args.n_resamples,
                                     ci_seed=args.seed, **options)
     print(format_summary(summary, rows))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from evals.cli import entry
+
+    return entry(_main)(argv)
 
 
 if __name__ == "__main__":

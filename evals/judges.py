@@ -162,20 +162,22 @@ class HFJudge(TextJudge):
 
     def __init__(self, model_id: str = "gemma-3-27b-it", mode: str = "cot", batch_size: int = 8,
                  max_new_tokens: int | None = None, model: Any = None, processor: Any = None,
-                 device: str | None = None):
+                 device: str | None = None, dtype: Any = "auto", device_map: str | dict | None = None):
         super().__init__(mode, batch_size)
-        import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from evals.runtime import from_pretrained, input_device, pick_device, pick_dtype, processor_from_pretrained
 
         self.model_id = HF_PRESETS.get(model_id, model_id)
         self.max_new_tokens = max_new_tokens or (512 if mode == "cot" else 8)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device(device)
         if processor is None:
-            processor = AutoProcessor.from_pretrained(self.model_id)
+            processor = processor_from_pretrained(AutoProcessor, self.model_id)
         if model is None:
-            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-            model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=dtype).to(device)
+            model = from_pretrained(AutoModelForImageTextToText, self.model_id, device=device,
+                                    dtype=pick_dtype(dtype, device), device_map=device_map)
         self.model, self.processor = model.eval(), processor
+        self.device = input_device(self.model, device)
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
 
     def generate(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
@@ -187,7 +189,7 @@ class HFJudge(TextJudge):
         inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, return_tensors="pt",
                                                     processor_kwargs={"padding": True})
-        inputs = inputs.to(self.model.device)
+        inputs = inputs.to(self.device)
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1]:]

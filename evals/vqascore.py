@@ -33,6 +33,8 @@ from PIL import Image
 
 from evals.vqascore_base import ANSWER_TEMPLATE, QUESTION_TEMPLATE, VQAScorer, check_pairs
 
+HF_DEFAULT = "Qwen/Qwen2.5-VL-7B-Instruct"  # the hf backend's model when none is named
+
 
 class HFVQAScore(VQAScorer):
     """A transformers image-text-to-text VLM; see the module docstring. ``model``/``processor`` may be passed in."""
@@ -40,18 +42,23 @@ class HFVQAScore(VQAScorer):
     name = "hf"
 
     def __init__(self, model_id: str | None = None, model: Any = None, processor: Any = None, batch_size: int = 16,
-                 question: str = QUESTION_TEMPLATE, answer: str = ANSWER_TEMPLATE, device: str | None = None):
+                 question: str = QUESTION_TEMPLATE, answer: str = ANSWER_TEMPLATE, device: str | None = None,
+                 dtype: Any = "auto", device_map: str | dict | None = None):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from evals.runtime import from_pretrained, input_device, pick_device, pick_dtype, processor_from_pretrained
+
         if model is None and model_id is None:
-            raise ValueError("HFVQAScore needs model_id (hub id or local path) or model= and processor=")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            raise ValueError("the hf VQAScore judge needs a model: --judge-model (hub id or local folder), e.g. "
+                             f"{HF_DEFAULT}")
+        device = pick_device(device)
         if processor is None:
-            processor = AutoProcessor.from_pretrained(model_id)
+            processor = processor_from_pretrained(AutoProcessor, model_id)
         if model is None:
-            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-            model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype).to(device)
+            model = from_pretrained(AutoModelForImageTextToText, model_id, device=device,
+                                    dtype=pick_dtype(dtype, device), device_map=device_map)
         self.model, self.processor = model.eval(), processor
+        self.device = input_device(self.model, device)
         self.model_id = model_id or type(model).__name__
         self.batch_size, self.question, self.answer = batch_size, question, answer
         self.processor.tokenizer.padding_side = "left"
@@ -67,7 +74,7 @@ class HFVQAScore(VQAScorer):
                     for im, t in zip(images, texts, strict=True)]
         inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, return_tensors="pt",
-                                                    processor_kwargs={"padding": True}).to(self.model.device)
+                                                    processor_kwargs={"padding": True}).to(self.device)
         k = len(self.answer_ids)
         answer = torch.tensor(self.answer_ids, device=inputs["input_ids"].device).expand(len(texts), k)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], answer], dim=1)

@@ -202,9 +202,9 @@ def test_missing_checkpoint_says_how_to_point_at_a_local_copy(tmp_path: Path) ->
         load_clip_flant5("zhiqiulin/clip-flant5-xxl", cache_dir=str(tmp_path / "hf"), local_files_only=True)
     with pytest.raises(FileNotFoundError, match=advice):
         make_scorer("clip-flant5-xxl", model_id=str(tmp_path / "nowhere"), device="cpu")
-    with pytest.raises(FileNotFoundError, match=advice):
-        gb.main(["--images", str(tmp_path), "--model", "clip-flant5-xl", "--model-id", str(tmp_path / "nowhere"),
-                 "--out", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match=advice):  # the images exist: the missing weights are the error
+        gb.build_scorer(gb.parser().parse_args(["--images", str(tmp_path), "--judge", "clip-flant5-xl",
+                                                "--judge-model", str(tmp_path / "nowhere"), "--out", "o"]))
     with pytest.raises(ValueError, match="unknown prompt_style"):
         scorer(tiny_model(0), prompt_style="chat")
     with pytest.raises(ValueError, match="exactly one image placeholder"):

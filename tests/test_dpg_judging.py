@@ -313,7 +313,7 @@ def test_generate_dpg_folder_from_tiny_checkpoint_then_oracle(tmp_path: Path) ->
 
     # The same through the CLI: --ckpt generates OUT/images (same seeds -> same grids), then judges them.
     cli = main(["--ckpt", str(tmp_path / "tiny.ckpt"), "--questions", str(csv_path), "--gen-seed", "5",
-                "--out", str(tmp_path / "cli"), "--n-resamples", "20"])
+                "--judge", "oracle", "--out", str(tmp_path / "cli"), "--n-resamples", "20"])
     for item_id, _, _ in items:
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cli" / "images" / f"{item_id}.png")),
                                       np.asarray(Image.open(folder / f"{item_id}.png")))

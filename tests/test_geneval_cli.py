@@ -62,11 +62,12 @@ def test_cli_images_end_to_end(clean, tmp_path, capsys):
 def test_cli_options_override_and_reject_unknown(clean, tmp_path, capsys):
     images, _ = clean
     # shapes scores clean objects exactly 1.0; the rule is score > threshold, so threshold=1 keeps nothing
-    main(["--images", str(images), "--out", str(tmp_path), "--options", "threshold=1.0", "counting_threshold=1.0"])
+    main(["--images", str(images), "--judge", "shapes", "--out", str(tmp_path), "--options", "threshold=1.0",
+          "counting_threshold=1.0"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["overall"] == 0.0 and summary["options"]["threshold"] == 1.0
     with pytest.raises(SystemExit):
-        main(["--images", str(images), "--out", str(tmp_path), "--options", "thresh=1"])
+        main(["--images", str(images), "--judge", "shapes", "--out", str(tmp_path), "--options", "thresh=1"])
     assert "valid:" in capsys.readouterr().err
 
 
@@ -133,30 +134,41 @@ def test_empty_folder_raises(tmp_path):
         evaluate_folder(tmp_path / "missing")
 
 
+class ShapesModule:
+    """Stands in for a trained module: renders each prompt exactly (tests/shapes_generator.py)."""
+
+    calls: list[int] = []
+
+    def generate(self, prompts, seeds, **kwargs):
+        import shapes_generator
+
+        self.calls.append(len(prompts))
+        return [np.asarray(im) for im in shapes_generator.generate(prompts, seeds)]
+
+
 def test_cli_ckpt_generates_then_scores(tmp_path, monkeypatch, capsys):
+    import sys
+
     import evals.images
 
-    calls = {}
-
-    def fake_generate(ckpt_path, metadata, out_dir, n_samples=4, seed=0, batch_size=64):
-        calls.update(ckpt=ckpt_path, n=len(metadata), out=Path(out_dir), n_samples=n_samples, seed=seed)
-        return render_geneval_folder(metadata, out_dir, n_samples=n_samples, seed=seed)
-
-    monkeypatch.setattr(evals.images, "generate_geneval_folder", fake_generate)
+    sys.path.insert(0, str(Path(__file__).parent))
+    loaded = []
+    monkeypatch.setattr(evals.images, "load_module", lambda ckpt, device=None: loaded.append(ckpt) or ShapesModule())
+    (tmp_path / "model.ckpt").write_bytes(b"")
     out = tmp_path / "run"
-    main(["--ckpt", str(tmp_path / "model.ckpt"), "--n-per-task", "2", "--n-samples", "1", "--seed", "5",
-          "--out", str(out)])
-    assert calls["out"] == out / "images" and calls["n_samples"] == 1 and calls["seed"] == 5
+    main(["--ckpt", str(tmp_path / "model.ckpt"), "--judge", "shapes", "--n-per-task", "2", "--n-samples", "1",
+          "--seed", "5", "--out", str(out)])
     written = (out / "evaluation_metadata.jsonl").read_text().splitlines()
-    assert calls["n"] == len(written) == 12
+    assert len(written) == 12 and sum(ShapesModule.calls) == 12 and loaded == [tmp_path / "model.ckpt"]
+    assert sorted(p.name for p in (out / "images").iterdir() if p.is_dir()) == [f"{i:05d}" for i in range(12)]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["overall"] == 1.0 and summary["counts"]["images"] == 12
     # --metadata path reads the prompt list instead of sampling one
-    main(["--ckpt", "m.ckpt", "--metadata", str(out / "evaluation_metadata.jsonl"), "--n-samples", "1",
-          "--out", str(tmp_path / "run2")])
-    assert calls["n"] == 12 and calls["out"] == tmp_path / "run2" / "images"
+    main(["--ckpt", str(tmp_path / "model.ckpt"), "--judge", "shapes", "--metadata",
+          str(out / "evaluation_metadata.jsonl"), "--n-samples", "1", "--out", str(tmp_path / "run2")])
+    assert sum(ShapesModule.calls) == 24 and len(list((tmp_path / "run2" / "images").iterdir())) == 13
     with pytest.raises(SystemExit):
-        main(["--ckpt", "m.ckpt", "--out", str(tmp_path / "run3")])
+        main(["--ckpt", str(tmp_path / "model.ckpt"), "--judge", "shapes", "--out", str(tmp_path / "run3")])
     assert "--metadata FILE or --n-per-task K" in capsys.readouterr().err
     assert geneval.read_metadata_lines(out / "evaluation_metadata.jsonl")[0]["tag"] == TASKS[0]
 
@@ -169,13 +181,13 @@ def test_partly_generated_folder_fails_naming_what_is_missing(clean, tmp_path, c
     shutil.rmtree(part / "00003")  # a whole prompt folder
     (part / "00005" / "samples" / "00001.png").unlink()  # one of a prompt's two samples
     with pytest.raises(SystemExit) as stop:
-        main(["--images", str(part), "--out", str(tmp_path / "out")])
+        main(["--images", str(part), "--judge", "shapes", "--out", str(tmp_path / "out")])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and "partly generated" in err and "--allow-partial" in err
     assert "missing: 00003/, 00005/samples/00001.png." in err
     assert not (tmp_path / "out" / "summary.json").exists()  # nothing scored
-    assert main(["--images", str(part), "--out", str(tmp_path / "out"), "--allow-partial"]) == 0
+    assert main(["--images", str(part), "--judge", "shapes", "--out", str(tmp_path / "out"), "--allow-partial"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["counts"]["images"] == 2 * len(metadata) - 3
     # expected counts from the caller: prompts past the last folder and samples past the fullest prompt
