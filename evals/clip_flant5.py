@@ -47,7 +47,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from evals.vqascore_base import ANSWER_TEMPLATE, QUESTION_TEMPLATE, VQAScorer, check_pairs, seq2seq_answer_score
+from evals.vqascore_base import (
+    ANSWER_TEMPLATE,
+    QUESTION_TEMPLATE,
+    VQAScorer,
+    check_pairs,
+    scorer_identity,
+    seq2seq_answer_score,
+)
 
 IMAGE_TOKEN_INDEX = -200
 CONTEXT_LEN = 2048
@@ -325,6 +332,15 @@ def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     return canvas
 
 
+def clip_flant5_identity(variant: str, model_id: str | None = None, question: str = QUESTION_TEMPLATE,
+                         answer: str = ANSWER_TEMPLATE, prompt_style: str = "t5_chat",
+                         official_batch_mask: bool = False) -> dict[str, Any]:
+    """``evals.cache`` identity of a CLIP-FlanT5 scorer (the checkpoint defaults to the variant's hub id)."""
+    model = model_id or CLIP_FLANT5_MODELS.get(variant, {}).get("checkpoint")
+    return scorer_identity(variant, model, question, answer, prompt_style=prompt_style,
+                           official_batch_mask=official_batch_mask)
+
+
 class CLIPFlanT5Score(VQAScorer):
     """VQAScore with CLIP-FlanT5 (module docstring). Either ``model``/``tokenizer``/``image_processor`` (tests,
     custom builds) or a checkpoint: ``model_id`` (hub id or local folder; default the ``variant``'s hub id).
@@ -356,6 +372,7 @@ class CLIPFlanT5Score(VQAScorer):
             raise ValueError("model= needs tokenizer= and image_processor= too")
         self.model, self.tokenizer, self.image_processor = model.eval(), tokenizer, image_processor
         self.name, self.batch_size, self.official_batch_mask = variant, batch_size, official_batch_mask
+        self.identity = clip_flant5_identity(variant, model_id, question, answer, prompt_style, official_batch_mask)
         self.question, self.answer, self.prompt_style = question, answer, prompt_style
         self.fill = tuple(int(255 * m) for m in image_processor.image_mean)
 

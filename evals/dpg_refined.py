@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from common.files import atomic_write_text, open_rgb
 from common.stats import bootstrap_ci
-from evals.judges import HF_PRESETS, JUDGE_MODES, Judge, JudgeRequest, make_judge
+from evals.cache import check_judge, confirm_revision, drop_stale, file_digest, fingerprint, identity_of
+from evals.judges import HF_PRESETS, JUDGE_MODES, OPENAI_DEFAULT, Judge, JudgeRequest, judge_identity, make_judge
 
 CSV_COLUMNS: tuple[str, ...] = (
     "item_id", "text", "keywords", "proposition_id", "dependency", "category_broad", "category_detailed", "tuple",
@@ -44,6 +45,7 @@ L1_ORDER: tuple[str, ...] = ("entity", "attribute", "relation", "global", "other
 IMAGE_EXTS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "dpg_bench" / "prompts.jsonl"
 HF_DATASET = "Jialuo21/DPG-Bench"
+JUDGMENTS = "judgments.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------------- questions
@@ -502,12 +504,23 @@ class ImageSet:
     n_images: int
     grids: dict[str, Path]
     seeds: dict[str, dict[int, Path]]
+    _digests: dict[Path, str] = field(default_factory=dict, repr=False)
 
     def available(self, item_id: str) -> list[int]:
         """Image indices present for an item."""
         if item_id in self.grids:
             return list(range(self.n_images))
         return sorted(self.seeds.get(item_id, {}))
+
+    def digest(self, item_id: str, k: int) -> str | None:
+        """Content hash of the file holding image ``k`` of an item (its grid, or its per-seed file); None when
+        there is none. Each file is hashed once."""
+        path = self.grids.get(item_id) or self.seeds.get(item_id, {}).get(k)
+        if path is None:
+            return None
+        if path not in self._digests:
+            self._digests[path] = file_digest(path)
+        return self._digests[path]
 
     def load(self, item_id: str) -> dict[int, Image.Image]:
         """RGB tiles of an item, image index -> PIL image (grid tiles TL, TR, BL, BR = 0..3)."""
@@ -582,20 +595,40 @@ def scan_images(images_dir: str | Path, item_ids: Iterable[str], n_images: int =
 
 
 # ----------------------------------------------------------------------------------------------------- judging
+def check_resume(out_dir: str | Path, identity: dict[str, Any]) -> None:
+    """Before a judge loads: ``OUT/judgments.jsonl`` may only be resumed by the same judge (``evals.cache``)."""
+    path = Path(out_dir) / JUDGMENTS
+    check_judge(out_dir, identity, read_judgments(path) if path.is_file() else [], JUDGMENTS, record=False)
+
+
 def judge_images(images: str | Path | ImageSet, questions: Sequence[Question], judge: Judge, out_dir: str | Path,
-                 n_images: int = 4, resolution: int | None = None, progress: bool = True) -> Path:
+                 n_images: int = 4, resolution: int | None = None, progress: bool = True,
+                 stats: dict[str, int] | None = None) -> Path:
     """Judge every (item, image, question) not yet in ``OUT/judgments.jsonl`` and append the rows (resume unit).
 
-    Rows: ``{"item_id", "image_index", "proposition_id", "answer": "yes"|"no"|null, "raw"}``, written per judge
-    batch with fsync, so a killed run loses at most the batch in flight (and leaves at most a torn last line,
-    which the next run cuts and re-judges). Returns the judgments path.
+    Rows: ``{"item_id", "image_index", "proposition_id", "answer": "yes"|"no"|null, "raw", "judge", "image"}``
+    (``judge``: the judge's fingerprint, ``image``: the judged file's content hash; ``evals.cache``), written per
+    judge batch with fsync, so a killed run loses at most the batch in flight (and leaves at most a torn last
+    line, which the next run cuts and re-judges). A resume under another judge raises; rows of images that changed
+    since are dropped and judged again (``stats["rejudged"]``). Returns the judgments path.
     """
     items = group_items(questions)
     image_set = images if isinstance(images, ImageSet) else scan_images(images, items, n_images, resolution)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "judgments.jsonl"
-    done = set(_index_judgments(items, read_judgments(path, repair=True)))
+    path = out / JUDGMENTS
+    identity = identity_of(judge)
+    fp = fingerprint(identity)
+    rows = read_judgments(path, repair=True)
+    check_judge(out, identity, rows, JUDGMENTS)
+    confirm_revision(out, identity)
+    rows, stale = drop_stale(path, rows, lambda r: image_set.digest(r["item_id"], r["image_index"]))
+    if stale:
+        print(f"note: {stale} judgments of images that changed since were dropped; judging them again",
+              file=sys.stderr)
+    if stats is not None:
+        stats["rejudged"] = stale
+    done = set(_index_judgments(items, rows))
     todo = {item_id: [(k, q) for k in image_set.available(item_id) for q in qs
                       if (item_id, k, q.proposition_id) not in done] for item_id, qs in items.items()}
     total = sum(map(len, todo.values()))
@@ -606,7 +639,8 @@ def judge_images(images: str | Path | ImageSet, questions: Sequence[Question], j
         def flush() -> None:
             results = judge.judge(batch)
             _append_rows(path, [{"item_id": r.item_id, "image_index": r.image_index,
-                                 "proposition_id": r.proposition_id, "answer": res.answer, "raw": res.raw}
+                                 "proposition_id": r.proposition_id, "answer": res.answer, "raw": res.raw,
+                                 "judge": fp, "image": image_set.digest(r.item_id, r.image_index)}
                                 for r, res in zip(batch, results, strict=True)])
             bar.update(len(batch))
             batch.clear()
@@ -633,8 +667,13 @@ def run(images_dir: str | Path | ImageSet, questions_csv: str | Path | Sequence[
     images = images_dir if isinstance(images_dir, ImageSet) else scan_images(images_dir, group_items(questions),
                                                                              n_images, resolution)
     judge = make_judge(judge, **judge_kwargs) if isinstance(judge, str) else judge  # after every input check
-    path = judge_images(images, questions, judge, out_dir, n_images, resolution, progress)
+    stats: dict[str, int] = {}
+    path = judge_images(images, questions, judge, out_dir, n_images, resolution, progress, stats)
     scores, rows = aggregate(questions, read_judgments(path), n_images, n_resamples, seed)
+    scores["judge"] = identity_of(judge)
+    scores["counts"]["rejudged_changed_images"] = stats.get("rejudged", 0)
+    if "retries" in getattr(judge, "counts", {}):
+        scores["counts"]["judge_retries"] = judge.counts["retries"]
     write_reports(scores, rows, out_dir)
     return scores
 
@@ -688,18 +727,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _judge_from_args(args: argparse.Namespace) -> Judge:
-    """The ``--judge`` with its flags (call after every input check: a VLM judge loads its weights here)."""
+def _judge_spec(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(registry name, constructor arguments, identity) of the ``--judge``: the identity is known before the
+    judge's weights load, so a resume under another judge is refused first."""
     kw: dict[str, Any] = {} if args.batch_size is None else {"batch_size": args.batch_size}
     if args.judge == "oracle":
-        return make_judge("oracle", size_hint=args.size_hint, **kw)
+        return "oracle", {"size_hint": args.size_hint, **kw}, judge_identity("oracle", size_hint=args.size_hint)
     kw["mode"] = args.judge_mode
     if args.judge == "openai":
-        return make_judge("openai", url=args.judge_url, api_key=os.environ.get(args.judge_api_key_env),
-                          **({"model": args.judge_model} if args.judge_model else {}), **kw)
+        model = args.judge_model or OPENAI_DEFAULT
+        return ("openai", {"url": args.judge_url, "api_key": os.environ.get(args.judge_api_key_env), "model": model,
+                           **kw}, judge_identity("openai", model, args.judge_mode))
     model_id = args.judge_model or (args.judge if args.judge in HF_PRESETS else "gemma-3-27b-it")
-    return make_judge("hf", model_id=model_id, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                      **kw)
+    return ("hf", {"model_id": model_id, "device": args.device, "dtype": args.dtype, "device_map": args.device_map,
+                   **kw}, judge_identity("hf", model_id, args.judge_mode))
 
 
 def _check_judge_args(args: argparse.Namespace) -> None:
@@ -743,7 +784,9 @@ def _main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             images = args.images
         image_set = scan_images(images, group_items(questions), n_images, args.resolution)
-        scores = run(image_set, questions, _judge_from_args(args), args.out, n_images, args.resolution,
+        name, kwargs, identity = _judge_spec(args)
+        check_resume(args.out, identity)
+        scores = run(image_set, questions, make_judge(name, **kwargs), args.out, n_images, args.resolution,
                      args.n_resamples, args.seed)
     print(render_table(scores))
     return scores

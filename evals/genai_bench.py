@@ -5,9 +5,10 @@
 
 Images: ``DIR/<00000>.(png|jpeg|jpg)``, one per prompt index (the official layout); a missing or undecodable
 image is an error naming it (the official script asserts every file exists). Scores are cached per image in
-``OUT/scores.jsonl`` (``{"index", "score", "backend"}``): a restarted run scores only what is missing, and a
-cache from another backend is refused. Outputs ``OUT/results.json`` and ``OUT/table.md``, both labelled with the
-backend that produced the numbers.
+``OUT/scores.jsonl`` (``{"index", "score", "judge", "image"}``: the judge's fingerprint and the image's content
+hash, ``evals.cache``): a restarted run scores only what is missing, a cache of another judge is refused, and an
+image that changed since is scored again. Outputs ``OUT/results.json`` and ``OUT/table.md``, both labelled with
+the judge that produced the numbers.
 
 Aggregation (``aggregate``), as the official ``show_performance_per_skill``: per prompt the score (mean over its
 images); per skill tag of ``genai_skills.json`` the mean over its prompt list; ``basic`` and ``advanced`` are plain
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 from common.files import atomic_write_text, open_rgb
 
 DATA = Path(__file__).parent / "data" / "genai_bench"
+SCORES = "scores.jsonl"
 BASIC_SKILLS = ("attribute", "scene", "spatial relation", "action relation", "part relation")
 ADVANCED_SKILLS = ("counting", "comparison", "differentiation", "negation", "universal")
 IMAGE_EXTS = (".png", ".jpeg", ".jpg")
@@ -99,43 +101,83 @@ def find_images(images_dir: Path, indices: Sequence[int]) -> dict[int, Path]:
     return found
 
 
-def read_cache(path: Path, backend: str) -> dict[int, float]:
-    """Cached per-image scores; a truncated last line (killed run) is ignored, another backend's cache refused."""
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL score cache; a truncated last line (a killed run) is skipped, any other bad line raises."""
+    path = Path(path)
     if not path.is_file():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
         try:
-            row = json.loads(line)
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
-        if row.get("backend") != backend:
-            raise ValueError(f"{path} holds scores of backend {row.get('backend')!r}, not {backend!r}: "
-                             "use another --out")
-        out[int(row["index"])] = float(row["score"])
-    return out
+            if n == len(lines):
+                continue  # a killed run's partial last line
+            raise ValueError(f"{path}:{n}: not JSON") from None
+    return rows
+
+
+def cached_scores(out_dir: Path, name: str, scorer: Any, paths: dict[Any, Path], key: Any
+                  ) -> tuple[dict[Any, float], int]:
+    """The cache ``out_dir/name`` of ``scorer`` (refused when another judge wrote it), without the rows whose
+    image changed since (``evals.cache``). ``key(row)`` -> the row's key in ``paths``. Returns (scores, dropped)."""
+    from evals.cache import check_judge, confirm_revision, drop_stale, identity_of
+
+    identity = identity_of(scorer)
+    path = Path(out_dir) / name
+    rows = read_rows(path)
+    check_judge(out_dir, identity, rows, name)
+    confirm_revision(out_dir, identity)
+    digests: dict[Path, str] = {}
+
+    def digest(row: dict) -> str | None:
+        from evals.cache import file_digest
+
+        p = paths.get(key(row))
+        if p is not None and p not in digests:
+            digests[p] = file_digest(p)
+        return digests.get(p)
+
+    rows, dropped = drop_stale(path, rows, digest)
+    if dropped:
+        print(f"note: {dropped} cached scores of images that changed since were dropped; scoring them again",
+              file=sys.stderr)
+    return {key(r): float(r["score"]) for r in rows}, dropped
+
+
+def score_pairs(paths: dict[Any, Path], texts: dict[Any, str], scorer: Any, cache: Path, row: Any,
+                desc: str, progress: bool) -> None:
+    """Score every key of ``paths`` (image) against ``texts[key]`` in batches, appending ``row(key, score)`` plus
+    the judge's fingerprint and the image hash to ``cache`` after each batch (fsync: a kill loses one batch)."""
+    from evals.cache import file_digest, fingerprint, identity_of
+
+    fp = fingerprint(identity_of(scorer))
+    todo = sorted(paths)
+    bs = max(1, getattr(scorer, "batch_size", 16))
+    for start in tqdm(range(0, len(todo), bs), desc=desc, disable=not progress or not todo):
+        chunk = todo[start: start + bs]
+        values = scorer.score([open_rgb(paths[k]) for k in chunk], [texts[k] for k in chunk])
+        with open(cache, "a") as f:
+            for k, v in zip(chunk, values.tolist(), strict=True):
+                f.write(json.dumps({**row(k, v), "judge": fp, "image": file_digest(paths[k])}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def score_folder(images_dir: Path, prompts: dict[int, str], scorer: Any, out_dir: Path,
-                 progress: bool = True) -> dict[int, float]:
-    """Score every prompt's image (resumable through ``out_dir/scores.jsonl``); returns {index: score}."""
+                 progress: bool = True, stats: dict[str, int] | None = None) -> dict[int, float]:
+    """Score every prompt's image (resumable through ``out_dir/scores.jsonl``, rows ``{"index", "score", "judge",
+    "image"}``); returns {index: score}. ``stats["rescored"]``: cached scores dropped because the image changed."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache_path = out_dir / "scores.jsonl"
     paths = find_images(images_dir, sorted(prompts))
-    scores = read_cache(cache_path, scorer.name)
-    todo = [i for i in sorted(prompts) if i not in scores]
-    bs = max(1, getattr(scorer, "batch_size", 16))
-    for start in tqdm(range(0, len(todo), bs), desc="VQAScore", disable=not progress or not todo):
-        chunk = todo[start: start + bs]
-        values = scorer.score([open_rgb(paths[i]) for i in chunk], [prompts[i] for i in chunk])
-        with open(cache_path, "a") as f:
-            for i, v in zip(chunk, values.tolist(), strict=True):
-                f.write(json.dumps({"index": i, "score": v, "backend": scorer.name}) + "\n")
-                scores[i] = v
-            f.flush()
-            os.fsync(f.fileno())
-    return scores
+    scores, dropped = cached_scores(out_dir, SCORES, scorer, paths, lambda r: int(r["index"]))
+    if stats is not None:
+        stats["rescored"] = dropped
+    todo = {i: p for i, p in paths.items() if i not in scores}
+    score_pairs(todo, prompts, scorer, out_dir / SCORES, lambda i, v: {"index": i, "score": v}, "VQAScore", progress)
+    return {**scores, **{int(r["index"]): float(r["score"]) for r in read_rows(out_dir / SCORES)}}
 
 
 def render_table(results: dict[str, Any]) -> str:
@@ -157,9 +199,13 @@ def render_table(results: dict[str, Any]) -> str:
 def run(images_dir: Path, scorer: Any, out_dir: Path, data_dir: Path = DATA, n_resamples: int = 1000,
         seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Score + aggregate + write results.json / table.md; returns the results dict."""
+    from evals.cache import identity_of
+
     prompts, skills = load_benchmark(data_dir)
-    scores = score_folder(images_dir, prompts, scorer, out_dir, progress)
-    results = {"backend": scorer.name, "prompts": len(prompts), "counts": dict(getattr(scorer, "counts", {})),
+    stats: dict[str, int] = {}
+    scores = score_folder(images_dir, prompts, scorer, out_dir, progress, stats)
+    results = {"backend": scorer.name, "judge": identity_of(scorer), "prompts": len(prompts),
+               "counts": {**getattr(scorer, "counts", {}), "rescored_changed_images": stats["rescored"]},
                **aggregate(scores, skills, n_resamples, seed)}
     atomic_write_text(Path(out_dir) / "results.json", json.dumps(results, indent=1))
     atomic_write_text(Path(out_dir) / "table.md", render_table(results))
@@ -275,22 +321,17 @@ def find_generator_images(images_dir: Path, keys: Sequence[tuple[str, int]]) -> 
 
 def score_generator_images(paths: dict[tuple[str, int], Path], prompts: dict[int, str], scorer: Any,
                            out_dir: Path, progress: bool = True) -> dict[tuple[str, int], float]:
-    """Judge scores of the released images (resumable through ``out_dir/human_scores.jsonl``)."""
-    cache = Path(out_dir) / HUMAN_CACHE
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    scores = read_generator_scores(cache, scorer.name) if cache.is_file() else {}
-    todo = [k for k in sorted(paths) if k not in scores]
-    bs = max(1, getattr(scorer, "batch_size", 16))
-    for start in tqdm(range(0, len(todo), bs), desc="VQAScore (human correlation)", disable=not progress or not todo):
-        chunk = todo[start: start + bs]
-        values = scorer.score([open_rgb(paths[k]) for k in chunk], [prompts[k[1]] for k in chunk])
-        with open(cache, "a") as f:
-            for (model, i), v in zip(chunk, values.tolist(), strict=True):
-                f.write(json.dumps({"model": model, "index": i, "score": v, "backend": scorer.name}) + "\n")
-                scores[(model, i)] = v
-            f.flush()
-            os.fsync(f.fileno())
-    return scores
+    """Judge scores of the released images (resumable through ``out_dir/human_scores.jsonl``, tied to the judge
+    and to each image's content as ``scores.jsonl`` is)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores, _ = cached_scores(out_dir, HUMAN_CACHE, scorer, paths, lambda r: (str(r["model"]), int(r["index"])))
+    todo = {k: p for k, p in paths.items() if k not in scores}
+    score_pairs(todo, {k: prompts[k[1]] for k in todo}, scorer, out_dir / HUMAN_CACHE,
+                lambda k, v: {"model": k[0], "index": k[1], "score": v, "backend": scorer.name},
+                "VQAScore (human correlation)", progress)
+    cache = out_dir / HUMAN_CACHE
+    return {**scores, **(read_generator_scores(cache) if cache.is_file() else {})}
 
 
 def read_generator_scores(path: Path, backend: str | None = None) -> dict[tuple[str, int], float]:
@@ -438,18 +479,38 @@ def check_args(a: argparse.Namespace) -> None:
         check_device_map(a.device_map)
 
 
-def build_scorer(a: argparse.Namespace) -> Any:
-    """The ``--judge`` backend (a VLM loads its weights here: call after every input check)."""
-    from evals.vqascore import HF_DEFAULT, make_scorer
+def scorer_spec(a: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(backend, constructor arguments, identity) of ``--judge``: the identity is known before any weights load,
+    so a resume under another judge is refused first."""
+    from evals.clip_flant5 import clip_flant5_identity
+    from evals.vqascore import HF_DEFAULT
+    from evals.vqascore_base import scorer_identity
 
     if a.judge == "openai":
-        return make_scorer("openai", url=a.judge_url, model=a.judge_model, batch_size=a.batch_size,
-                           api_key=os.environ.get(a.judge_api_key_env))
-    place = {"device": a.device, "dtype": a.dtype, "device_map": a.device_map}
+        return ("openai", {"url": a.judge_url, "model": a.judge_model, "batch_size": a.batch_size,
+                           "api_key": os.environ.get(a.judge_api_key_env)},
+                scorer_identity("openai", a.judge_model, top_logprobs=20))
+    place = {"device": a.device, "dtype": a.dtype, "device_map": a.device_map, "batch_size": a.batch_size}
     if a.judge.startswith("clip-flant5"):
-        return make_scorer(a.judge, model_id=a.judge_model, batch_size=a.batch_size,
-                           official_batch_mask=a.official_batch_mask, **place)
-    return make_scorer("hf", model_id=a.judge_model or HF_DEFAULT, batch_size=a.batch_size, **place)
+        return (a.judge, {"model_id": a.judge_model, "official_batch_mask": a.official_batch_mask, **place},
+                clip_flant5_identity(a.judge, a.judge_model, official_batch_mask=a.official_batch_mask))
+    model = a.judge_model or HF_DEFAULT
+    return "hf", {"model_id": model, **place}, scorer_identity("hf", model)
+
+
+def build_scorer(a: argparse.Namespace) -> Any:
+    """The ``--judge`` backend (a VLM loads its weights here: call after every input check)."""
+    from evals.vqascore import make_scorer
+
+    name, kwargs, _ = scorer_spec(a)
+    return make_scorer(name, **kwargs)
+
+
+def check_resume(out_dir: Path, name: str, identity: dict[str, Any]) -> None:
+    """Before a judge loads: the cache ``out_dir/name`` may only be resumed by the same judge."""
+    from evals.cache import check_judge
+
+    check_judge(out_dir, identity, read_rows(Path(out_dir) / name), name, record=False)
 
 
 def _main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -462,6 +523,7 @@ def _main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             if not Path(a.images).is_dir():
                 raise FileNotFoundError(f"image folder not found: {a.images} (expected <generator>/<00000>.jpeg)")
+            check_resume(a.out, HUMAN_CACHE, scorer_spec(a)[2])
             result = human_correlation_run(a.human_correlation, a.out, a.images, build_scorer(a))
         print(render_human_table(result))
         return result
@@ -477,6 +539,7 @@ def _main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         images = a.images
     find_images(images, sorted(prompts))  # every prompt's image exists before the judge loads
+    check_resume(a.out, SCORES, scorer_spec(a)[2])
     results = run(images, build_scorer(a), a.out, a.data, a.n_resamples, a.seed)
     print(render_table(results))
     return results

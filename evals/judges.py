@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image
 
 JUDGE_MODES: tuple[str, ...] = ("cot", "direct")
+OPENAI_DEFAULT = "google/gemma-3-27b-it"  # the served model an OpenAI-compatible judge asks for by default
 HF_PRESETS: dict[str, str] = {"gemma-3-27b-it": "google/gemma-3-27b-it", "gemma-3-12b-it": "google/gemma-3-12b-it"}
 
 COT_TEMPLATE = (
@@ -60,6 +61,18 @@ class JudgeResult:
 
     answer: str | None
     raw: str
+
+
+def judge_identity(kind: str, model: str | None = None, mode: str | None = None,
+                   size_hint: int | None = None) -> dict[str, Any]:
+    """What makes a DPG judge's answers what they are (``evals.cache``): kind, model (presets resolved to their hub
+    id), prompt mode and the hash of its prompt template; the oracle's canvas size hint."""
+    if kind == "oracle":
+        return {"judge": "oracle", "size_hint": size_hint}
+    from evals.cache import text_hash
+
+    return {"judge": kind, "model": HF_PRESETS.get(model, model), "mode": mode,
+            "template": text_hash(COT_TEMPLATE if mode == "cot" else DIRECT_TEMPLATE)}
 
 
 def build_prompt(question: str, mode: str = "cot") -> str:
@@ -112,6 +125,7 @@ class OracleJudge(Judge):
     def __init__(self, size_hint: int | None = None, batch_size: int = 256):
         self.size_hint = size_hint
         self.batch_size = batch_size
+        self.identity = judge_identity("oracle", size_hint=size_hint)
 
     def judge(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
         from world.detector import detect_shapes
@@ -179,6 +193,9 @@ class HFJudge(TextJudge):
         self.model, self.processor = model.eval(), processor
         self.device = input_device(self.model, device)
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
+        from evals.cache import model_revision
+
+        self.identity = {**judge_identity("hf", self.model_id, mode), "revision": model_revision(self.model)}
 
     def generate(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
         import torch
@@ -235,12 +252,13 @@ class OpenAIJudge(TextJudge):
 
     name = "openai"
 
-    def __init__(self, url: str, model: str = "google/gemma-3-27b-it", mode: str = "cot", batch_size: int = 16,
+    def __init__(self, url: str, model: str = OPENAI_DEFAULT, mode: str = "cot", batch_size: int = 16,
                  max_tokens: int | None = None, api_key: str | None = None, timeout: float = 300.0):
         super().__init__(mode, batch_size)
         self.endpoint = chat_endpoint(url)
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.max_tokens = max_tokens or (1024 if mode == "cot" else 8)
+        self.identity = judge_identity("openai", model, mode)
 
     def _one(self, image: Image.Image, prompt: str) -> str:
         body = {"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens,

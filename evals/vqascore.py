@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from evals.vqascore_base import ANSWER_TEMPLATE, QUESTION_TEMPLATE, VQAScorer, check_pairs
+from evals.vqascore_base import ANSWER_TEMPLATE, QUESTION_TEMPLATE, VQAScorer, check_pairs, scorer_identity
 
 HF_DEFAULT = "Qwen/Qwen2.5-VL-7B-Instruct"  # the hf backend's model when none is named
 
@@ -66,6 +66,10 @@ class HFVQAScore(VQAScorer):
         if not self.answer_ids:
             raise ValueError(f"answer {answer!r} tokenizes to nothing")
         self.name = f"hf:{self.model_id}"
+        from evals.cache import model_revision
+
+        self.identity = {**scorer_identity("hf", self.model_id, question, answer),
+                         "revision": model_revision(self.model)}
 
     @torch.no_grad()
     def _batch(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
@@ -106,6 +110,7 @@ class OracleVQAScore(VQAScorer):
         from evals.detectors import get_detector
 
         self.metadata, self.detector = dict(metadata), get_detector("shapes")
+        self.identity = {"judge": "oracle"}
 
     def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
         from evals.geneval import evaluate_image
@@ -133,6 +138,7 @@ class OpenAIVQAScore(VQAScorer):
         self.question, self.answer = question, answer
         self.name = f"openai:{model}"
         self.counts = {"answer_not_in_top_k": 0}
+        self.identity = scorer_identity("openai", model, question, answer, top_logprobs=top_logprobs)
 
     def _one(self, image: Image.Image, text: str) -> float:
         import math

@@ -17,6 +17,15 @@ QUESTION_TEMPLATE = 'Does this figure show "{}"? Please answer yes or no.'
 ANSWER_TEMPLATE = "Yes"
 
 
+def scorer_identity(kind: str, model: str | None = None, question: str = QUESTION_TEMPLATE,
+                    answer: str = ANSWER_TEMPLATE, **extra: Any) -> dict[str, Any]:
+    """What makes a VQAScore backend's numbers what they are (``evals.cache``): kind, model, the hash of its
+    question + answer, and backend-specific settings (``extra``)."""
+    from evals.cache import text_hash
+
+    return {"judge": kind, "model": model, "template": text_hash(question, answer), **extra}
+
+
 class VQAScorer:
     """Interface: ``score(images, texts) -> (N,) float tensor`` in [0, 1]; ``name`` labels every output."""
 

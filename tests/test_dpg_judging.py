@@ -97,7 +97,8 @@ def test_oracle_scores_clean_renders_one(tmp_path: Path) -> None:
     scores = json.loads((out / "scores.json").read_text())
     n_q = len(load_questions(csv_path))
     assert scores["counts"] == {"prompts": 3, "images": 12, "judgments": 4 * n_q, "unparsed": 0,
-                                "missing_images": 0, "missing_judgments": 0}
+                                "missing_images": 0, "missing_judgments": 0, "rejudged_changed_images": 0}
+    assert scores["judge"] == {"judge": "oracle", "size_hint": None}
     assert scores["fixed"]["micro_avg"] == 1.0 and scores["fixed"]["macro_avg"] == 1.0
     assert all(v == 1.0 for v in scores["fixed"]["categories"].values())
     assert scores["best_of_n"]["micro_avg"] == 1.0

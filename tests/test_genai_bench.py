@@ -75,7 +75,7 @@ def test_run_resumes_and_labels_the_backend(bench, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         gb.run(images, CountingScorer(crash_after=2), out, data, progress=False)
-    assert len(gb.read_cache(out / "scores.jsonl", "fake")) == 2
+    assert len(gb.read_rows(out / "scores.jsonl")) == 2
     scorer = CountingScorer()
     r = gb.run(images, scorer, out, data, n_resamples=100, progress=False)
     assert scorer.calls == ["p2", "p3", "p4", "p5"]  # only what was missing
@@ -83,8 +83,11 @@ def test_run_resumes_and_labels_the_backend(bench, tmp_path: Path) -> None:
     saved = json.loads((out / "results.json").read_text())
     assert saved["backend"] == "fake" and "backend `fake`" in (out / "table.md").read_text()
     assert len((out / "scores.jsonl").read_text().splitlines()) == 6
-    with pytest.raises(ValueError, match="holds scores of backend 'fake', not 'hf:x'"):
-        gb.read_cache(out / "scores.jsonl", "hf:x")
+    other = CountingScorer()
+    other.name = "hf:x"
+    with pytest.raises(ValueError, match="holds the scores.jsonl of judge fake, not of hf:x"):
+        gb.run(images, other, out, data, progress=False)
+    assert other.calls == []
 
 
 def test_bad_images_are_errors(bench, tmp_path: Path, capsys) -> None:
