@@ -44,6 +44,8 @@ HASH_OMIT_NULL = (("data", "hf_edit"), ("encoder", "cache"), ("trainer", "accumu
                   ("eval", "val_every"), ("data", "hf", "max_skip_rate"), ("data", "hf_edit", "max_skip_rate"),
                   ("dit", "kv_heads"), ("dit", "head_dim"),
                   ("flow", "prediction"), ("seeds",))
+# Keys that never change what a run computes (where it reports to): always left out of the hash.
+HASH_IGNORE = (("train", "logger"),)
 
 
 def available_experiments() -> list[str]:
@@ -81,12 +83,13 @@ def _section(config: dict[str, Any], dotted: str) -> dict[str, Any]:
 
 def config_hash(config: dict[str, Any]) -> str:
     config = copy.deepcopy(config)
-    for *parents, key in HASH_OMIT_NULL:
-        sub = config
-        for part in parents:
-            sub = sub.get(part) if isinstance(sub, dict) else None
-        if isinstance(sub, dict) and key in sub and sub[key] is None:
-            del sub[key]
+    for keys, only_null in ((HASH_OMIT_NULL, True), (HASH_IGNORE, False)):
+        for *parents, key in keys:
+            sub = config
+            for part in parents:
+                sub = sub.get(part) if isinstance(sub, dict) else None
+            if isinstance(sub, dict) and key in sub and (sub[key] is None or not only_null):
+                del sub[key]
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
 

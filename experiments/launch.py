@@ -40,10 +40,11 @@ from common.paths import RESULTS_DIR, RUNS_DIR
 from experiments.config import RunSpec, load_experiment
 from experiments.evaluation import BENCHMARKS
 from experiments.run_dir import RunDir
-from experiments.status import SLURM_TERMINAL, experiment_root, format_status, slurm_jobs, status_table
+from experiments.status import SLURM_TERMINAL, Progress, experiment_root, format_status, slurm_jobs, status_table
 from experiments.train import RunJob
 
 SLURM_PROFILES = Path(__file__).resolve().parents[1] / "slurm" / "profiles"
+PROGRESS_EVERY_S = float(os.environ.get("UNIFUSION_PROGRESS_EVERY", 10))  # local sweeps: seconds between lines
 
 
 # profile key -> (type, what it means); slurm/README.md documents the same table
@@ -351,6 +352,7 @@ def submit(todo: list[RunSpec], root: Path, cluster: str, profile: str | None, p
     else:
         queue = list(todo)
         running: list[tuple[RunSpec, submitit.Job]] = []
+        meter, shown, last_shown = Progress(), "", 0.0
         while queue or running:
             while queue and len(running) < parallel:
                 r = queue.pop(0)
@@ -362,6 +364,13 @@ def submit(todo: list[RunSpec], root: Path, cluster: str, profile: str | None, p
                 jobs.append((r, job))
             time.sleep(0.5 if cluster == "local" else 0)
             running = [(r, j) for r, j in running if not j.done()]
+            now = time.time()
+            if running and now - last_shown >= PROGRESS_EVERY_S:
+                line = meter.line([(r, root / r.dirname) for r, _ in running], now)
+                if line != shown:  # a line when something moved, at most every PROGRESS_EVERY_S
+                    print(f"[sweep] {len(todo) - len(queue) - len(running)}/{len(todo)} finished | {line}",
+                          flush=True)
+                    shown, last_shown = line, now
     failures = []
     for r, job in jobs:
         try:

@@ -7,6 +7,7 @@ layout is spelled once (docs/DESIGN.md §4 lists it):
 - ``checkpoints/last.ckpt``: where a requeued run resumes; ``final.ckpt``: the trained weights;
 - ``logs/metrics.csv``: Lightning's training log; ``validation.csv``: the held-out validation points
   (``experiments.validation``); ``eval/<benchmark>/``: each benchmark's images and scores;
+  ``eval/samples.png``: a grid of the evaluation's samples;
 - ``metrics.csv``: the run's tidy metric rows; ``DONE``: the headline metrics as JSON, written last, so a run
   is finished exactly when it exists.
 """
@@ -62,6 +63,11 @@ class RunDir:
     def benchmark_dir(self, name: str) -> Path:
         """``eval/<name>/``: what benchmark ``name`` writes for this run."""
         return self.eval / name
+
+    @property
+    def sample_grid(self) -> Path:
+        """``eval/samples.png``: a grid of the evaluation's sample images (``experiments.loggers.sample_grid``)."""
+        return self.eval / "samples.png"
 
     @property
     def geneval_results(self) -> Path:

@@ -100,6 +100,43 @@ def last_logged_step(run_dir: Path) -> tuple[int | None, str]:
     return int(last["step"]), (f"{metrics[-1]}={last[metrics[-1]]:.4g}" if metrics else "")
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Live progress of running runs, from their CSV training logs: ``name step/total (pct) ETA``.
+
+    The rate of a run is measured between the first time this meter saw it logging and now, so start-up time
+    (building the model, pretraining the encoder) does not count; ``ETA ?`` until two readings differ. A run past
+    its last step that is not done yet is ``evaluating``.
+    """
+
+    def __init__(self) -> None:
+        self.first: dict[str, tuple[float, int]] = {}
+
+    def entry(self, spec: RunSpec, run_dir: Path, now: float) -> str:
+        total = int(spec.config["train"]["steps"])
+        if RunDir(run_dir).is_done():
+            return f"{spec.name} done"
+        step, _ = last_logged_step(run_dir)
+        if step is None:
+            return f"{spec.name} starting"
+        step = step + 1  # the log's step is 0-based: after logging step s, s + 1 optimizer steps are done
+        if step >= total:
+            return f"{spec.name} {total}/{total} evaluating"
+        t0, s0 = self.first.setdefault(spec.name, (now, step))
+        rate = (step - s0) / (now - t0) if step > s0 and now > t0 else None
+        eta = (total - step) / rate if rate else None
+        return f"{spec.name} {step}/{total} ({100 * step // total}%) ETA {_duration(eta)}"
+
+    def line(self, runs: list[tuple[RunSpec, Path]], now: float) -> str:
+        return " | ".join(self.entry(spec, run_dir, now) for spec, run_dir in runs)
+
+
 def result_error(record: dict) -> str | None:
     """The traceback submitit pickled for a job that raised, else None."""
     path = record.get("result")

@@ -25,6 +25,7 @@ import yaml
 from common.files import atomic_write_text
 from common.paths import RUNS_DIR
 from experiments.evaluation import BENCHMARKS, headline_metrics
+from experiments.loggers import extra_loggers, log_image, logger_kind
 from experiments.run_dir import RunDir
 from models.checkpoints import load_module, read_checkpoint, resume_step, save_final
 
@@ -124,12 +125,13 @@ def apply_model_settings(module, config: dict[str, Any]) -> None:
         module.dit.compile()
 
 
-def resumable_csv_logger(run_dir: Path, resume_at: int | None):
+def resumable_csv_logger(run_dir: Path, resume_at: int | None, flush_every: int = 100):
     """Lightning's CSVLogger, except that a resumed run keeps its log.
 
     The stock logger deletes ``logs/metrics.csv`` when the folder exists, so a requeued run would lose every step
     it logged before the interruption. Here the rows of steps the checkpoint covers (step < ``resume_at``) are
     kept and the later ones dropped, since the resumed run logs them again: every step appears exactly once.
+    ``flush_every``: steps between writes of the file (the sweep's live progress reads it).
     """
     import csv
 
@@ -163,7 +165,7 @@ def resumable_csv_logger(run_dir: Path, resume_at: int | None):
                 self._experiment = KeepingWriter(log_dir=self.log_dir)
             return self._experiment
 
-    return ResumableCSVLogger(run_dir, name="logs", version="")
+    return ResumableCSVLogger(run_dir, name="logs", version="", flush_logs_every_n_steps=flush_every)
 
 
 def datamodule(config: dict[str, Any]) -> Any:
@@ -226,6 +228,7 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
     gpu = torch.cuda.is_available()
     scale = trainer_kwargs(config, gpu)  # validate before building anything
     validating = validation.val_every(config) is not None
+    logger_kind(config)
     module = UniFusionModule(config)
     tcfg = config["train"]
     init_from_run(module, config, run_dir)  # before the 0-step exit: a 0-step run can re-evaluate another's weights
@@ -253,7 +256,8 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
         **scale,
         **validation.trainer_options(config, scale["accumulate_grad_batches"]),
         gradient_clip_val=config["optim"]["grad_clip"],
-        logger=resumable_csv_logger(run_dir, resume_at),
+        logger=[resumable_csv_logger(run_dir, resume_at, tcfg["log_every"]),
+                *extra_loggers(config, run_dir, rd.path.name)],
         callbacks=callbacks,
         log_every_n_steps=tcfg["log_every"],
         enable_model_summary=False,
@@ -344,6 +348,8 @@ def run(exp: str, name: str, config: dict[str, Any], run_dir: Path, threads: int
     t1 = time.time()
     df = evaluate_all(module, config, run_dir, exp, name, step)
     t_eval = time.time() - t1
+    if rd.sample_grid.is_file() and module._trainer is not None:
+        log_image(module.loggers, rd.sample_grid, step)
     from models.dit import count_parameters
 
     # model size beside the scores: candidates differ in what they train (KV fusion's DiT copies the encoder's shape)

@@ -1,8 +1,9 @@
 """GenEval inside a sweep: sample the shapes world's GenEval prompts, score them with the exact detector.
 
-Writes ``eval/evaluation_metadata.jsonl``, the images in GenEval's layout under ``eval/images/`` and the official
-per-image rows under ``eval/geneval/``; returns the overall score (95% CI over prompts, resampled within tasks),
-each task's accuracy (CI over that task's prompts) and the share of correct images.
+Writes ``eval/evaluation_metadata.jsonl``, the images in GenEval's layout under ``eval/images/`` (and a grid of
+them, ``eval/samples.png``) and the official per-image rows under ``eval/geneval/``; returns the overall score
+(95% CI over prompts, resampled within tasks), each task's accuracy (CI over that task's prompts) and the share of
+correct images.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from common.geneval_spec import TASKS
+from experiments.loggers import sample_grid
 from experiments.run_dir import RunDir
 
 METRICS: tuple[str, ...] = ("geneval.overall", *(f"geneval.{t}" for t in TASKS))
@@ -31,6 +33,7 @@ def run(module: Any, config: dict[str, Any], run_dir: Path) -> list[dict[str, An
         module, metadata, rd.eval / "images", n_samples=gcfg["n_samples"], seed=gcfg["seed"],
         batch_size=config["eval"]["batch_size"],
     )
+    sample_grid(rd.eval / "images", rd.sample_grid)
     rows, summary = evaluate_folder(rd.eval / "images", detector="shapes", out_dir=rd.benchmark_dir("geneval"))
     return metric_rows(summary, rows, config["seed"])
 
