@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import re
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -233,17 +234,76 @@ def image_message(image: Image.Image, text: str) -> list[dict[str, Any]]:
                                          {"type": "text", "text": text}]}]
 
 
-def post_chat(endpoint: str, body: dict[str, Any], api_key: str | None, timeout: float) -> dict[str, Any]:
-    """POST a chat-completions request; HTTP errors become RuntimeError naming the endpoint."""
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read().decode())
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"judge endpoint {endpoint} answered HTTP {e.code}: {e.read()[:300]!r}") from e
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})  # HTTP answers worth another try
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How an OpenAI-compatible client retries transient failures (HTTP 429 / 5xx / 408, timeouts, refused or
+    dropped connections): at most ``attempts`` tries per request; before retry k (1, 2, ...) it waits
+    ``initial * 2**(k-1)`` s, capped at ``max_wait``, plus up to ``initial`` s of random jitter (so many clients
+    do not retry in step). Anything else (400, 401, 404, a malformed answer) fails at once."""
+
+    attempts: int = 6
+    initial: float = 1.0
+    max_wait: float = 60.0
+
+
+class _Transient(RuntimeError):
+    """A failure worth retrying."""
+
+
+class ChatClient:
+    """POSTs chat-completions requests to ``url`` (an API base or the full ``.../chat/completions``), retrying
+    transient failures with tenacity (``RetryPolicy``); ``retries`` counts every retry of every request (the
+    clients run requests in threads, so the count is locked)."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 300.0,
+                 retry: RetryPolicy | None = None) -> None:
+        self.endpoint = chat_endpoint(url)
+        self.api_key, self.timeout, self.retry = api_key, timeout, retry or RetryPolicy()
+        try:
+            import tenacity  # noqa: F401
+        except ImportError:
+            raise ValueError("OpenAI-compatible judges retry with the tenacity package: pip install tenacity (or "
+                             "the project's 'eval' extra)") from None
+        self.retries = 0
+        self._lock = threading.Lock()
+
+    def _once(self, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read().decode())
+        except urllib.error.HTTPError as e:
+            err = _Transient if e.code in RETRY_STATUS else RuntimeError
+            raise err(f"judge endpoint {self.endpoint} answered HTTP {e.code}: {e.read()[:300]!r}") from e
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:  # refused, reset, timed out
+            raise _Transient(f"judge endpoint {self.endpoint} unreachable: {getattr(e, 'reason', e)}") from e
+
+    def _count(self, _state: Any) -> None:
+        with self._lock:
+            self.retries += 1
+
+    def post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The endpoint's JSON answer; RuntimeError naming the endpoint once the retries are used up."""
+        import tenacity
+
+        policy = self.retry
+        try:
+            for attempt in tenacity.Retrying(
+                    retry=tenacity.retry_if_exception_type(_Transient),
+                    wait=tenacity.wait_exponential(multiplier=policy.initial, max=policy.max_wait)
+                    + tenacity.wait_random(0, policy.initial),
+                    stop=tenacity.stop_after_attempt(policy.attempts), before_sleep=self._count, reraise=True):
+                with attempt:
+                    return self._once(body)
+        except _Transient as err:
+            raise RuntimeError(f"{err} (gave up after {policy.attempts} attempts)") from err
+        raise AssertionError("unreachable")  # tenacity either returns or raises
 
 
 class OpenAIJudge(TextJudge):
@@ -253,17 +313,23 @@ class OpenAIJudge(TextJudge):
     name = "openai"
 
     def __init__(self, url: str, model: str = OPENAI_DEFAULT, mode: str = "cot", batch_size: int = 16,
-                 max_tokens: int | None = None, api_key: str | None = None, timeout: float = 300.0):
+                 max_tokens: int | None = None, api_key: str | None = None, timeout: float = 300.0,
+                 retry: RetryPolicy | None = None):
         super().__init__(mode, batch_size)
-        self.endpoint = chat_endpoint(url)
-        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.client = ChatClient(url, api_key, timeout, retry)
+        self.endpoint, self.model = self.client.endpoint, model
         self.max_tokens = max_tokens or (1024 if mode == "cot" else 8)
         self.identity = judge_identity("openai", model, mode)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """``retries``: transient failures retried so far (reported in scores.json)."""
+        return {"retries": self.client.retries}
 
     def _one(self, image: Image.Image, prompt: str) -> str:
         body = {"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens,
                 "messages": image_message(image, prompt)}
-        payload = post_chat(self.endpoint, body, self.api_key, self.timeout)
+        payload = self.client.post(body)
         try:
             return str(payload["choices"][0]["message"]["content"] or "").strip()
         except (KeyError, IndexError, TypeError) as e:

@@ -130,24 +130,32 @@ class OpenAIVQAScore(VQAScorer):
 
     def __init__(self, url: str, model: str, top_logprobs: int = 20, batch_size: int = 16,
                  api_key: str | None = None, timeout: float = 300.0, question: str = QUESTION_TEMPLATE,
-                 answer: str = ANSWER_TEMPLATE):
-        from evals.judges import chat_endpoint
+                 answer: str = ANSWER_TEMPLATE, retry: Any = None):
+        from evals.judges import ChatClient
 
-        self.endpoint, self.model, self.top_logprobs = chat_endpoint(url), model, top_logprobs
-        self.batch_size, self.api_key, self.timeout = batch_size, api_key, timeout
-        self.question, self.answer = question, answer
+        self.client = ChatClient(url, api_key, timeout, retry)
+        self.endpoint, self.model, self.top_logprobs = self.client.endpoint, model, top_logprobs
+        self.batch_size, self.question, self.answer = batch_size, question, answer
         self.name = f"openai:{model}"
-        self.counts = {"answer_not_in_top_k": 0}
+        self.not_in_top_k = 0
+        import threading
+
+        self._lock = threading.Lock()
         self.identity = scorer_identity("openai", model, question, answer, top_logprobs=top_logprobs)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """``answer_not_in_top_k`` (scored 0.0) and ``retries`` (transient failures retried)."""
+        return {"answer_not_in_top_k": self.not_in_top_k, "retries": self.client.retries}
 
     def _one(self, image: Image.Image, text: str) -> float:
         import math
 
-        from evals.judges import image_message, post_chat
+        from evals.judges import image_message
 
         body = {"model": self.model, "temperature": 0.0, "max_tokens": 1, "logprobs": True,
                 "top_logprobs": self.top_logprobs, "messages": image_message(image, self.question.format(text))}
-        payload = post_chat(self.endpoint, body, self.api_key, self.timeout)
+        payload = self.client.post(body)
         try:
             first = payload["choices"][0]["logprobs"]["content"][0]
         except (KeyError, IndexError, TypeError) as e:
@@ -156,7 +164,8 @@ class OpenAIVQAScore(VQAScorer):
         for cand in first.get("top_logprobs") or [first]:
             if str(cand.get("token", "")).strip() == self.answer:
                 return math.exp(float(cand["logprob"]))
-        self.counts["answer_not_in_top_k"] += 1
+        with self._lock:  # requests run in threads
+            self.not_in_top_k += 1
         return 0.0
 
     def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:

@@ -16,7 +16,16 @@ from PIL import Image
 
 from evals.dpg_refined import judge_images, load_questions, main, read_judgments, run, scan_images
 from evals.images import generate_dpg_folder, save_png
-from evals.judges import HFJudge, JudgeRequest, JudgeResult, OpenAIJudge, OracleJudge, TextJudge, parse_answer
+from evals.judges import (
+    HFJudge,
+    JudgeRequest,
+    JudgeResult,
+    OpenAIJudge,
+    OracleJudge,
+    RetryPolicy,
+    TextJudge,
+    parse_answer,
+)
 from world.dpg_questions import make_dpg_prompt_set, write_dpg_questions_csv
 from world.scene import BACKGROUND, render
 
@@ -256,8 +265,9 @@ def test_openai_judge_against_local_server(tmp_path: Path, chat_server) -> None:
     sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
     assert sent.size == (32, 32) and sent.convert("RGB").getpixel((0, 0)) == (10, 20, 30)
     assert "Answer: yes" in next(c["text"] for c in content if c["type"] == "text")
-    with pytest.raises(RuntimeError, match="HTTP 500"):
-        OpenAIJudge(chat_server.url, model="broken").judge(reqs[:1])
+    fast = RetryPolicy(attempts=2, initial=0.01, max_wait=0.02)
+    with pytest.raises(RuntimeError, match="HTTP 500.*gave up after 2 attempts"):
+        OpenAIJudge(chat_server.url, model="broken", retry=fast).judge(reqs[:1])
     with pytest.raises(ValueError, match="http://"):
         OpenAIJudge("localhost:8000")
 
@@ -272,6 +282,7 @@ def test_openai_judge_through_the_cli(tmp_path: Path, chat_server) -> None:
     for r in rows:
         assert r["answer"] == ("yes" if "circle" in questions[(r["item_id"], r["proposition_id"])] else "no")
     assert scores["counts"]["judgments"] == len(rows) == 4 * len(questions)
+    assert scores["counts"]["judge_retries"] == 0  # the endpoint never failed; the count is reported
 
 
 # ------------------------------------------------------------------------------------------------ --ckpt path

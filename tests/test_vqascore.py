@@ -125,7 +125,7 @@ def test_openai_logprob_backend_against_a_local_server() -> None:
         scorer = make_scorer("openai", url=server.url, model="served-vlm")
         got = scorer.score(images(3), ["a red circle", "two squares", "a circle"])
     assert got.tolist() == pytest.approx([math.exp(-0.25), 0.0, math.exp(-0.25)])
-    assert scorer.counts == {"answer_not_in_top_k": 1} and scorer.name == "openai:served-vlm"
+    assert scorer.counts == {"answer_not_in_top_k": 1, "retries": 0} and scorer.name == "openai:served-vlm"
     body = server.seen[0]["body"]
     assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["max_tokens"] == 1
     texts = {user_text(r["body"]) for r in server.seen}
