@@ -1,6 +1,7 @@
 """Judge audit (paper App. A.3 made measurable): every available judge on shapes-world probes whose answer is known.
 
     python -m evals.audit --out OUT [--n 20] [--hf-tiny] [--vqascore-hf MODEL_ID] [--dpg-hf MODEL_ID]
+                                    [--judge-url http://host:8000/v1 --judge-model SERVED_NAME]
 
 Two probe sets, with ground truth computed from the scene itself, never from a judge:
 - **GenEval probes**: per task, ``n`` prompts; each is asked of a render of a scene made for it (truth: yes) and
@@ -12,7 +13,8 @@ Two probe sets, with ground truth computed from the scene itself, never from a j
 
 Backends: the exact ones always (``geneval:shapes``, ``vqascore:oracle``, ``dpg:oracle``); ``--hf-tiny`` adds
 the tiny random Gemma3 as VQAScore and DPG judge (a deliberately bad judge: the audit must show it near chance);
-``--vqascore-hf`` / ``--dpg-hf`` add real models on a cluster.
+``--vqascore-hf`` / ``--dpg-hf`` add real models on a cluster, ``--judge-url`` + ``--judge-model`` an OpenAI-compatible
+server (as VQAScore and as DPG judge).
 
 Writes ``OUT/audit.csv`` (``judge, probe, group, n_yes, n_no, false_yes, fy_low, fy_high, false_no, fn_low,
 fn_high, unparsed, unparsed_rate, accuracy``; rates with 95% bootstrap CIs; group = GenEval task or DPG L1
@@ -24,6 +26,7 @@ truth), and an unparsed answer is never correct.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,8 +114,8 @@ def rates(rows: pd.DataFrame, judge: str, probe: str, seed: int = 0, n_resamples
     return out
 
 
-def geneval_judges(hf_tiny: bool, vqascore_hf: str | None, place: dict[str, Any] | None = None
-                   ) -> dict[str, Callable[[list[dict]], list[bool]]]:
+def geneval_judges(hf_tiny: bool, vqascore_hf: str | None, place: dict[str, Any] | None = None,
+                   endpoint: dict[str, Any] | None = None) -> dict[str, Callable[[list[dict]], list[bool]]]:
     from evals.detectors import get_detector
     from evals.geneval import evaluate_image
     from evals.vqascore import HFVQAScore, OracleVQAScore
@@ -136,10 +139,15 @@ def geneval_judges(hf_tiny: bool, vqascore_hf: str | None, place: dict[str, Any]
         judges["vqascore:hf-tiny-gemma3"] = vqa(lambda ps: HFVQAScore(model=model, processor=proc, answer="yes"))
     if vqascore_hf:
         judges[f"vqascore:hf:{vqascore_hf}"] = vqa(lambda ps: HFVQAScore(model_id=vqascore_hf, **(place or {})))
+    if endpoint:
+        from evals.vqascore import OpenAIVQAScore
+
+        judges[f"vqascore:openai:{endpoint['model']}"] = vqa(lambda ps: OpenAIVQAScore(**endpoint))
     return judges
 
 
-def dpg_judges(hf_tiny: bool, dpg_hf: str | None, place: dict[str, Any] | None = None) -> dict[str, Any]:
+def dpg_judges(hf_tiny: bool, dpg_hf: str | None, place: dict[str, Any] | None = None,
+               endpoint: dict[str, Any] | None = None) -> dict[str, Any]:
     from evals.judges import HFJudge, OracleJudge
 
     judges: dict[str, Any] = {"dpg:oracle": OracleJudge()}
@@ -150,6 +158,10 @@ def dpg_judges(hf_tiny: bool, dpg_hf: str | None, place: dict[str, Any] | None =
         judges["dpg:hf-tiny-gemma3"] = HFJudge(mode="direct", model=model, processor=proc)
     if dpg_hf:
         judges[f"dpg:hf:{dpg_hf}"] = HFJudge(model_id=dpg_hf, **(place or {}))
+    if endpoint:
+        from evals.judges import OpenAIJudge
+
+        judges[f"dpg:openai:{endpoint['model']}"] = OpenAIJudge(**endpoint)
     return judges
 
 
@@ -167,17 +179,19 @@ def run_dpg_judge(judge: Any, probes: list[dict]) -> list[bool | None]:
 
 
 def audit(n: int = 20, seed: int = 0, hf_tiny: bool = False, vqascore_hf: str | None = None,
-          dpg_hf: str | None = None, n_resamples: int = 1000, place: dict[str, Any] | None = None) -> pd.DataFrame:
-    """The audit table (see the module docstring). ``place``: device / dtype / device_map of the HF judges."""
+          dpg_hf: str | None = None, n_resamples: int = 1000, place: dict[str, Any] | None = None,
+          endpoint: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The audit table (see the module docstring). ``place``: device / dtype / device_map of the HF judges;
+    ``endpoint``: ``{"url", "model", "api_key"}`` of an OpenAI-compatible server, audited as both judges."""
     rows = []
     gprobes = geneval_probes(n, seed)
-    for name, judge in geneval_judges(hf_tiny, vqascore_hf, place).items():
+    for name, judge in geneval_judges(hf_tiny, vqascore_hf, place, endpoint).items():
         answers = judge(gprobes)
         df = pd.DataFrame({"group": [p["group"] for p in gprobes], "truth": [p["truth"] for p in gprobes],
                            "answer": answers})
         rows += rates(df, name, "geneval", seed, n_resamples)
     dprobes = dpg_probes(n, seed)
-    for name, judge in dpg_judges(hf_tiny, dpg_hf, place).items():
+    for name, judge in dpg_judges(hf_tiny, dpg_hf, place, endpoint).items():
         df = pd.DataFrame({"group": [p["group"] for p in dprobes], "truth": [p["truth"] for p in dprobes],
                            "answer": run_dpg_judge(judge, dprobes)})
         rows += rates(df, name, "dpg", seed, n_resamples)
@@ -207,6 +221,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-tiny", action="store_true", help="also audit the tiny random Gemma3 (a bad judge)")
     p.add_argument("--vqascore-hf", help="hub id / local folder of a VQAScore VLM to audit")
     p.add_argument("--dpg-hf", help="hub id / local folder of a DPG judge VLM to audit (CoT mode)")
+    cli.add_judge_endpoint(p, help="also audit an OpenAI-compatible server (e.g. vLLM, http://host:8000/v1) as "
+                                   "VQAScore judge (logprobs) and as DPG judge (CoT); --judge-model names its model")
+    p.add_argument("--judge-model", default=None, help="with --judge-url: the served model name")
     cli.add_placement(p)
     cli.add_out(p, help="writes audit.csv and audit.md here")
     return p
@@ -223,8 +240,17 @@ def _main(argv: list[str] | None = None) -> pd.DataFrame:
         from evals.runtime import check_device_map
 
         check_device_map(a.device_map)
+    endpoint = None
+    if a.judge_url or a.judge_model:
+        if not (a.judge_url and a.judge_model):
+            raise ValueError("--judge-url and --judge-model go together (an OpenAI-compatible server and its model); "
+                             "hub models are audited with --vqascore-hf / --dpg-hf")
+        from evals.judges import chat_endpoint
+
+        chat_endpoint(a.judge_url)
+        endpoint = {"url": a.judge_url, "model": a.judge_model, "api_key": os.environ.get(a.judge_api_key_env)}
     place = {"device": a.device, "dtype": a.dtype, "device_map": a.device_map}
-    df = audit(a.n, a.seed, a.hf_tiny, a.vqascore_hf, a.dpg_hf, a.n_resamples, place)
+    df = audit(a.n, a.seed, a.hf_tiny, a.vqascore_hf, a.dpg_hf, a.n_resamples, place, endpoint)
     atomic_write_text(out / "audit.csv", df.to_csv(index=False))
     atomic_write_text(out / "audit.md", render_markdown(df))
     print(render_markdown(df[df.group == "all"]))

@@ -105,11 +105,16 @@ def add_judge(parser: argparse.ArgumentParser, choices: Sequence[str], default: 
     parser.add_argument("--judge", default=default, choices=list(choices), help=help)
     parser.add_argument("--judge-model", default=None, help=model_help)
     if url:
-        parser.add_argument("--judge-url", default=None,
-                            help="API base of an OpenAI-compatible server for --judge openai, e.g. "
-                                 "http://localhost:8000/v1")
-        parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
-                            help="environment variable holding the endpoint's API key")
+        add_judge_endpoint(parser)
+
+
+def add_judge_endpoint(parser: argparse.ArgumentParser,
+                       help: str = "API base of an OpenAI-compatible server for --judge openai, e.g. "
+                                   "http://localhost:8000/v1") -> None:
+    """``--judge-url`` and ``--judge-api-key-env``: an OpenAI-compatible judge server."""
+    parser.add_argument("--judge-url", default=None, help=help)
+    parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                        help="environment variable holding the endpoint's API key")
 
 
 def add_placement(parser: argparse.ArgumentParser) -> None:

@@ -778,8 +778,8 @@ def _main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if not Path(args.ckpt).is_file():
                 raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
             images = Path(args.out) / "images"
-            layouts.write_folder("dpg", layouts.module_generator(layouts.load_module(args.ckpt)),
-                                 item_prompts(questions), images, 4, args.seed, 64,
+            layouts.write_folder("dpg", layouts.checkpoint_generator(args.ckpt, args.device), item_prompts(questions),
+                                 images, 4, args.seed, 64,
                                  generator=f"ckpt:{Path(args.ckpt).resolve()}", rank=0, world=1)
         else:
             images = args.images

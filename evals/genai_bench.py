@@ -534,8 +534,8 @@ def _main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not Path(a.ckpt).is_file():
             raise FileNotFoundError(f"checkpoint not found: {a.ckpt}")
         images = a.out / "images"
-        layouts.write_folder("genai", layouts.module_generator(layouts.load_module(a.ckpt)), prompts, images, 1,
-                             a.seed, a.batch_size, generator=f"ckpt:{Path(a.ckpt).resolve()}", rank=0, world=1)
+        layouts.write_folder("genai", layouts.checkpoint_generator(a.ckpt, a.device), prompts, images, 1, a.seed,
+                             a.batch_size, generator=f"ckpt:{Path(a.ckpt).resolve()}", rank=0, world=1)
     else:
         images = a.images
     find_images(images, sorted(prompts))  # every prompt's image exists before the judge loads

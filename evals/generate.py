@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from evals import cli
-from evals.images import BENCHMARKS, DEFAULT_SEEDS, GenerateFn, launch_share, write_folder
+from evals.images import BENCHMARKS, DEFAULT_SEEDS, GenerateFn, checkpoint_generator, launch_share, write_folder
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_PROMPTS = {
@@ -153,13 +153,6 @@ def pipeline_generator(pipeline: str, device: str = "auto", dtype: str = "auto",
             return list(pipe(prompt=list(prompts), generator=generators, **kwargs).images)
 
     return generate
-
-
-def checkpoint_generator(ckpt: str | Path, device: str = "auto") -> GenerateFn:
-    from evals.images import load_module, module_generator
-    from evals.runtime import pick_device
-
-    return module_generator(load_module(ckpt, pick_device(device)))
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -619,7 +619,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             metadata = write_geneval_metadata(out / "evaluation_metadata.jsonl", args.n_per_task, args.seed)
         from evals import images as layouts
 
-        layouts.write_folder("geneval", layouts.module_generator(layouts.load_module(args.ckpt)), metadata,
+        layouts.write_folder("geneval", layouts.checkpoint_generator(args.ckpt, args.device), metadata,
                              out / "images", args.n_samples, args.seed, args.batch_size,
                              generator=f"ckpt:{args.ckpt.resolve()}", rank=0, world=1)
         images = out / "images"

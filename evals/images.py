@@ -48,6 +48,13 @@ def module_generator(module: Any, **kwargs: Any) -> GenerateFn:
     return lambda prompts, seeds: list(module.generate(prompts, seeds, **kwargs))
 
 
+def checkpoint_generator(ckpt: str | Path, device: str | None = "auto") -> GenerateFn:
+    """A harness checkpoint as a generator, loaded on ``device`` (``auto``: ``evals.runtime.pick_device``)."""
+    from evals.runtime import pick_device
+
+    return module_generator(load_module(ckpt, pick_device(device)))
+
+
 # ------------------------------------------------------------------------------------------------ files
 def to_rgb_array(image: Any, where: str = "generator") -> np.ndarray:
     """A PIL image or an (H, W, 3) uint8 array -> (H, W, 3) uint8; anything else raises naming ``where``."""

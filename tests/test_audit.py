@@ -69,3 +69,23 @@ def test_audit_end_to_end(tmp_path: Path) -> None:
     saved = pd.read_csv(tmp_path / "audit.csv")
     assert len(saved) == len(df) and "| dpg:oracle | dpg | all |" in (tmp_path / "audit.md").read_text()
     assert np.isfinite(saved.accuracy).all()
+
+
+def test_an_openai_compatible_judge_that_always_says_yes(tmp_path: Path) -> None:
+    """A server answering "yes" to everything: the audit must measure false-yes = 1 and false-no = 0 for it."""
+    from local_http import json_server
+
+    def reply(body: dict) -> tuple[int, object]:
+        return 200, {"choices": [{"message": {"content": "Looks right.\nAnswer: yes"},
+                                  "logprobs": {"content": [{"token": "Yes", "logprob": -0.01,
+                                                            "top_logprobs": [{"token": "Yes", "logprob": -0.01}]}]}}]}
+
+    with json_server(reply) as server:
+        df = audit.main(["--n", "1", "--n-resamples", "20", "--judge-url", server.url, "--judge-model", "yes-man",
+                         "--out", str(tmp_path)])
+        assert {s["body"]["model"] for s in server.seen} == {"yes-man"}
+    overall = df[df.group == "all"].set_index("judge")
+    for name in ("vqascore:openai:yes-man", "dpg:openai:yes-man"):
+        assert overall.loc[name, "false_yes"] == 1.0 and overall.loc[name, "false_no"] == 0.0
+        assert overall.loc[name, "accuracy"] == pytest.approx(
+            overall.loc[name, "n_yes"] / (overall.loc[name, "n_yes"] + overall.loc[name, "n_no"]))

@@ -119,6 +119,7 @@ BAD = [
     ("audit", ["--n", "0", "--out", "{out}"], "must be >= 1"),
     ("audit", ["--out", "{file}"], "is a file, not a folder"),
     ("audit", ["--device-map", "everywhere", "--dpg-hf", "x", "--out", "{out}"], "unknown --device-map"),
+    ("audit", ["--judge-model", "served", "--out", "{out}"], "--judge-url and --judge-model go together"),
 ]
 
 
