@@ -29,7 +29,13 @@ class InputError(ValueError):
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after every help text; the description keeps its line breaks."""
+    """Defaults shown after every help text that has one (not for flags without a default value, whose help says
+    what happens instead); the description keeps its line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):

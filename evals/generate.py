@@ -168,7 +168,8 @@ def parser() -> cli.Parser:
     p.add_argument("--limit", type=cli.positive_int, default=None, help="only the first N prompts")
     p.add_argument("--n-samples", type=cli.positive_int, default=None,
                    help="images per prompt; default: geneval 4, dpg 4 (a 2x2 grid), genai 1")
-    cli.add_seed(p, None, help=f"base seed; default per benchmark: {DEFAULT_SEEDS}")
+    cli.add_seed(p, None, help="base seed; default per benchmark: "
+                 + ", ".join(f"{b} {s}" for b, s in DEFAULT_SEEDS.items()))
     cli.add_batch_size(p, 16, help="images per generator call")
     p.add_argument("--gen-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra keyword arguments of the pipeline call, e.g. num_inference_steps=50 guidance_scale=9")
