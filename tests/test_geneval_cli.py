@@ -200,11 +200,14 @@ def test_partly_generated_folder_fails_naming_what_is_missing(clean, tmp_path, c
 def test_cli_ckpt_fails_when_generation_left_samples_missing(tmp_path, monkeypatch, capsys):
     import evals.images
 
-    def short_generate(ckpt_path, metadata, out_dir, n_samples=4, seed=0, batch_size=64):
+    def short_generate(benchmark, generate, metadata, out_dir, n_samples=4, seed=0, *args, **kwargs):
         return render_geneval_folder(metadata, out_dir, n_samples=n_samples - 1, seed=seed)  # one short each
 
-    monkeypatch.setattr(evals.images, "generate_geneval_folder", short_generate)
+    monkeypatch.setattr(evals.images, "checkpoint_generator", lambda ckpt, device=None: None)
+    monkeypatch.setattr(evals.images, "write_folder", short_generate)
+    (tmp_path / "m.ckpt").write_bytes(b"")
     with pytest.raises(SystemExit) as stop:
-        main(["--ckpt", "m.ckpt", "--n-per-task", "1", "--n-samples", "2", "--out", str(tmp_path / "run")])
+        main(["--ckpt", str(tmp_path / "m.ckpt"), "--judge", "shapes", "--n-per-task", "1", "--n-samples", "2",
+              "--out", str(tmp_path / "run")])
     assert stop.value.code == 2
     assert "missing: 00000/samples/00001.png, 00001/samples/00001.png" in capsys.readouterr().err
