@@ -81,11 +81,10 @@ def test_ablation_grids_vary_what_they_claim() -> None:
 
 
 # ---------------------------------------------------------------- training-seed replicates
-# Directory names of the default (single-seed) runs, computed by the code before `seeds` existed: adding the key
-# must not rename a run, or every finished run would train again.
+# Directory names of default (single-seed) runs, computed by the code before `seeds` existed: adding the key must
+# not rename a run, or every finished run would train again. (Experiments whose YAML changed since are not listed:
+# a deliberate config change renames its runs.)
 DEFAULT_DIRNAMES = {
-    "conditioning_candidates": ["t5-9171cdb6", "last_layer-13cb897d", "kv_fusion-b9269db9",
-                                "kv_fusion_hidden-c5d5ede7", "hsi-bd439ebc", "lap-0fbb64d3", "untrained-b296f633"],
     "continued_training": ["t5_stage-17292f35", "continued-851a613e", "scratch-d7c18b48"],
     "injection": ["input-951936c8", "per_layer-31cdfe89"],
 }
@@ -96,9 +95,19 @@ def test_default_single_seed_run_directories_keep_their_names(exp: str) -> None:
     assert [r.dirname for r in load_experiment(exp)[1]] == DEFAULT_DIRNAMES[exp]
 
 
-def test_committed_checkpoint_config_hashes_to_its_run_directory() -> None:
-    """The config stored in the committed LAP checkpoint (saved before `seeds` existed) still hashes to the
-    directory name the sweep gives that run today."""
+@pytest.mark.parametrize("exp", available_experiments())
+def test_a_null_seeds_key_changes_no_run_hash(exp: str) -> None:
+    """Every run of every experiment hashes as if the key did not exist while it is null; set, it counts."""
+    for run in load_experiment(exp)[1]:
+        assert run.config["seeds"] is None
+        without = {k: v for k, v in run.config.items() if k != "seeds"}
+        assert config_hash(run.config) == config_hash(without)
+        assert config_hash({**run.config, "seeds": [0, 1]}) != config_hash(without)
+
+
+def test_committed_checkpoint_config_keeps_its_run_directory_hash() -> None:
+    """The config stored in the committed LAP checkpoint, saved before `seeds` existed, still hashes to the folder
+    it was trained in (lap-62ba7ef3), with or without a null `seeds` added."""
     from pathlib import Path
 
     import torch
@@ -106,8 +115,7 @@ def test_committed_checkpoint_config_hashes_to_its_run_directory() -> None:
     ckpt = Path(__file__).resolve().parents[1] / "results" / "conditioning_candidates" / "checkpoints" / "lap.ckpt"
     stored = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["config"]
     assert "seeds" not in stored
-    lap = {r.name: r for r in load_experiment("conditioning_candidates")[1]}["lap"]
-    assert lap.dirname == f"lap-{config_hash(stored)}"
+    assert config_hash(stored) == config_hash({**stored, "seeds": None}) == "62ba7ef3"
 
 
 def test_seeds_expand_every_run_into_one_replicate_per_seed() -> None:
