@@ -42,6 +42,16 @@ def _question(exp: str) -> str:
     return text[: end.start() + 1] if end else text
 
 
+def _figure_name(exp: str) -> str:
+    """The figure the experiment YAML names ("" without one)."""
+    import yaml
+
+    from experiments.config import CONFIG_DIR
+
+    path = CONFIG_DIR / f"{exp}.yaml"
+    return str((yaml.safe_load(path.read_text()) or {}).get("figure") or "") if path.is_file() else ""
+
+
 def _sweep_time(exp_dir: Path) -> str:
     path = exp_dir / "sweep_time.txt"
     if not path.is_file():
@@ -58,7 +68,8 @@ def section(exp_dir: Path, summary: pd.DataFrame, paired: pd.DataFrame) -> str:
     (``analysis.figures.experiment_report``)."""
     exp_dir = Path(exp_dir)
     exp = exp_dir.name
-    figure = next((p.name for p in sorted(exp_dir.glob("*.png"))), None)
+    named = exp_dir / f"{_figure_name(exp)}.png"  # the figure the YAML names, else the first PNG there
+    figure = named.name if named.is_file() else next((p.name for p in sorted(exp_dir.glob("*.png"))), None)
     links = [f"[{n}]({exp}/{n})" for n in (figure, "table.md", "paired.csv") if n and (exp_dir / n).is_file()]
     out = [f"## {exp}", ""]
     question = _question(exp)
