@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from analysis import figures
+from analysis.comparisons import summarize
 from evals import zero_shot_edit as zse
 from evals.reconstruction import held_out_items
 from experiments.config import load_experiment
@@ -125,8 +126,8 @@ def test_table_and_figure_of_a_swept_benchmark(tmp_path) -> None:
             v = 20.0 + p if "psnr" in s else p / 2
             rows.append({**base, "metric": zse.metric_name(s, p), "value": v, "ci_low": v - 0.1, "ci_high": v + 0.1})
     df = pd.DataFrame(rows)
-    table = figures.table_markdown(df)
-    assert "| run | step | DiT params |" in table and "correct@" not in table  # swept metrics get their own table
+    table = figures.table_markdown(summarize(df))
+    assert "| run | step | seeds | DiT params |" in table and "correct@" not in table  # swept: their own table
     assert "| run | p | correct | target | psnr_untouched | psnr |" in table
     assert "| t2i_recon | 0.3 | 0.150 [0.05, 0.25] | 0.150 [0.05, 0.25] | 20.30 [20.20, 20.40] | 20.30 [20.20, " \
            "20.40] |" in table
