@@ -12,7 +12,8 @@ An ablation YAML:
     paper: {overrides: {...}, runs: {name: {...}}}   # `--paper`: real encoders + data, paper hyper-parameters
     figure: fig4                # which analysis.figures drawer to use
 
-A run's directory name is ``<name>-<hash>`` where the hash covers the full resolved config, so re-running a
+Loading checks what needs no weights (``check_model_config``: KV fusion's DiT shape, every conditioner option and
+head count against its width, naming the key). A run's directory name is ``<name>-<hash>`` where the hash covers the full resolved config, so re-running a
 sweep finds finished runs (skip) and unfinished ones (resume) and never mixes two configs.
 
 Training-seed replicates: ``seeds: [0, 1, 2]`` (base.yaml, ``--set seeds=[0,1,2]``, ``make sweep SEEDS=0,1,2``)
@@ -185,13 +186,17 @@ def load_experiment(exp: str, smoke: bool = False, paper: bool = False,
 
 
 def check_model_config(config: dict[str, Any]) -> None:
-    """What can be checked before building anything: a kv_fusion run on the encoder's own keys and values
-    (``conditioner.kv_source: encoder``) has a DiT shaped like the encoder preset's attention (depth, dim, heads,
-    kv_heads, head_dim). ValueError naming the keys otherwise."""
+    """What can be checked before building anything: every conditioner option is one the candidate takes and
+    every head count fits its width (``models.parts.check_config``; the encoder's width from its architecture),
+    and a kv_fusion run on the encoder's own keys and values (``conditioner.kv_source: encoder``) has a DiT shaped
+    like the encoder preset's attention (depth, dim, heads, kv_heads, head_dim). ValueError naming the keys
+    otherwise."""
     from models.conditioning import encoder_features
     from models.conditioning.kv_fusion import check_dit_shape
     from models.encoders import ENCODER_PRESETS
+    from models.parts import check_config
 
+    check_config(config)
     if encoder_features(config["candidate"], config.get("conditioner")) != "kv":
         return
     name = config["encoder"]["preset"]

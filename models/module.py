@@ -29,14 +29,14 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common.prompt import Prompt, as_prompt
-from models.conditioning import build_conditioner, encoder_features
+from models.conditioning import encoder_features
 from models.conditioning.kv_fusion import check_dit_shape
-from models.dit import DiT
 from models.encoders import EncoderOutput, build_encoder
 from models.encoders.kv import attention_shape
 from models.encoders.rewrites import RewriteCache
 from models.flow import cfg_velocity, euler_sample, flow_matching_loss, sample_sigmas, velocity_from_output
 from models.latents import build_latent_space
+from models.parts import build_parts
 
 ENCODER_PREFIX = "encoder."
 LATENT_PREFIX = "latent."  # the frozen VAE, like the encoder, is rebuilt from its preset, never stored
@@ -72,27 +72,11 @@ class UniFusionModule(L.LightningModule):
             self.encoder.set_features("kv")
             check_dit_shape(dit_cfg, attention_shape(self.encoder.model), enc_cfg["preset"])
         n_layers = len(self.encoder.layer_ids)
-        self.conditioner = build_conditioner(
-            config["candidate"],
-            enc_dim=self.encoder.feature_size,
-            num_layers=n_layers,
-            dit_dim=dit_cfg["dim"],
-            dit_depth=dit_cfg["depth"],
-            **cond_opts,
-        )
-        self.latent = build_latent_space(config.get("latent", "pixel"))
-        self.dit = DiT(
-            in_channels=self.latent.channels,
-            image_size=self.latent.latent_size(config["data"]["size"]),
-            patch=dit_cfg["patch"],
-            dim=dit_cfg["dim"],
-            depth=dit_cfg["depth"],
-            heads=dit_cfg["heads"],
-            mlp_ratio=dit_cfg.get("mlp_ratio", 4.0),
-            kv_context=self.conditioner.kv_context,
-            kv_heads=dit_cfg.get("kv_heads"),  # absent in configs saved before the key existed: = heads
-            head_dim=dit_cfg.get("head_dim"),
-        )
+        latent = build_latent_space(config.get("latent", "pixel"))
+        self.conditioner, self.dit = build_parts(
+            config, enc_dim=self.encoder.feature_size, num_layers=n_layers, latent_channels=latent.channels,
+            latent_size=latent.latent_size(config["data"]["size"]))
+        self.latent = latent
         # EMA of everything trainable; buffers follow too (use_buffers) so the EMA model is self-contained.
         self.ema = AveragedModel(
             nn.ModuleDict({"conditioner": self.conditioner, "dit": self.dit}),

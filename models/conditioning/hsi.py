@@ -34,13 +34,15 @@ class HiddenStateInjection(Conditioner):
         *,
         heads: int = 4,
         refiner_blocks: int = 0,
+        refiner_heads: int | None = None,
     ):
         if num_layers != dit_depth:
             raise ValueError(f"hsi injects encoder layer i+1 after DiT block i: needs num_layers == dit_depth, "
                              f"got num_layers={num_layers}, dit_depth={dit_depth}")
         super().__init__(enc_dim, num_layers, dit_dim, dit_depth)
         self.proj = TokenProjection(enc_dim, dit_dim)
-        self.refiner = Refiner(dit_dim, refiner_blocks, heads) if refiner_blocks else None
+        refiner_heads = heads if refiner_heads is None else refiner_heads
+        self.refiner = Refiner(dit_dim, refiner_blocks, refiner_heads) if refiner_blocks else None
         self.inject = nn.ModuleList(TokenProjection(enc_dim, dit_dim, zero_init=True) for _ in range(dit_depth - 1))
 
     def encode(self, features: torch.Tensor, mask: torch.Tensor) -> Conditioning:

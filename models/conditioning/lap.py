@@ -47,20 +47,34 @@ INJECTIONS = ("input", "per_layer")
 
 
 class LayerwiseAttentionPooling(nn.Module):
-    """Attend across the layer axis of each token, then pool the N layers with a learned Linear(N, 1)."""
+    """Attend across the layer axis of each token, then pool the N layers with a learned Linear(N, 1).
 
-    def __init__(self, enc_dim: int, num_layers: int, blocks: int = 2, heads: int = 4):
+    ``dim`` (default ``enc_dim``): the width the blocks work at. Narrower than the encoder, every tap is first
+    RMS-normed and projected by one Linear(enc_dim -> dim) shared by all taps (a cost option, see LAPConditioner);
+    the output is then (B, T, dim).
+    """
+
+    def __init__(self, enc_dim: int, num_layers: int, blocks: int = 2, heads: int = 4, dim: int | None = None):
         super().__init__()
         if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 0:
             raise ValueError(f"LAP blocks must be an int >= 0 (0 = static learned layer weights), got {blocks!r}")
         if num_layers < 1:
             raise ValueError(f"LAP needs num_layers >= 1, got {num_layers}")
         self.num_layers = num_layers
-        self.blocks = nn.ModuleList(TransformerBlock(enc_dim, heads) for _ in range(blocks))
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"LAP width (lap_dim) must be a positive int or null, got {dim!r}")
+        self.dim = enc_dim if dim is None else dim
+        # Taps are not normed by the encoder and differ in scale, hence RMSNorm before the shared projection.
+        self.down = nn.Sequential(nn.RMSNorm(enc_dim, eps=1e-6), nn.Linear(enc_dim, self.dim)) if dim else None
+        self.blocks = nn.ModuleList(TransformerBlock(self.dim, heads) for _ in range(blocks))
         self.pool = nn.Linear(num_layers, 1, bias=False)
         nn.init.constant_(self.pool.weight, 1.0 / num_layers)  # start as the mean over layers
         self.register_buffer("layer_keep", torch.ones(num_layers), persistent=False)
         self.dropped: tuple[int, ...] = ()
+        # dense = True: every (b, t) position goes through the blocks, padding included, and padded outputs are
+        # zeroed afterwards. Real tokens get exactly the same values (each token attends only across its own
+        # layers); used on meta/fake tensors (cost planning), where the data-dependent gather cannot run.
+        self.dense = False
         self.record = False
         self.recorded: dict[str, torch.Tensor | list[torch.Tensor]] = {}
 
@@ -80,11 +94,17 @@ class LayerwiseAttentionPooling(nn.Module):
         return self.pool.weight.detach()[0].clone()
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """features (B, T, N, D), mask (B, T) bool -> (B, T, D) pooled, padded positions zero."""
-        b, t, n, d = features.shape
+        """features (B, T, N, D_enc), mask (B, T) bool -> (B, T, dim) pooled, padded positions zero."""
+        b, t, n, _ = features.shape
+        d = self.dim
         if n != self.num_layers:
             raise ValueError(f"LAP was built for N={self.num_layers} layers, features have N={n}")
-        x = features[mask]  # (R, N, D): only real tokens; the paper's (B*T, N, D) restricted to them
+        if self.dense and self.record:
+            raise ValueError("LAP recording (analysis hooks) needs dense=False")
+        # (R, N, D): only real tokens; the paper's (B*T, N, D) restricted to them (dense: all B*T of them)
+        x = features.flatten(0, 1) if self.dense else features[mask]
+        if self.down is not None:
+            x = self.down(x)
         attn_maps, q_norms, k_norms = [], [], []
         for block in self.blocks:
             if self.record:
@@ -95,8 +115,11 @@ class LayerwiseAttentionPooling(nn.Module):
             x = block(x)
         weight = self.pool.weight if not self.dropped else self.pool.weight * self.layer_keep.to(x.dtype)
         pooled = F.linear(x.transpose(1, 2), weight.to(x.dtype)).squeeze(-1)  # (R, D, N) @ (N,) -> (R, D)
-        out = pooled.new_zeros(b, t, d)  # pooled's dtype: under autocast it may differ from the features'
-        out[mask] = pooled
+        if self.dense:
+            out = pooled.view(b, t, d).masked_fill(~mask[..., None], 0.0)
+        else:
+            out = pooled.new_zeros(b, t, d)  # pooled's dtype: under autocast it may differ from the features'
+            out[mask] = pooled
         if self.record:
             self._store(mask, attn_maps, q_norms, k_norms)
         return out
@@ -134,6 +157,11 @@ class LAPConditioner(Conditioner):
     output (zero-init Linear) is ``inject[i]``, added after block i (i < depth-1; ``inject[depth-1] = None``),
     i.e. every DiT block gets its own pooled view: block 0 through the input tokens, block i+1 through inject[i].
     ``layer_dropout`` applies to every LAP of the conditioner.
+
+    Heads and widths: ``lap_heads`` (default ``heads``) heads of the LAP blocks at the LAP width, ``lap_dim``
+    (default: the encoder width) the LAP width, ``refiner_heads`` (default ``heads``) heads of the refiner at
+    the DiT width. At paper scale the LAP at the full encoder width costs as much as a large part of the DiT
+    (README, "LAP + refiner overhead"): ``lap_dim`` narrows every LAP of the conditioner.
     """
 
     def __init__(
@@ -148,19 +176,25 @@ class LAPConditioner(Conditioner):
         injection: str = "input",
         lap_blocks: int = 2,
         layer_dropout: Sequence[int] = (),
+        lap_heads: int | None = None,
+        lap_dim: int | None = None,
+        refiner_heads: int | None = None,
     ):
         super().__init__(enc_dim, num_layers, dit_dim, dit_depth)
         if injection not in INJECTIONS:
             raise ValueError(f"unknown injection {injection!r}; valid: {', '.join(INJECTIONS)}")
         self.injection = injection
-        self.lap = LayerwiseAttentionPooling(enc_dim, num_layers, lap_blocks, heads)
-        self.proj = TokenProjection(enc_dim, dit_dim)
-        self.refiner = Refiner(dit_dim, refiner_blocks, heads) if refiner_blocks else None
+        lap_heads = heads if lap_heads is None else lap_heads
+        refiner_heads = heads if refiner_heads is None else refiner_heads
+        self.lap = LayerwiseAttentionPooling(enc_dim, num_layers, lap_blocks, lap_heads, lap_dim)
+        width = self.lap.dim
+        self.proj = TokenProjection(width, dit_dim)
+        self.refiner = Refiner(dit_dim, refiner_blocks, refiner_heads) if refiner_blocks else None
         n_inject = dit_depth - 1 if injection == "per_layer" else 0
         self.inject_laps = nn.ModuleList(
-            LayerwiseAttentionPooling(enc_dim, num_layers, lap_blocks, heads) for _ in range(n_inject)
+            LayerwiseAttentionPooling(enc_dim, num_layers, lap_blocks, lap_heads, lap_dim) for _ in range(n_inject)
         )
-        self.inject_proj = nn.ModuleList(TokenProjection(enc_dim, dit_dim, zero_init=True) for _ in range(n_inject))
+        self.inject_proj = nn.ModuleList(TokenProjection(width, dit_dim, zero_init=True) for _ in range(n_inject))
         self.set_layer_dropout(layer_dropout)
 
     @property

@@ -62,6 +62,7 @@ class LastLayer(Conditioner):
         layer: int = -1,
         heads: int = 4,
         refiner_blocks: int = 0,
+        refiner_heads: int | None = None,
     ):
         super().__init__(enc_dim, num_layers, dit_dim, dit_depth)
         if not isinstance(layer, int) or not -num_layers <= layer < num_layers:
@@ -69,7 +70,8 @@ class LastLayer(Conditioner):
                              f"(valid: {-num_layers}..{num_layers - 1})")
         self.layer = layer
         self.proj = TokenProjection(enc_dim, dit_dim)
-        self.refiner = Refiner(dit_dim, refiner_blocks, heads) if refiner_blocks else None
+        refiner_heads = heads if refiner_heads is None else refiner_heads
+        self.refiner = Refiner(dit_dim, refiner_blocks, refiner_heads) if refiner_blocks else None
 
     def encode(self, features: torch.Tensor, mask: torch.Tensor) -> Conditioning:
         """features (B, T, N, D_enc), mask (B, T) -> Conditioning(tokens (B, T, D_dit), mask)."""
