@@ -222,12 +222,13 @@ _INTERNVL_IMAGE = ("<img>", "</img>", "<IMG_CONTEXT>")
 
 def _internvl_vision() -> VisionSpec:
     # -hf processor: each 448 px tile -> 1024 patches -> pixel shuffle 0.5 -> 256 tokens between <img> and </img>;
-    # dynamic tiling = up to 12 grid tiles (max_dynamic_patch) + a thumbnail, so 1 or 3..13 tiles.
+    # dynamic tiling: grid tiles + a thumbnail, 1 or 3..10 tiles. The hub processor allows up to 12 grid tiles
+    # (max_dynamic_patch); the paper trains with up to 10 tiles (Sec. 4), so 10 is the preset's limit.
     return VisionSpec(
         placeholder="<IMG_CONTEXT>",
         image_tokens=_INTERNVL_IMAGE,
         separator="\n",
-        set_tiles=lambda proc, n: set_internvl_tiles(proc, n, max_tiles=13),
+        set_tiles=lambda proc, n: set_internvl_tiles(proc, n, max_tiles=10),
     )
 
 
@@ -248,9 +249,9 @@ _HUB: dict[str, tuple[HubSpec, EncoderPreset]] = {
         HubSpec("OpenGVLab/InternVL2_5-8B-MPO-hf", "InternVLForConditionalGeneration", 32, processor=True,
                 special_tokens=("<s>", *_CHATML_TOKENS, *_INTERNVL_IMAGE)),
         "InternVL2.5-8B (paper ablations; the MPO weights are the only transformers-native -hf conversion), "
-        "InternLM2.5 LM with BOS; 256 tokens per 448 px tile, tiles 1 or 3..13; taps 1,4,...,31 of 32",
+        "InternLM2.5 LM with BOS; 256 tokens per 448 px tile, tiles 1 or 3..10; taps 1,4,...,31 of 32",
         template="<s>" + _CHATML_USER,
-        max_length=4096,  # 13 tiles x 256 + 2 = 3330 image tokens + text
+        max_length=4096,  # 10 tiles x 256 + 2 = 2562 image tokens + VERIFI prompt and rewrite
         vision=_internvl_vision(),
         verifi=VerifiSpec(template="<s>" + _CHATML_VERIFI, stop="<|im_end|>"),
         attention=AttentionShape(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128),  # InternLM2.5-7B
@@ -259,7 +260,7 @@ _HUB: dict[str, tuple[HubSpec, EncoderPreset]] = {
         "internvl3-8b",
         HubSpec("OpenGVLab/InternVL3-8B-hf", "InternVLForConditionalGeneration", 28, processor=True,
                 special_tokens=(*_CHATML_TOKENS, *_INTERNVL_IMAGE)),
-        "InternVL3-8B (the final UniFusion encoder), Qwen2.5-7B LM; 256 tokens per 448 px tile, tiles 1 or 3..13; "
+        "InternVL3-8B (the final UniFusion encoder), Qwen2.5-7B LM; 256 tokens per 448 px tile, tiles 1 or 3..10; "
         "taps 3,6,...,27 of 28",
         template=_CHATML_USER,
         max_length=4096,
