@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from models.conditioning import Conditioner, build_conditioner, check_heads
+from models.conditioning import Conditioner, build_conditioner, candidate_options, check_heads
 from models.dit import DiT
 
 # Presets whose weights come from pretraining: their architecture is that of the named random preset.
@@ -40,15 +40,21 @@ def encoder_width(preset: str) -> int:
 
 
 def check_config(config: dict[str, Any], enc_dim: int | None = None) -> None:
-    """Every head count of the run fits its width, else ValueError naming the key (``dit.heads``,
-    ``conditioner.lap_heads``, ...). ``enc_dim`` defaults to ``encoder_width(config.encoder.preset)``."""
+    """Every conditioner option is one the candidate takes and every head count fits its width, else ValueError
+    naming the key (``dit.heads``, ``conditioner.lap_heads``, ...). ``enc_dim`` defaults to
+    ``encoder_width(config.encoder.preset)``."""
     dit = config["dit"]
     if isinstance(dit["heads"], bool) or not isinstance(dit["heads"], int) or dit["heads"] < 1:
         raise ValueError(f"dit.heads must be an int >= 1, got {dit['heads']!r}")
     if dit.get("head_dim") is None and dit["dim"] % dit["heads"]:  # an explicit head_dim decouples the two
         raise ValueError(f"dit.heads={dit['heads']} does not divide dit.dim={dit['dim']}")
+    options = config.get("conditioner") or {}
+    unknown = sorted(set(options) - set(candidate_options(config["candidate"])) - {"refiner_blocks"})
+    if unknown:
+        raise ValueError(f"conditioner option(s) {unknown} unknown to candidate {config['candidate']!r}; valid: "
+                         f"{', '.join(candidate_options(config['candidate']))}")
     enc_dim = encoder_width(config["encoder"]["preset"]) if enc_dim is None else enc_dim
-    check_heads(config["candidate"], enc_dim=enc_dim, dit_dim=dit["dim"], **(config.get("conditioner") or {}))
+    check_heads(config["candidate"], enc_dim=enc_dim, dit_dim=dit["dim"], **options)
 
 
 def build_parts(config: dict[str, Any], *, enc_dim: int, num_layers: int, latent_channels: int,
