@@ -17,7 +17,7 @@ SEEDS ?=
 SEED_SET = $(if $(SEEDS),--set seeds=[$(SEEDS)])
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast lint sweep status collect figures bench
+.PHONY: venv test test-fast lint sweep status collect figures bench plan
 
 venv: $(STAMP)
 
@@ -44,6 +44,11 @@ lint: $(STAMP)
 #            [PAPER=1 SET="data.hf.path=parquet data.hf.data_files=/data/*.parquet"]  (the YAML's paper variant)
 sweep: $(STAMP)
 	$(PY) -m experiments.launch $(EXP) --cluster $(CLUSTER) $(if $(PROFILE),--profile $(PROFILE)) $(if $(SMOKE),--smoke) $(if $(PAPER),--paper) $(foreach kv,$(SET),--set $(kv)) $(SEED_SET)
+
+# make plan EXP=<name> PAPER=1 [PROFILE=<slurm/profiles/NAME>]: every run of the paper variant built and stepped on
+# meta tensors: parameters, FLOPs, memory per GPU, fits, step time, GPU-hours -> results/plan/<EXP>.{csv,md}
+plan: $(STAMP)
+	$(PY) -m experiments.plan $(EXP) $(if $(PAPER),--paper) $(if $(PROFILE),--profile $(PROFILE)) $(foreach kv,$(SET),--set $(kv))
 
 # make status EXP=<name> [SMOKE=1]: one row per run (pending/running/requeued/done/failed, step, metric, log)
 status: $(STAMP)

@@ -16,7 +16,9 @@ silently missing.
 ``--collect`` only rebuilds the results (`make collect`); `make status` is ``experiments.status``.
 
 On SLURM every input is checked before submitting: profile keys and types, the partition (``sinfo``), GPUs asked
-of a partition that has none. Job states come from ``scontrol`` (submitit's come from sacct, which needs slurmdbd).
+of a partition that has none. A paper sweep (``--paper``) is planned first (``experiments/plan.py``: every run
+built and stepped on meta tensors, costed and fitted to the profile's GPU) and refused with the plan's message
+unless every run is ok. Job states come from ``scontrol`` (submitit's come from sacct, which needs slurmdbd).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ PROFILE_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "array_parallelism": (int, "at most this many runs of the job array at once"),
     "signal_delay_s": (int, "SIGUSR2 this many seconds before the time limit"),
     "max_requeue": (int, "at most this many timeout requeues per run (submitit's slurm_max_num_timeout)"),
+    "gpu": (str, "GPU model for `make plan` and a paper sweep's check: a100-40gb | a100-80gb | h100-80gb | h200-141gb"),
 }
 
 
@@ -89,7 +92,7 @@ def load_profile(profile: str | None) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, kind):
             raise ValueError(f"{path}: {key} must be {getattr(kind, '__name__', 'a number')}, got {value!r}")
         minimum = 0 if key == "gpus_per_node" else 1
-        if key not in ("partition", "account", "qos", "constraint") and value < minimum:
+        if key not in ("partition", "account", "qos", "constraint", "gpu") and value < minimum:
             raise ValueError(f"{path}: {key} must be >= {minimum}, got {value!r}")
     return prof
 
@@ -238,6 +241,10 @@ def run_sweep(
     runs = select_runs(runs, only)
     if cluster == "slurm":
         check_runs_fit_profile(runs, profile)
+    if paper:  # every run builds, steps on meta tensors and fits its GPUs, or nothing is submitted
+        from experiments.plan import check_plan
+
+        check_plan(exp, runs, profile if cluster == "slurm" else None)
     root = experiment_root(exp, smoke, runs_dir, paper)
     results_dir = Path(results_dir) if results_dir else (root / "results" if smoke else RESULTS_DIR / root.name)
     todo = [r for r in runs if not RunDir(root / r.dirname).is_done()]
