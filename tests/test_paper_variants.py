@@ -45,9 +45,56 @@ def test_paper_variant_is_consistent(exp: str) -> None:
         if enc.get("tiles") is not None:
             preset.vision.set_tiles(type("P", (), {"image_processor": type("I", (), {})()})(), enc["tiles"])
         t = trainer_settings(c)
-        assert c["train"]["batch_size"] * t["devices"] * t["num_nodes"] == 1024  # the paper's global batch
+        global_batch = c["train"]["batch_size"] * t["devices"] * t["num_nodes"] * (t["accumulate_grad_batches"] or 1)
+        assert global_batch == 1024  # the paper's global batch
         assert c["data"]["source"] == "hf" and c["data"]["hf"]["data_files"] == "/data/train-*.parquet"
         assert c["latent"] == "flux-vae" and t["precision"] == "bf16-mixed"
+
+
+@pytest.mark.parametrize("exp", PAPER_EXPS)
+def test_paper_variant_dit_has_the_papers_size(exp: str) -> None:
+    """Sec. 2.2: "a 5B-parameter ... DiT" for the ablations; Sec. 4: "the DiT parameters to 8B" (within 5%), built
+    on the meta device exactly as the run builds it."""
+    import torch
+
+    from models.meta_step import tapped_layers
+    from models.parts import build_parts, encoder_width
+
+    target = 8.0e9 if exp in ("final", "edit_finetune") else 5.0e9
+    for r in load_experiment(exp, paper=True, sets=DATA)[1]:
+        c = r.config
+        taps = tapped_layers(c, HUB_SPECS[c["encoder"]["preset"]].num_layers)
+        with torch.device("meta"):
+            _, dit = build_parts(c, enc_dim=encoder_width(c["encoder"]["preset"]), num_layers=len(taps),
+                                 latent_channels=16, latent_size=c["data"]["size"] // 8)
+        n = sum(p.numel() for p in dit.parameters())
+        assert abs(n - target) <= 0.05 * target, (exp, r.name, n)
+
+
+def test_paper_variants_follow_the_papers_figures() -> None:
+    def runs(exp: str) -> dict:
+        return {r.name: r.config for r in load_experiment(exp, paper=True, sets=DATA + EDIT_DATA)[1]}
+
+    # Fig. 4: no refiner in any candidate (App. A.1.2: the refiner came later and closed the gap, Fig. 22)
+    for name, c in runs("conditioning_candidates").items():
+        assert c["conditioner"].get("refiner_blocks", 0) == 0, name
+    # Fig. 22: penultimate layer + refiner and LAP + refiner, against their no-refiner controls
+    ref = runs("refiner")
+    assert {n: c["conditioner"].get("refiner_blocks", 0) for n, c in ref.items()} == {
+        "t5": 0, "penultimate": 0, "penultimate_refiner": 2, "lap": 0, "lap_refiner": 2}
+    assert all(c["train"]["steps"] == 250000 for c in ref.values())  # "Comparison at 250k training steps"
+    # Sec. 4: InternVL3-8B, every third layer, VERIFI, up to 10 tiles, mixed base tasks, ~10k steps of instructions
+    for exp in ("final", "edit_finetune"):
+        by = runs(exp)
+        base = by["base"]
+        enc = base["encoder"]
+        assert (enc["preset"], enc["verifi"], enc["tiles"], enc["stride"]) == ("internvl3-8b", True, 10, None)
+        assert ENCODER_PRESETS["internvl3-8b"].stride == 3 and base["data"]["size"] == 1024
+        assert all(base["data"]["tasks"][t] > 0 for t in ("t2i", "reconstruction", "edit"))
+        assert base["conditioner"]["lap_blocks"] == 2 and base["conditioner"]["refiner_blocks"] == 2
+        tuned = by["instruct"] if exp == "final" else by["edit_finetune"]
+        assert tuned["init"]["from_run"] == "base" and tuned["train"]["steps"] == 10000
+        assert tuned["data"]["tasks"]["edit"] > 0
 
 
 def test_paper_variant_step_budgets() -> None:
@@ -60,8 +107,9 @@ def test_paper_variant_step_budgets() -> None:
 
 
 def test_edit_finetune_paper_variant_two_sources() -> None:
-    """Sec. 4 / Tab. 2: base, then ~10k steps of editing (or t2i, the control) fine-tuning from its weights; the
-    edit run reads its edit batches from data.hf_edit; every run's data config builds its data module."""
+    """Sec. 4 / Tab. 2: the final model's base, then ~10k steps of editing (or t2i, the control) fine-tuning from its
+    weights; edit batches (the base's joined image + text samples, the fine-tune's edits) read data.hf_edit; every
+    run's data config builds its data module."""
     from experiments.data.hf import HFDataModule
     from experiments.train import datamodule
 
@@ -73,20 +121,20 @@ def test_edit_finetune_paper_variant_two_sources() -> None:
         assert init["from_run"] == "base" and init["from_dir"] == by["base"].dirname
         assert init["keep"] == ["dit", "conditioner"]
     steps = {name: r.config["train"]["steps"] for name, r in by.items()}
-    assert steps == {"base": 200000, "t2i_continue": 10000, "edit_finetune": 10000}  # Sec. 2 length; Sec. 4 ~10k
+    assert steps == {"base": 810000, "t2i_continue": 10000, "edit_finetune": 10000}  # 830M samples; Sec. 4 ~10k
     edit = by["edit_finetune"].config["data"]
     assert edit["tasks"]["edit"] > 0 and edit["tasks"]["t2i"] > 0 and edit["hf"]["source_image_column"] is None
     assert edit["hf_edit"]["path"] == "parquet" and edit["hf_edit"]["data_files"] == "/data/edit-*.parquet"
     assert edit["hf_edit"]["source_image_column"] and edit["hf_edit"]["split"] == "train"  # base.yaml's data.hf
-    for name in ("base", "t2i_continue"):
-        assert by[name].config["data"]["tasks"]["edit"] == 0
+    assert by["t2i_continue"].config["data"]["tasks"] == {"t2i": 1.0, "reconstruction": 0.0, "edit": 0.0}
     for r in runs:  # validates both sources' keys (no data is read)
         assert isinstance(datamodule(r.config), HFDataModule)
-    # without the edit data the edit run says what is missing before anything is launched
+    # without the edit data the runs with edit batches say what is missing before anything is launched
     bare = {r.name: r.config for r in load_experiment("edit_finetune", paper=True, sets=DATA)[1]}
-    datamodule(bare["base"])
-    with pytest.raises(ValueError, match="data.hf_edit needs path"):
-        datamodule(bare["edit_finetune"])
+    datamodule(bare["t2i_continue"])
+    for name in ("base", "edit_finetune"):
+        with pytest.raises(ValueError, match="data.hf_edit needs path"):
+            datamodule(bare[name])
 
 
 def test_hf_edit_set_merges_onto_data_hf_keys_and_keeps_old_hashes() -> None:
