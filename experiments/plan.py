@@ -403,7 +403,7 @@ def profile_gpu(profile: str | None) -> str:
     """The GPU of a SLURM profile (its ``gpu`` key), or the default without a profile."""
     if profile is None:
         return DEFAULT_GPU
-    from experiments.launch import load_profile
+    from experiments.profiles import load_profile
 
     gpu = load_profile(profile).get("gpu")
     if gpu is None:

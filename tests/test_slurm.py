@@ -19,15 +19,15 @@ import submitit
 import test_ddp  # tests/ is on sys.path under pytest
 import torch
 
-from experiments import launch
+from experiments import launch, profiles
 from experiments.config import merge
 from experiments.launch import (
     check_profile_against_cluster,
-    load_profile,
     parse_partition_gpus,
     run_sweep,
     slurm_parameters,
 )
+from experiments.profiles import load_profile
 from experiments.status import SLURM_TERMINAL, format_status, slurm_jobs, status_table
 
 # The worker process cannot import this test module: ship its functions/classes by value.
@@ -57,7 +57,7 @@ def test_profiles_map_to_one_task_per_gpu() -> None:
 
 
 def test_bad_profile_keys_and_values_are_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launch, "SLURM_PROFILES", tmp_path)
+    monkeypatch.setattr(profiles, "SLURM_PROFILES", tmp_path)
     (tmp_path / "typo.yaml").write_text("partition: debug\ngpus: 1\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['gpus'\]; valid keys: .*gpus_per_node"):
         load_profile("typo")
@@ -73,7 +73,7 @@ def test_partition_and_gpu_checks_before_submitting(tmp_path: Path, monkeypatch:
     sinfo = "debug|(null)\ngpu|gpu:a100:4(S:0-1)\ngpu|gpu:8\nmixed|gpu:2,shard:8\n"
     parts = parse_partition_gpus(sinfo)
     assert parts == {"debug": 0, "gpu": 8, "mixed": 2}
-    monkeypatch.setattr(launch, "SLURM_PROFILES", tmp_path)
+    monkeypatch.setattr(profiles, "SLURM_PROFILES", tmp_path)
     (tmp_path / "cpu-gpus.yaml").write_text("partition: debug\ngpus_per_node: 1\n")
     (tmp_path / "nowhere.yaml").write_text("partition: h100\n")
     (tmp_path / "fits.yaml").write_text("partition: gpu\ngpus_per_node: 8\n")
