@@ -10,8 +10,11 @@ detail``) and prints the same table. On CUDA the model steps run under bf16 auto
 Figures:
 1. ``dit_step_vs_krea2``: one training step (forward, MSE, backward, AdamW) of our LAP + refiner + DiT at the
    default sweep's size against diffusers' ``Krea2Transformer2DModel`` (the same design: layerwise text fusion,
-   refiner, single-stream DiT) at the same width, depth, heads, layer taps and token counts; its SwiGLU
-   intermediate sizes are set for the same parameter count as our GELU MLPs. Goal ours/peer <= 1.
+   refiner, single-stream DiT) at the same width, depth, heads, layer taps and token counts, and at equal parameter
+   count: its SwiGLU widths are solved so that its text side has our conditioner's parameters (as nearly as a
+   width allows) and its whole model ours (its shared timestep modulation is smaller than our per-block adaLN).
+   ``dit_step_vs_krea2_paper_proportions``: the same at the ablation variant's proportions, 23x narrower (DiT 32
+   deep, 11 taps, LAP at 1/6 of the DiT width, as many caption as image tokens). Goal ours/peer <= 1.
 2. ``mfu``: model FLOPs (``torch.utils.flop_counter``) of our training step / its time, over the machine's
    measured matmul peak (a large square matmul in the same run). Goal on H100 bf16: >= 40%.
 3. ``lap_refiner_overhead``: time of LAP (2 blocks) + refiner (2 blocks) forward+backward over one DiT
@@ -33,6 +36,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -76,49 +80,103 @@ def autocast(device: str):
 
 
 # ------------------------------------------------------------------------------------------------ 1 + 2
-def ours_default(device: str):
-    """The default sweep's LAP run: LAP(2) + refiner(2) over 4 taps of a 64-wide encoder, DiT 96 x 4, 4 px patches."""
+@dataclass(frozen=True)
+class PeerSize:
+    """One size of the comparison with Krea2: our LAP (+ refiner) + DiT, and the token counts."""
+
+    name: str
+    enc_dim: int
+    taps: int
+    dit_dim: int
+    depth: int
+    heads: int
+    lap_dim: int | None
+    lap_heads: int
+    in_channels: int
+    image_size: int
+    patch: int
+    text: int
+    batch: int
+
+
+# The default sweep's LAP run: LAP(2) + refiner(2) over 4 taps of a 64-wide encoder, DiT 96 x 4 over 32 px pixels.
+DEFAULT = PeerSize("default", 64, 4, 96, 4, 4, None, 4, 3, 32, 4, 10, 32)
+# The ablation variant's proportions, 23x narrower: 11 taps of an encoder 1.4x the DiT's width, LAP at 1/6 of the
+# DiT's width, DiT 32 deep, 2x2 patches of a 16-channel latent, as many caption tokens as image tokens.
+PAPER = PeerSize("paper_proportions", 176, 11, 128, 32, 2, 24, 2, 16, 16, 2, 64, 2)
+
+
+def ours(size: PeerSize, device: str):
     from models.conditioning import build_conditioner
     from models.dit import DiT
 
-    cond = build_conditioner("lap", enc_dim=64, num_layers=4, dit_dim=96, dit_depth=4, heads=4, refiner_blocks=2,
-                             lap_blocks=2).to(device)
-    dit = DiT(in_channels=3, image_size=32, patch=4, dim=96, depth=4, heads=4).to(device)
+    cond = build_conditioner("lap", enc_dim=size.enc_dim, num_layers=size.taps, dit_dim=size.dit_dim,
+                             dit_depth=size.depth, heads=size.heads, refiner_blocks=2, lap_blocks=2,
+                             lap_dim=size.lap_dim, lap_heads=size.lap_heads).to(device)
+    dit = DiT(in_channels=size.in_channels, image_size=size.image_size, patch=size.patch, dim=size.dit_dim,
+              depth=size.depth, heads=size.heads).to(device)
     return cond, dit
 
 
-def krea2_default(device: str):
+def krea2(size: PeerSize, device: str, intermediate: int, text_intermediate: int):
     from diffusers import Krea2Transformer2DModel
 
-    # Width 96 = 4 heads x 24, depth 4, 4 taps of width 64 (4 heads), 2 layerwise + 2 refiner text blocks.
-    # SwiGLU has 3 matrices: intermediate 256 (DiT) and 171 (text) match our GELU MLPs' 4x width in parameters.
+    # Same width, depth, heads, taps, layerwise and refiner text blocks as ours; its text blocks work at the text width.
+    head = size.dit_dim // size.heads
+    axis = head // 3 // 2 * 2  # 3-axis RoPE (text/frame, row, column): even sizes summing to the head width
     return Krea2Transformer2DModel(
-        in_channels=48, num_layers=4, attention_head_dim=24, num_attention_heads=4, num_key_value_heads=4,
-        intermediate_size=256, text_hidden_dim=64, num_text_layers=4, text_num_attention_heads=4,
-        text_num_key_value_heads=4, text_intermediate_size=171, num_layerwise_text_blocks=2,
-        num_refiner_text_blocks=2, axes_dims_rope=(8, 8, 8)).to(device)
+        in_channels=size.in_channels * size.patch**2, num_layers=size.depth,
+        attention_head_dim=size.dit_dim // size.heads, num_attention_heads=size.heads, num_key_value_heads=size.heads,
+        intermediate_size=intermediate,
+        text_hidden_dim=size.enc_dim, num_text_layers=size.taps, text_num_attention_heads=4,
+        text_num_key_value_heads=4, text_intermediate_size=text_intermediate, num_layerwise_text_blocks=2,
+        num_refiner_text_blocks=2, axes_dims_rope=(head - 2 * axis, axis, axis)).to(device)
 
 
 def n_params(*mods: torch.nn.Module) -> int:
     return sum(p.numel() for m in mods for p in m.parameters())
 
 
-def bench_dit_vs_peer(device: str, repeats: int, batch: int = 32, text: int = 10) -> None:
+def krea2_equal_params(size: PeerSize, device: str):
+    """Krea2 at ``size`` with its SwiGLU widths set so that its text side has our conditioner's parameter count as
+    nearly as a text width allows and its whole model ours (parameters are linear in the two widths)."""
+    import torch.nn as nn
+
+    with torch.device("meta"):
+        cond, dit = ours(size, "meta")
+        want_text, want = n_params(cond), n_params(cond, dit)
+
+        def text_side(m: nn.Module) -> int:
+            return n_params(m.text_fusion, m.txt_in)
+
+        a, b = krea2(size, "meta", 64, 64), krea2(size, "meta", 64, 128)
+        per_text = (text_side(b) - text_side(a)) / 64
+        text_i = max(1, round(64 + (want_text - text_side(a)) / per_text))
+        a, b = krea2(size, "meta", 64, text_i), krea2(size, "meta", 128, text_i)
+        per = (n_params(b) - n_params(a)) / 64
+        inter = max(1, round(64 + (want - n_params(a)) / per))
+    return krea2(size, device, inter, text_i)
+
+
+def bench_dit_vs_peer(device: str, repeats: int, size: PeerSize = DEFAULT, mfu: bool = True) -> None:
+    """One training step (forward, MSE, backward, AdamW) of ours against diffusers' Krea2 at equal parameter count
+    and tokens; at the default size also our MFU."""
     torch.manual_seed(0)
-    cond, dit = ours_default(device)
-    peer = krea2_default(device)
-    feats = torch.randn(batch, text, 4, 64, device=device)
+    cond, dit = ours(size, device)
+    peer = krea2_equal_params(size, device)
+    batch, text = size.batch, size.text
+    feats = torch.randn(batch, text, size.taps, size.enc_dim, device=device)
     mask = torch.ones(batch, text, dtype=torch.bool, device=device)
     mask[: batch // 2, text - 3:] = False  # some padding, as real batches have
-    x = torch.randn(batch, 3, 32, 32, device=device)
+    x = torch.randn(batch, size.in_channels, size.image_size, size.image_size, device=device)
     s = torch.rand(batch, device=device)
     target = torch.randn_like(x)
     opt_ours = torch.optim.AdamW([*cond.parameters(), *dit.parameters()], lr=1e-4)
     opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
-    tokens = dit.patchify(x).shape[1]
-    x_packed = torch.randn(batch, tokens, 48, device=device)
+    tokens, g = dit.patchify(x).shape[1], dit.grid
+    x_packed = torch.randn(batch, tokens, size.in_channels * size.patch**2, device=device)
     target_packed = torch.randn_like(x_packed)
-    grid = torch.stack(torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij"), -1).reshape(-1, 2)
+    grid = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"), -1).reshape(-1, 2)
     pos = torch.cat([torch.zeros(text, 3), torch.cat([torch.zeros(tokens, 1), grid.float()], 1)]).to(device)
 
     def step_ours() -> None:
@@ -138,9 +196,14 @@ def bench_dit_vs_peer(device: str, repeats: int, batch: int = 32, text: int = 10
 
     t_ours = median_time(step_ours, device, repeats)
     t_peer = median_time(step_peer, device, repeats)
-    record("dit_step_vs_krea2", t_ours * 1e3, "ms/step", t_peer * 1e3, "ratio <= 1.0", t_ours <= t_peer,
-           f"batch {batch}, {text} text + {tokens} image tokens; params ours {n_params(cond, dit) / 1e6:.2f}M, "
-           f"Krea2 {n_params(peer) / 1e6:.2f}M")
+    figure = "dit_step_vs_krea2" + ("" if size is DEFAULT else f"_{size.name}")
+    record(figure, t_ours * 1e3, "ms/step", t_peer * 1e3, "ratio <= 1.0", t_ours <= t_peer,
+           f"batch {batch}, {text} text + {tokens} image tokens, DiT {size.dit_dim} x {size.depth}, {size.taps} taps "
+           f"of {size.enc_dim}, LAP width {size.lap_dim or size.enc_dim}; params ours {n_params(cond, dit) / 1e6:.3f}M "
+           f"(conditioner {n_params(cond) / 1e6:.3f}M), Krea2 {n_params(peer) / 1e6:.3f}M (text fusion + txt_in "
+           f"{n_params(peer.text_fusion, peer.txt_in) / 1e6:.3f}M)")
+    if not mfu:
+        return
 
     # 2. MFU: FLOPs of our step (forward + backward) over the measured matmul peak.
     from torch.utils.flop_counter import FlopCounterMode
@@ -162,6 +225,10 @@ def bench_dit_vs_peer(device: str, repeats: int, batch: int = 32, text: int = 10
            else None, f"{flops / 1e9:.2f} GFLOP/step, achieved {achieved / 1e9:.1f} GFLOP/s, "
            f"matmul peak {peak / 1e9:.1f} GFLOP/s ({n}x{n} {str(dtype).split('.')[-1]}, "
            f"{torch.get_num_threads()} threads)")
+
+
+def bench_dit_vs_peer_paper(device: str, repeats: int) -> None:
+    bench_dit_vs_peer(device, repeats, PAPER, mfu=False)
 
 
 # ------------------------------------------------------------------------------------------------ 3
@@ -363,7 +430,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
-    p.add_argument("--only", help="comma-separated subset: dit,lap,capture,cache,judge,sweep")
+    p.add_argument("--only", help="comma-separated subset: dit,dit_paper,lap,capture,cache,judge,sweep")
     a = p.parse_args(argv)
     if a.repeats < 5:
         p.error("--repeats must be >= 5 (medians of fewer are not worth reporting)")
@@ -371,7 +438,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     print(f"device {a.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}", flush=True)
-    benches = {"dit": bench_dit_vs_peer, "lap": bench_lap_overhead, "capture": bench_capture,
+    benches = {"dit": bench_dit_vs_peer, "dit_paper": bench_dit_vs_peer_paper, "lap": bench_lap_overhead,
+               "capture": bench_capture,
                "cache": bench_feature_cache, "judge": bench_judge}
     chosen = a.only.split(",") if a.only else [*benches, "sweep"]
     for name in chosen:
