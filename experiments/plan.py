@@ -267,11 +267,13 @@ def _fmt(value: Any, kind: str) -> str:
     if kind == "B":
         return f"{value / 1e9:.2f}B"
     if kind == "P":
-        return f"{value / 1e15:,.0f}"
+        return f"{value / 1e15:,.1f}"
+    if kind == "H":
+        return f"{value:,.0f}"
     return str(value)
 
 
-def markdown(df: pd.DataFrame, exp: str, assume: Assumptions, seconds: float | None = None) -> str:
+def markdown(df: pd.DataFrame, exp: str, assume: Assumptions) -> str:
     """The .md of a plan table: assumptions, one row per run, errors in full."""
     gpu = GPUS[assume.gpu]
     head = (f"# Plan: `{exp}` (paper variant)\n\n"
@@ -288,7 +290,7 @@ def markdown(df: pd.DataFrame, exp: str, assume: Assumptions, seconds: float | N
             "flops_step", "flops_conditioner", "flops_dit", "conditioner_share_pct", "mem_gib_per_gpu",
             "mem_gib_activations", "fits", "est_step_s", "steps", "gpu_hours"]
     kinds = {"params_encoder": "B", "params_conditioner": "B", "params_dit": "B", "flops_step": "P",
-             "flops_conditioner": "P", "flops_dit": "P"}
+             "flops_conditioner": "P", "flops_dit": "P", "gpu_hours": "H"}
     names = {"params_encoder": "encoder (frozen)", "params_conditioner": "conditioner", "params_dit": "DiT",
              "flops_step": "PFLOP/step", "flops_conditioner": "cond. PFLOP", "flops_dit": "DiT PFLOP",
              "conditioner_share_pct": "cond./DiT %", "mem_gib_per_gpu": "GiB/GPU", "mem_gib_activations": "act. GiB",
@@ -304,17 +306,14 @@ def markdown(df: pd.DataFrame, exp: str, assume: Assumptions, seconds: float | N
     tail = f"\nTotal: {total:,.0f} GPU-hours for the sweep's {len(df)} runs.\n"
     if errors:
         tail += "\nNot ok:\n" + "\n".join(errors) + "\n"
-    if seconds is not None:
-        tail += f"\n(Planned in {seconds:.0f} s.)\n"
     return head + "\n".join(lines) + "\n" + tail
 
 
-def write_plan(exp: str, df: pd.DataFrame, assume: Assumptions, out: Path = PLAN_DIR,
-               seconds: float | None = None) -> Path:
+def write_plan(exp: str, df: pd.DataFrame, assume: Assumptions, out: Path = PLAN_DIR) -> Path:
     """``<out>/<exp>.csv`` and ``.md``; returns the csv path."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{exp}.csv", df.to_csv(index=False))
-    atomic_write_text(out / f"{exp}.md", markdown(df, exp, assume, seconds))
+    atomic_write_text(out / f"{exp}.md", markdown(df, exp, assume))
     return out / f"{exp}.csv"
 
 
@@ -322,7 +321,9 @@ def summary(out: Path = PLAN_DIR) -> str:
     """Markdown: GPU-hours and status of every planned sweep (from the committed ``<exp>.csv`` files)."""
     lines = ["| sweep | runs | ok | GPUs per run | GPU | GPU-hours |", "|---|---|---|---|---|---|"]
     total = 0.0
-    for path in sorted(out.glob("*.csv")):
+    from experiments.config import available_experiments
+
+    for path in [out / f"{exp}.csv" for exp in available_experiments() if (out / f"{exp}.csv").is_file()]:
         df = pd.read_csv(path)
         hours = float(df["gpu_hours"].fillna(0).sum()) if "gpu_hours" in df else 0.0
         total += hours
@@ -451,11 +452,11 @@ def main(argv: list[str] | None = None) -> None:
         assume = Assumptions(gpu=a.gpu or profile_gpu(a.profile), mfu=a.mfu, text_tokens=a.text_tokens)
         t0 = time.time()
         df = plan_experiment(a.exp, paper=a.paper, sets=a.sets, assume=assume)
-        path = write_plan(a.exp, df, assume, a.out, time.time() - t0)
+        path = write_plan(a.exp, df, assume, a.out)
     except (ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(path.with_suffix(".md").read_text())
+    print(path.with_suffix(".md").read_text() + f"\n(planned in {time.time() - t0:.0f} s)")
     bad = df[df.status != "ok"]
     if len(bad):
         raise SystemExit(f"{len(bad)} run(s) not ok: {', '.join(bad.run)}")
