@@ -170,14 +170,15 @@ def step_cost(config: dict[str, Any], shape: Any) -> Any:
     return _COSTS[key]
 
 
-def plan_run(run: RunSpec, assume: Assumptions) -> dict[str, Any]:
-    """One row of the plan (``COLUMNS`` first, then the details); never raises for a bad run: status says."""
+def plan_run(run: RunSpec, assume: Assumptions, debug: bool = False) -> dict[str, Any]:
+    """One row of the plan (``COLUMNS`` first, then the details); never raises for a bad run: status says
+    (``debug``: and its traceback is printed)."""
     from experiments.train import trainer_settings
 
     row: dict[str, Any] = {"exp": run.exp, "run": run.name, "status": "ok", "error": ""}
     try:
         t = trainer_settings(run.config)
-        devices = t["devices"] if isinstance(t["devices"], int) else 8
+        devices = t["devices"] if isinstance(t["devices"], int) else 8  # "auto": assumed 8 GPUs per node
         world, acc = devices * t["num_nodes"], t["accumulate_grad_batches"] or 1
         strategy = t["strategy"] if t["strategy"] != "auto" else ("ddp" if world > 1 else "single")
         ac = t["activation_checkpointing"]
@@ -185,7 +186,7 @@ def plan_run(run: RunSpec, assume: Assumptions) -> dict[str, Any]:
         costs = {task: (w, step_cost(run.config, shape)) for task, (w, shape) in shapes.items()}
     except Exception as err:  # noqa: BLE001 - any build/step failure is this run's result, reported with its message
         row.update(status="error", error=" ".join(f"{type(err).__name__}: {err}".split())[:500])
-        if "--debug" in sys.argv:
+        if debug:
             traceback.print_exc()
         return row
     gpu = GPUS[assume.gpu]
@@ -248,7 +249,8 @@ def plan_run(run: RunSpec, assume: Assumptions) -> dict[str, Any]:
 
 
 def plan_experiment(exp: str, paper: bool = True, sets: list[str] | None = None,
-                    assume: Assumptions = Assumptions(), runs: list[RunSpec] | None = None) -> pd.DataFrame:
+                    assume: Assumptions = Assumptions(), runs: list[RunSpec] | None = None,
+                    debug: bool = False) -> pd.DataFrame:
     """The plan table of every run of ``exp`` (its paper variant by default)."""
     if assume.gpu not in GPUS:
         raise ValueError(f"unknown GPU {assume.gpu!r}; valid: {', '.join(GPUS)}")
@@ -256,7 +258,7 @@ def plan_experiment(exp: str, paper: bool = True, sets: list[str] | None = None,
         raise ValueError(f"--mfu must be in (0, 1], got {assume.mfu}")
     if runs is None:
         runs = load_experiment(exp, paper=paper, sets=sets)[1]
-    rows = [plan_run(r, assume) for r in runs]
+    rows = [plan_run(r, assume, debug) for r in runs]
     df = pd.DataFrame(rows)
     return df[[*COLUMNS, *[c for c in df.columns if c not in COLUMNS]]]
 
@@ -451,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--text-tokens must be >= 1, got {a.text_tokens}")
         assume = Assumptions(gpu=a.gpu or profile_gpu(a.profile), mfu=a.mfu, text_tokens=a.text_tokens)
         t0 = time.time()
-        df = plan_experiment(a.exp, paper=a.paper, sets=a.sets, assume=assume)
+        df = plan_experiment(a.exp, paper=a.paper, sets=a.sets, assume=assume, debug=a.debug)
         path = write_plan(a.exp, df, assume, a.out)
     except (ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)

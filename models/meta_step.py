@@ -19,7 +19,8 @@ is the sequence for dynamic RoPE -- that they only skip for fake tensors, as whe
 FLOPs come from ``torch.utils.flop_counter``'s formulas (matmuls, convolutions and attention; the CPU attention
 kernel fake tensors dispatch to is counted with the same formula as the GPU ones), per part. Activation memory is
 the peak of live bytes during the trained forward and backward (weights and their gradients are not activations
-and are left out), measured with and without activation checkpointing; ``StepMeter`` does both in one pass.
+and are left out; ``StepMeter`` counts FLOPs and bytes in one pass), and with activation checkpointing it is
+derived from the same step block by block (``checkpointed_peak``).
 Every token is counted as real: the batch is padded to the stated lengths (an upper bound for real batches).
 """
 
@@ -41,7 +42,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 from models import hub_configs
 from models.conditioning import LayerwiseAttentionPooling
-from models.encoders.taps import find_blocks, select_layers
+from models.encoders.taps import find_blocks
 from models.flow import flow_matching_loss
 from models.parts import build_parts
 
@@ -248,13 +249,10 @@ def _taps(lm: nn.Module, x: Tensor, layer_ids: tuple[int, ...], deepest_only: bo
 
 def tapped_layers(config: dict[str, Any], n_blocks: int) -> tuple[int, ...]:
     """The hidden-state ids a run taps from an encoder of ``n_blocks`` blocks (its own taps, else its preset's)."""
-    from models.encoders import ENCODER_PRESETS
+    from models.encoders.registry import preset_taps
 
-    enc, preset = config["encoder"], ENCODER_PRESETS[config["encoder"]["preset"]]
-    layers, stride, start = enc.get("layers"), enc.get("stride"), enc.get("start")
-    if layers is None and stride is None:
-        layers, stride, start = preset.layers, preset.stride, preset.start if start is None else start
-    return select_layers(n_blocks, layers=layers, stride=stride, start=start)
+    enc = config["encoder"]
+    return preset_taps(enc["preset"], n_blocks, enc.get("layers"), enc.get("stride"), enc.get("start"))
 
 
 def _latent(name: str) -> tuple[nn.Module | None, int, int]:

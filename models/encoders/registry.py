@@ -19,6 +19,16 @@ ENCODER_PRESETS: dict[str, EncoderPreset] = {**TINY_PRESETS, **HUB_PRESETS}
 _OVERRIDABLE = ("template", "drop_prefix", "max_length", "add_bos", "add_eos", "seed", "blocks_path")
 
 
+def preset_taps(name: str, num_layers: int, layers: Sequence[int] | None = None, stride: int | None = None,
+                start: int | None = None) -> tuple[int, ...]:
+    """The hidden-state ids preset ``name`` taps from ``num_layers`` blocks: ``layers``/``stride``/``start`` when
+    any of layers or stride is given, else the preset's own taps (``start`` still overrides the preset's)."""
+    p = ENCODER_PRESETS[name]
+    if layers is None and stride is None:
+        layers, stride, start = p.layers, p.stride, p.start if start is None else start
+    return select_layers(num_layers, layers=layers, stride=stride, start=start)
+
+
 def build_encoder(
     name: str,
     layers: Sequence[int] | None = None,
@@ -41,10 +51,7 @@ def build_encoder(
     processor = None
     if hasattr(tokenizer, "image_processor"):  # a VLM builder returns its processor
         processor, tokenizer = tokenizer, tokenizer.tokenizer
-    if layers is None and stride is None:
-        layers, stride, start = p.layers, p.stride, p.start if start is None else start
-    n = len(find_blocks(model, opts["blocks_path"]))
-    ids = select_layers(n, layers=layers, stride=stride, start=start)
+    ids = preset_taps(name, len(find_blocks(model, opts["blocks_path"])), layers, stride, start)
     return FrozenEncoder(
         model,
         tokenizer,
