@@ -13,8 +13,9 @@ An ablation YAML:
     figure: fig4                # which analysis.figures drawer to use
 
 Loading checks what needs no weights (``check_model_config``: KV fusion's DiT shape, every conditioner option and
-head count against its width, naming the key). A run's directory name is ``<name>-<hash>`` where the hash covers the full resolved config, so re-running a
-sweep finds finished runs (skip) and unfinished ones (resume) and never mixes two configs.
+head count against its width, naming the key). A run's directory name is ``<name>-<hash>`` where the hash covers
+the full resolved config, so re-running a sweep finds finished runs (skip) and unfinished ones (resume) and never
+mixes two configs.
 
 Training-seed replicates: ``seeds: [0, 1, 2]`` (base.yaml, ``--set seeds=[0,1,2]``, ``make sweep SEEDS=0,1,2``)
 expands every run into one run per training seed. Each replicate is the run's config with ``seed`` set (model

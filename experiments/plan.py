@@ -264,7 +264,7 @@ def plan_experiment(exp: str, paper: bool = True, sets: list[str] | None = None,
 
 
 def _fmt(value: Any, kind: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
         return ""
     if kind == "B":
         return f"{value / 1e9:.2f}B"
@@ -272,6 +272,8 @@ def _fmt(value: Any, kind: str) -> str:
         return f"{value / 1e15:,.1f}"
     if kind == "H":
         return f"{value:,.0f}"
+    if kind == "I":  # an int column holding NaN for an error row reads back as float
+        return str(int(value))
     return str(value)
 
 
@@ -292,7 +294,7 @@ def markdown(df: pd.DataFrame, exp: str, assume: Assumptions) -> str:
             "flops_step", "flops_conditioner", "flops_dit", "conditioner_share_pct", "mem_gib_per_gpu",
             "mem_gib_activations", "fits", "est_step_s", "steps", "gpu_hours"]
     kinds = {"params_encoder": "B", "params_conditioner": "B", "params_dit": "B", "flops_step": "P",
-             "flops_conditioner": "P", "flops_dit": "P", "gpu_hours": "H"}
+             "flops_conditioner": "P", "flops_dit": "P", "gpu_hours": "H", "gpus": "I", "steps": "I"}
     names = {"params_encoder": "encoder (frozen)", "params_conditioner": "conditioner", "params_dit": "DiT",
              "flops_step": "PFLOP/step", "flops_conditioner": "cond. PFLOP", "flops_dit": "DiT PFLOP",
              "conditioner_share_pct": "cond./DiT %", "mem_gib_per_gpu": "GiB/GPU", "mem_gib_activations": "act. GiB",

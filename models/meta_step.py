@@ -275,16 +275,23 @@ def _latent(name: str) -> tuple[nn.Module | None, int, int]:
 
 def frozen_pass(config: dict[str, Any], shape: StepShape, fake: FakeTensorMode) -> dict[str, Any]:
     """Encoder (and VERIFI rewrite) and VAE forward: FLOPs, parameters, peak live bytes, the features' shape."""
+    from models.conditioning import encoder_features
+    from models.encoders.kv import attention_shape
+
     b = shape.batch
     with fake:
         model, arch = _encoder(config["encoder"]["preset"])
         vae, channels, f = _latent(config.get("latent", "pixel"))
         lm = _text_stack(model)
-        ids = tapped_layers(config, len(find_blocks(lm, None)))
+        n_blocks = len(find_blocks(lm, None))
     width = hub_configs.text_width(arch)
+    # KV fusion on the encoder's own keys and values reads every block's attention (FrozenEncoder.set_features):
+    # the whole stack runs and each token carries N = blocks packed [k | v] vectors.
+    kv = encoder_features(config["candidate"], config.get("conditioner")) == "kv"
+    ids = tuple(range(n_blocks)) if kv else tapped_layers(config, n_blocks)
     out: dict[str, Any] = {"params": {"encoder": _numel(model), "latent": _numel(vae) if vae is not None else 0},
-                           "flops": {}, "layer_ids": ids, "enc_dim": width, "channels": channels,
-                           "latent_size": shape.image_size // f}
+                           "flops": {}, "layer_ids": ids, "enc_dim": attention_shape(model).kv_width if kv else width,
+                           "channels": channels, "latent_size": shape.image_size // f}
     meter = StepMeter([model, *([vae] if vae is not None else [])])
     with fake, meter, torch.no_grad():
         with meter.part(out["flops"], "encoder"):
@@ -293,7 +300,11 @@ def frozen_pass(config: dict[str, Any], shape: StepShape, fake: FakeTensorMode) 
             n_text = shape.template_tokens + shape.text_tokens + shape.rewrite_tokens
             text = model.get_input_embeddings()(torch.zeros(b, n_text, dtype=torch.long))
             x = torch.cat([images, text], 1) if images is not None else text
-            feats = torch.stack(_taps(lm, x, ids), 2).float()
+            if kv:
+                _taps(lm, x, (n_blocks,), deepest_only=False)
+                feats = torch.zeros(b, x.shape[1], n_blocks, out["enc_dim"])
+            else:
+                feats = torch.stack(_taps(lm, x, ids), 2).float()
         keep = n_image + (shape.rewrite_tokens if shape.rewrite_tokens else shape.text_tokens)
         out["features"] = tuple(feats[:, :keep].shape)
         out["tokens"] = {"encoder": x.shape[1], "condition": keep}
@@ -301,7 +312,7 @@ def frozen_pass(config: dict[str, Any], shape: StepShape, fake: FakeTensorMode) 
         if shape.rewrite_tokens:  # VERIFI generation: the whole LM and its head over prompt + rewrite
             with meter.part(out["flops"], "rewrite"):
                 x = torch.zeros(b, n_image + n_text, width, dtype=torch.bfloat16)
-                h = _taps(lm, x, (len(find_blocks(lm, None)),), deepest_only=False)[0]
+                h = _taps(lm, x, (n_blocks,), deepest_only=False)[0]
                 model.get_output_embeddings()(h[:, -shape.rewrite_tokens:])
             del x, h
         with meter.part(out["flops"], "latent"):
@@ -346,19 +357,25 @@ def trained_pass(config: dict[str, Any], frozen: dict[str, Any], shape: StepShap
                 condition = cond(features, mask)
             # The DiT's backward stops at the condition's tensors, then the conditioner's runs from their gradients:
             # the order of one backward, with every FLOP in its own part.
-            cut = [t for t in (condition.tokens, *(condition.kv or ()), *(condition.inject or ())) if t is not None]
+            # (KV fusion on the encoder's own keys and values passes them through untrained: no gradient to cut.)
+            cut = [t for t in (condition.tokens, *(condition.kv or ()), *(condition.inject or ()))
+                   if t is not None and t.requires_grad]
             leaves = {id(t): t.detach().requires_grad_() for t in cut}
-            condition.tokens = leaves[id(condition.tokens)] if condition.tokens is not None else None
-            condition.kv = [leaves[id(t)] for t in condition.kv] if condition.kv is not None else None
-            if condition.inject is not None:
-                condition.inject = [leaves[id(t)] if t is not None else None for t in condition.inject]
+
+            def swap(t: Tensor | None) -> Tensor | None:
+                return leaves.get(id(t), t) if t is not None else None
+
+            condition.tokens = swap(condition.tokens)
+            condition.kv = [swap(t) for t in condition.kv] if condition.kv is not None else None
+            condition.inject = [swap(t) for t in condition.inject] if condition.inject is not None else None
             with meter.part(flops, "dit"), meter.part(flops, "dit_forward"):
                 loss = flow_matching_loss(lambda xs, ss: dit(xs, ss, condition), x0, eps, s)
         forward_end, forward_peak = meter.current, meter.peak
         with meter.part(flops, "dit"):
             loss.backward()
         with meter.part(flops, "conditioner"):
-            torch.autograd.backward(cut, [leaves[id(t)].grad for t in cut])
+            if cut:
+                torch.autograd.backward(cut, [leaves[id(t)].grad for t in cut])
     for h in hooks:
         h.remove()
     casts = 2 * _numel(dit.blocks[0]) if bf16 else 0  # autocast's bf16 copies of one block's fp32 weights

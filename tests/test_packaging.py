@@ -1,4 +1,5 @@
-"""Packaging: a built wheel carries the benchmark data and the configs; scoring runs without the training stack."""
+"""Packaging: a built wheel carries the benchmark data, the configs and the hub presets' architecture configs;
+scoring runs without the training stack."""
 
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def test_wheel_holds_benchmark_data_and_configs(wheel: Path) -> None:
     assert len(data) > 1000 and "evals/data/geneval/evaluation_metadata.jsonl" in data
     assert data <= names, sorted(data - names)[:5]
     assert configs and configs <= names, sorted(configs - names)
+    hub = {str(p.relative_to(ROOT)) for p in (ROOT / "models" / "hub_configs").rglob("*")
+           if p.suffix in (".json", ".md")}
+    assert len(hub) >= 10 and hub <= names, sorted(hub - names)  # the plan builds every hub model from these
     with zipfile.ZipFile(wheel) as z:  # the shipped prompt files are the checkout's, byte for byte
         for rel in ("evals/data/geneval/evaluation_metadata.jsonl", "evals/data/genai_bench/genai_skills.json"):
             assert z.read(rel) == (ROOT / rel).read_bytes()
