@@ -18,6 +18,8 @@ the scores.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +105,17 @@ def draw(df: pd.DataFrame, images: dict[str, np.ndarray], out_dir: Path, max_pro
     return save_figure(fig, out_dir, "layer_dropout")
 
 
+def fresh_images_for(ckpt: Path, images_dir: Path) -> None:
+    """Sampled images resume per file, so they are valid only for the checkpoint that drew them: the folder records
+    that checkpoint's SHA-256 and is emptied when another checkpoint (or an unrecorded one) meets it."""
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    stamp = images_dir / "checkpoint.sha256"
+    if images_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != digest):
+        shutil.rmtree(images_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest + "\n")
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
@@ -122,6 +135,7 @@ def main(argv: list[str] | None = None) -> Path:
             groups[f"drop {spec}"] = tuple(int(x) for x in spec.split(",") if x.strip())
         except ValueError:
             raise ValueError(f"--drop takes comma-separated integer positions, got {spec!r}") from None
+    fresh_images_for(Path(a.ckpt), a.out / "images")
     df, images = compute(module, default_prompts(a.out, a.n_per_task, a.seed), groups, a.out, a.n_samples, a.seed)
     write_csv(df, a.out / "layer_dropout.csv")
     return draw(df, images, a.out)

@@ -327,3 +327,23 @@ def test_make_figures_reproduces_the_committed_results_byte_for_byte(tmp_path: P
     assert sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file()) == files
     changed = [str(f) for f in files if not filecmp.cmp(committed / f, copy / f, shallow=False)]
     assert changed == [], f"make figures changed {changed}: regenerate and commit them"
+
+
+def test_layer_dropout_images_follow_their_checkpoint(tmp_path: Path) -> None:
+    """Images drawn from one checkpoint are not reused for another: a different checkpoint empties the folder, the
+    same one keeps it (resume)."""
+    a, b = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    a.write_bytes(b"weights A")
+    b.write_bytes(b"weights B")
+    images = tmp_path / "out" / "images"
+    layer_dropout.fresh_images_for(a, images)
+    (images / "none").mkdir()
+    (images / "none" / "00000.png").write_bytes(b"drawn by A")
+    layer_dropout.fresh_images_for(a, images)  # same checkpoint: resume keeps what it drew
+    assert (images / "none" / "00000.png").read_bytes() == b"drawn by A"
+    layer_dropout.fresh_images_for(b, images)  # another checkpoint: nothing of A's survives
+    assert not (images / "none").exists()
+    unstamped = tmp_path / "old" / "images"
+    (unstamped / "none").mkdir(parents=True)  # a folder from before the stamp existed is not trusted either
+    layer_dropout.fresh_images_for(a, unstamped)
+    assert not (unstamped / "none").exists()
