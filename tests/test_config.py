@@ -86,7 +86,6 @@ def test_ablation_grids_vary_what_they_claim() -> None:
 # a deliberate config change renames its runs.)
 DEFAULT_DIRNAMES = {
     "continued_training": ["t5_stage-17292f35", "continued-851a613e", "scratch-d7c18b48"],
-    "injection": ["input-951936c8", "per_layer-31cdfe89"],
 }
 
 
