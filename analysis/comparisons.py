@@ -214,3 +214,82 @@ def caption(summary: pd.DataFrame, paired: pd.DataFrame) -> str:
         lines += [f"  {s}" for s in sig]
         lines.append(power_note(paired))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- held-out validation loss across training seeds
+VAL_SUMMARY_COLUMNS = ["run", "step", "seeds", "loss", "loss_sd", "loss_uncond", "loss_uncond_sd", "cond_gain",
+                       "cond_gain_sd", "cond_gain_p", "cond_gain_p_holm"]
+VAL_PAIRED_COLUMNS = ["run_a", "run_b", "diff", "ci_low", "ci_high", "p_value", "p_holm", "df", "seeds_a",
+                      "seeds_b"]
+
+
+def _final_validation(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, seed) of the held-out validation metrics at that run's last validated step:
+    columns run, seed, step, loss, loss_uncond, cond_gain."""
+    from experiments.validation import VAL_METRICS
+
+    v = metrics[metrics.metric.isin(VAL_METRICS)]
+    if "seed" not in v:
+        v = v.assign(seed=0)
+    if v.empty:
+        return pd.DataFrame(columns=["run", "seed", "step", "loss", "loss_uncond", "cond_gain"])
+    last = v.groupby("run").step.transform("max")
+    wide = v[v.step == last].pivot_table(index=["run", "seed", "step"], columns="metric", values="value")
+    return wide.rename(columns=lambda m: m.removeprefix("val.")).reset_index()
+
+
+def validation_summary(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Each run's held-out validation at its final step (``VAL_SUMMARY_COLUMNS``): mean and seed-to-seed SD over
+    its training seeds of ``val.loss``, ``val.loss_uncond`` and ``val.cond_gain``; ``cond_gain_p``: one-sample
+    two-sided t-test of "the condition does not lower the loss" (mean gain = 0) over the seeds (NaN with one seed),
+    ``cond_gain_p_holm`` over the runs that have one. A run trained for 0 steps (the floor) gets no test.
+
+    The validation set (scenes, noise levels, noise) is the same for every run and seed, so the only variation
+    between two values is training: the seeds are the replicates, and the test is over them."""
+    from scipy.stats import ttest_1samp
+
+    from common.stats import holm
+
+    final = _final_validation(metrics)
+    rows = []
+    for run in order_runs(list(final.run.unique())):
+        d = final[final.run == run]
+        row = {"run": run, "step": int(d.step.max()), "seeds": len(d)}
+        for m in ("loss", "loss_uncond", "cond_gain"):
+            row[m] = float(d[m].mean())
+            row[f"{m}_sd"] = float(d[m].std(ddof=1)) if len(d) > 1 else np.nan
+        # NaN when untestable: one seed, no training, or gains identical across seeds (no variance to test with)
+        trained = row["step"] > 0 and len(d) > 1 and d.cond_gain.std(ddof=1) > 0
+        row["cond_gain_p"] = float(ttest_1samp(d.cond_gain, 0.0).pvalue) if trained else np.nan
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=VAL_SUMMARY_COLUMNS)
+    tested = out.cond_gain_p.notna()
+    out.loc[tested, "cond_gain_p_holm"] = holm(out.loc[tested, "cond_gain_p"].to_numpy())
+    return out
+
+
+def validation_comparisons(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Every pair of trained runs (final step > 0: an untrained floor is left out) with ≥ 2 training seeds each:
+    final held-out ``val.loss`` of a minus b (means over seeds), Welch's t-test across the seeds (unequal
+    variances; Welch-Satterthwaite ``df``) with its 95% CI, two-sided p and ``p_holm`` over all the pairs
+    (``VAL_PAIRED_COLUMNS``). Empty when fewer than two such runs. A negative ``diff``: run a reaches the lower
+    loss."""
+    from scipy.stats import ttest_ind
+
+    from common.stats import holm
+
+    final = _final_validation(metrics)
+    counts, steps = final.groupby("run").seed.nunique(), final.groupby("run").step.max()
+    runs = [r for r in order_runs(list(final.run.unique())) if counts[r] >= 2 and steps[r] > 0]
+    rows = []
+    for a, b in itertools.combinations(runs, 2):
+        xa, xb = final.loss[final.run == a].to_numpy(), final.loss[final.run == b].to_numpy()
+        t = ttest_ind(xa, xb, equal_var=False)
+        ci = t.confidence_interval(1 - ALPHA)
+        rows.append({"run_a": a, "run_b": b, "diff": float(xa.mean() - xb.mean()), "ci_low": float(ci.low),
+                     "ci_high": float(ci.high), "p_value": float(t.pvalue), "df": float(t.df),
+                     "seeds_a": len(xa), "seeds_b": len(xb)})
+    out = pd.DataFrame(rows, columns=VAL_PAIRED_COLUMNS)
+    if len(out):
+        out["p_holm"] = holm(out.p_value.to_numpy())
+    return out

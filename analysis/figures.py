@@ -38,8 +38,10 @@ from analysis.comparisons import (  # noqa: E402
     order_runs,
     paired_comparisons,
     summarize,
+    validation_comparisons,
     with_seed,
 )
+from analysis.results_readme import validation_lines  # noqa: E402
 from common.files import atomic_write_text  # noqa: E402
 from common.geneval_spec import TASKS  # noqa: E402
 from experiments.evaluation import table_metrics  # noqa: E402
@@ -352,7 +354,8 @@ def experiment_report(exp_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, str]:
 
 def render_experiment(exp_dir: Path, figure: str | None = None,
                       report: tuple[pd.DataFrame, pd.DataFrame, str] | None = None) -> list[Path]:
-    """Figure + table.md (+ paired.csv) of one ``results/<EXP>/`` folder, from its files alone.
+    """Figure + table.md (+ paired.csv; + learning_curves and val_paired.csv with held-out validation rows) of one
+    ``results/<EXP>/`` folder, from its files alone.
     ``figure``: the drawer (default: the one ``experiments/configs/<folder name>.yaml`` names); ``report``: its
     ``experiment_report`` when already computed."""
     exp_dir = Path(exp_dir)
@@ -360,11 +363,15 @@ def render_experiment(exp_dir: Path, figure: str | None = None,
     if (exp_dir / "per_prompt.csv").is_file():
         write_csv(paired, exp_dir / "paired.csv")
     fig = draw(figure or experiment_figure(exp_dir.name), summary, exp_dir, text)
-    table = atomic_write_text(exp_dir / "table.md", f"# {exp_dir.name}\n\n" + table_markdown(summary, text))
-    made = [fig, table]
     metrics = pd.read_csv(exp_dir / "metrics.csv", dtype={"layers": str})
-    if metrics.metric.isin(VAL_METRICS).any():  # held-out validation against the step, when the runs have it
+    has_val = metrics.metric.isin(VAL_METRICS).any()  # held-out validation, when the runs record it
+    val = "\n".join(validation_lines(metrics)) + "\n" if has_val else ""
+    table = atomic_write_text(exp_dir / "table.md",
+                              f"# {exp_dir.name}\n\n" + table_markdown(summary, text) + (f"\n{val}" if val else ""))
+    made = [fig, table]
+    if has_val:
         made.append(learning_curves(metrics, exp_dir))
+        made.append(write_csv(validation_comparisons(metrics), exp_dir / "val_paired.csv"))
     return made
 
 

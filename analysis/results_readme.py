@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.comparisons import ALPHA, ci_note, order_runs, plural, power_note, significant_pairs
+from analysis.comparisons import (
+    ALPHA,
+    ci_note,
+    fmt_p,
+    order_runs,
+    plural,
+    power_note,
+    significant_pairs,
+    validation_comparisons,
+    validation_summary,
+)
 
 # a sentence ends at ". " or "? " before a capital, except after the paper's abbreviations (Fig. 4, Sec. 3)
 SENTENCE_END = re.compile(r"(?<!\bFig)(?<!\bSec)(?<!\bApp)(?<!\bTab)(?<!\bEq)[.?] (?=[A-Z`])")
@@ -61,6 +71,59 @@ def _sweep_time(exp_dir: Path) -> str:
         return "Sweep time: `sweep_time.txt` is empty."
     more = f"; {len(lines)} invocations recorded in `sweep_time.txt`" if len(lines) > 1 else ""
     return f"Sweep time (last invocation{more}): {lines[-1]}."
+
+
+def _pm(mean: float, sd: float, digits: int = 4) -> str:
+    return f"{mean:.{digits}f}" + ("" if pd.isna(sd) else f" ± {sd:.{digits}f}")
+
+
+def validation_lines(metrics: pd.DataFrame) -> list[str]:
+    """Markdown lines on the held-out validation loss at each run's final step (``analysis.comparisons``
+    ``validation_summary`` / ``validation_comparisons``): a table of mean ± seed SD, which runs' conditioning gain
+    is above 0 and which pairs differ in ``val.loss``, after Holm, over training seeds; [] without validation rows.
+    """
+    vsum = validation_summary(metrics)
+    if vsum.empty:
+        return []
+    steps = " / ".join(str(s) for s in sorted(set(vsum.step[vsum.step > 0]) or set(vsum.step)))
+    out = [f"Held-out validation loss at step {steps} (each run's last validation; mean ± SD over training seeds; "
+           "lower is better; every run on the same held-out scenes, noise levels and noise):", "",
+           "| run | seeds | val.loss | val.loss_uncond | val.cond_gain | gain > 0: p_holm |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for r in vsum.itertuples():
+        p = "n/a" if pd.isna(r.cond_gain_p_holm) else f"{r.cond_gain_p_holm:.3f}"
+        out.append(f"| {r.run} | {r.seeds} | {_pm(r.loss, r.loss_sd)} | {_pm(r.loss_uncond, r.loss_uncond_sd)} | "
+                   f"{_pm(r.cond_gain, r.cond_gain_sd)} | {p} |")
+    out.append("")
+    if int(vsum.seeds.max()) < 2:
+        out.append("One training seed per run: no test on the validation loss (it needs seed replicates: the "
+                   "validation set is fixed, so training is its only source of variation).")
+        return out
+    tested = vsum[vsum.cond_gain_p_holm.notna()]
+    above = [r.run for r in tested.itertuples() if r.cond_gain_p_holm < ALPHA and r.cond_gain > 0]
+    out.append(f"Conditioning gain above 0 (one-sample t over seeds, Holm over {plural(len(tested), 'trained run')}): "
+               + (", ".join(above) if above else "none") + ".")
+    pairs = validation_comparisons(metrics)
+    if pairs.empty:
+        return out
+    sig = pairs[pairs.p_holm < ALPHA].sort_values("p_holm", kind="stable")
+    texts = []
+    for r in sig.itertuples():
+        # written as lower minus higher run: a negative difference with its CI
+        if r.diff < 0:
+            lower, higher, d, lo, hi = r.run_a, r.run_b, r.diff, r.ci_low, r.ci_high
+        else:
+            lower, higher, d, lo, hi = r.run_b, r.run_a, -r.diff, -r.ci_high, -r.ci_low
+        texts.append(f"{lower} < {higher}: {d:+.4f} [{lo:+.4f}, {hi:+.4f}], " + fmt_p("p_holm", r.p_holm))
+    n = len(pairs)
+    if texts:
+        rest = f" No other pair differs significantly ({plural(n - len(texts), 'pair')})." if n > len(texts) else ""
+        out.append(f"Lower `val.loss` after Holm over {plural(n, 'pair')} (Welch t over training seeds): "
+                   + "; ".join(texts) + "." + rest)
+    else:
+        out.append(f"No pair of runs differs in `val.loss` after Holm over {plural(n, 'pair')} (Welch t over "
+                   f"training seeds; smallest p_holm {pairs.p_holm.min():.3f}).")
+    return out
 
 
 def section(exp_dir: Path, summary: pd.DataFrame, paired: pd.DataFrame) -> str:
@@ -108,6 +171,9 @@ def section(exp_dir: Path, summary: pd.DataFrame, paired: pd.DataFrame) -> str:
             out.append(f"No pair of runs differs significantly after Holm over {plural(n, 'pair')} (smallest "
                        f"p_holm {paired.p_holm.min():.3f}).")
         out += ["", power_note(paired)]
+    metrics = pd.read_csv(exp_dir / "metrics.csv", dtype={"layers": str})
+    val = validation_lines(metrics)
+    out += ["", *val] if val else []
     out += ["", _sweep_time(exp_dir), ""]
     return "\n".join(out)
 

@@ -347,3 +347,80 @@ def test_layer_dropout_images_follow_their_checkpoint(tmp_path: Path) -> None:
     (unstamped / "none").mkdir(parents=True)  # a folder from before the stamp existed is not trusted either
     layer_dropout.fresh_images_for(a, unstamped)
     assert not (unstamped / "none").exists()
+
+
+# ---------------------------------------------------------------- held-out validation loss across training seeds
+def val_rows(losses: dict[str, list[float]], gains: dict[str, list[float]], step: int = 20) -> pd.DataFrame:
+    """metrics.csv rows: per run and seed, val.* at steps 10 and ``step`` (the earlier step must be ignored)."""
+    rows = []
+    for run, values in losses.items():
+        for seed, (loss, gain) in enumerate(zip(values, gains[run], strict=True)):
+            for s, scale in ((10, 5.0), (step, 1.0)):
+                for metric, v in (("val.loss", loss * scale), ("val.loss_uncond", (loss + gain) * scale),
+                                  ("val.cond_gain", gain * scale)):
+                    rows.append({"exp": "x", "run": run, "seed": seed, "step": s, "metric": metric, "value": v,
+                                 "ci_low": None, "ci_high": None, "n": 60})
+    return pd.DataFrame(rows)
+
+
+def welch_by_hand(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Welch's t, its Welch-Satterthwaite df and two-sided p, from the textbook formulas."""
+    from scipy.stats import t as student
+
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    t = (np.mean(a) - np.mean(b)) / np.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return t, df, 2 * student.sf(abs(t), df)
+
+
+def test_validation_loss_tests_are_welch_over_seeds_with_holm() -> None:
+    losses = {"untrained": [1.0, 1.0, 1.0], "t5": [0.070, 0.072, 0.071], "lap": [0.060, 0.061, 0.063],
+              "hsi": [0.069, 0.076, 0.070], "one_seed": [0.05]}
+    gains = {"untrained": [0.0, 0.0, 0.0], "t5": [0.001, 0.002, 0.0015], "lap": [0.001, -0.001, 0.0005],
+             "hsi": [0.002, 0.0021, 0.0019], "one_seed": [0.003]}
+    m = val_rows(losses, gains)
+    m.loc[m.run == "untrained", "step"] = 0  # the floor: never trained, validated at step 0 only
+    pairs = comparisons.validation_comparisons(m).set_index(["run_a", "run_b"])
+    # the untrained floor and the one-seed run are not tested; the 3 trained pairs are, in the figure's order
+    assert list(pairs.index) == [("t5", "hsi"), ("t5", "lap"), ("hsi", "lap")]
+    for (a, b), r in pairs.iterrows():
+        t, df, p = welch_by_hand(losses[a], losses[b])  # the last step's values, not step 10's
+        assert r["diff"] == pytest.approx(np.mean(losses[a]) - np.mean(losses[b]))
+        assert r.p_value == pytest.approx(p) and r.df == pytest.approx(df)
+        from scipy.stats import t as student
+
+        half = student.ppf(0.975, df) * abs(r["diff"] / t)
+        assert (r.ci_low, r.ci_high) == pytest.approx((r["diff"] - half, r["diff"] + half))
+    p = pairs.p_value.sort_values()
+    np.testing.assert_allclose(pairs.loc[p.index, "p_holm"],
+                               np.minimum(1, np.maximum.accumulate(p.to_numpy() * [3, 2, 1])))
+
+    summary = comparisons.validation_summary(m).set_index("run")
+    assert summary.loc["lap", "loss"] == pytest.approx(np.mean(losses["lap"]))
+    assert summary.loc["lap", "cond_gain_sd"] == pytest.approx(np.std(gains["lap"], ddof=1))
+    assert summary.loc["one_seed", "seeds"] == 1 and np.isnan(summary.loc["one_seed", "cond_gain_p"])
+    assert np.isnan(summary.loc["untrained", "cond_gain_p"])  # no training, no variance: no test, no NaN in Holm
+    from scipy.stats import ttest_1samp
+
+    tested = ["t5", "hsi", "lap"]
+    raw = [ttest_1samp(gains[r], 0).pvalue for r in tested]
+    np.testing.assert_allclose(summary.loc[tested, "cond_gain_p"], raw)
+    order = np.argsort(raw)
+    holm = np.empty(3)
+    holm[order] = np.minimum(1, np.maximum.accumulate(np.sort(raw) * [3, 2, 1]))
+    np.testing.assert_allclose(summary.loc[tested, "cond_gain_p_holm"], holm)
+
+
+def test_readme_reports_the_validation_loss_and_only_holm_survivors(tmp_path: Path) -> None:
+    from analysis.results_readme import validation_lines
+
+    # lap is far below t5 (tiny seed SD); hsi overlaps both
+    losses = {"t5": [0.0700, 0.0701, 0.0702], "lap": [0.0600, 0.0601, 0.0602], "hsi": [0.060, 0.075, 0.066]}
+    gains = {"t5": [0.001, 0.0011, 0.0012], "lap": [0.001, -0.001, 0.0], "hsi": [0.0, 0.001, -0.0005]}
+    text = "\n".join(validation_lines(val_rows(losses, gains)))
+    assert "| lap | 3 | 0.0601 ± 0.0001 |" in text
+    assert "Lower `val.loss` after Holm over 3 pairs (Welch t over training seeds): lap < t5: -0.0100" in text
+    assert "hsi <" not in text and "< hsi" not in text and "No other pair differs significantly (2 pairs)" in text
+    assert "Conditioning gain above 0 (one-sample t over seeds, Holm over 3 trained runs): t5." in text
+    one = "\n".join(validation_lines(val_rows({"t5": [0.07], "lap": [0.06]}, {"t5": [0.0], "lap": [0.001]})))
+    assert "One training seed per run: no test on the validation loss" in one and "Lower" not in one
