@@ -5,7 +5,7 @@
                                      [--runs a,b] [--collect]
 
 - ``local`` (default): submitit's LocalExecutor, one subprocess per run, at most ``--parallel`` at a time
-  (default: one per 1-2 cores), torch threads split between them.
+  (default: one per 1-2 cores), torch threads split between them; the longest runs (steps x DiT size) start first.
 - ``debug``: in-process, one after another (pdb-able).
 - ``slurm``: a job array on the cluster (``slurm/profiles/<NAME>.yaml`` gives partition, GPUs, time, ...).
 
@@ -154,6 +154,19 @@ def check_runs_fit_profile(runs: list[RunSpec], profile: str) -> None:
 def default_parallel(n_runs: int) -> int:
     cores = os.cpu_count() or 1
     return max(1, min(n_runs, cores))
+
+
+def training_cost(config: dict[str, Any]) -> float:
+    """A run's relative training cost for scheduling: optimizer steps x DiT depth x width^2 (a DiT block's matmul
+    FLOPs per token grow with width^2; the encoder and the data cost the same for every run of a sweep)."""
+    dit = config["dit"]
+    return float(config["train"]["steps"]) * int(dit["depth"]) * int(dit["dim"]) ** 2
+
+
+def longest_first(runs: list[RunSpec]) -> list[RunSpec]:
+    """Local runs in decreasing ``training_cost`` (ties keep the YAML's order): with a few cores, starting the
+    longest runs first keeps a long one from running alone at the end of the sweep."""
+    return sorted(runs, key=lambda r: -training_cost(r.config))
 
 
 def select_runs(runs: list[RunSpec], only: list[str] | None) -> list[RunSpec]:
@@ -308,7 +321,7 @@ def submit(todo: list[RunSpec], root: Path, cluster: str, profile: str | None, p
             print(f"[sweep] {r.label}: submitted as SLURM job {j.job_id}")
         final = wait_slurm(jobs)
     else:
-        queue = list(todo)
+        queue = longest_first(todo)
         running: list[tuple[RunSpec, submitit.Job]] = []
         meter, shown, last_shown = Progress(), "", 0.0
         while queue or running:

@@ -162,3 +162,14 @@ def test_seeded_smoke_sweep_pairs_replicates_and_logs_every_invocation(tmp_path:
     lines = (results / "sweep_time.txt").read_text().splitlines()
     assert len(lines) == 2 and "for 4 runs (local; 0 already done)" in lines[0]
     assert "for 0 runs (local; 4 already done)" in lines[1]
+
+
+def test_local_sweeps_start_the_longest_runs_first() -> None:
+    """kv_fusion's DiT is 192 wide (4x the FLOPs per token of the 96-wide others): it starts first, so that it
+    does not run alone at the end; the untrained floor (0 steps) starts last; equal runs keep the YAML's order."""
+    from experiments.launch import longest_first
+
+    runs = load_experiment("conditioning_candidates")[1]
+    assert [r.name for r in runs] == ["t5", "last_layer", "kv_fusion", "kv_fusion_hidden", "hsi", "lap", "untrained"]
+    assert [r.name for r in longest_first(runs)] == ["kv_fusion", "t5", "last_layer", "kv_fusion_hidden", "hsi",
+                                                     "lap", "untrained"]
