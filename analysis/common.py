@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from common.cli import fail
+
 
 def load_checkpoint(ckpt: str | Path | Any, device: str = "cpu"):
     """A ``UniFusionModule`` in eval mode from a checkpoint path (a module passes through), on the CPU by default."""
@@ -69,4 +71,4 @@ def run_cli(main: Callable[[], Any]) -> None:
     try:
         print(main())
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+        fail(err)

@@ -31,6 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.cli import fail  # noqa: E402
 from common.geneval_spec import TASKS  # noqa: E402
 from experiments.config import load_experiment  # noqa: E402
 from world import scene  # noqa: E402
@@ -44,7 +45,7 @@ def patch_radius(radius: str) -> None:
     """Make every scene of this process use integer radii LO..HI (the world's size range)."""
     lo, hi = (int(v) for v in radius.split(","))
     if not 1 <= lo <= hi:
-        raise SystemExit(f"error: --radius needs 1 <= LO <= HI, got {radius!r}")
+        fail(f"--radius needs 1 <= LO <= HI, got {radius!r}")
     scene.radius_range = lambda size: (lo, hi)
 
 
@@ -56,7 +57,7 @@ def trial(name: str, exp: str, run_name: str, sets: list[str], radius: str, runs
     _, runs = load_experiment(exp, sets=sets)
     by_name = {r.name: r for r in runs}
     if run_name not in by_name:
-        raise SystemExit(f"error: unknown run {run_name!r} of {exp}; valid: {', '.join(by_name)}")
+        fail(f"unknown run {run_name!r} of {exp}; valid: {', '.join(by_name)}")
     spec = by_name[run_name]
     torch.manual_seed(0)
     c0, t0 = time.process_time(), time.time()
@@ -80,7 +81,7 @@ def resample(name: str, src: str, sets: list[str], runs_dir: Path, note: str) ->
 
     rows = [r for r in csv.DictReader(open(CSV)) if r["trial"] == src]
     if not rows:
-        raise SystemExit(f"error: no trial {src!r} in {CSV}")
+        fail(f"no trial {src!r} in {CSV}")
     base = rows[-1]
     if base["radius"]:
         patch_radius(base["radius"])
@@ -90,7 +91,7 @@ def resample(name: str, src: str, sets: list[str], runs_dir: Path, note: str) ->
     for item in sets:
         key, _, value = item.partition("=")
         if not key.startswith(("sample.", "eval.")):
-            raise SystemExit(f"error: --from-trial takes only sample.* / eval.* overrides, got {item!r}")
+            fail(f"--from-trial takes only sample.* / eval.* overrides, got {item!r}")
         config = merge(config, set_dotted(key, yaml.safe_load(value)))
     module.config = config
     module.eval()
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.rerun:
         rows = [r for r in csv.DictReader(open(CSV)) if r["trial"] == a.rerun]
         if not rows:
-            raise SystemExit(f"error: no trial {a.rerun!r} in {CSV}")
+            fail(f"no trial {a.rerun!r} in {CSV}")
         r = rows[-1]
         a.trial, a.exp, a.run, a.radius = f"{a.rerun}-rerun", r["exp"], r["run"], r["radius"]
         a.sets, a.note, a.from_trial = shlex.split(r["sets"]), r["note"], r["from_trial"]

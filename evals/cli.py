@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from common.cli import fail
+
 DTYPE_CHOICES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -48,12 +50,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see {self.prog} --help)")
-
-
-def fail(message: str, status: int = 2) -> NoReturn:
-    """Print ``error: <message>`` as one line on stderr and exit (2 = bad input)."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(status)
 
 
 def entry(main: Callable[..., Any]) -> Callable[..., Any]:

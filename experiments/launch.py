@@ -36,6 +36,7 @@ from typing import Any
 import pandas as pd
 import submitit
 
+from common.cli import fail
 from common.files import atomic_write_text
 from common.paths import RESULTS_DIR, RUNS_DIR
 from experiments.config import RunSpec, load_experiment
@@ -439,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         only = [n for n in a.runs.split(",") if n] if a.runs else None
         run_sweep(a.exp, a.cluster, a.profile, a.smoke, a.parallel, a.runs_dir, a.results_dir, only, a.paper, a.sets)
     except (ValueError, KeyError) as err:
-        raise SystemExit(f"error: {err}") from None
+        fail(err)
 
 
 if __name__ == "__main__":

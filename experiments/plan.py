@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from common.cli import fail
 from common.files import atomic_write_text
 from common.paths import RESULTS_DIR
 from experiments.config import RunSpec, load_experiment
@@ -458,8 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         df = plan_experiment(a.exp, paper=a.paper, sets=a.sets, assume=assume, debug=a.debug)
         path = write_plan(a.exp, df, assume, a.out)
     except (ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(err)
     print(path.with_suffix(".md").read_text() + f"\n(planned in {time.time() - t0:.0f} s)")
     bad = df[df.status != "ok"]
     if len(bad):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.cli import fail
 from common.paths import RUNS_DIR
 from experiments.config import RunSpec, load_experiment
 from experiments.evaluation import headline_metrics
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         df = status_table(a.exp, a.smoke, a.runs_dir, a.paper, a.sets)
     except (ValueError, KeyError) as err:
-        raise SystemExit(f"error: {err}") from None
+        fail(err)
     print(format_status(df, a.tail))
 
 

@@ -22,6 +22,7 @@ import submitit
 import torch
 import yaml
 
+from common.cli import fail
 from common.files import atomic_write_text
 from common.paths import RUNS_DIR
 from experiments.evaluation import BENCHMARKS, headline_metrics
@@ -394,11 +395,11 @@ def main(argv: list[str] | None = None) -> None:
     _, runs = load_experiment(a.exp, smoke=a.smoke)
     names = list(dict.fromkeys(r.name for r in runs))
     if a.run not in names:
-        raise SystemExit(f"error: unknown run {a.run!r} in {a.exp}; valid: {', '.join(names)}")
+        fail(f"unknown run {a.run!r} in {a.exp}; valid: {', '.join(names)}")
     replicates = [r for r in runs if r.name == a.run]
     chosen = [r for r in replicates if a.seed is None or r.seed == a.seed]
     if not chosen:
-        raise SystemExit(f"error: run {a.run!r} has no seed {a.seed}; its seeds: {[r.seed for r in replicates]}")
+        fail(f"run {a.run!r} has no seed {a.seed}; its seeds: {[r.seed for r in replicates]}")
     spec = chosen[0]
     out = run(spec.exp, spec.name, spec.config, a.run_dir or RUNS_DIR / spec.exp / spec.dirname)
     print(out)

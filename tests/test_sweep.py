@@ -22,7 +22,7 @@ def test_unknown_experiment_lists_valid_choices() -> None:
         load_experiment("no_such_exp")
     out = subprocess.run([sys.executable, "-m", "experiments.launch", "no_such_exp"], cwd=ROOT,
                          capture_output=True, text=True)
-    assert out.returncode != 0 and "valid: " in out.stderr and "conditioning_candidates" in out.stderr
+    assert out.returncode == 2 and out.stderr.startswith("error: unknown experiment") and "conditioning_candidates" in out.stderr
 
 
 def test_unknown_cluster_and_profile_are_errors() -> None:
