@@ -2,13 +2,16 @@
 
 The CSV log (``logs/metrics.csv``) is always written: ``make status`` and the resume logic read it. ``tensorboard``
 adds a TensorBoard log under ``logs/tensorboard/`` (``tensorboard --logdir runs/<EXP>``); ``wandb`` adds a Weights &
-Biases run named after the run, id = the run directory's name (so a requeued job continues the same W&B run;
-offline unless ``WANDB_MODE`` / a login says otherwise). Each evaluation writes a grid of sample images into the
+Biases run named after the run, id = the run directory's name (so a requeued job continues the same W&B run),
+under ``<run>/wandb/``. It is offline unless ``WANDB_MODE=online`` (compute nodes often cannot reach the W&B
+server, and an online run without a login stops at its first step): ``wandb sync <run>/wandb/offline-run-*``
+uploads it later. Each evaluation writes a grid of sample images into the
 run directory (``eval/samples.png``) and logs it to TensorBoard / W&B at the step it was sampled.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +42,9 @@ def extra_loggers(config: dict[str, Any], run_dir: Path, run_name: str) -> list[
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
+        offline = os.environ.get("WANDB_MODE", "offline") == "offline"  # "online" / "disabled": as asked
         return [WandbLogger(name=run_name, id=Path(run_dir).name, save_dir=str(run_dir), resume="allow",
-                            project=Path(run_dir).parent.name)]
+                            project=Path(run_dir).parent.name, offline=offline)]
     return []
 
 
@@ -85,3 +89,11 @@ def log_image(loggers: list[Any], path: Path, step: int, tag: str = "samples") -
             lg.log_image(key=tag, images=[str(path)], step=step)
             sent.append("wandb")
     return sent
+
+
+def finish(loggers: list[Any]) -> None:
+    """End the run's W&B run, if it has one: its records are written out now, and the next run trained in the same
+    process (``--cluster debug``) opens its own W&B run instead of logging into this one."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger" and lg._experiment is not None:
+            lg.experiment.finish()

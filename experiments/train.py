@@ -26,7 +26,7 @@ from common.cli import fail
 from common.files import atomic_write_text
 from common.paths import RUNS_DIR
 from experiments.evaluation import BENCHMARKS, headline_metrics
-from experiments.loggers import extra_loggers, log_image, logger_kind
+from experiments.loggers import extra_loggers, finish, log_image, logger_kind
 from experiments.run_dir import RunDir
 from models.checkpoints import load_module, read_checkpoint, resume_step, save_final
 
@@ -349,8 +349,10 @@ def run(exp: str, name: str, config: dict[str, Any], run_dir: Path, threads: int
     t1 = time.time()
     df = evaluate_all(module, config, run_dir, exp, name, step)
     t_eval = time.time() - t1
-    if rd.sample_grid.is_file() and module._trainer is not None:
-        log_image(module.loggers, rd.sample_grid, step)
+    if module._trainer is not None:
+        if rd.sample_grid.is_file():
+            log_image(module.loggers, rd.sample_grid, step)
+        finish(module.loggers)
     from models.dit import count_parameters
 
     # model size beside the scores: candidates differ in what they train (KV fusion's DiT copies the encoder's shape)

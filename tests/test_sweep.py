@@ -22,7 +22,8 @@ def test_unknown_experiment_lists_valid_choices() -> None:
         load_experiment("no_such_exp")
     out = subprocess.run([sys.executable, "-m", "experiments.launch", "no_such_exp"], cwd=ROOT,
                          capture_output=True, text=True)
-    assert out.returncode == 2 and out.stderr.startswith("error: unknown experiment") and "conditioning_candidates" in out.stderr
+    assert out.returncode == 2 and out.stderr.startswith("error: unknown experiment")
+    assert "conditioning_candidates" in out.stderr
 
 
 def test_unknown_cluster_and_profile_are_errors() -> None:

@@ -92,3 +92,30 @@ def test_a_tensorboard_run_logs_loss_and_its_sample_grid(tmp_path: Path) -> None
     assert logged.step == spec.config["train"]["steps"] and logged.wall_time >= t0
     grid = Image.open(rd.sample_grid)
     assert (logged.width, logged.height) == grid.size
+
+
+@pytest.mark.slow
+def test_a_wandb_run_is_offline_by_default_and_logs_loss_and_its_sample_grid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No login and no WANDB_MODE (a compute node): the run trains and keeps an offline W&B run under
+    <run>/wandb/ (an online run without a login would stop at its first step), with the loss in its transaction
+    log and the sample grid among its media, pixel for pixel."""
+    import numpy as np
+
+    from experiments.run_dir import RunDir
+    from experiments.train import run
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc login either
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config" / "wandb"))
+    spec = next(r for r in load_experiment("conditioning_candidates", smoke=True,
+                                           sets=["train.logger=wandb"])[1] if r.name == "lap")
+    rd = RunDir(run(spec.exp, spec.name, spec.config, tmp_path / spec.dirname, threads=1))
+    assert rd.is_done() and rd.train_log.is_file()
+    (offline,) = (rd.path / "wandb").glob(f"offline-run-*-{spec.dirname}")  # the run directory's name is its id
+    log = (offline / f"run-{spec.dirname}.wandb").read_bytes()
+    assert b"train/loss" in log  # history keys are stored verbatim in the protobuf records
+    (media,) = (offline / "files" / "media" / "images").glob("samples_*.png")
+    assert np.array_equal(np.asarray(Image.open(media).convert("RGB")),
+                          np.asarray(Image.open(rd.sample_grid).convert("RGB")))
