@@ -178,9 +178,12 @@ def load_experiment(exp: str, smoke: bool = False, paper: bool = False,
                 cfg = merge(cfg, set_dotted(k, v))
                 suffix.append(f"{k.split('.')[-1]}{v}")
             runs += expand_seeds(RunSpec(exp, "_".join([name, *suffix]), cfg))
+    from experiments.validation import val_every
+
     for r in runs:
         try:
             check_model_config(r.config)
+            val_every(r.config)  # held-out validation needs the shapes world (a paper variant must turn it off)
         except ValueError as err:
             raise ValueError(f"{exp} run {r.label!r}: {err}") from None
     return spec, resolve_init(runs)

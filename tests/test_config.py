@@ -183,3 +183,19 @@ def test_training_seeds_change_init_and_data_order_but_not_the_evaluation() -> N
     with tempfile.TemporaryDirectory() as tmp:
         assert write_geneval_metadata(Path(tmp) / "a.jsonl", 2, g0["seed"]) == write_geneval_metadata(
             Path(tmp) / "b.jsonl", 2, g1["seed"])
+
+
+@pytest.mark.parametrize("exp", available_experiments())
+def test_every_variant_passes_the_checks_a_job_makes_when_it_starts(exp: str) -> None:
+    """Loading a sweep runs the checks training would make at its first step, for the plain, smoke and paper
+    variants alike, so a cluster job cannot fail on a config its sweep was allowed to submit (the held-out
+    validation loss needs the shapes world; a paper variant on real data must turn it off)."""
+    for kwargs in ({}, {"smoke": True}, {"paper": True}):
+        try:
+            load_experiment(exp, **kwargs)
+        except ValueError as err:
+            if "no paper variant" not in str(err):
+                raise
+    if exp == "injection":
+        with pytest.raises(ValueError, match="injection run 'input': eval.val_every needs data.source: shapes"):
+            load_experiment(exp, paper=True, sets=["eval.val_every=130"])
