@@ -10,9 +10,10 @@
 - ``slurm``: a job array on the cluster (``slurm/profiles/<NAME>.yaml`` gives partition, GPUs, time, ...).
 
 Runs live in ``runs/<EXP>/<run>-<confighash>/`` (``experiments.run_dir``): finished runs are skipped, unfinished
-ones resume from their last checkpoint. When all runs end, their tidy rows are collected into
-``results/<EXP>/metrics.csv`` and the figure is redrawn; failed runs are listed with the tail of their log, never
-silently missing.
+ones resume from their last checkpoint, and a run whose exact config (and training seed) finished in another sweep
+of the same runs folder adopts those results instead of training again. When all runs end, their tidy rows are
+collected into ``results/<EXP>/metrics.csv`` and the figure is redrawn; failed runs are listed with the tail of
+their log, never silently missing.
 ``--collect`` only rebuilds the results (`make collect`); `make status` is ``experiments.status``.
 
 On SLURM every input is checked before submitting: profile keys and types, the partition (``sinfo``), GPUs asked
@@ -42,7 +43,7 @@ from common.paths import RESULTS_DIR, RUNS_DIR
 from experiments.config import RunSpec, load_experiment
 from experiments.evaluation import BENCHMARKS
 from experiments.profiles import load_profile
-from experiments.run_dir import RunDir
+from experiments.run_dir import RunDir, adopt_identical
 from experiments.status import SLURM_TERMINAL, Progress, experiment_root, format_status, slurm_jobs, status_table
 from experiments.train import RunJob
 
@@ -216,6 +217,11 @@ def run_sweep(
     for r in runs:
         if r not in todo:
             print(f"[sweep] {r.label}: done, skipped ({root / r.dirname})")
+    for r in list(todo):  # the same config finished in another sweep (a shared baseline): its results, not a rerun
+        src = adopt_identical(root / r.dirname, r.exp, r.name, r.config)
+        if src is not None:
+            todo.remove(r)
+            print(f"[sweep] {r.label}: the same config finished in {src}: adopted, not trained again")
     t0 = time.time()
     failures: list[tuple[RunSpec, str]] = []
     if any(r.config["encoder"]["preset"] == "tiny-vlm" for r in todo):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -85,3 +86,49 @@ class RunDir:
     def is_done(self) -> bool:
         """Finished: ``DONE`` is written last, after ``final.ckpt`` and ``metrics.csv``."""
         return self.done.exists()
+
+
+def adopt_identical(dst: Path, exp: str, run: str, config: dict[str, Any]) -> Path | None:
+    """Give run ``run`` of sweep ``exp`` (folder ``dst`` = ``<runs>/<EXP>/<run><tail>``) the results of the same
+    config finished in another sweep of the same runs folder (``<runs>/<OTHER>/<name><tail>``: same training seed
+    and config hash, and a ``config.yaml`` whose config hashes the same), instead of training it again:
+    ``refiner``'s ``lap_refiner`` is ``conditioning_candidates``' ``lap``. The copy is relabelled (``exp`` and
+    ``run`` in ``config.yaml`` and ``metrics.csv``), ``job.json`` records where it came from, and an unfinished
+    ``dst`` is replaced; the resume checkpoints are not copied. Returns the source folder, or None when no finished
+    run has this config."""
+    import csv
+    import io
+    import json
+    import os
+    import shutil
+
+    import yaml
+
+    from common.files import atomic_write_text
+    from experiments.config import config_hash
+
+    dst = Path(dst)
+    tail = dst.name[len(run):]  # "-seed<s>-<hash>" or "-<hash>"
+    want = config_hash(config)
+    for src in sorted(dst.parent.parent.glob(f"*/*{tail}")):
+        if src.parent == dst.parent or not RunDir(src).is_done() or not src.name.endswith(tail):
+            continue
+        recorded = yaml.safe_load(RunDir(src).config.read_text()) or {}
+        if config_hash(recorded.get("config") or {}) != want:
+            continue
+        tmp = dst.with_name(dst.name + ".adopting")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints", ".submitit"))
+        out = RunDir(tmp)
+        atomic_write_text(out.config, yaml.safe_dump({**recorded, "exp": exp, "run": run}))
+        rows = list(csv.DictReader(io.StringIO(out.metrics.read_text())))  # text in, text out: values untouched
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["exp", "run"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({**row, "exp": exp, "run": run} for row in rows)
+        atomic_write_text(out.metrics, buf.getvalue())
+        atomic_write_text(out.job_record, json.dumps({"cluster": "adopted", "from": str(src)}, indent=1))
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+        return src
+    return None

@@ -174,3 +174,45 @@ def test_local_sweeps_start_the_longest_runs_first() -> None:
     assert [r.name for r in runs] == ["t5", "last_layer", "kv_fusion", "kv_fusion_hidden", "hsi", "lap", "untrained"]
     assert [r.name for r in longest_first(runs)] == ["kv_fusion", "t5", "last_layer", "kv_fusion_hidden", "hsi",
                                                      "lap", "untrained"]
+
+
+def test_a_run_adopts_the_same_config_finished_in_another_sweep(tmp_path: Path) -> None:
+    """refiner's t5 is conditioning_candidates' t5 (same config, same seed): a finished copy is adopted, relabelled,
+    its values untouched; a folder with the same name but another config is not."""
+    import json
+
+    import yaml
+
+    from experiments.run_dir import RunDir, adopt_identical
+
+    cc = {r.name: r for r in load_experiment("conditioning_candidates", sets=["seeds=[0,1]"])[1] if r.seed == 1}
+    ref = {r.name: r for r in load_experiment("refiner", sets=["seeds=[0,1]"])[1] if r.seed == 1}
+    src_spec, dst_spec = cc["t5"], ref["t5"]
+    assert src_spec.dirname == dst_spec.dirname  # the premise: same config -> same folder name in both sweeps
+    src = RunDir(tmp_path / "conditioning_candidates" / src_spec.dirname)
+    src.path.mkdir(parents=True)
+    src.config.write_text(yaml.safe_dump({"exp": "conditioning_candidates", "run": "t5", "config": src_spec.config}))
+    src.metrics.write_text("exp,run,seed,metric,value\nconditioning_candidates,t5,1,geneval.overall,0.1000000000000000055\n")
+    (src.path / "checkpoints").mkdir()
+    (src.path / "checkpoints" / "last.ckpt").write_bytes(b"resume state")
+    src.final_ckpt.write_bytes(b"weights")
+    src.done.write_text("{}")
+    dst = tmp_path / "refiner" / dst_spec.dirname
+    (dst / "checkpoints").mkdir(parents=True)  # an unfinished attempt is replaced
+    assert adopt_identical(dst, "refiner", "t5", dst_spec.config) == src.path
+    out = RunDir(dst)
+    assert out.is_done() and out.final_ckpt.read_bytes() == b"weights" and not out.last_ckpt.exists()
+    assert out.metrics.read_text() == "exp,run,seed,metric,value\nrefiner,t5,1,geneval.overall,0.1000000000000000055\n"
+    assert yaml.safe_load(out.config.read_text())["exp"] == "refiner"
+    assert json.loads(out.job_record.read_text())["from"] == str(src.path)
+    assert src.metrics.read_text().startswith("exp,run,seed,metric,value\nconditioning_candidates,t5,")  # untouched
+
+    # same folder name, other config recorded (a hash collision or a hand-edited folder): not adopted
+    other = RunDir(tmp_path / "refiner" / ref["penultimate"].dirname)
+    twin = RunDir(tmp_path / "layer_stride" / ref["penultimate"].dirname)
+    twin.path.mkdir(parents=True)
+    twin.config.write_text(yaml.safe_dump({"config": {**ref["penultimate"].config, "seed": 7}}))
+    twin.metrics.write_text("exp,run\nx,y\n")
+    twin.done.write_text("{}")
+    assert adopt_identical(other.path, "refiner", "penultimate", ref["penultimate"].config) is None
+    assert not other.path.exists()
