@@ -279,6 +279,8 @@ def learning_curves(df: pd.DataFrame, out_dir: Path, name: str = "learning_curve
         ax.set_xlabel("training step")
         if metric == "val.cond_gain":
             ax.axhline(0, color="black", lw=0.8)
+        else:  # losses fall by an order of magnitude: on a log axis the late gaps between runs stay visible
+            ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
     title = str(df.exp.iloc[0]) if "exp" in df and len(df) else "runs"
     fig.suptitle(f"{title}: held-out validation (fixed scenes, noise levels and noise)")

@@ -70,7 +70,12 @@ def _sweep_time(exp_dir: Path) -> str:
     if not lines:
         return "Sweep time: `sweep_time.txt` is empty."
     more = f"; {len(lines)} invocations recorded in `sweep_time.txt`" if len(lines) > 1 else ""
-    return f"Sweep time (last invocation{more}): {lines[-1]}."
+    from experiments.launch import full_sweep_time
+
+    full = full_sweep_time(path)
+    whole = (f"Whole sweep (the last invocation that trained every run itself): {full[0]:.1f} s for "
+             f"{plural(full[1], 'run')}. " if full and len(lines) > 1 else "")
+    return f"{whole}Sweep time (last invocation{more}): {lines[-1]}."
 
 
 def _pm(mean: float, sd: float, digits: int = 4) -> str:

@@ -404,6 +404,7 @@ def bench_sweep_stages(device: str) -> None:
     from analysis.figures import render_experiment
     from evals.geneval import evaluate_folder
     from evals.images import generate_geneval_folder
+    from experiments.launch import full_sweep_time
     from world.prompts import write_geneval_metadata
 
     exp = ROOT / "results" / "conditioning_candidates"
@@ -413,7 +414,8 @@ def bench_sweep_stages(device: str) -> None:
     metrics = pd.read_csv(exp / "metrics.csv")
     train_s = float(metrics[metrics.metric == "time.train_s"].value.sum())
     eval_s = float(metrics[metrics.metric == "time.eval_s"].value.sum())
-    wall = float((exp / "sweep_time.txt").read_text().split()[0]) if (exp / "sweep_time.txt").is_file() else None
+    full = full_sweep_time(exp / "sweep_time.txt")  # the last invocation that trained every run
+    wall = full[0] if full else None
     module = load_checkpoint(exp / "checkpoints" / "lap.ckpt", device)
     cfg = module.config["eval"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -216,3 +216,20 @@ def test_a_run_adopts_the_same_config_finished_in_another_sweep(tmp_path: Path) 
     twin.done.write_text("{}")
     assert adopt_identical(other.path, "refiner", "penultimate", ref["penultimate"].config) is None
     assert not other.path.exists()
+
+
+def test_sweep_time_lines_round_trip_and_the_whole_sweep_is_the_last_full_one(tmp_path: Path) -> None:
+    from experiments.launch import full_sweep_time, log_sweep_time, read_sweep_times
+
+    path = tmp_path / "sweep_time.txt"
+    path.write_text("803.1 s for 6 runs (local)\n")  # written before lines had a date
+    log_sweep_time(path, 850.04, 7, 0, 0, "local")
+    log_sweep_time(path, 120.0, 2, 5, 1, "slurm")  # a partial re-run with a failure
+    t = read_sweep_times(path)
+    assert t[["wall", "ran", "skipped", "failed", "cluster"]].values.tolist() == [
+        [803.1, 6, 0, 0, "local"], [850.0, 7, 0, 0, "local"], [120.0, 2, 5, 1, "slurm"]]
+    assert t.date.isna().tolist() == [True, False, False]
+    assert full_sweep_time(path) == (850.0, 7)  # not the partial re-run that came after it
+    path.write_text(path.read_text() + "about 15 minutes\n")
+    with pytest.raises(ValueError, match=r"sweep_time.txt:4: not a sweep-time line"):
+        read_sweep_times(path)
