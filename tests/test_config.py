@@ -29,7 +29,7 @@ def test_unknown_experiment_lists_valid_names():
 def test_conditioning_candidates_grid():
     spec, runs = load_experiment("conditioning_candidates")
     names = [r.name for r in runs]
-    assert names == ["t5", "last_layer", "kv_fusion", "kv_fusion_hidden", "hsi", "lap", "untrained"]
+    assert names == ["t5", "last_layer", "kv_fusion", "hsi", "lap", "untrained"]
     by = {r.name: r.config for r in runs}
     assert by["t5"]["encoder"]["preset"] == "tiny-t5"
     assert by["lap"]["encoder"]["preset"] == "tiny-vlm" and by["lap"]["conditioner"]["refiner_blocks"] == 2

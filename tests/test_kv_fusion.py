@@ -205,8 +205,10 @@ def test_config_load_names_the_dit_key_that_does_not_match(sets: list[str], key:
 
 
 def test_both_kv_fusion_variants_in_the_sweep() -> None:
-    _, runs = load_experiment("conditioning_candidates", smoke=True)
+    _, runs = load_experiment("kv_fusion_source", smoke=True)
     by = {r.name: r.config for r in runs}
+    main = {r.name: r for r in load_experiment("conditioning_candidates", smoke=True)[1]}
+    assert next(r for r in runs if r.name == "kv_fusion").dirname == main["kv_fusion"].dirname  # one config
     assert by["kv_fusion"]["conditioner"]["kv_source"] == "encoder"
     assert by["kv_fusion_hidden"]["conditioner"]["kv_source"] == "hidden"
     tiny = ENCODER_PRESETS[by["kv_fusion"]["encoder"]["preset"]].attention

@@ -78,7 +78,7 @@ def test_smoke_sweep_end_to_end_and_resume(tmp_path: Path) -> None:
         params = df[(df.run == r.name) & (df.metric == "params.dit")]["value"]
         assert params.tolist() == [sum(p.numel() for p in module.dit.parameters() if p.requires_grad)]
     sizes = df[df.metric == "params.dit"].set_index("run")["value"]
-    assert sizes["kv_fusion"] > 3 * sizes["kv_fusion_hidden"]  # the encoder-shaped DiT (192 wide) vs the 96-wide one
+    assert sizes["kv_fusion"] > 3 * sizes["last_layer"]  # the encoder-shaped DiT (192 wide) vs the 96-wide one
     assert "DiT params" in (results / "table.md").read_text()
 
     # A second sweep finds every run finished and redoes nothing.
@@ -171,9 +171,8 @@ def test_local_sweeps_start_the_longest_runs_first() -> None:
     from experiments.launch import longest_first
 
     runs = load_experiment("conditioning_candidates")[1]
-    assert [r.name for r in runs] == ["t5", "last_layer", "kv_fusion", "kv_fusion_hidden", "hsi", "lap", "untrained"]
-    assert [r.name for r in longest_first(runs)] == ["kv_fusion", "t5", "last_layer", "kv_fusion_hidden", "hsi",
-                                                     "lap", "untrained"]
+    assert [r.name for r in runs] == ["t5", "last_layer", "kv_fusion", "hsi", "lap", "untrained"]
+    assert [r.name for r in longest_first(runs)] == ["kv_fusion", "t5", "last_layer", "hsi", "lap", "untrained"]
 
 
 def test_a_run_adopts_the_same_config_finished_in_another_sweep(tmp_path: Path) -> None:
