@@ -70,7 +70,7 @@ def _sweep_time(exp_dir: Path) -> str:
     if not lines:
         return "Sweep time: `sweep_time.txt` is empty."
     more = f"; {len(lines)} invocations recorded in `sweep_time.txt`" if len(lines) > 1 else ""
-    from experiments.launch import full_sweep_time
+    from experiments.sweep_time import full_sweep_time
 
     full = full_sweep_time(path)
     whole = (f"Whole sweep (the last invocation that trained every run itself): {full[0]:.1f} s for "
@@ -176,8 +176,8 @@ def section(exp_dir: Path, summary: pd.DataFrame, paired: pd.DataFrame) -> str:
             out.append(f"No pair of runs differs significantly after Holm over {plural(n, 'pair')} (smallest "
                        f"p_holm {paired.p_holm.min():.3f}).")
         out += ["", power_note(paired)]
-    metrics = pd.read_csv(exp_dir / "metrics.csv", dtype={"layers": str})
-    val = validation_lines(metrics)
+    metrics_csv = exp_dir / "metrics.csv"
+    val = validation_lines(pd.read_csv(metrics_csv, dtype={"layers": str})) if metrics_csv.is_file() else []
     out += ["", *val] if val else []
     out += ["", _sweep_time(exp_dir), ""]
     return "\n".join(out)

@@ -404,7 +404,7 @@ def bench_sweep_stages(device: str) -> None:
     from analysis.figures import render_experiment
     from evals.geneval import evaluate_folder
     from evals.images import generate_geneval_folder
-    from experiments.launch import full_sweep_time
+    from experiments.sweep_time import full_sweep_time
     from world.prompts import write_geneval_metadata
 
     exp = ROOT / "results" / "conditioning_candidates"

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from experiments.evaluation import BENCHMARKS
 from experiments.profiles import load_profile
 from experiments.run_dir import RunDir, adopt_identical
 from experiments.status import SLURM_TERMINAL, Progress, experiment_root, format_status, slurm_jobs, status_table
+from experiments.sweep_time import log_sweep_time
 from experiments.train import RunJob
 
 PROGRESS_EVERY_S = float(os.environ.get("UNIFUSION_PROGRESS_EVERY", 10))  # local sweeps: seconds between lines
@@ -253,49 +253,6 @@ def run_sweep(
             print(f"[sweep] FAILED {r.label} ({root / r.dirname}):\n{tail}", file=sys.stderr)
         raise SystemExit(f"{len(failures)} run(s) failed: {', '.join(r.label for r, _ in failures)}")
     return df
-
-
-def log_sweep_time(path: Path, wall: float, ran: int, skipped: int, failed: int, cluster: str) -> None:
-    """Append one line per sweep invocation to ``sweep_time.txt`` (a partial re-run adds its line instead of
-    replacing the full sweep's): UTC date, wall seconds, runs started, runs found done, runs failed, cluster."""
-    from datetime import datetime, timezone
-
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    line = (f"{date}  {wall:.1f} s for {ran} runs ({cluster}; {skipped} already done"
-            + (f", {failed} failed" if failed else "") + ")\n")
-    old = path.read_text() if path.is_file() else ""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, old + ("" if not old or old.endswith("\n") else "\n") + line)
-
-
-SWEEP_TIME_LINE = re.compile(r"^(?:(?P<date>\S+T\S+)\s+)?(?P<wall>[\d.]+) s for (?P<ran>\d+) runs \((?P<cluster>\w+)"
-                             r"(?:; (?P<skipped>\d+) already done)?(?:, (?P<failed>\d+) failed)?\)$")
-
-
-def read_sweep_times(path: Path) -> pd.DataFrame:
-    """``sweep_time.txt`` as a table, one row per invocation in file order: ``date`` (None on lines written before
-    dates were), ``wall`` seconds, runs ``ran``, ``skipped`` (already done), ``failed``, ``cluster``. A line that is
-    not in the format ``log_sweep_time`` writes raises ValueError naming it."""
-    rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        m = SWEEP_TIME_LINE.match(line.strip())
-        if m is None:
-            raise ValueError(f"{path}:{n}: not a sweep-time line: {line!r}")
-        rows.append({"date": m["date"], "wall": float(m["wall"]), "ran": int(m["ran"]),
-                     "skipped": int(m["skipped"] or 0), "failed": int(m["failed"] or 0), "cluster": m["cluster"]})
-    return pd.DataFrame(rows, columns=["date", "wall", "ran", "skipped", "failed", "cluster"])
-
-
-def full_sweep_time(path: Path) -> tuple[float, int] | None:
-    """(wall seconds, runs) of the last invocation that trained every run itself (none already done, none
-    failed): the whole sweep's time; None when no such line exists."""
-    if not Path(path).is_file():
-        return None
-    t = read_sweep_times(path)
-    full = t[(t.skipped == 0) & (t.failed == 0)]
-    return (float(full.wall.iloc[-1]), int(full.ran.iloc[-1])) if len(full) else None
 
 
 def record_job(run_dir: Path, cluster: str, job: submitit.Job) -> None:

@@ -37,7 +37,8 @@ def test_conditioning_candidates_grid():
     assert by["untrained"]["train"]["steps"] == 0
     # same config -> same directory; any change -> a new one
     assert len({r.dirname for r in runs}) == len(runs)
-    assert config_hash(by["lap"]) == config_hash(load_experiment("conditioning_candidates")[1][5].config)
+    again = {r.name: r.config for r in load_experiment("conditioning_candidates")[1]}
+    assert config_hash(by["lap"]) == config_hash(again["lap"]) != config_hash(by["untrained"])
 
 
 def test_smoke_overrides_apply():

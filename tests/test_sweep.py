@@ -218,7 +218,7 @@ def test_a_run_adopts_the_same_config_finished_in_another_sweep(tmp_path: Path) 
 
 
 def test_sweep_time_lines_round_trip_and_the_whole_sweep_is_the_last_full_one(tmp_path: Path) -> None:
-    from experiments.launch import full_sweep_time, log_sweep_time, read_sweep_times
+    from experiments.sweep_time import full_sweep_time, log_sweep_time, read_sweep_times
 
     path = tmp_path / "sweep_time.txt"
     path.write_text("803.1 s for 6 runs (local)\n")  # written before lines had a date
