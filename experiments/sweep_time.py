@@ -46,9 +46,10 @@ def read_sweep_times(path: Path) -> pd.DataFrame:
 
 def full_sweep_time(path: Path) -> tuple[float, int] | None:
     """(wall seconds, runs) of the last invocation that trained every run itself (none already done, none
-    failed): the whole sweep's time; None when no such line exists."""
+    failed): the whole sweep's time; None when no such line exists. Lines written before dates were do not say
+    how many runs were already done, so they never count."""
     if not Path(path).is_file():
         return None
     t = read_sweep_times(path)
-    full = t[(t.skipped == 0) & (t.failed == 0)]
+    full = t[t.date.notna() & (t.skipped == 0) & (t.failed == 0)]
     return (float(full.wall.iloc[-1]), int(full.ran.iloc[-1])) if len(full) else None

@@ -229,6 +229,26 @@ def test_sweep_time_lines_round_trip_and_the_whole_sweep_is_the_last_full_one(tm
         [803.1, 6, 0, 0, "local"], [850.0, 7, 0, 0, "local"], [120.0, 2, 5, 1, "slurm"]]
     assert t.date.isna().tolist() == [True, False, False]
     assert full_sweep_time(path) == (850.0, 7)  # not the partial re-run that came after it
+    undated = tmp_path / "old.txt"
+    undated.write_text("669.8 s for 3 runs (local)\n")  # may have been a partial re-run: it does not say
+    assert full_sweep_time(undated) is None
     path.write_text(path.read_text() + "about 15 minutes\n")
     with pytest.raises(ValueError, match=r"sweep_time.txt:4: not a sweep-time line"):
         read_sweep_times(path)
+
+
+def test_readme_quotes_the_recorded_time_of_the_whole_default_sweep() -> None:
+    """README's quick start states the default sweep's wall time and run count: both must be a line of
+    sweep_time.txt that trained every run itself, and the count the default sweep's."""
+    import re
+
+    from experiments.sweep_time import read_sweep_times
+
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"the default sweep \((\d+) runs, one training seed each\) took ([\d.]+) s", readme)
+    assert m, "README's quick start no longer states the default sweep's measured time"
+    runs, wall = int(m[1]), float(m[2])
+    assert runs == len(load_experiment("conditioning_candidates")[1])
+    times = read_sweep_times(ROOT / "results" / "conditioning_candidates" / "sweep_time.txt")
+    full = times[times.date.notna() & (times.skipped == 0) & (times.failed == 0) & (times.ran == runs)]
+    assert wall in set(full.wall), f"{wall} s is not a recorded whole-sweep time: {full.wall.tolist()}"
