@@ -282,7 +282,9 @@ def test_openai_judge_through_the_cli(tmp_path: Path, chat_server) -> None:
     for r in rows:
         assert r["answer"] == ("yes" if "circle" in questions[(r["item_id"], r["proposition_id"])] else "no")
     assert scores["counts"]["judgments"] == len(rows) == 4 * len(questions)
-    assert scores["counts"]["judge_retries"] == 0  # the endpoint never failed; the count is reported
+    # the endpoint answers the first ask of each triangle question unparseably: one retry per such question text
+    triangles = {q for q in questions.values() if "triangle" in q}
+    assert scores["counts"]["judge_retries"] == len(triangles)
 
 
 # ------------------------------------------------------------------------------------------------ --ckpt path
