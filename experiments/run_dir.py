@@ -14,6 +14,11 @@ layout is spelled once (docs/DESIGN.md §4 lists it):
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,12 +101,6 @@ def adopt_identical(dst: Path, exp: str, run: str, config: dict[str, Any]) -> Pa
     ``run`` in ``config.yaml`` and ``metrics.csv``), ``job.json`` records where it came from, and an unfinished
     ``dst`` is replaced; the resume checkpoints are not copied. Returns the source folder, or None when no finished
     run has this config."""
-    import csv
-    import io
-    import json
-    import os
-    import shutil
-
     import yaml
 
     from common.files import atomic_write_text
