@@ -39,6 +39,7 @@ from models.latents import build_latent_space
 from models.parts import build_parts
 
 ENCODER_PREFIX = "encoder."
+FINGERPRINT_MAX_PARAMS = 500_000_000  # encoders up to this size are checksummed into every checkpoint
 LATENT_PREFIX = "latent."  # the frozen VAE, like the encoder, is rebuilt from its preset, never stored
 
 
@@ -89,16 +90,35 @@ class UniFusionModule(L.LightningModule):
         self.val_losses: dict[str, np.ndarray] | None = None  # per-item losses of the latest validation
 
     # ---------------------------------------------------------------- checkpoints without the frozen encoder
+    def encoder_fingerprint(self) -> str | None:
+        """``encoder_fingerprint`` of the frozen encoder (taps, prompting, a checksum of its weights), computed once;
+        None for encoders over ``FINGERPRINT_MAX_PARAMS`` (hashing 16 GB at every save is not worth it: a hub
+        encoder is named by its preset's repository and revision instead)."""
+        if not hasattr(self, "_encoder_fp"):
+            from models.encoders import encoder_fingerprint
+
+            n = sum(t.numel() for t in self.encoder.model.state_dict().values())
+            self._encoder_fp = encoder_fingerprint(self.encoder) if n <= FINGERPRINT_MAX_PARAMS else None
+        return self._encoder_fp
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith((ENCODER_PREFIX, LATENT_PREFIX))]:
             del sd[k]
+        checkpoint["encoder_fingerprint"] = self.encoder_fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         expected = {k for k in self.state_dict() if not k.startswith((ENCODER_PREFIX, LATENT_PREFIX))}
         missing = expected - set(checkpoint["state_dict"])
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable entries, e.g. {sorted(missing)[:3]}")
+        # The encoder is rebuilt, not stored: a rebuilt one with other weights (e.g. a tiny VLM pretrained again on
+        # another machine) would silently feed the conditioner features it never saw.
+        saved = checkpoint.get("encoder_fingerprint")
+        if saved is not None and self.encoder_fingerprint() not in (None, saved):
+            raise RuntimeError(
+                f"checkpoint was trained against encoder {saved}, but {self.config['encoder']['preset']!r} here "
+                f"rebuilds as {self.encoder_fingerprint()} (other weights or taps): load it where its encoder is")
 
     # ---------------------------------------------------------------- conditioning
     @staticmethod

@@ -10,8 +10,13 @@ world:
 - ``rewrite``: VERIFI system prompt + short prompt -> the long description of a scene that satisfies it;
 - ``edit``: VERIFI system prompt + image + edit instruction -> the description of the edited scene.
 
-Everything is a pure function of ``TINY_VLM`` (sizes, steps, seed), cached on disk under a hash of it
-(``$UNIFUSION_CACHE`` or ``<repo>/.cache``), built under a file lock so parallel sweep runs pretrain it once.
+Everything is a pure function of ``TINY_VLM`` (sizes, steps, seed), keyed by a hash of it. The weights of the
+default ``TINY_VLM`` ship with the repo (``models/weights/tiny-vlm-<hash>.safetensors``, ~7 MB, with its loss
+curve and wall time in the file's metadata): every committed checkpoint was trained against exactly these weights,
+and float32 pretraining on another CPU (other SIMD kernels) would give other bits, so a clone loads them instead of
+re-pretraining. Any other config is pretrained once on first use and cached (``$UNIFUSION_CACHE`` or
+``<repo>/.cache``) under a file lock, so parallel sweep runs pretrain it once. ``python -m models.tiny_vlm ship``
+writes the shipped file again after a deliberate change of ``TINY_VLM`` or of the pretraining code.
 Shapes: a 32 px image becomes tiles of 12 px -> 6x6 patches of 2 px -> pixel shuffle 0.5 -> 9 tokens per tile.
 """
 
@@ -22,13 +27,14 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.paths import cache_dir
+from common.paths import REPO_ROOT, cache_dir
 
 CHAT_PREFIX = "<|im_start|> user "
 CHAT_SUFFIX = " <|im_end|>"
@@ -206,8 +212,12 @@ def _batch(processor: Any, examples: list[tuple[str, list[np.ndarray], str | Non
     return batch
 
 
-def pretrain(model: nn.Module, processor: Any, cfg: dict[str, Any], progress: bool = True) -> list[float]:
-    """Pretrain ``model`` in place on the shapes-world mixture; returns the loss per step. Deterministic on CPU."""
+def pretrain(model: nn.Module, processor: Any, cfg: dict[str, Any], progress: bool = True,
+             stop_after: int | None = None) -> list[float]:
+    """Pretrain ``model`` in place on the shapes-world mixture; returns the loss per step. Deterministic on CPU.
+
+    ``stop_after``: only the first steps of the same run (the schedule still spans ``cfg``'s steps), to check
+    that this code still starts the loss curve the shipped weights record."""
     from tqdm.auto import tqdm
 
     p = cfg["pretrain"]
@@ -221,7 +231,8 @@ def pretrain(model: nn.Module, processor: Any, cfg: dict[str, Any], progress: bo
     losses = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(p["seed"])
-        for step in tqdm(range(p["steps"]), desc="pretrain tiny VLM", disable=not progress):
+        for step in tqdm(range(p["steps"] if stop_after is None else min(stop_after, p["steps"])),
+                         desc="pretrain tiny VLM", disable=not progress):
             rng = np.random.default_rng([p["seed"], step])
             # the three tilings of the tiles ablation in turn, so every token layout is seen
             set_internvl_tiles(processor, (1, 5, 10)[step % 3], max_tiles=10)
@@ -241,43 +252,108 @@ def pretrain(model: nn.Module, processor: Any, cfg: dict[str, Any], progress: bo
     return losses
 
 
+SHIPPED_DIR = REPO_ROOT / "models" / "weights"
+
+
+def shipped_path(cfg: dict[str, Any] | None = None) -> Path:
+    """Where the repo ships the pretrained weights of ``cfg`` (only the default ``TINY_VLM`` is shipped)."""
+    return SHIPPED_DIR / f"tiny-vlm-{config_hash(cfg or TINY_VLM)}.safetensors"
+
+
+def _cached_path(cfg: dict[str, Any]) -> Path:
+    return cache_dir() / "encoders" / f"tiny-vlm-{config_hash(cfg)}.pt"
+
+
+def _read_weights(cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(state dict, record) of ``cfg`` from the shipped file, else from the cache; None when neither has it."""
+    shipped, cached = shipped_path(cfg), _cached_path(cfg)
+    if shipped.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(shipped), "pt") as f:
+            meta = f.metadata()
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        if json.loads(meta["config"]) != cfg:
+            raise RuntimeError(f"shipped tiny VLM {shipped} was pretrained with another config than its name says")
+        return state, {"losses": json.loads(meta["losses"]), "seconds": float(meta["seconds"]),
+                       "threads": int(meta["threads"]), "path": shipped}
+    if cached.exists():
+        try:
+            blob = torch.load(cached, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a truncated file is rebuilt, and said so
+            raise RuntimeError(f"cached tiny VLM {cached} is unreadable ({e}); delete it to rebuild") from e
+        return blob["model"], {"losses": blob["losses"], "seconds": blob["seconds"], "threads": blob.get("threads"),
+                               "path": cached}
+    return None
+
+
 def pretrained_tiny_vlm(cfg: dict[str, Any] | None = None, progress: bool = True) -> nn.Module:
-    """The pretrained tiny VLM, loaded from the cache or pretrained once (under a file lock) and cached."""
+    """The pretrained tiny VLM: the shipped weights of ``cfg``, else the cached ones, else pretrained once (under a
+    file lock) and cached."""
     from filelock import FileLock
 
     cfg = cfg or TINY_VLM
-    key = config_hash(cfg)
-    root = cache_dir() / "encoders"
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"tiny-vlm-{key}.pt"
-    with FileLock(str(path) + ".lock"):
-        model = build_tiny_vlm(cfg["pretrain"]["seed"], cfg)
-        if path.exists():
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - a truncated file is rebuilt, and said so
-                raise RuntimeError(f"cached tiny VLM {path} is unreadable ({e}); delete it to rebuild") from e
-            model.load_state_dict(state["model"])
-        else:
-            t0, caller_threads = time.time(), torch.get_num_threads()
-            torch.set_num_threads(PRETRAIN_THREADS)
-            try:
-                losses = pretrain(model, tiny_vlm_processor(), cfg, progress=progress)
-            finally:
-                torch.set_num_threads(caller_threads)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "config": cfg, "losses": losses,
-                        "seconds": time.time() - t0, "threads": PRETRAIN_THREADS}, tmp)
-            os.replace(tmp, path)
+    model = build_tiny_vlm(cfg["pretrain"]["seed"], cfg)
+    found = _read_weights(cfg) if shipped_path(cfg).exists() else None
+    if found is None:
+        path = _cached_path(cfg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            found = _read_weights(cfg)
+            if found is None:
+                t0, caller_threads = time.time(), torch.get_num_threads()
+                torch.set_num_threads(PRETRAIN_THREADS)
+                try:
+                    losses = pretrain(model, tiny_vlm_processor(), cfg, progress=progress)
+                finally:
+                    torch.set_num_threads(caller_threads)
+                tmp = path.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "config": cfg, "losses": losses,
+                            "seconds": time.time() - t0, "threads": PRETRAIN_THREADS}, tmp)
+                os.replace(tmp, path)
+    if found is not None:
+        model.load_state_dict(found[0])
     model.eval()
     return model
 
 
 def pretraining_record(cfg: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Loss curve and wall time stored beside the cached weights (pretrains first if needed)."""
+    """Loss curve, wall time and thread count of the pretraining of ``cfg``, and the weights file (pretrains first
+    if neither the repo ships nor the cache holds it)."""
     cfg = cfg or TINY_VLM
     pretrained_tiny_vlm(cfg, progress=False)
-    state = torch.load(cache_dir() / "encoders" / f"tiny-vlm-{config_hash(cfg)}.pt", map_location="cpu",
-                       weights_only=True)
-    return {"losses": state["losses"], "seconds": state["seconds"], "hash": config_hash(cfg),
-            "threads": state.get("threads")}
+    found = _read_weights(cfg)
+    assert found is not None
+    return {**found[1], "hash": config_hash(cfg)}
+
+
+def ship(cfg: dict[str, Any] | None = None) -> Path:
+    """Write the shipped weights of ``cfg`` from a fresh pretraining (or from the cache, when it holds one)."""
+    from safetensors.torch import save_file
+
+    cfg = cfg or TINY_VLM
+    out = shipped_path(cfg)
+    if out.exists():
+        raise FileExistsError(f"{out} exists: delete it first to pretrain and ship again")
+    pretrained_tiny_vlm(cfg)
+    found = _read_weights(cfg)
+    assert found is not None
+    state, rec = found
+    meta = {"config": json.dumps(cfg, sort_keys=True), "losses": json.dumps(rec["losses"]),
+            "seconds": f"{rec['seconds']:.1f}", "threads": str(rec["threads"])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    # untied copies: safetensors refuses tensors that share storage (the tied embedding / lm_head)
+    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m models.tiny_vlm",
+                                 description="Pretrain the default tiny VLM and write the weights the repo ships.")
+    ap.add_argument("command", choices=["ship"], help="ship: write models/weights/tiny-vlm-<hash>.safetensors")
+    ap.parse_args()
+    print(ship())

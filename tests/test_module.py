@@ -83,6 +83,23 @@ def test_checkpoint_drops_encoder_and_round_trips(tmp_path) -> None:
         m2.on_load_checkpoint(broken)
 
 
+def test_a_checkpoint_refuses_an_encoder_with_other_weights(tmp_path) -> None:
+    """The encoder is rebuilt on load, not stored: a rebuild with other weights (here: one weight nudged before
+    saving, as a tiny VLM pretrained again elsewhere would differ) must not load silently."""
+    from models.checkpoints import load_module, save_final
+
+    m = UniFusionModule(tiny_config())
+    good = save_final(m, tmp_path / "good.ckpt")
+    assert torch.load(good, weights_only=False)["encoder_fingerprint"] == m.encoder_fingerprint()
+    load_module(good, device="cpu")  # the same encoder rebuilds: loads
+    with torch.no_grad():
+        next(m.encoder.model.parameters()).view(-1)[0] += 1e-3
+    del m._encoder_fp  # the checksum is taken once per module; this test changed the weights behind its back
+    other = save_final(m, tmp_path / "other.ckpt")
+    with pytest.raises(RuntimeError, match="trained against encoder"):
+        load_module(other, device="cpu")
+
+
 def test_generate_is_per_image_deterministic() -> None:
     torch.manual_seed(0)
     m = UniFusionModule(tiny_config())

@@ -43,6 +43,8 @@ def test_wheel_holds_benchmark_data_and_configs(wheel: Path) -> None:
     hub = {str(p.relative_to(ROOT)) for p in (ROOT / "models" / "hub_configs").rglob("*")
            if p.suffix in (".json", ".md")}
     assert len(hub) >= 10 and hub <= names, sorted(hub - names)  # the plan builds every hub model from these
+    weights = {str(p.relative_to(ROOT)) for p in (ROOT / "models" / "weights").glob("*.safetensors")}
+    assert weights and weights <= names, sorted(weights - names)  # the default encoder's shipped weights
     with zipfile.ZipFile(wheel) as z:  # the shipped prompt files are the checkout's, byte for byte
         for rel in ("evals/data/geneval/evaluation_metadata.jsonl", "evals/data/genai_bench/genai_skills.json"):
             assert z.read(rel) == (ROOT / rel).read_bytes()
