@@ -160,9 +160,16 @@ def load_experiment(exp: str, smoke: bool = False, paper: bool = False,
     if smoke:
         base = merge(base, spec.get("smoke") or {})
     paper_runs = (spec.get("paper") or {}).get("runs") or {} if paper else {}
+    # runs that exist only in the shapes world (the oracle control reads shapes-world captions word by word)
+    dropped = set((spec.get("paper") or {}).get("drop_runs") or []) if paper else set()
+    unknown = dropped - set(spec.get("runs") or {})
+    if unknown:
+        raise ValueError(f"experiment {exp!r}: paper.drop_runs names unknown runs {sorted(unknown)}")
     grid = spec.get("grid") or {}
     runs = []
     for name, override in (spec.get("runs") or {"default": {}}).items():
+        if name in dropped:
+            continue
         run_cfg = merge(merge(base, override or {}), paper_runs.get(name) or {})
         if smoke:  # runs that set their own length (stages) get a smoke length too
             run_cfg = merge(run_cfg, (spec.get("smoke_runs") or {}).get(name) or {})

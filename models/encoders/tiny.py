@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from models.encoders.kv import AttentionShape
+from models.encoders.oracle import ORACLE_POSITIONS, build_oracle
 from models.encoders.spec import Builder, EncoderPreset, VerifiSpec, VisionSpec
 
 
@@ -118,6 +119,12 @@ TINY_PRESETS: dict[str, EncoderPreset] = {
         builder=_tiny_t5,
         description="random 6-layer T5 encoder (d_model 64) over the shapes vocabulary; EOS; last layer",
         add_eos=True,
+    ),
+    "oracle": EncoderPreset(
+        builder=build_oracle,
+        description="the positive control: each caption token as one-hot word + one-hot position, no encoder "
+                    "(models/encoders/oracle.py)",
+        max_length=ORACLE_POSITIONS,
     ),
     "tiny-vlm": _tiny_vlm_preset(pretrained=True),
     "tiny-vlm-random": _tiny_vlm_preset(pretrained=False),
