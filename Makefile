@@ -16,9 +16,15 @@ SEEDS ?=
 # SEEDS=0,1,2: every run once per training seed (--set seeds=[0,1,2]); empty = base.yaml's (one run, seed 0)
 SEED_SET = $(if $(SEEDS),--set seeds=[$(SEEDS)])
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: venv test test-fast lint sweep status collect figures bench plan
+.PHONY: help venv test test-fast lint sweep status collect figures bench plan
 
+# make help: every target with one line
+help:
+	@awk '/^# make / { if (line == "") line = substr($$0, 3); next } /^#/ { next } /^[a-z-]+:/ { t = $$1; sub(/:.*/, "", t); print "  " (line == "" ? "make " t ": (undocumented)" : line) } { line = "" }' $(firstword $(MAKEFILE_LIST))
+
+# make venv: build .venv (torch, then this package with its dev extras); the other targets do it on first use
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -28,25 +34,28 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-# Everything, the slow end-to-end tests included (this is what CI runs).
+# make test [PYTEST_ARGS=...]: every test, the slow end-to-end ones included (this is what CI runs)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The unit tests only (a few minutes).
+# make test-fast: the unit tests only, without the slow ones (a few minutes)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# make lint: ruff over the whole repo
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# make sweep EXP=<name>: run an experiment's grid (tiny CPU variant; SMOKE=1 SEEDS=0,1,2 CLUSTER=slurm PAPER=1)
 # make sweep EXP=conditioning_candidates [SMOKE=1] [SEEDS=0,1,2] [CLUSTER=local|debug|slurm]
 #            [PROFILE=<slurm/profiles/NAME>]
 #            [PAPER=1 SET="data.hf.path=parquet data.hf.data_files=/data/*.parquet"]  (the YAML's paper variant)
 sweep: $(STAMP)
 	$(PY) -m experiments.launch $(EXP) --cluster $(CLUSTER) $(if $(PROFILE),--profile $(PROFILE)) $(if $(SMOKE),--smoke) $(if $(PAPER),--paper) $(foreach kv,$(SET),--set $(kv)) $(SEED_SET)
 
-# make plan EXP=<name> PAPER=1 [PROFILE=<slurm/profiles/NAME>]: every run of the paper variant built and stepped on
-# meta tensors: parameters, FLOPs, memory per GPU, fits, step time, GPU-hours -> results/plan/<EXP>.{csv,md}
+# make plan EXP=<name> PAPER=1 [PROFILE=...]: compute plan (params, FLOPs, memory, GPU-hours) -> results/plan/
+# Every run of the paper variant is built and stepped on meta tensors: parameters, FLOPs, memory per GPU, fits,
+# step time, GPU-hours -> results/plan/<EXP>.{csv,md}
 plan: $(STAMP)
 	$(PY) -m experiments.plan $(EXP) $(if $(PAPER),--paper) $(if $(PROFILE),--profile $(PROFILE)) $(foreach kv,$(SET),--set $(kv))
 
@@ -63,6 +72,5 @@ figures: $(STAMP)
 	$(PY) -m analysis.figures --all
 
 # make bench [BENCH_ARGS="--device cuda"]: speed/memory figures side by side -> results/bench/bench.csv (not a test)
-BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

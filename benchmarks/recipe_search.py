@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.cli import fail  # noqa: E402
 from common.geneval_spec import TASKS  # noqa: E402
+from common.paths import RUNS_DIR  # noqa: E402
 from experiments.config import load_experiment  # noqa: E402
 from world import scene  # noqa: E402
 
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", dest="sets", default=[], metavar="KEY=VALUE")
     p.add_argument("--radius", default="", help="LO,HI shape radii at 32 px (default: the world's own)")
     p.add_argument("--from-trial", default="", help="re-sample this trial's weights; train nothing")
-    p.add_argument("--runs-dir", type=Path, default=Path("/tmp/rs"))
+    p.add_argument("--runs-dir", type=Path, default=RUNS_DIR / "recipe_search",
+                   help="where the trial runs go (default: $UNIFUSION_RUNS/recipe_search, or runs/recipe_search)")
     p.add_argument("--note", default="")
     a = p.parse_args(argv)
     if a.rerun:
