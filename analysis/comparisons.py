@@ -37,7 +37,7 @@ OVERALL = BENCHMARKS["geneval"].headline  # GenEval-shapes overall: the bars' he
 SWEPT = "@"
 # the reconstruction / editing benchmarks' metrics, in their registry order
 IMAGE_METRICS = [m for name, b in BENCHMARKS.items() if name != "geneval" for m in b.metrics if SWEPT not in m]
-RUN_ORDER = ["untrained", "t5", "last_layer", "kv_fusion", "kv_fusion_hidden", "hsi", "lap"]
+RUN_ORDER = ["untrained", "t5", "last_layer", "kv_fusion", "kv_fusion_hidden", "hsi", "lap", "oracle"]
 ONE_SEED = "prompt-level CI only; training variance not measured"
 SUMMARY_COLUMNS = ["exp", "run", "metric", "step", "seeds", "value", "ci_low", "ci_high", "sd", "n"]
 PAIRED_COLUMNS = ["run_a", "run_b", "diff", "ci_low", "ci_high", "p_value", "p_holm", "se", "mde80", "seeds",
@@ -293,3 +293,35 @@ def validation_comparisons(metrics: pd.DataFrame) -> pd.DataFrame:
     if len(out):
         out["p_holm"] = holm(out.p_value.to_numpy())
     return out
+
+
+# ------------------------------------------------------------------------------------------------ controls
+FLOOR, CEILING = "untrained", "oracle"  # the negative and positive controls of a conditioning comparison
+PART = "geneval.part."
+
+
+def control_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Runs x where their samples fail, between the controls: one row per run with ``seeds``, ``overall`` (GenEval
+    overall, mean over training seeds), ``of_oracle`` (the run's share of the oracle's gain over the untrained
+    floor, (run - floor) / (oracle - floor); NaN without both controls or when the oracle is not above the floor)
+    and one column per ``evals.geneval.COMPONENTS`` entry (``geneval.part.<c>``: share of the images where it
+    applies, mean over seeds). Each metric at its last step; empty when no run records components."""
+    from evals.geneval import COMPONENTS
+
+    parts = [f"{PART}{c}" for c in COMPONENTS]
+    m = metrics[metrics.metric.isin([OVERALL, *parts])]
+    if not m.metric.isin(parts).any():
+        return pd.DataFrame()
+    last = m[m.step == m.groupby(["run", "metric"]).step.transform("max")]
+    wide = last.groupby(["run", "metric"]).value.mean().unstack("metric")
+    seeds = last[last.metric == OVERALL].groupby("run").seed.nunique()
+    out = pd.DataFrame({"run": order_runs(list(wide.index))}).set_index("run")
+    out["seeds"] = seeds.reindex(out.index)
+    out["overall"] = wide[OVERALL].reindex(out.index) if OVERALL in wide else np.nan
+    floor = out.overall.get(FLOOR, np.nan)
+    ceiling = out.overall.get(CEILING, np.nan)
+    gap = ceiling - floor
+    out["of_oracle"] = (out.overall - floor) / gap if pd.notna(gap) and gap > 0 else np.nan
+    for c, col in zip(COMPONENTS, parts, strict=True):
+        out[c] = wide[col].reindex(out.index) if col in wide else np.nan
+    return out.reset_index()

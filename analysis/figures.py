@@ -41,7 +41,7 @@ from analysis.comparisons import (  # noqa: E402
     validation_comparisons,
     with_seed,
 )
-from analysis.results_readme import validation_lines  # noqa: E402
+from analysis.results_readme import control_lines, validation_lines  # noqa: E402
 from common.files import atomic_write_text  # noqa: E402
 from common.geneval_spec import TASKS  # noqa: E402
 from experiments.evaluation import table_metrics  # noqa: E402
@@ -368,8 +368,9 @@ def render_experiment(exp_dir: Path, figure: str | None = None,
     metrics = pd.read_csv(exp_dir / "metrics.csv", dtype={"layers": str})
     has_val = metrics.metric.isin(VAL_METRICS).any()  # held-out validation, when the runs record it
     val = "\n".join(validation_lines(metrics)) + "\n" if has_val else ""
-    table = atomic_write_text(exp_dir / "table.md",
-                              f"# {exp_dir.name}\n\n" + table_markdown(summary, text) + (f"\n{val}" if val else ""))
+    controls = "\n".join(control_lines(metrics))
+    table = atomic_write_text(exp_dir / "table.md", f"# {exp_dir.name}\n\n" + table_markdown(summary, text)
+                              + (f"\n{controls}" if controls else "") + (f"\n{val}" if val else ""))
     made = [fig, table]
     if has_val:
         made.append(learning_curves(metrics, exp_dir))

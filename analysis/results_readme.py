@@ -18,7 +18,10 @@ import pandas as pd
 
 from analysis.comparisons import (
     ALPHA,
+    CEILING,
+    FLOOR,
     ci_note,
+    control_table,
     fmt_p,
     order_runs,
     plural,
@@ -80,6 +83,29 @@ def _sweep_time(exp_dir: Path) -> str:
 
 def _pm(mean: float, sd: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f}" + ("" if pd.isna(sd) else f" ± {sd:.{digits}f}")
+
+
+def control_lines(metrics: pd.DataFrame) -> list[str]:
+    """Markdown lines: each run between the controls (``analysis.comparisons.control_table``) and where its samples
+    fail; [] when no run records component outcomes."""
+    t = control_table(metrics)
+    if t.empty:
+        return []
+
+    def cell(v: float) -> str:
+        return "" if pd.isna(v) else f"{v:.3f}"
+
+    out = [f"Between the controls ({FLOOR}: the floor, {CEILING}: exact caption tokens, the ceiling) and where "
+           "samples fail: share of the images where each part applies (drawn: any object; shape: every asked class "
+           "given drawn; color: every asked colour on some object; count and position: given shape); mean over "
+           "training seeds:", "",
+           "| run | seeds | overall | of oracle's gain | drawn | shape | color | count | position |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in t.itertuples():
+        out.append(f"| {r.run} | {'' if pd.isna(r.seeds) else int(r.seeds)} | {cell(r.overall)} | "
+                   f"{cell(r.of_oracle)} | {cell(r.drawn)} | {cell(r.shape)} | {cell(r.color)} | {cell(r.count)} | "
+                   f"{cell(r.position)} |")
+    return [*out, ""]
 
 
 def validation_lines(metrics: pd.DataFrame) -> list[str]:

@@ -198,6 +198,80 @@ def evaluate_image(detections_by_class: Mapping[str, Sequence[Detection]] | Sequ
     return correct, "\n".join(reasons), details
 
 
+COMPONENTS: tuple[str, ...] = ("drawn", "shape", "color", "count", "position")
+
+
+def component_outcomes(detections_by_class: Mapping[str, Sequence[Detection]] | Sequence[Detection],
+                       metadata: Mapping[str, Any], options: GenevalOptions | None = None,
+                       classify_colors: ColorFn | None = None) -> dict[str, bool | None]:
+    """Where one image fails, beside GenEval's single correct/incorrect (not part of the official score).
+
+    With the kept detections of ``evaluate_image`` (same thresholds):
+
+    - ``drawn``: any object of any class is there (the image is not empty or shapeless);
+    - ``shape``: given drawn, every class the prompt asks for has at least one object;
+    - ``color`` (prompts with a colour): every asked colour appears on some object, whatever its class -- colour
+      following on its own, which the class-and-colour rule of GenEval hides when shapes are wrong;
+    - ``count`` (prompts asking for more than one object of a class): given shape, every class has its number
+      (at least ``count``, and fewer than each ``exclude`` bound: exactly, for the counting task);
+    - ``position`` (prompts with a relation): given shape, the official relation holds for the found objects.
+
+    None where a component does not apply (or its condition failed); shares are taken over the images where it
+    applies.
+    """
+    options = options or GenevalOptions()
+    classify_colors = classify_colors or _exact_colors
+    tag = metadata["tag"]
+    kept = {cls: sel for cls, dets in _group(detections_by_class).items()
+            if (sel := select_detections(dets, tag, options))}
+    includes = list(metadata["include"])
+    drawn = bool(kept)
+    shape = all(kept.get(r["class"]) for r in includes) if drawn else None
+    asked = {r["color"] for r in includes if "color" in r}
+    color = None
+    if asked:
+        seen = {c for cls, found in kept.items() for c in classify_colors(found, cls)}
+        color = asked <= seen
+    count = None
+    if shape and any(int(r["count"]) > 1 for r in includes):
+        count = all(len(kept[r["class"]]) >= int(r["count"]) for r in includes) and not any(
+            len(kept.get(r["class"], [])) >= int(r["count"]) for r in metadata.get("exclude", []))
+    position = None
+    if shape and any("position" in r for r in includes):
+        position = True
+        for r in includes:
+            if "position" not in r:
+                continue
+            rel, target = r["position"][0], int(r["position"][1])
+            tgt_req = includes[target]
+            objs, tgts = kept[r["class"]][: int(r["count"])], kept[tgt_req["class"]][: int(tgt_req["count"])]
+            if not all(rel in relative_position(o.box, t.box, options.position_threshold) for o in objs for t in tgts):
+                position = False
+    return {"drawn": drawn, "shape": shape, "color": color, "count": count, "position": position}
+
+
+def component_shares(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Share of images passing each component, overall and per task, over the images where it applies.
+
+    ``rows``: ``evaluate_folder`` rows (their ``components``). Returns columns ``task`` ("all" or a task),
+    ``component``, ``value`` (share), ``n`` (images where it applies); components that never apply are left out.
+    """
+    recs = []
+    for r in rows:
+        comps = r.get("components")
+        if comps is None:
+            raise ValueError(f"row of {r.get('filename')} has no component outcomes: score its folder again")
+        for c in COMPONENTS:
+            if comps.get(c) is not None:
+                recs.append({"task": r["tag"], "component": c, "ok": bool(comps[c])})
+    df = pd.DataFrame(recs, columns=["task", "component", "ok"])
+    both = pd.concat([df.assign(task="all"), df])
+    out = both.groupby(["task", "component"], sort=False)["ok"].agg(value="mean", n="size").reset_index()
+    order = {t: i for i, t in enumerate(("all", *TASKS))}
+    out["_t"], out["_c"] = out["task"].map(order), out["component"].map(COMPONENTS.index)
+    return out.sort_values(["_t", "_c"]).drop(columns=["_t", "_c"]).reset_index(drop=True)
+
+
 # ------------------------------------------------------------------------------------------------ metadata
 
 
@@ -409,7 +483,8 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
     """Score a GenEval image folder (``<dir>/<NNNNN>/metadata.jsonl`` + ``samples/<k>.png``).
 
     ``options``: GenEval overrides (``threshold=0.5``, ...). Returns ``(rows, summary)``; with ``out_dir`` also
-    writes ``results.jsonl`` (official per-image rows) and ``summary.json``, atomically.
+    writes ``results.jsonl`` (official per-image rows), ``components.jsonl`` (``component_outcomes`` per image)
+    and ``summary.json``, atomically.
     """
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
@@ -443,11 +518,12 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
                 problems.append(f"sample name must match \\d+\\.png, not scored: {path}")
                 continue
             image = open_rgb(path, "PNG", exif_transpose=True)
-            correct, reason, details = evaluate_image(
-                backend.detect(image), meta, opts,
-                lambda found, cls, image=image: backend.classify_colors(image, found, cls))
+            detections = backend.detect(image)
+            colors = lambda found, cls, image=image: backend.classify_colors(image, found, cls)  # noqa: E731
+            correct, reason, details = evaluate_image(detections, meta, opts, colors)
             rows.append({"filename": str(path), "tag": meta["tag"], "prompt": meta["prompt"], "correct": correct,
-                         "reason": reason, "metadata": json.dumps(meta), "details": json.dumps(details)})
+                         "reason": reason, "metadata": json.dumps(meta), "details": json.dumps(details),
+                         "components": component_outcomes(detections, meta, opts, colors)})
         if len(rows) == n_before:
             counts["prompts_without_samples"] += 1
             problems.append(f"prompt folder without PNG samples: {sub}")
@@ -460,12 +536,20 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
     summary = summarize(rows)
     summary["detector"] = backend.name
     summary["ci95"] = {"overall": list(geneval_bootstrap(rows, ci_resamples, ci_seed))}
+    parts = component_shares(rows)
+    summary["components"] = {r.component: {"value": float(r.value), "n": int(r.n)}
+                             for r in parts[parts.task == "all"].itertuples()}
     summary["counts"] = counts
     summary["problems"] = problems
     summary["options"] = asdict(opts)
     if out_dir is not None:
         out = Path(out_dir)
-        atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        # results.jsonl keeps GenEval's own row fields; the component outcomes go beside it, one line per image
+        official = [{k: v for k, v in r.items() if k != "components"} for r in rows]
+        atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in official))
+        atomic_write_text(out / "components.jsonl", "".join(
+            json.dumps({"filename": r["filename"], "tag": r["tag"], "components": r["components"]}) + "\n"
+            for r in rows))
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return rows, summary
 
@@ -511,6 +595,9 @@ def format_summary(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
     lo, hi = summary["ci95"]["overall"]
     lines.append(f"{'overall':<14} {summary['overall']:>6.3f}  95% CI [{lo:.3f}, {hi:.3f}]")
     lines.append(f"% correct images {summary['images']:.3f} | % correct prompts {summary['prompts']:.3f}")
+    if summary.get("components"):
+        lines.append("where it fails (share of images where each applies): " + ", ".join(
+            f"{c} {v['value']:.3f} (n={v['n']})" for c, v in summary["components"].items()))
     issues = {k: v for k, v in summary["counts"].items() if k not in ("images", "prompts", "prompt_folders") and v}
     if issues:
         lines.append(f"problems: {issues}")

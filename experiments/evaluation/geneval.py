@@ -41,7 +41,7 @@ def run(module: Any, config: dict[str, Any], run_dir: Path) -> list[dict[str, An
 def metric_rows(summary: dict[str, Any], rows: list[dict], seed: int) -> list[dict[str, Any]]:
     """Tidy rows of one scored folder: overall (its bootstrap CI), each task (CI over the task's prompts, seeded
     with the run's seed), % correct images (no CI)."""
-    from evals.geneval import per_prompt_scores, task_ci
+    from evals.geneval import component_shares, per_prompt_scores, task_ci
 
     lo, hi = summary["ci95"]["overall"]
     per_prompt = per_prompt_scores(rows)
@@ -53,6 +53,12 @@ def metric_rows(summary: dict[str, Any], rows: list[dict], seed: int) -> list[di
                     "n": int((per_prompt["tag"] == task).sum())})
     out.append({"metric": "geneval.images", "value": summary["images"], "ci_low": None, "ci_high": None,
                 "n": summary["counts"].get("images", len(rows))})
+    # where samples fail (evals.geneval.component_outcomes): geneval.part.<component> over all tasks, then
+    # geneval.part.<component>.<task>; share of the images where the component applies (n), no CI
+    if all("components" in r for r in rows):
+        for rec in component_shares(rows).itertuples():
+            name = f"geneval.part.{rec.component}" + ("" if rec.task == "all" else f".{rec.task}")
+            out.append({"metric": name, "value": float(rec.value), "ci_low": None, "ci_high": None, "n": int(rec.n)})
     return out
 
 
