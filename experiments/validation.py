@@ -7,7 +7,10 @@ once more at the last step. Each validation gives three metrics, with 95% bootst
 
 - ``val.loss``: flow-matching loss with the caption's condition;
 - ``val.loss_uncond``: the same with the null condition (the unconditional branch of classifier-free guidance);
-- ``val.cond_gain`` = ``val.loss_uncond - val.loss``: how much the condition tells the DiT about the image.
+- ``val.cond_gain`` = ``val.loss_uncond - val.loss``: how much the condition tells the DiT about the image;
+- ``val.cond_gain.s<level>``: the same gain at one noise level of ``experiments.data.heldout.GAIN_LEVELS``
+  (0.76, 0.85, 0.9): levels where the prompt decides the pixels, so the gain is not diluted by the low levels
+  where it is ~0.
 
 ``ValidationRecorder`` keeps them in ``<run>/validation.csv`` (tidy rows: step, metric, value, ci_low, ci_high, n;
 plus ``time.val_s``, the seconds spent validating), rewritten after each validation, so a requeued run keeps the
@@ -55,15 +58,31 @@ def trainer_options(config: dict[str, Any], accumulate: int) -> dict[str, Any]:
             "use_distributed_sampler": False}
 
 
+def gain_metric(level: float) -> str:
+    """``val.cond_gain.s0.85``: the name of the conditioning gain at one noise level."""
+    return f"val.cond_gain.s{level:.2f}"
+
+
 def summary_rows(step: int, losses: dict[str, np.ndarray], strata: np.ndarray | None = None,
-                 n_resamples: int = 1000) -> list[dict[str, Any]]:
-    """The three validation metrics of one step from per-item losses ``{"cond": (N,), "uncond": (N,)}``: means
-    and percentile bootstrap CIs over items (resampled within ``strata``; the gain paired item by item)."""
+                 n_resamples: int = 1000, gain_levels: tuple[float, ...] = ()) -> list[dict[str, Any]]:
+    """The three validation metrics of one step from per-item losses ``{"cond": (N,), "uncond": (N,)}``, and with
+    ``cond_levels``/``uncond_levels``/``sigmas`` (N, K) the gain at each of ``gain_levels``: means and percentile
+    bootstrap CIs over items (resampled within ``strata``; the gain paired item by item)."""
     from common.stats import bootstrap_ci
 
     cond, uncond = np.asarray(losses["cond"], float), np.asarray(losses["uncond"], float)
+    series = list(zip(VAL_METRICS, (cond, uncond, uncond - cond), strict=True))
+    for level in gain_levels:
+        if "sigmas" not in losses:
+            break
+        hit = np.flatnonzero(np.abs(np.asarray(losses["sigmas"])[0] - level) < 1e-4)
+        if len(hit) != 1:
+            raise ValueError(f"validation scored no noise level {level}; it scored {np.asarray(losses['sigmas'])[0]}")
+        j = int(hit[0])
+        series.append((gain_metric(level), np.asarray(losses["uncond_levels"])[:, j]
+                       - np.asarray(losses["cond_levels"])[:, j]))
     rows = []
-    for metric, values in zip(VAL_METRICS, (cond, uncond, uncond - cond), strict=True):
+    for metric, values in series:
         lo, hi = bootstrap_ci(values, np.mean, n_resamples=n_resamples, seed=0, strata=strata)
         rows.append({"step": int(step), "metric": metric, "value": float(values.mean()), "ci_low": lo, "ci_high": hi,
                      "n": len(values)})
@@ -101,11 +120,11 @@ class ValidationRecorder(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        from experiments.data.heldout import N_PER_TASK
+        from experiments.data.heldout import GAIN_LEVELS, N_PER_TASK
 
         losses = pl_module.val_losses
         step = int(trainer.global_step)
-        new = summary_rows(step, losses, strata=np.asarray(losses["index"]) // N_PER_TASK)
+        new = summary_rows(step, losses, strata=np.asarray(losses["index"]) // N_PER_TASK, gain_levels=GAIN_LEVELS)
         new.append({"step": step, "metric": "time.val_s", "value": time.perf_counter() - self._t0, "ci_low": None,
                     "ci_high": None, "n": 1})
         keep = self.rows[self.rows["step"] != step]

@@ -216,9 +216,10 @@ class UniFusionModule(L.LightningModule):
         """Flow-matching loss of fixed items at fixed noise levels with fixed noise, conditional and with the null
         condition, with the EMA weights (the ones ``generate`` samples with).
 
-        batch: the training keys plus ``sigmas`` (B, K) noise levels and ``noise_seeds`` (B, K) torch seeds of each
-        item's noise at each level. Keeps each item's loss, averaged over its K levels, for
-        ``on_validation_epoch_end``.
+        batch: the training keys plus ``sigmas`` (B, K) noise levels, ``noise_seeds`` (B, K) torch seeds of each
+        item's noise at each level and optionally ``level_weights`` (B, K) (default 1/K each): an item's loss is
+        the weighted sum over its levels (levels of weight 0 are scored but only kept per level). Keeps the
+        per-level losses for ``on_validation_epoch_end``.
         """
         x0 = self.latent.encode(batch["image"])
         b, k = batch["sigmas"].shape
@@ -234,16 +235,23 @@ class UniFusionModule(L.LightningModule):
             drop = torch.full((b * k,), null, dtype=torch.bool, device=x0.device)
             per = flow_matching_loss(lambda xs, ss, drop=drop: self.velocity(xs, ss, features, mask, drop, ema=True),
                                      xk, eps, s, per_item=True)
-            losses.append(per.view(b, k).mean(1).cpu())
-        self._val_parts.append((batch["index"].cpu(), losses[0], losses[1]))
+            losses.append(per.view(b, k).double().cpu())
+        weights = batch.get("level_weights")
+        weights = torch.full((b, k), 1 / k) if weights is None else weights
+        self._val_parts.append((batch["index"].cpu(), losses[0], losses[1], weights.double().cpu(),
+                                batch["sigmas"].cpu()))
 
     def on_validation_epoch_end(self) -> None:
         """``self.val_losses``: {"index", "cond", "uncond"}, float64 (N,) arrays in item order (one entry per item
-        of the validation set), and the means logged as ``val.loss``, ``val.loss_uncond``, ``val.cond_gain``."""
-        index, cond, uncond = (torch.cat(parts) for parts in zip(*self._val_parts, strict=True))
+        of the validation set: its level-weighted loss), {"cond_levels", "uncond_levels"} (N, K) per level and
+        "sigmas" (N, K); the means are logged as ``val.loss``, ``val.loss_uncond``, ``val.cond_gain``."""
+        index, cond_k, uncond_k, weights, sigmas = (torch.cat(parts) for parts in zip(*self._val_parts, strict=True))
         order = torch.argsort(index)
-        self.val_losses = {"index": index[order].numpy(), "cond": cond[order].double().numpy(),
-                           "uncond": uncond[order].double().numpy()}
+        cond_k, uncond_k, weights, sigmas = cond_k[order], uncond_k[order], weights[order], sigmas[order]
+        cond, uncond = (cond_k * weights).sum(1), (uncond_k * weights).sum(1)
+        self.val_losses = {"index": index[order].numpy(), "cond": cond.numpy(), "uncond": uncond.numpy(),
+                           "cond_levels": cond_k.numpy(), "uncond_levels": uncond_k.numpy(),
+                           "sigmas": sigmas.double().numpy()}
         means = {"val.loss": cond.mean(), "val.loss_uncond": uncond.mean(), "val.cond_gain": (uncond - cond).mean()}
         for name, value in means.items():  # every rank scored the same items: the sync averages equal values
             self.log(name, value.item(), on_epoch=True, sync_dist=True)

@@ -76,7 +76,10 @@ def test_validation_set_is_held_out_fixed_and_the_same_for_every_run() -> None:
     # the noise grid: midpoints of equal-probability bins of the logit-normal(0, 1) training density
     k = heldout.N_LEVELS
     want = 1 / (1 + np.exp(-norm.ppf((np.arange(k) + 0.5) / k)))
-    np.testing.assert_allclose(items[0]["sigmas"].numpy(), want, rtol=1e-6)
+    np.testing.assert_allclose(items[0]["sigmas"].numpy()[:k], want, rtol=1e-6)
+    # then the high-noise probe levels, outside the quadrature mean (weight 0), which sums to 1
+    np.testing.assert_allclose(items[0]["sigmas"].numpy()[k:], [0.85, 0.9], rtol=1e-6)
+    np.testing.assert_allclose(items[0]["level_weights"].numpy(), [1 / k] * k + [0, 0])
     seeds = torch.stack([it["noise_seeds"] for it in items])
     assert seeds.unique().numel() == seeds.numel()  # every (scene, level) has its own noise
     # rebuilt from scratch (no cache), and served to runs of different seeds and configs: the same batches
@@ -139,9 +142,18 @@ def test_validation_step_is_the_flow_matching_loss_item_by_item() -> None:
                 with torch.no_grad():
                     v = module.velocity(xs, torch.tensor([s]), enc.features, enc.mask, torch.tensor([null]), ema=True)
                 per_level.append(float(((v - (eps - x0)) ** 2).mean()))
-            assert got[key][n] == pytest.approx(np.mean(per_level), rel=1e-5), (n, key)
+            w = it["level_weights"].numpy()
+            assert got[key][n] == pytest.approx(float(np.dot(w, per_level)), rel=1e-5), (n, key)
+            np.testing.assert_allclose(got[f"{key}_levels"][n], per_level, rtol=1e-5)
     assert got["index"].tolist() == [it["index"] for it in items]
     assert np.abs(got["uncond"] - got["cond"]).min() > 1e-3  # the null condition is really another input
+    from experiments.data.heldout import GAIN_LEVELS
+
+    rows = {r["metric"]: r for r in validation.summary_rows(7, got, gain_levels=GAIN_LEVELS)}
+    j = list(items[0]["sigmas"].numpy().round(2)).index(0.9)
+    gain = got["uncond_levels"][:, j] - got["cond_levels"][:, j]
+    assert rows["val.cond_gain.s0.90"]["value"] == pytest.approx(gain.mean(), rel=1e-9)
+    assert {"val.cond_gain.s0.76", "val.cond_gain.s0.85"} <= set(rows)
 
 
 def val_rows(run_dir: Path) -> pd.DataFrame:

@@ -21,13 +21,14 @@ from experiments.data.shapes import ShapesStream
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images (B, 3, S, S); keep captions (str or ``Prompt`` with images) as a list. Validation items'
-    noise levels and noise seeds (``experiments.data.heldout``) stack to (B, K); HF items' ``skipped`` to (B,)."""
+    noise levels, noise seeds and level weights (``experiments.data.heldout``) stack to (B, K); HF items'
+    ``skipped`` to (B,)."""
     out = {
         "image": torch.stack([it["image"] for it in items]),
         "caption": [it["caption"] for it in items],
         "index": torch.tensor([it["index"] for it in items]),
     }
-    for key in ("sigmas", "noise_seeds"):
+    for key in ("sigmas", "noise_seeds", "level_weights"):
         if key in items[0]:
             out[key] = torch.stack([it[key] for it in items])
     if "skipped" in items[0]:  # HF rows skipped by the worker before each item (experiments.data.hf)
