@@ -29,8 +29,9 @@ def test_unknown_experiment_lists_valid_names():
 def test_conditioning_candidates_grid():
     spec, runs = load_experiment("conditioning_candidates")
     names = [r.name for r in runs]
-    assert names == ["t5", "last_layer", "kv_fusion", "hsi", "lap", "untrained"]
+    assert names == ["t5", "last_layer", "kv_fusion", "hsi", "lap", "untrained", "oracle"]
     by = {r.name: r.config for r in runs}
+    assert by["oracle"]["encoder"]["preset"] == "oracle"  # the positive control: a condition that names the scene
     assert by["t5"]["encoder"]["preset"] == "tiny-t5"
     assert by["lap"]["encoder"]["preset"] == "tiny-vlm" and by["lap"]["conditioner"]["refiner_blocks"] == 2
     assert by["lap"]["encoder"]["stride"] == 1 and by["lap"]["encoder"]["start"] == 1  # all 4 tiny-VLM layers

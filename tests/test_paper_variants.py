@@ -27,7 +27,8 @@ PAPER_EXPS = available_experiments()
 def test_paper_variant_is_consistent(exp: str) -> None:
     _, runs = load_experiment(exp, paper=True, sets=DATA)
     _, tiny = load_experiment(exp)
-    assert [r.name for r in runs] == [r.name for r in tiny]
+    # the oracle control reads shapes-world captions word by word: it has no real-model counterpart
+    assert [r.name for r in runs] == [r.name for r in tiny if r.name != "oracle"]
     for r in runs:
         c = r.config
         enc = c["encoder"]

@@ -171,8 +171,9 @@ def test_local_sweeps_start_the_longest_runs_first() -> None:
     from experiments.launch import longest_first
 
     runs = load_experiment("conditioning_candidates")[1]
-    assert [r.name for r in runs] == ["t5", "last_layer", "kv_fusion", "hsi", "lap", "untrained"]
-    assert [r.name for r in longest_first(runs)] == ["kv_fusion", "t5", "last_layer", "hsi", "lap", "untrained"]
+    assert [r.name for r in runs] == ["t5", "last_layer", "kv_fusion", "hsi", "lap", "untrained", "oracle"]
+    assert [r.name for r in longest_first(runs)] == ["kv_fusion", "t5", "last_layer", "hsi", "lap", "oracle",
+                                                     "untrained"]
 
 
 def test_a_run_adopts_the_same_config_finished_in_another_sweep(tmp_path: Path) -> None:
