@@ -8,7 +8,8 @@
 - run: ``--batch-size``, ``--seed``, ``--n-resamples``, ``--out``.
 
 Every parser shows its defaults in ``--help``. Input errors end the program with ONE line ``error: ...`` on
-stderr and exit status 2 (argparse's own errors too), before any model is loaded: each tool checks its inputs
+stderr and exit status 2 (argparse's own errors too), before any model is loaded (errors from torch,
+transformers or your generator keep their traceback; ``--debug`` keeps ours too): each tool checks its inputs
 first, then builds its judge. Old flag names stay accepted as aliases (hidden from ``--help``; using one prints a
 one-line note naming the new flag).
 """
@@ -19,6 +20,7 @@ import argparse
 import functools
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from common.cli import fail
@@ -47,22 +49,54 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
+        # read (and removed from the command line) by ``entry``; declared here so that --help lists it
+        self.add_argument(DEBUG_FLAG, action="store_true", help="keep the full traceback of every error")
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see {self.prog} --help)")
 
 
+_ROOT = Path(__file__).resolve().parents[1]
+_OWN_PACKAGES = frozenset({"common", "world", "models", "evals", "experiments", "analysis"})
+DEBUG_FLAG = "--debug"
+
+
+def raised_here(err: BaseException) -> bool:
+    """Whether ``err`` was raised by this harness's own code (the innermost frame of its traceback lies in one of
+    its packages): our checks of the user's input and of a judge's answers. An error raised inside torch,
+    transformers or the user's own generator is not, and keeps its traceback."""
+    tb, filename = err.__traceback__, None
+    while tb is not None:
+        filename, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    if filename is None:
+        return False
+    try:
+        rel = Path(filename).resolve().relative_to(_ROOT)
+    except ValueError:
+        return False
+    return len(rel.parts) > 1 and rel.parts[0] in _OWN_PACKAGES
+
+
 def entry(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a CLI ``main``: input errors (``ValueError``, ``FileNotFoundError``, ``KeyError``) become one
-    ``error:`` line with exit 2; a failing judge endpoint (``RuntimeError``) one line with exit 1."""
+    """Wrap a CLI ``main(argv)``: input errors the harness raises itself (``ValueError``, ``FileNotFoundError``,
+    ``KeyError``) become one ``error:`` line with exit 2, a failing judge endpoint (``RuntimeError``) one line with
+    exit 1. Errors raised elsewhere (torch, transformers, your generator: a CUDA OOM, a ``KeyError`` in your
+    sampler) keep their full traceback, and ``--debug`` anywhere on the command line keeps every traceback."""
 
     @functools.wraps(main)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
+    def wrapped(argv: Sequence[str] | None = None, *args: Any, **kwargs: Any) -> Any:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = DEBUG_FLAG in argv
+        argv = [a for a in argv if a != DEBUG_FLAG]
         try:
-            return main(*args, **kwargs)
+            return main(argv, *args, **kwargs)
         except (ValueError, FileNotFoundError, KeyError) as err:
+            if debug or not raised_here(err):
+                raise
             fail(err.args[0] if isinstance(err, KeyError) and err.args else err)
         except RuntimeError as err:
+            if debug or not raised_here(err):
+                raise
             fail(err, status=1)
 
     return wrapped

@@ -198,3 +198,31 @@ def test_old_flag_names_still_work(files, tmp_path, capsys) -> None:
     a = dpg_refined._parser().parse_args(["judge", "--images", "d", "--gen-seed", "5", "--n-images", "4",
                                           "--out", "o"])
     assert (a.seed, a.n_samples, a.judge) == (5, 4, "gemma-3-27b-it")
+
+
+def test_errors_from_your_generator_keep_their_traceback_and_debug_keeps_ours(files, tmp_path) -> None:
+    """Only the harness's own input checks become one ``error:`` line: a KeyError inside the user's sampler and a
+    RuntimeError like a CUDA OOM keep their traceback (a real process each); ``--debug`` keeps ours too."""
+    gen = tmp_path / "mygen.py"
+    gen.write_text("def broken(prompts, seeds):\n    settings = {}\n    return settings['num_steps']\n\n"
+                   "def oom(prompts, seeds):\n    raise RuntimeError('CUDA out of memory. Tried to allocate 2 GiB')\n")
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        out = tmp_path / f"o{len(list(tmp_path.glob('o*')))}"
+        return subprocess.run([sys.executable, "-m", "evals.generate", "--benchmark", "genai", "--limit", "1",
+                               "--out", str(out), *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env=env)
+
+    for fn, last in (("broken", "KeyError: 'num_steps'"), ("oom", "RuntimeError: CUDA out of memory")):
+        out = run("--callable", f"{gen}:{fn}")
+        assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr, out.stderr
+        assert f"mygen.py\", line {3 if fn == 'broken' else 6}" in out.stderr
+        assert out.stderr.strip().splitlines()[-1].startswith(last), out.stderr
+    ours = ["--ckpt", str(files["ckpt"]), "--metadata", str(tmp_path / "none.jsonl")]
+    plain = run(*ours)
+    assert plain.returncode == 2 and plain.stderr.strip().splitlines() == [
+        line for line in plain.stderr.strip().splitlines() if line.startswith("error: ")] != []
+    debug = run(*ours, "--debug")
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert "prompt file not found" in debug.stderr.strip().splitlines()[-1]
