@@ -23,7 +23,7 @@ def _study(tmp_path: Path, n_prompts: int = 3, n_seeds: int = 2, **kw):
     db = str(tmp_path / "s.sqlite")
     sessions = make_sessions(make_engine(db))
     create_study(sessions, "s", a, b, "geneval", ["overall", "visual_quality"], name_a="alpha", name_b="beta",
-                 seed=0, **kw)
+                 **{"seed": 0, **kw})
     return db, sessions, a, b
 
 
@@ -184,3 +184,39 @@ def test_more_systems_in_one_study(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[-1] == "opponent" and len(rows) == 2 * 2 * 2  # comparisons x aspects x sides
     assert (out / "bradley_terry.csv").read_text().count("\n") == 1 + 2 * 3
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not_an_image"])
+def test_create_refuses_an_image_that_does_not_decode_and_names_it(tmp_path: Path, damage: str) -> None:
+    """A broken file would be served as an error while the votes on its pair count against its system."""
+    a = write_system(tmp_path, SYSTEMS[0], 3, 2)
+    b = write_system(tmp_path, SYSTEMS[1], 3, 2, shift=1)
+    bad = b / "00001" / "samples" / "00000.png"
+    data = bad.read_bytes()
+    bad.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "not_an_image": b"hello " * 50}[damage])
+    sessions = make_sessions(make_engine(str(tmp_path / "s.sqlite")))
+    with pytest.raises(ValueError, match=r"1 image\(s\) cannot be decoded, e\.g\. .*00001/samples/00000\.png"):
+        create_study(sessions, "s", a, b, "geneval", ["overall"], name_a="alpha", name_b="beta", seed=0)
+    with sessions() as s:  # nothing of the refused study was stored
+        assert s.scalar(select(func.count()).select_from(Pair)) == 0
+
+
+def test_gold_pairs_have_balanced_sides(tmp_path: Path) -> None:
+    """An annotator who always answers "right" passes exactly half the gold checks, whatever the seed."""
+    for seed in range(4):
+        (tmp_path / str(seed)).mkdir()
+        _, sessions, *_ = _study(tmp_path / str(seed), n_prompts=10, n_seeds=2, gold_rate=0.5, seed=seed)
+        with sessions() as s:
+            answers = s.scalars(select(Pair.gold_answer).where(Pair.gold_answer.is_not(None))).all()
+        assert len(answers) == 10 and answers.count("right") == 5, (seed, answers)
+
+
+def test_database_errors_do_not_print_tokens(tmp_path: Path) -> None:
+    """A failing statement's message names no bound value: annotator tokens never reach the server log."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = make_engine(str(tmp_path / "s.sqlite"))
+    with pytest.raises(SQLAlchemyError) as err, engine.begin() as conn:
+        conn.execute(text("INSERT INTO no_such_table (token) VALUES (:t)"), {"t": "tok-SECRET-123"})
+    assert "no_such_table" in str(err.value) and "tok-SECRET-123" not in str(err.value)

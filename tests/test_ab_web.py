@@ -116,3 +116,46 @@ def test_no_system_name_reaches_an_annotator(study) -> None:
     text = "\n".join(seen)
     for secret in study["secrets"]:
         assert secret not in text, f"{secret!r} reached an annotator"
+
+
+def test_a_changed_image_is_refused_not_served_and_pixels_show_as_a_viewer_shows_them(tmp_path: Path) -> None:
+    """Images are pinned at create: a regenerated file is refused (409, no path in the page) even after a restart;
+    EXIF orientation, transparency and 16-bit greyscale come out as an image viewer shows them."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from evals.ab.blind import png_of
+
+    a = write_system(tmp_path, SYSTEMS[0], 2, 1)
+    b = write_system(tmp_path, SYSTEMS[1], 2, 1, shift=1)
+    db = str(tmp_path / "s.sqlite")
+    sessions = make_sessions(make_engine(db))
+    create_study(sessions, "s", a, b, "geneval", ["overall"], name_a="alpha", name_b="beta", seed=0)
+    (token,) = [tok for _, tok in add_annotators(sessions, "s", 1)]
+    with running_app(db) as url, httpx.Client(base_url=url) as client:
+        pair = re.search(PAIR_ID_PATTERN, client.get(f"/a/{token}").text)[1]
+        with sessions() as s:
+            p = s.scalar(select(Pair).where(Pair.public_id == pair))
+            files = {"left": Path(p.left_image.path), "right": Path(p.right_image.path)}
+        assert client.get(f"/a/{token}/img/{pair}/left").status_code == 200
+        Image.new("RGB", (64, 64), (0, 0, 0)).save(files["right"])  # regenerated after the study was made
+        refused = client.get(f"/a/{token}/img/{pair}/right")
+        assert refused.status_code == 409 and str(files["right"]) not in refused.text
+    with running_app(db) as url, httpx.Client(base_url=url) as client:  # a restarted server refuses it too
+        assert client.get(f"/a/{token}/img/{pair}/right").status_code == 409
+
+    def shown(img: Image.Image, **save) -> np.ndarray:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG" if "exif" not in save else "JPEG", **save)
+        return np.asarray(Image.open(io.BytesIO(png_of(buf.getvalue()))))
+
+    grey16 = Image.fromarray(np.full((4, 4), 32768, np.uint16))  # mid grey: convert("RGB") alone clips to white
+    assert shown(grey16)[0, 0].tolist() == [128, 128, 128]
+    clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # fully transparent: white, as viewers show it, not black
+    assert shown(clear)[0, 0].tolist() == [255, 255, 255]
+    tall = Image.new("RGB", (8, 4), (200, 0, 0))
+    exif = tall.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    assert shown(tall, exif=exif.tobytes()).shape[:2] == (8, 4)

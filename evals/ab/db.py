@@ -77,7 +77,8 @@ class System(Base):
 
 
 class Image(Base):
-    """An image file (``path``) or, for gold renders, its PNG bytes (``data``)."""
+    """An image file (``path``, pinned by the ``sha256`` of its bytes when the study was created) or, for gold
+    renders, its PNG bytes (``data``)."""
 
     __tablename__ = "ab_image"
     __table_args__ = (CheckConstraint("(path IS NULL) <> (data IS NULL)", name="ck_image_one_source"),)
@@ -85,6 +86,7 @@ class Image(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("ab_study.id"))
     path: Mapped[str | None] = mapped_column(Text, nullable=True)
     data: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Pair(Base):
@@ -184,8 +186,9 @@ def make_engine(db: str, timeout_s: float = 60.0) -> Engine:
     """The engine for ``db`` with the study tables created if missing."""
     url = database_url(db)
     if url.startswith("sqlite"):
+        # hide_parameters: a database error's message would print bound values, annotators' tokens among them
         engine = create_engine(url, connect_args={"timeout": timeout_s, "check_same_thread": False},
-                               pool_size=10, max_overflow=10)
+                               pool_size=10, max_overflow=10, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn, _record) -> None:  # noqa: ANN001 - DB-API objects
@@ -201,7 +204,7 @@ def make_engine(db: str, timeout_s: float = 60.0) -> Engine:
             # with "database is locked" without waiting when another writer got there first
             conn.exec_driver_sql("BEGIN IMMEDIATE")
     else:
-        engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+        engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True, hide_parameters=True)
     Base.metadata.create_all(engine)
     return engine
 

@@ -81,6 +81,27 @@ def _image_size(path: Path) -> int:
         return min(img.size)
 
 
+def pin_images(paths: list[Path]) -> dict[Path, str]:
+    """Decode every image completely and return the SHA-256 of each file's bytes; refuse (``StudyError``, files
+    named) when any does not decode: a broken image would be served as an error while votes on its pair count."""
+    from tqdm.auto import tqdm
+
+    from evals.ab.blind import digest, png_of
+
+    pinned, bad = {}, []
+    for path in tqdm(sorted(set(paths)), desc="check images", unit="img", leave=False):
+        data = path.read_bytes()
+        try:
+            png_of(data, path)
+        except ValueError as err:
+            bad.append(str(err))
+            continue
+        pinned[path] = digest(data)
+    if bad:
+        raise StudyError(f"{len(bad)} image(s) cannot be decoded, e.g. {'; '.join(bad[:3])}")
+    return pinned
+
+
 def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: str | Path, layout: str,
                  aspects: list[str], votes_per_pair: int = 3, name_a: str | None = None, name_b: str | None = None,
                  gold_rate: float = 0.0, gold_threshold: float = 0.8, per_annotator: int | None = None,
@@ -98,6 +119,7 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
         raise StudyError(f"the two systems need different names (both {name_a!r}); pass --name-a / --name-b")
     matched = pair_items(read_folder(a_dir, layout, prompts_file), read_folder(b_dir, layout, prompts_file),
                          name_a, name_b)
+    pinned = pin_images([p for ia, ib in matched for p in (ia.image, ib.image, ia.source) if p is not None])
     rng = random.Random(seed) if seed is not None else random.SystemRandom()
     admin_token = None
     with sessions.begin() as s:
@@ -136,7 +158,7 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
 
         def image(path: Path) -> Image:
             if path not in images:
-                images[path] = Image(study_id=study.id, path=str(path))
+                images[path] = Image(study_id=study.id, path=str(path), sha256=pinned[path])
                 s.add(images[path])
             return images[path]
 
@@ -153,8 +175,11 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
             first_gold = s.scalar(select(func.count()).select_from(Pair).where(
                 Pair.study_id == study.id, Pair.gold_answer.is_not(None)))
             size = _image_size(matched[0][0].image)
+            # gold sides exactly balanced too: an annotator who always answers one side passes half the checks
+            gold_left = [True] * (n_gold // 2) + [False] * (n_gold - n_gold // 2)
+            rng.shuffle(gold_left)
             for k, gold in enumerate(gold_pairs(n_gold, layout == "edit", rng.randrange(2**31), size)):
-                better_left = rng.random() < 0.5
+                better_left = gold_left[k]
                 better, worse = Image(study_id=study.id, data=gold.better), Image(study_id=study.id, data=gold.worse)
                 key = f"gold-{first_gold + k:05d}"
                 s.add(Pair(public_id=secrets.token_urlsafe(9), study_id=study.id, prompt_key=key, item_key=key,

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
 from evals.ab.assign import AnnotatorError, next_pair, pair_for, record_vote
-from evals.ab.blind import image_png
+from evals.ab.blind import ImageChanged, image_png
 from evals.ab.db import Annotator, Assignment, Image, Pair, make_engine, make_sessions
 from evals.ab.study import StudyError, add_annotators, admin_ok, get_study, question
 
@@ -100,7 +100,12 @@ def create_app(db: str | Engine) -> FastAPI:
         chosen = {"left": pair.left_image, "right": pair.right_image, "source": pair.source_image}.get(which)
         if chosen is None:
             raise AnnotatorError(404, "No such image.")
-        return Response(images.get(chosen), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        try:
+            data = images.get(chosen)
+        except ImageChanged as err:  # the organisers see the file in the server log; the annotator sees no path
+            print(f"refused to serve: {err}", flush=True)
+            raise AnnotatorError(409, "This image is not available. Please reload the page.") from None
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     # ------------------------------------------------------------------------------------------------ admin
     def admin_study(request: Request, name: str):  # noqa: ANN202
