@@ -50,12 +50,16 @@ def seq2seq_answer_score(model: Any, tokenizer: Any, encoder_inputs: dict[str, t
     """CLIP-FlanT5's score for an encoder-decoder: ``exp(-mean CE)`` over the answer's T5 labels (with ``</s>``).
 
     encoder_inputs: what the model's encoder takes (``input_ids``/``attention_mask`` or ``inputs_embeds``), batch B.
-    Returns (B,) scores = geometric mean of the label tokens' teacher-forced probabilities.
+    Returns (B,) scores = geometric mean of the label tokens' teacher-forced probabilities, each a softmax over the
+    tokenizer's ``len(tokenizer)`` ids (not the head's padding rows beyond them).
     """
     labels = tokenizer([answer], return_tensors="pt")["input_ids"]  # T5 appends </s>
     b = next(iter(encoder_inputs.values())).shape[0]
     labels = labels.expand(b, -1).contiguous().to(next(model.parameters()).device)
     with torch.no_grad():
         logits = model(**encoder_inputs, labels=labels).logits.float()  # (B, K, V)
+    # FlanT5's head has 32128 rows for a 32100-id tokenizer; t2v_metrics resizes the embeddings to the tokenizer,
+    # so its softmax runs over the tokenizer's ids only. Slicing does the same without re-tying the separate head.
+    logits = logits[..., : min(len(tokenizer), logits.shape[-1])]
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (B, K)
     return ce.mean(dim=1).neg().exp().cpu()

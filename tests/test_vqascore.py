@@ -92,6 +92,31 @@ def test_clip_flant5_formula_is_the_geometric_mean_with_eos() -> None:
         assert score[b].item() != pytest.approx(p_yes, rel=1e-3)  # not P(Yes) itself
 
 
+def test_clip_flant5_softmax_runs_over_the_tokenizers_ids_not_the_padded_head() -> None:
+    """FlanT5's output head has more rows (32128) than its tokenizer has ids (32100); t2v_metrics resizes the model
+    to the tokenizer, so its probabilities are a softmax over the tokenizer's ids. A head padded by 8 rows here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    words = ["<pad>", "</s>", "<unk>", "Yes", "No", "a", "red", "circle"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(1)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=len(words) + 8, d_model=32, d_ff=64, num_layers=2,
+                                                num_heads=2, d_kv=16, decoder_start_token_id=0, pad_token_id=0,
+                                                eos_token_id=1, tie_word_embeddings=False)).eval()
+    enc = dict(tok(["a red circle"], return_tensors="pt"))
+    with torch.no_grad():
+        steps = [model(**enc, decoder_input_ids=torch.tensor([ids])).logits[0, -1] for ids in ([0], [0, 3])]
+    p_in = [torch.softmax(s[: len(words)], -1)[t].item() for s, t in zip(steps, (3, 1), strict=True)]
+    p_all = [torch.softmax(s, -1)[t].item() for s, t in zip(steps, (3, 1), strict=True)]
+    score = seq2seq_answer_score(model, tok, enc, "Yes")[0].item()
+    assert score == pytest.approx((p_in[0] * p_in[1]) ** 0.5, rel=1e-5)
+    assert score != pytest.approx((p_all[0] * p_all[1]) ** 0.5, rel=1e-3)  # the padded rows would matter
+
+
 def test_oracle_and_bad_input() -> None:
     from world.prompts import sample_prompt, scene_for_prompt
     from world.scene import render
