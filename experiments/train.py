@@ -28,7 +28,14 @@ from common.paths import RUNS_DIR
 from experiments.evaluation import BENCHMARKS, headline_metrics
 from experiments.loggers import extra_loggers, finish, log_image, logger_kind
 from experiments.run_dir import RunDir
-from models.checkpoints import load_module, read_checkpoint, resume_step, save_final
+from models.checkpoints import (
+    AtomicCheckpointIO,
+    load_module,
+    read_checkpoint,
+    resume_checkpoint,
+    resume_step,
+    save_final,
+)
 
 METRIC_COLUMNS = ["exp", "run", "candidate", "seed", "step", "metric", "value", "ci_low", "ci_high", "n"]
 
@@ -234,8 +241,9 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
     tcfg = config["train"]
     init_from_run(module, config, run_dir)  # before the 0-step exit: a 0-step run can re-evaluate another's weights
     rd = RunDir(run_dir)
-    ckpt_dir, last = rd.checkpoints, rd.last_ckpt
-    resume_at = resume_step(last)
+    ckpt_dir = rd.checkpoints
+    last = resume_checkpoint(ckpt_dir, rd.last_ckpt.name)  # last.ckpt, or the newest intact one if it is damaged
+    resume_at = resume_step(last) if last is not None else None
     recorder = validation.ValidationRecorder(rd.validation, resume_at)
     if tcfg["steps"] == 0:
         if validating:  # the untrained model's point of the learning curves
@@ -260,11 +268,12 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
         logger=[resumable_csv_logger(run_dir, resume_at, tcfg["log_every"]),
                 *extra_loggers(config, run_dir, rd.path.name)],
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         log_every_n_steps=tcfg["log_every"],
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last is not None else None)
     if validating and trainer.global_step == tcfg["steps"] and trainer.global_step not in recorder.steps():
         trainer.validate(module, datamodule=data, verbose=False)  # the last step, when val_every does not divide it
     return module

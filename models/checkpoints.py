@@ -1,18 +1,29 @@
-"""Checkpoints of a trained ``UniFusionModule``: writing ``final.ckpt`` and reading any checkpoint back.
+"""Checkpoints of a trained ``UniFusionModule``: writing ``final.ckpt`` and reading any checkpoint back; atomic
+writes and the choice of the checkpoint a run resumes from.
 
 Checkpoints are Lightning's format (``state_dict``, ``hyper_parameters`` = the run's config, ``global_step``)
 without the frozen encoder's weights: the encoder is rebuilt from its preset on load
 (``UniFusionModule.on_save_checkpoint`` / ``on_load_checkpoint``).
+
+Every checkpoint is written to a temporary file in its own folder, fsynced and renamed over the old one
+(``write_atomic``; ``AtomicCheckpointIO`` does it for Lightning's own saves). Lightning's default writes to
+``$TMPDIR`` and moves the file, a copy when ``$TMPDIR`` is node-local and the runs folder shared: a preemption
+or a full disk during that copy leaves a truncated ``last.ckpt``. ``resume_checkpoint`` then resumes from the
+newest intact checkpoint instead and says so.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 if TYPE_CHECKING:
     from models.module import UniFusionModule
@@ -32,11 +43,78 @@ def save_final(module: UniFusionModule, path: Path) -> Path:
     ckpt = {"state_dict": state, "hyper_parameters": dict(module.hparams),
             "global_step": int(module.global_step), "pytorch-lightning_version": L.__version__}
     module.on_save_checkpoint(ckpt)  # drops the encoder's weights: it is rebuilt from its preset
+    return write_atomic(ckpt, path)
+
+
+def write_atomic(obj: Any, path: Path) -> Path:
+    """``torch.save(obj)`` to ``path`` so that ``path`` is always either its old file or the whole new one: written
+    to a temporary file in the same folder, fsynced, renamed over ``path``, the folder fsynced."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash of the node
+    finally:
+        os.close(dir_fd)
     return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer with ``write_atomic``: ``last.ckpt`` and the step checkpoints are never left
+    half-written, whatever filesystems ``$TMPDIR`` and the runs folder are on."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        write_atomic(checkpoint, Path(path))
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint file at ``path`` cannot be read back (None when it is intact): every member of torch's
+    zip archive is read and its CRC checked, without unpickling anything."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None if bad is None else f"member {bad} fails its CRC check"
+
+
+def _step_of(path: Path) -> int:
+    match = re.search(r"step=(\d+)", path.name)
+    return int(match[1]) if match else -1
+
+
+def resume_checkpoint(folder: Path, last: str = "last.ckpt") -> Path | None:
+    """The checkpoint a run resumes from: ``folder/last`` when it is intact, else the intact checkpoint of the
+    highest step in ``folder`` (a line on stderr says which and why); None when the folder holds no checkpoint.
+    Raises RuntimeError when checkpoints exist but none is intact."""
+    folder = Path(folder)
+    first = folder / last
+    others = sorted((p for p in folder.glob("*.ckpt") if p.name != last),
+                    key=lambda p: (_step_of(p), p.stat().st_mtime), reverse=True)
+    candidates = ([first] if first.is_file() else []) + others
+    if not candidates:
+        return None
+    damaged = []
+    for path in candidates:
+        why = damage(path)
+        if why is None:
+            if damaged:
+                print(f"resume: {'; '.join(damaged)}; resuming from {path.name} (step {resume_step(path)})",
+                      file=sys.stderr, flush=True)
+            return path
+        damaged.append(f"{path.name} is damaged ({why})")
+    raise RuntimeError(f"no intact checkpoint in {folder}: {'; '.join(damaged)}; remove the folder to start over")
 
 
 def load_module(ckpt: str | Path | UniFusionModule, device: str | None = None) -> UniFusionModule:

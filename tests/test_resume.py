@@ -68,3 +68,45 @@ def test_datamodule_starts_where_training_stopped() -> None:
     FakeTrainer.accumulate_grad_batches = 2
     loader = iter(dm.train_dataloader())
     assert [next(loader)["index"].tolist()[0] for _ in range(2)] == [128, 140]
+
+
+def test_a_truncated_last_checkpoint_resumes_from_the_intact_step_checkpoint(tmp_path: Path, capsys) -> None:
+    """A full disk or a preemption while last.ckpt was copied into place leaves it truncated: the run resumes from
+    the step checkpoint beside it (and says so) and ends with the uninterrupted run's weights."""
+    cfg = small_config()
+    straight = trainable_state(train(cfg, tmp_path / "straight"))
+    train(cfg, tmp_path / "resumed", stop_at=5)
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    last = ckpts / "last.ckpt"
+    step = [p for p in ckpts.glob("*.ckpt") if p != last]
+    assert [p.name for p in step] == ["epoch=0-step=3.ckpt"]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size * 3 // 4])
+    resumed = trainable_state(train(cfg, tmp_path / "resumed"))
+    err = capsys.readouterr().err
+    assert "last.ckpt is damaged" in err and "resuming from epoch=0-step=3.ckpt (step 3)" in err, err
+    for k in straight:
+        assert torch.equal(resumed[k], straight[k]), k
+
+
+def test_checkpoint_writes_are_all_or_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A write that dies half-way leaves the previous checkpoint in place and no temporary file behind."""
+    import pytest
+
+    from models import checkpoints
+
+    path = tmp_path / "last.ckpt"
+    checkpoints.write_atomic({"global_step": 1, "w": torch.arange(1000)}, path)
+
+    def dies_half_way(obj, f) -> None:
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoints.write_atomic({"global_step": 2}, path)
+    assert torch.load(path, weights_only=False)["global_step"] == 1 and checkpoints.damage(path) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    path.write_bytes(path.read_bytes()[:-100])
+    assert checkpoints.damage(path) is not None
+    with pytest.raises(RuntimeError, match="no intact checkpoint"):
+        checkpoints.resume_checkpoint(tmp_path)
