@@ -300,16 +300,23 @@ FLOOR, CEILING = "untrained", "oracle"  # the negative and positive controls of 
 PART = "geneval.part."
 
 
+GAIN_LEVEL = 0.85  # high noise: the prompt decides the pixels, so the gain is not diluted by levels where it is ~0
+
+
 def control_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """Runs x where their samples fail, between the controls: one row per run with ``seeds``, ``overall`` (GenEval
     overall, mean over training seeds), ``of_oracle`` (the run's share of the oracle's gain over the untrained
     floor, (run - floor) / (oracle - floor); NaN without both controls or when the oracle is not above the floor)
     and one column per ``evals.geneval.COMPONENTS`` entry (``geneval.part.<c>``: share of the images where it
-    applies, mean over seeds). Each metric at its last step; empty when no run records components."""
+    applies, mean over seeds); ``gain``: the held-out conditioning gain at noise level ``GAIN_LEVEL``
+    (``val.cond_gain.s0.85``, mean over seeds) and ``gain_of_oracle`` = gain / the oracle's gain (NaN unless the
+    oracle's is > 0). Each metric at its last step; empty when no run records components."""
     from evals.geneval import COMPONENTS
+    from experiments.validation import gain_metric
 
     parts = [f"{PART}{c}" for c in COMPONENTS]
-    m = metrics[metrics.metric.isin([OVERALL, *parts])]
+    gain = gain_metric(GAIN_LEVEL)
+    m = metrics[metrics.metric.isin([OVERALL, *parts, gain])]
     if not m.metric.isin(parts).any():
         return pd.DataFrame()
     last = m[m.step == m.groupby(["run", "metric"]).step.transform("max")]
@@ -324,4 +331,7 @@ def control_table(metrics: pd.DataFrame) -> pd.DataFrame:
     out["of_oracle"] = (out.overall - floor) / gap if pd.notna(gap) and gap > 0 else np.nan
     for c, col in zip(COMPONENTS, parts, strict=True):
         out[c] = wide[col].reindex(out.index) if col in wide else np.nan
+    out["gain"] = wide[gain].reindex(out.index) if gain in wide else np.nan
+    oracle_gain = out.gain.get(CEILING, np.nan)
+    out["gain_of_oracle"] = out.gain / oracle_gain if pd.notna(oracle_gain) and oracle_gain > 0 else np.nan
     return out.reset_index()

@@ -20,6 +20,7 @@ from analysis.comparisons import (
     ALPHA,
     CEILING,
     FLOOR,
+    GAIN_LEVEL,
     ci_note,
     control_table,
     fmt_p,
@@ -97,14 +98,17 @@ def control_lines(metrics: pd.DataFrame) -> list[str]:
 
     out = [f"Between the controls ({FLOOR}: the floor, {CEILING}: exact caption tokens, the ceiling) and where "
            "samples fail: share of the images where each part applies (drawn: any object; shape: every asked class "
-           "given drawn; color: every asked colour on some object; count and position: given shape); mean over "
-           "training seeds:", "",
-           "| run | seeds | overall | of oracle's gain | drawn | shape | color | count | position |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "given drawn; color: every asked colour on some object; count and position: given shape), and the "
+           f"held-out conditioning gain at noise level {GAIN_LEVEL} (uncond - cond loss; also as a share of the "
+           "oracle's); mean over training seeds:", "",
+           "| run | seeds | overall | of oracle's gain | drawn | shape | color | count | position | val gain "
+           f"s{GAIN_LEVEL} | of oracle's |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in t.itertuples():
         out.append(f"| {r.run} | {'' if pd.isna(r.seeds) else int(r.seeds)} | {cell(r.overall)} | "
                    f"{cell(r.of_oracle)} | {cell(r.drawn)} | {cell(r.shape)} | {cell(r.color)} | {cell(r.count)} | "
-                   f"{cell(r.position)} |")
+                   f"{cell(r.position)} | {'' if pd.isna(r.gain) else f'{r.gain:.5f}'} | "
+                   f"{cell(r.gain_of_oracle)} |")
     return [*out, ""]
 
 

@@ -354,10 +354,23 @@ def submit(todo: list[RunSpec], root: Path, cluster: str, profile: str | None, p
     return failures
 
 
+def with_validation(metrics: pd.DataFrame, exp: str, run: RunSpec, root: Path) -> pd.DataFrame:
+    """A finished run's metric rows with its validation rows rebuilt from its ``validation.csv`` (the record the
+    recorder keeps): metrics added to validation later reach the sweep's table without retraining."""
+    from experiments.train import validation_metric_rows
+
+    val = validation_metric_rows(exp, run.name, run.config, root / run.dirname)
+    if val.empty:
+        return metrics
+    keep = metrics[~metrics.metric.str.startswith("val.") & (metrics.metric != "time.val_s")]
+    return pd.concat([keep, val], ignore_index=True)[list(metrics.columns)]
+
+
 def collect(exp: str, runs: list[RunSpec], root: Path, results_dir: Path, figure: str | None = None) -> pd.DataFrame:
     """Rebuild ``results_dir/metrics.csv`` from the run directories (idempotent) and redraw the figure."""
     done = [r for r in runs if RunDir(root / r.dirname).is_done()]
-    frames = [pd.read_csv(RunDir(root / r.dirname).metrics, dtype={"layers": str}) for r in done]
+    frames = [with_validation(pd.read_csv(RunDir(root / r.dirname).metrics, dtype={"layers": str}), exp, r, root)
+              for r in done]
     if not frames:
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True)

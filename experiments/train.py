@@ -303,14 +303,15 @@ def evaluate_all(module, config: dict[str, Any], run_dir: Path, exp: str, name: 
 
 
 def validation_metric_rows(exp: str, run: str, config: dict[str, Any], run_dir: Path) -> pd.DataFrame:
-    """The run's held-out validation rows (``experiments.validation``) at every validated step, and the total
+    """The run's held-out validation rows (``experiments.validation``: the three curves and the per-level gains) at
+    every validated step, and the total
     seconds spent validating (``time.val_s``, at the last step); empty when ``eval.val_every`` is null."""
-    from experiments.validation import VAL_METRICS, read_rows
+    from experiments.validation import is_val_metric, read_rows
 
     rows = read_rows(RunDir(run_dir).validation)
     if rows.empty:
         return pd.DataFrame(columns=METRIC_COLUMNS)
-    curve = rows[rows.metric.isin(VAL_METRICS)]
+    curve = rows[rows.metric.map(is_val_metric)]
     spent = rows[rows.metric == "time.val_s"]
     total = pd.DataFrame([{"step": int(rows.step.max()), "metric": "time.val_s", "value": float(spent.value.sum()),
                            "n": len(spent)}])

@@ -58,6 +58,11 @@ def trainer_options(config: dict[str, Any], accumulate: int) -> dict[str, Any]:
             "use_distributed_sampler": False}
 
 
+def is_val_metric(metric: str) -> bool:
+    """Whether a metric name is a validation metric: one of ``VAL_METRICS`` or a per-level gain."""
+    return metric in VAL_METRICS or metric.startswith("val.cond_gain.s")
+
+
 def gain_metric(level: float) -> str:
     """``val.cond_gain.s0.85``: the name of the conditioning gain at one noise level."""
     return f"val.cond_gain.s{level:.2f}"

@@ -39,3 +39,18 @@ def test_without_an_oracle_above_the_floor_there_is_no_share() -> None:
                      + rows("lap", 0, 0.4, {"drawn": 0.3}))
     assert control_table(m).of_oracle.isna().all()  # a ceiling at the floor measures nothing
     assert control_table(pd.DataFrame(rows("lap", 0, 0.4, {}))).empty  # no component rows: no table
+
+
+def test_the_conditioning_gain_at_high_noise_as_a_share_of_the_oracles() -> None:
+    gain = "val.cond_gain.s0.85"
+    m = pd.DataFrame(rows("untrained", 0, 0.0, {"drawn": 0.1}, step=0)[1:]
+                     + rows("oracle", 0, 0.5, {"drawn": 1.0}) + rows("lap", 0, 0.1, {"drawn": 0.5})
+                     + rows("lap", 1, 0.2, {"drawn": 0.5})
+                     + [{"run": "oracle", "seed": 0, "step": 100, "metric": gain, "value": 0.004},
+                        {"run": "lap", "seed": 0, "step": 100, "metric": gain, "value": 0.001},
+                        {"run": "lap", "seed": 1, "step": 100, "metric": gain, "value": 0.002},
+                        {"run": "lap", "seed": 0, "step": 50, "metric": gain, "value": 0.9}])  # not the last step
+    t = control_table(m).set_index("run")
+    assert t.loc["lap", "gain"] == pytest.approx(0.0015) and t.loc["lap", "gain_of_oracle"] == pytest.approx(0.375)
+    assert t.loc["oracle", "gain_of_oracle"] == pytest.approx(1.0) and np.isnan(t.loc["untrained", "gain"])
+    assert any(ln.startswith("| lap | 2 | 0.150 |") and ln.endswith("| 0.00150 | 0.375 |") for ln in control_lines(m))

@@ -117,7 +117,10 @@ def test_a_sweep_run_under_ddp_trains_on_every_rank_and_evaluates_once(tmp_path:
     # held-out validation: every rank scored the whole set, one row per metric and step was written, and the last
     # one is what one process gets from the final weights
     val = metrics[metrics.metric.str.startswith("val.")]
-    assert sorted(val.groupby("step").size().items()) == [(1, 3), (2, 3)]
+    from experiments.data.heldout import GAIN_LEVELS
+
+    per_step = 3 + len(GAIN_LEVELS)  # loss, uncond, gain, and the gain at each high noise level
+    assert sorted(val.groupby("step").size().items()) == [(1, per_step), (2, per_step)]
     import lightning as L
 
     from experiments.data.datamodule import ShapesDataModule

@@ -251,3 +251,34 @@ def test_learning_curves_average_over_seeds(tmp_path: Path) -> None:
     assert path.is_file() and path.with_suffix(".pdf").is_file()
     with pytest.raises(ValueError, match="no held-out validation rows"):
         learning_curves(df[df.metric == "geneval.overall"], tmp_path / "none")
+
+
+def test_collect_rebuilds_validation_rows_from_each_runs_validation_file(tmp_path: Path) -> None:
+    """A finished run whose metrics.csv predates the per-level gains: collect takes every validation row from the
+    run's validation.csv (replacing the old ones, not adding twice) and leaves the other rows as they were."""
+
+    from experiments.config import load_experiment
+    from experiments.launch import collect
+    from experiments.run_dir import RunDir
+
+    run = next(r for r in load_experiment("conditioning_candidates")[1] if r.name == "lap")
+    rd = RunDir(tmp_path / run.dirname)
+    rd.path.mkdir(parents=True)
+    base = {"exp": "conditioning_candidates", "run": "lap", "candidate": "lap", "seed": 0, "step": 8}
+    old = pd.DataFrame([{**base, "metric": "geneval.overall", "value": 0.25},
+                        {**base, "metric": "val.loss", "value": 9.0},  # stale: the validation file says 0.5
+                        {**base, "metric": "time.val_s", "value": 1.0}])
+    old.to_csv(rd.metrics, index=False)
+    rows = [{"step": s, "metric": m, "value": v, "ci_low": v - 0.1, "ci_high": v + 0.1, "n": 60}
+            for s in (4, 8) for m, v in (("val.loss", 0.5), ("val.loss_uncond", 0.6), ("val.cond_gain", 0.1),
+                                         ("val.cond_gain.s0.85", 0.3))]
+    rows += [{"step": s, "metric": "time.val_s", "value": 2.0, "ci_low": None, "ci_high": None, "n": 1}
+             for s in (4, 8)]
+    pd.DataFrame(rows).to_csv(rd.validation, index=False)
+    rd.done.write_text("{}")
+    df = collect("conditioning_candidates", [run], tmp_path, tmp_path / "results")
+    got = df.set_index(["metric", "step"]).value
+    assert got[("geneval.overall", 8)] == 0.25 and got[("val.loss", 8)] == 0.5
+    assert got[("val.cond_gain.s0.85", 4)] == got[("val.cond_gain.s0.85", 8)] == 0.3
+    assert got[("time.val_s", 8)] == 4.0 and (df.metric == "time.val_s").sum() == 1
+    assert len(df) == 1 + 2 * 4 + 1 and list(df.columns) == list(old.columns)
