@@ -100,16 +100,7 @@ def trainer_kwargs(config: dict[str, Any], gpu: bool) -> dict[str, Any]:
         # so in a batch without one its parameter gets no gradient: plain DDP would stop with an error.
         strategy = "ddp_find_unused_parameters_true"
     elif strategy == "fsdp":
-        if not gpu:  # say so before anything is built (Lightning would, but only once the Trainer exists)
-            raise ValueError("trainer.strategy 'fsdp' needs GPUs (Lightning's FSDP has no CPU path); on CPU use "
-                             "'ddp' (gloo) or 'auto'")
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        from models.dit import DiTBlock
-
-        # Each DiT block is one FSDP unit (sharded, gathered just in time); the rest -- frozen encoder, conditioner,
-        # EMA -- sits in the root unit. Lightning's FSDP keeps use_orig_params=True, needed with frozen parameters.
-        strategy = FSDPStrategy(auto_wrap_policy={DiTBlock})
+        strategy = fsdp_strategy(gpu=gpu)  # without a module: the frozen parts are named once it exists (train)
     precision = t["precision"] if t["precision"] != "auto" else ("bf16-mixed" if gpu else "32-true")
     kw = {"accelerator": "gpu" if gpu else "cpu", "devices": t["devices"], "num_nodes": t["num_nodes"],
           "strategy": strategy, "precision": precision, "accumulate_grad_batches": t["accumulate_grad_batches"] or 1}
@@ -120,6 +111,48 @@ def trainer_kwargs(config: dict[str, Any], gpu: bool) -> dict[str, Any]:
         # own SIGUSR1 requeue would race it and requeue the job twice.
         kw["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     return kw
+
+
+def fsdp_strategy(module=None, gpu: bool = True):  # noqa: ANN001, ANN201 - UniFusionModule -> FSDPStrategy (lazy)
+    """Lightning's FSDP as the paper runs need it (on GPUs with NCCL, and on CPU ranks with gloo).
+
+    - The frozen encoder (bf16 on real models) and the latent VAE stay out of FSDP (``ignored_modules``): whole on
+      every rank, as the plan's memory model assumes, and no flat parameter mixes their dtype with the fp32
+      trained parts.
+    - Units: each DiT block, and the DiT and the conditioner themselves -- the live ones and their EMA copies,
+      which have the same classes, so the EMA is sharded exactly like the live weights and its update is a local
+      element-wise lerp of matching shards (``UniFusionModule.optimizer_step``).
+    - ``use_orig_params=True`` (Lightning's default): the optimizer sees the original parameters.
+
+    On CPU (``gpu=False``: gloo ranks, what the tests run) a subclass: Lightning refuses its own ``FSDPStrategy``
+    class on a CPU accelerator (an exact type check), and torch's FSDP needs ``device_id=cpu`` spelled out there;
+    everything else (sharding, state dicts, checkpoints, the precision plugin) is Lightning's code unchanged.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not gpu:
+        class CPUFSDPStrategy(FSDPStrategy):
+            """Lightning's FSDP strategy on CPU ranks (gloo)."""
+
+            def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                                mixed_precision=self.mixed_precision_config,
+                                                sharding_strategy=self.sharding_strategy,
+                                                device_id=torch.device("cpu"), **self.kwargs)
+
+        FSDPStrategy = CPUFSDPStrategy  # noqa: N806
+
+    from models.dit import DiT, DiTBlock
+
+    units: set[type] = {DiTBlock, DiT}
+    ignored = []
+    if module is not None:
+        units.add(type(module.conditioner))
+        ignored = [m for m in (module.encoder, module.latent) if isinstance(m, torch.nn.Module)
+                   and any(True for _ in m.parameters())]
+    return FSDPStrategy(auto_wrap_policy=units, ignored_modules=ignored or None)
 
 
 def apply_model_settings(module, config: dict[str, Any]) -> None:
@@ -238,6 +271,8 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
     validating = validation.val_every(config) is not None
     logger_kind(config)
     module = UniFusionModule(config)
+    if trainer_settings(config)["strategy"] == "fsdp":
+        scale["strategy"] = fsdp_strategy(module, gpu)
     tcfg = config["train"]
     init_from_run(module, config, run_dir)  # before the 0-step exit: a 0-step run can re-evaluate another's weights
     rd = RunDir(run_dir)

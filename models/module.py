@@ -262,6 +262,17 @@ class UniFusionModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.ema.update_parameters(nn.ModuleDict({"conditioner": self.conditioner, "dit": self.dit}))
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by the global gradient norm; under FSDP through the root FSDP module's ``clip_grad_norm_`` (the
+        norm over every rank's shards: Lightning's FSDP precision plugin refuses norm clipping)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         o = self.config["optim"]
         params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(("ema.", "encoder."))]

@@ -4,7 +4,8 @@
 
 Trains with ``experiments.train.train`` (``STOP_AT`` > 0 stops there, as a preemption would), writes
 ``final.ckpt`` through ``save_final`` (rank 0 alone), and saves ``OUT_DIR/rank<r>.pt``: the trainable weights, the
-world size, and ``[global_step, item indices]`` of every batch this process trained on. With ``run`` it goes
+world size, and ``[global_step, item indices]`` of every batch this process trained on. ``ENCODER_DTYPE=bfloat16``
+in the environment casts the frozen encoder, as real encoders are loaded. With ``run`` it goes
 through ``experiments.train.run`` instead, what a SLURM job runs (train, ``final.ckpt``, rank 0 evaluates).
 """
 
@@ -34,6 +35,14 @@ def main() -> None:
         return step(self, batch, batch_idx)
 
     UniFusionModule.training_step = recording  # records, then runs the real step unchanged
+    if os.environ.get("ENCODER_DTYPE"):  # a frozen encoder in bf16, as the real (hub) encoders are loaded
+        init, dtype = UniFusionModule.__init__, getattr(torch, os.environ["ENCODER_DTYPE"])
+
+        def cast(self: UniFusionModule, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            self.encoder.to(dtype)
+
+        UniFusionModule.__init__ = cast
     out.mkdir(parents=True, exist_ok=True)
     if sys.argv[5:] == ["run"]:  # what a SLURM job runs: train, final.ckpt, rank 0 alone evaluates
         experiments.train.run("ddp", "run", config, run_dir)

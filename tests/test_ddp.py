@@ -35,10 +35,10 @@ DDP = merge(CFG, {"trainer": {"strategy": "ddp", "devices": 2}})
 
 
 def launch(config: dict, run_dir: Path, out: Path, ranks: int, stop_at: int = 0, mode: str = "train",
-           ) -> dict[int, dict]:
+           encoder_dtype: str = "") -> dict[int, dict]:
     """Train in ``ranks`` processes (torchrun when > 1); the per-rank records of tests/ddp_rank.py."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # one thread per process, the same for both sides
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ENCODER_DTYPE=encoder_dtype)  # one thread per process
     args = [str(HELPER), json.dumps(config), str(run_dir), str(stop_at), str(out), mode]
     cmd = [sys.executable, *args] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
