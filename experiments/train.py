@@ -125,14 +125,38 @@ def fsdp_strategy(module=None, gpu: bool = True):  # noqa: ANN001, ANN201 - UniF
     - ``use_orig_params=True`` (Lightning's default): the optimizer sees the original parameters.
 
     On CPU (``gpu=False``: gloo ranks, what the tests run) a subclass: Lightning refuses its own ``FSDPStrategy``
-    class on a CPU accelerator (an exact type check), and torch's FSDP needs ``device_id=cpu`` spelled out there;
-    everything else (sharding, state dicts, checkpoints, the precision plugin) is Lightning's code unchanged.
+    class on a CPU accelerator (an exact type check), torch's FSDP needs ``device_id=cpu`` spelled out there, and
+    Lightning's FSDP precision autocasts on CUDA only; everything else (sharding, state dicts, checkpoints, mixed
+    precision) is Lightning's code unchanged.
     """
     from lightning.pytorch.strategies import FSDPStrategy
 
     if not gpu:
-        class CPUFSDPStrategy(FSDPStrategy):
+        from lightning.pytorch.plugins.precision import FSDPPrecision
+
+        class CPUFSDPPrecision(FSDPPrecision):
+            """Lightning's FSDP precision, autocasting on the CPU (its own ``forward_context`` names CUDA)."""
+
+            def forward_context(self):  # noqa: ANN202
+                if "mixed" in self.precision:
+                    return torch.autocast("cpu", dtype=torch.bfloat16 if "bf16" in self.precision else torch.float16)
+                return super().forward_context()
+
+        base = FSDPStrategy
+
+        class CPUFSDPStrategy(base):
             """Lightning's FSDP strategy on CPU ranks (gloo)."""
+
+            @property
+            def precision_plugin(self) -> FSDPPrecision:
+                plugin = base.precision_plugin.fget(self)
+                if type(plugin) is FSDPPrecision:
+                    plugin = self._precision_plugin = CPUFSDPPrecision(plugin.precision)
+                return plugin
+
+            @precision_plugin.setter
+            def precision_plugin(self, plugin: FSDPPrecision | None) -> None:
+                base.precision_plugin.fset(self, plugin)
 
             def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
                 from torch.distributed.fsdp import FullyShardedDataParallel

@@ -108,8 +108,10 @@ class UniFusionModule(L.LightningModule):
         checkpoint["encoder_fingerprint"] = self.encoder_fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        expected = {k for k in self.state_dict() if not k.startswith((ENCODER_PREFIX, LATENT_PREFIX))}
-        missing = expected - set(checkpoint["state_dict"])
+        # Lightning's FSDP strategy loads (and removes) the state dict before this hook: nothing left to check here
+        expected = {k for k in self.state_dict() if not k.startswith((ENCODER_PREFIX, LATENT_PREFIX))} \
+            if "state_dict" in checkpoint else set()
+        missing = expected - set(checkpoint.get("state_dict", ()))
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable entries, e.g. {sorted(missing)[:3]}")
         # The encoder is rebuilt, not stored: a rebuilt one with other weights (e.g. a tiny VLM pretrained again on

@@ -36,13 +36,10 @@ def main() -> None:
 
     UniFusionModule.training_step = recording  # records, then runs the real step unchanged
     if os.environ.get("ENCODER_DTYPE"):  # a frozen encoder in bf16, as the real (hub) encoders are loaded
-        init, dtype = UniFusionModule.__init__, getattr(torch, os.environ["ENCODER_DTYPE"])
+        import models.module
 
-        def cast(self: UniFusionModule, *args: Any, **kwargs: Any) -> None:
-            init(self, *args, **kwargs)
-            self.encoder.to(dtype)
-
-        UniFusionModule.__init__ = cast
+        build, dtype = models.module.build_encoder, getattr(torch, os.environ["ENCODER_DTYPE"])
+        models.module.build_encoder = lambda *args, **kwargs: build(*args, **kwargs).to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     if sys.argv[5:] == ["run"]:  # what a SLURM job runs: train, final.ckpt, rank 0 alone evaluates
         experiments.train.run("ddp", "run", config, run_dir)
@@ -52,7 +49,8 @@ def main() -> None:
     save_final(module, run_dir / "final.ckpt")
     state = {k: v for k, v in module.state_dict().items() if not k.startswith("encoder.")}
     world = module._trainer.world_size if module._trainer is not None else 1  # a 0-step run builds no Trainer
-    torch.save({"seen": seen, "state": state, "world": world, "step": module.global_step},
+    torch.save({"seen": seen, "state": state, "world": world, "step": module.global_step,
+                "encoder_dtype": str(next(module.encoder.parameters()).dtype)},
                out / f"rank{module.global_rank}.pt")
 
 

@@ -160,17 +160,25 @@ def test_default_trainer_settings_are_the_old_single_device_ones(no_slurm) -> No
 
 
 def test_multi_device_strategies_are_configured_for_this_model() -> None:
-    """DDP/FSDP cannot run without GPUs here; check what train.py hands Lightning."""
+    """What train.py hands Lightning for a GPU job (tests/test_ddp.py and tests/test_fsdp.py run both on CPU
+    ranks): FSDP units for the DiT, its blocks and the conditioner; the frozen encoder outside."""
     from lightning.pytorch.strategies import FSDPStrategy
+
+    from experiments.train import fsdp_strategy
+    from models.dit import DiT
+    from models.module import UniFusionModule
 
     cfg = load_base()
     ddp = trainer_kwargs(merge(cfg, {"trainer": {"strategy": "ddp", "devices": 8}}), gpu=True)
     assert ddp["strategy"] == "ddp_find_unused_parameters_true" and ddp["devices"] == 8  # null condition
     fsdp = trainer_kwargs(merge(cfg, {"trainer": {"strategy": "fsdp"}}), gpu=True)["strategy"]
-    assert isinstance(fsdp, FSDPStrategy) and fsdp.kwargs["use_orig_params"] is True  # frozen + trainable mixed
-    assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}  # one FSDP unit per DiT block
-    with pytest.raises(ValueError, match="'fsdp' needs GPUs .* on CPU use 'ddp'"):
-        trainer_kwargs(merge(cfg, {"trainer": {"strategy": "fsdp"}}), gpu=False)
+    assert type(fsdp) is FSDPStrategy and fsdp.kwargs["use_orig_params"] is True  # frozen + trainable mixed
+    tiny = merge(cfg, {"encoder": {"preset": "tiny-llama", "stride": 3, "start": None}})
+    module = UniFusionModule(tiny)
+    wrapped = fsdp_strategy(module, gpu=True)
+    assert wrapped.kwargs["auto_wrap_policy"]._module_classes == {DiTBlock, DiT, type(module.conditioner)}
+    assert wrapped.kwargs["ignored_modules"] == [module.encoder]  # the pixel latent space has no weights
+    assert type(fsdp_strategy(module, gpu=False)) is not FSDPStrategy  # CPU ranks: past Lightning's type check
 
 
 @pytest.mark.parametrize(("key", "value", "match"), [
