@@ -321,12 +321,24 @@ def write_plan(exp: str, df: pd.DataFrame, assume: Assumptions, out: Path = PLAN
     return out / f"{exp}.csv"
 
 
+def run_identities(exp: str) -> dict[str, str]:
+    """Run name -> identity (seed + config hash, the run folder's tail) of a sweep's paper variant: two runs with
+    one identity are one training (the launcher adopts the finished one, ``experiments.run_dir.adopt_identical``)."""
+    from experiments.config import load_experiment
+
+    _, runs = load_experiment(exp, paper=True)
+    return {r.name: r.dirname[len(r.name):] for r in runs}
+
+
 def summary(out: Path = PLAN_DIR) -> str:
-    """Markdown: GPU-hours and status of every planned sweep (from the committed ``<exp>.csv`` files)."""
+    """Markdown: GPU-hours and status of every planned sweep (from the committed ``<exp>.csv`` files), and the total
+    over unique runs: a run that another sweep also configures identically (same seed and config hash) trains once,
+    so it counts once; the shared ones are listed with who shares them."""
     lines = ["| sweep | runs | ok | GPUs per run | GPU | GPU-hours |", "|---|---|---|---|---|---|"]
     total = 0.0
     from experiments.config import available_experiments
 
+    owners: dict[str, list[tuple[str, str, float]]] = {}  # identity -> [(sweep, run, GPU-hours)]
     for path in [out / f"{exp}.csv" for exp in available_experiments() if (out / f"{exp}.csv").is_file()]:
         df = pd.read_csv(path)
         hours = float(df["gpu_hours"].fillna(0).sum()) if "gpu_hours" in df else 0.0
@@ -335,7 +347,18 @@ def summary(out: Path = PLAN_DIR) -> str:
         gpu = ", ".join(sorted(df["gpu"].dropna().unique())) if "gpu" in df else ""
         lines.append(f"| `{path.stem}` | {len(df)} | {int((df['status'] == 'ok').sum())} | {gpus} | {gpu} | "
                      f"{hours:,.0f} |")
-    lines.append(f"| all | | | | | {total:,.0f} |")
+        ids = run_identities(path.stem)
+        for row in df.itertuples():
+            key = ids.get(row.run, f"{path.stem}/{row.run}")  # a run the YAML no longer has: its own identity
+            owners.setdefault(key, []).append((path.stem, row.run, float(getattr(row, "gpu_hours", 0) or 0)))
+    unique = sum(group[0][2] for group in owners.values())
+    lines.append(f"| all, as configured | | | | | {total:,.0f} |")
+    lines.append(f"| all, unique runs | | | | | {unique:,.0f} |")
+    shared = [group for group in owners.values() if len(group) > 1]
+    if shared:
+        lines += ["", "Runs configured identically in more than one sweep (trained once, counted once above):", ""]
+        lines += [f"- {' = '.join(f'`{e}/{r}`' for e, r, _ in group)}: {group[0][2]:,.0f} GPU-hours"
+                  for group in sorted(shared, key=lambda g: -g[0][2])]
     return "\n".join(lines) + "\n"
 
 

@@ -257,3 +257,20 @@ def test_paper_sweep_refuses_with_the_plans_message(tmp_path: Path) -> None:
         run_sweep("tiles", cluster="debug", paper=True, runs_dir=tmp_path, only=["tiles10"],
                   sets=["data.hf.path=parquet", "data.hf.data_files=/data/x.parquet", "train.batch_size=256"])
     assert not any(tmp_path.iterdir())
+
+
+def test_summary_counts_a_run_shared_by_two_sweeps_once(tmp_path) -> None:
+    """final's base and edit_finetune's base are one configuration (same seed and config hash): the summary adds
+    both sweeps' hours as configured, but the base once in the unique total, and names who shares it."""
+    import pandas as pd
+
+    from experiments.plan import summary
+
+    pd.DataFrame({"run": ["base", "instruct"], "status": "ok", "gpu_hours": [1000.0, 10.0], "gpus": 256,
+                  "gpu": "h100-80gb"}).to_csv(tmp_path / "final.csv", index=False)
+    pd.DataFrame({"run": ["base", "t2i_continue", "edit_finetune"], "status": "ok", "gpu_hours": [1000.0, 20.0, 5.0],
+                  "gpus": 256, "gpu": "h100-80gb"}).to_csv(tmp_path / "edit_finetune.csv", index=False)
+    text = summary(tmp_path)
+    assert "| all, as configured | | | | | 2,035 |" in text
+    assert "| all, unique runs | | | | | 1,035 |" in text  # 1000 + 10 + 20 + 5
+    assert "- `edit_finetune/base` = `final/base`: 1,000 GPU-hours" in text
