@@ -20,12 +20,8 @@ Scoring, as ``CLIPT5Model.forward``:
 - score = ``exp(-mean CE)`` over the T5 labels ``[▁Yes, </s>]`` (``evals.vqascore_base.seq2seq_answer_score``), under
   bf16 autocast on CUDA.
 
-Batching quirk of the original: right-padded prompts of different lengths get an encoder attention mask that is
-shifted by the padding (``prepare_inputs_labels_for_multimodal``: ``len_i + n_img - 1 - L_max`` ones are prepended
-to the *padded* text mask), so in a mixed-length batch the last ``L_max - len_i`` real tokens of a shorter prompt
-are masked out and its score depends on its batch mates. GenAI-Bench's published numbers were computed that way
-(``genai_bench/evaluate.py``, batch 16). Default here: the correct mask (scores independent of batching, equal to
-the original at batch size 1); ``official_batch_mask=True`` reproduces the quirk.
+Batching: each sample's attention mask covers exactly its real positions, so a score does not depend on its batch
+mates; t2v_metrics' own batched and per-pair scores agree too (its mask covers each prompt's real tokens).
 
 Weights: the hub checkpoint is a ``CLIPT5ForConditionalGeneration`` state dict. Its keys map as
 ``vision_tower.vision_tower.<clip key>`` -> ``vision.<clip key>`` (CLIP's ``vision_model.`` level follows the
@@ -104,13 +100,13 @@ class CLIPFlanT5(nn.Module):
         out = self.vision(pixel_values.to(dtype), output_hidden_states=True)
         return self.projector(out.hidden_states[self.select_layer][:, 1:])
 
-    def encoder_inputs(self, token_ids: Sequence[Sequence[int]], image_tokens: torch.Tensor,
-                       official_batch_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoder_inputs(self, token_ids: Sequence[Sequence[int]],
+                       image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Splice each sample's image tokens at its ``IMAGE_TOKEN_INDEX`` and right-pad with zeros.
 
         token_ids: B lists, each with exactly one ``IMAGE_TOKEN_INDEX``; image_tokens (B, P, d_model).
         Returns inputs_embeds (B, L, d_model), attention_mask (B, L) with L = max_i len_i + P - 1; the mask covers
-        each sample's real positions, or with ``official_batch_mask`` the original's shifted mask (module doc).
+        each sample's real positions.
         """
         if len(token_ids) != image_tokens.shape[0]:
             raise ValueError(f"{len(token_ids)} prompts but {image_tokens.shape[0]} images")
@@ -125,21 +121,12 @@ class CLIPFlanT5(nn.Module):
             before = torch.tensor(ids[: at[0]], dtype=torch.long, device=device)
             after = torch.tensor(ids[at[0] + 1:], dtype=torch.long, device=device)
             rows.append(torch.cat([embed(before), image_tokens[i].to(embed.weight.dtype), embed(after)]))
-        n_img, lengths = image_tokens.shape[1], [len(ids) for ids in token_ids]
         width = max(r.shape[0] for r in rows)
         embeds = torch.zeros(len(rows), width, rows[0].shape[1], dtype=rows[0].dtype, device=device)
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
         for i, r in enumerate(rows):
             embeds[i, : r.shape[0]] = r
-            if official_batch_mask:
-                # original: [1] * (len_i + P - 1 - L_max) + padded text mask (len_i ones) + zeros
-                n_on = 2 * lengths[i] + n_img - 1 - max(lengths)
-                if n_on < lengths[i]:  # the original crashes here (negative torch.full size)
-                    raise ValueError("official_batch_mask: prompt lengths in this batch differ by more than the "
-                                     "image token count; the original code cannot run this batch either")
-                mask[i, :n_on] = 1
-            else:
-                mask[i, : r.shape[0]] = 1
+            mask[i, : r.shape[0]] = 1
         return embeds, mask
 
 
@@ -333,12 +320,10 @@ def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
 
 
 def clip_flant5_identity(variant: str, model_id: str | None = None, question: str = QUESTION_TEMPLATE,
-                         answer: str = ANSWER_TEMPLATE, prompt_style: str = "t5_chat",
-                         official_batch_mask: bool = False) -> dict[str, Any]:
+                         answer: str = ANSWER_TEMPLATE, prompt_style: str = "t5_chat") -> dict[str, Any]:
     """``evals.cache`` identity of a CLIP-FlanT5 scorer (the checkpoint defaults to the variant's hub id)."""
     model = model_id or CLIP_FLANT5_MODELS.get(variant, {}).get("checkpoint")
-    return scorer_identity(variant, model, question, answer, prompt_style=prompt_style,
-                           official_batch_mask=official_batch_mask)
+    return scorer_identity(variant, model, question, answer, prompt_style=prompt_style)
 
 
 class CLIPFlanT5Score(VQAScorer):
@@ -351,7 +336,7 @@ class CLIPFlanT5Score(VQAScorer):
     def __init__(self, variant: str = "clip-flant5-xxl", model_id: str | None = None, model: CLIPFlanT5 | None = None,
                  tokenizer: Any = None, image_processor: Any = None, tokenizer_id: str | None = None,
                  vision_tower: str | None = None, batch_size: int = 16, question: str = QUESTION_TEMPLATE,
-                 answer: str = ANSWER_TEMPLATE, prompt_style: str = "t5_chat", official_batch_mask: bool = False,
+                 answer: str = ANSWER_TEMPLATE, prompt_style: str = "t5_chat",
                  device: str | None = None, dtype: Any = "auto", device_map: str | dict | None = None) -> None:
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"unknown prompt_style {prompt_style!r}; valid: {list(PROMPT_STYLES)}")
@@ -371,8 +356,8 @@ class CLIPFlanT5Score(VQAScorer):
         elif tokenizer is None or image_processor is None:
             raise ValueError("model= needs tokenizer= and image_processor= too")
         self.model, self.tokenizer, self.image_processor = model.eval(), tokenizer, image_processor
-        self.name, self.batch_size, self.official_batch_mask = variant, batch_size, official_batch_mask
-        self.identity = clip_flant5_identity(variant, model_id, question, answer, prompt_style, official_batch_mask)
+        self.name, self.batch_size = variant, batch_size
+        self.identity = clip_flant5_identity(variant, model_id, question, answer, prompt_style)
         self.question, self.answer, self.prompt_style = question, answer, prompt_style
         self.fill = tuple(int(255 * m) for m in image_processor.image_mean)
 
@@ -394,8 +379,7 @@ class CLIPFlanT5Score(VQAScorer):
         device = next(self.model.vision.parameters()).device
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats = self.model.encode_images(self.pixel_values(images).to(device))
-            embeds, mask = self.model.encoder_inputs([self.token_ids(t) for t in texts], feats,
-                                                     self.official_batch_mask)
+            embeds, mask = self.model.encoder_inputs([self.token_ids(t) for t in texts], feats)
             return seq2seq_answer_score(self.model.t5, self.tokenizer,
                                         {"inputs_embeds": embeds, "attention_mask": mask}, self.answer)
 

@@ -1,5 +1,6 @@
 """Refined DPG-Bench (paper App. A.3.2): judge every tile with a VQA judge, then score with the fixed aggregation
-and, side by side, an exact emulation of the official ELLA ``compute_dpg_bench.py`` ("legacy").
+and, side by side, an exact emulation of the official ELLA ``compute_dpg_bench.py`` ("legacy"): its aggregation,
+not its judge (mPLUG-large), so legacy numbers from another judge do not reproduce published DPG-Bench tables.
 
 Pipeline: questions CSV (official header) + an image folder -> ``OUT/judgments.jsonl`` (one row per (item_id,
 image_index, proposition_id); the unit of resume) -> ``OUT/scores.json``, ``OUT/table.md``, ``OUT/per_prompt.csv``.

@@ -443,8 +443,6 @@ def parser() -> argparse.ArgumentParser:
                              "clip-flant5-*: a local checkpoint folder (default: the hub id)")
     cli.add_placement(p)
     cli.add_batch_size(p, 16, help="image-prompt pairs per model call (openai: concurrent requests)")
-    p.add_argument("--official-batch-mask", action="store_true",
-                   help="clip-flant5: reproduce t2v_metrics' mixed-length batch attention mask (see evals.clip_flant5)")
     p.add_argument("--data", type=Path, default=DATA, help="folder with genai_image.json + genai_skills.json")
     cli.add_seed(p, 42, help="--ckpt: the image of prompt i uses seed + i (GenAI-Bench's 42); also the bootstrap's "
                              "seed")
@@ -492,8 +490,7 @@ def scorer_spec(a: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, A
                 scorer_identity("openai", a.judge_model, top_logprobs=20))
     place = {"device": a.device, "dtype": a.dtype, "device_map": a.device_map, "batch_size": a.batch_size}
     if a.judge.startswith("clip-flant5"):
-        return (a.judge, {"model_id": a.judge_model, "official_batch_mask": a.official_batch_mask, **place},
-                clip_flant5_identity(a.judge, a.judge_model, official_batch_mask=a.official_batch_mask))
+        return (a.judge, {"model_id": a.judge_model, **place}, clip_flant5_identity(a.judge, a.judge_model))
     model = a.judge_model or HF_DEFAULT
     return "hf", {"model_id": model, **place}, scorer_identity("hf", model)
 

@@ -120,9 +120,8 @@ def test_the_instance_identity_is_the_one_checked_before_loading(tmp_path: Path)
     a = genai_bench.parser().parse_args(["--images", "d", "--judge", "hf", "--judge-model", "tiny", "--out", "o"])
     scorer = HFVQAScore(model_id="tiny", model=model, processor=proc)
     assert cache.fingerprint(scorer.identity) == cache.fingerprint(genai_bench.scorer_spec(a)[2])
-    a = genai_bench.parser().parse_args(["--images", "d", "--out", "o", "--official-batch-mask"])
+    a = genai_bench.parser().parse_args(["--images", "d", "--out", "o"])
     assert genai_bench.scorer_spec(a)[2]["model"] == "zhiqiulin/clip-flant5-xxl"
-    assert genai_bench.scorer_spec(a)[2]["official_batch_mask"] is True
 
 
 class PixelScorer:
