@@ -240,6 +240,15 @@ def _read_tensors(folder: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Te
     return out
 
 
+def image_processor_class() -> type:
+    """The CLIP image processor that resizes as t2v_metrics' (transformers 4.x) does, through PIL: on transformers 5
+    ``CLIPImageProcessor`` resizes through torchvision (pixels differ by up to one 8-bit level), and
+    ``CLIPImageProcessorPil`` is the PIL one."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
 def load_clip_flant5(model_id: str, tokenizer_id: str | None = None, vision_tower: str | None = None,
                      device: str = "cpu", dtype: torch.dtype = torch.float32, cache_dir: str | None = None,
                      local_files_only: bool = False, device_map: str | dict | None = None
@@ -253,7 +262,6 @@ def load_clip_flant5(model_id: str, tokenizer_id: str | None = None, vision_towe
     """
     from transformers import (
         AutoTokenizer,
-        CLIPImageProcessor,
         CLIPVisionConfig,
         CLIPVisionModel,
         T5ForConditionalGeneration,
@@ -271,7 +279,7 @@ def load_clip_flant5(model_id: str, tokenizer_id: str | None = None, vision_towe
         tokenizer_id = str(folder) if own else f"google/flan-t5-{'xxl' if config.get('d_model') == 4096 else 'xl'}"
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_id, model_max_length=CONTEXT_LEN)
-        processor = CLIPImageProcessor.from_pretrained(vision_id)
+        processor = image_processor_class().from_pretrained(vision_id)
         vision_config = CLIPVisionConfig.from_pretrained(vision_id)
     except OSError as err:
         raise _missing_model_error("tokenizer or vision tower", f"{tokenizer_id} / {vision_id}", err) from err

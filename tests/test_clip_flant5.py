@@ -53,9 +53,29 @@ def tiny_model(seed: int) -> CLIPFlanT5:
 
 
 def tiny_processor():
+    from evals.clip_flant5 import image_processor_class
+
+    return image_processor_class()(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+
+
+def test_the_image_processor_resizes_through_pil_as_the_peer_does() -> None:
+    """t2v_metrics (transformers 4.x) resizes with PIL bicubic, centre-crops, rescales and normalises: by hand here.
+    transformers 5's default CLIPImageProcessor resizes through torchvision and misses by up to one 8-bit level."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (30, 47, 3), dtype=np.uint8))  # 47 wide, 30 high
+    got = tiny_processor()(images=[image], return_tensors="pt")["pixel_values"][0]
+    w = int(47 * 56 / 30)  # shortest edge to 56, the long side scaled and truncated (87)
+    resized = np.asarray(image.resize((w, 56), Image.Resampling.BICUBIC), dtype=np.float64)
+    left = (w - 56) // 2
+    crop = resized[:, left: left + 56] / 255.0
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+    want = torch.tensor(((crop - mean) / std).transpose(2, 0, 1), dtype=torch.float32)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     from transformers import CLIPImageProcessor
 
-    return CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    if CLIPImageProcessor is not type(tiny_processor()):  # transformers 5: the torchvision one would not match
+        other = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+        assert (other(images=[image], return_tensors="pt")["pixel_values"][0] - want).abs().max() > 1e-3
 
 
 def scorer(model: CLIPFlanT5, **kw) -> CLIPFlanT5Score:
