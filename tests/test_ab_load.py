@@ -119,3 +119,38 @@ def test_load_sqlite(tmp_path: Path) -> None:
 
 def test_load_postgresql(postgres_url: str, tmp_path: Path) -> None:
     run_study(postgres_url, tmp_path)
+
+
+def concurrent_loads_of_one_link(db: str, tmp_path: Path) -> int:
+    """30 simultaneous page loads with one annotator's link (cap 2 pairs): how many pairs they were given."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from evals.ab.assign import next_pair
+    from evals.ab.db import Assignment
+
+    a = write_system(tmp_path, SYSTEMS[0], 8, 2)
+    b = write_system(tmp_path, SYSTEMS[1], 8, 2, shift=1)
+    engine = make_engine(db)
+    sessions = make_sessions(engine)
+    create_study(sessions, "cap", a, b, "geneval", ["overall"], 1, "alpha", "beta", per_annotator=2, seed=0)
+    (token,) = [t for _, t in add_annotators(sessions, "cap", 1)]
+    barrier = threading.Barrier(30)
+
+    def load(_: int) -> None:
+        barrier.wait(timeout=60)
+        next_pair(sessions, token)
+
+    with ThreadPoolExecutor(30) as pool:
+        list(pool.map(load, range(30)))
+    with sessions() as s:
+        given = s.scalar(select(func.count()).select_from(Assignment).join(
+            Annotator, Annotator.id == Assignment.annotator_id).where(Annotator.token == token))
+    engine.dispose()
+    return given
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_one_links_concurrent_page_loads_get_one_pair(backend: str, tmp_path: Path, request) -> None:
+    """A person who opens their link in many tabs at once holds one open pair, never more than --per-annotator."""
+    db = str(tmp_path / "cap.sqlite") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    assert concurrent_loads_of_one_link(db, tmp_path) == 1

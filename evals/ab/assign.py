@@ -47,9 +47,12 @@ class Progress:
     total: int
 
 
-def annotator_for(s: Session, token: str | None) -> tuple[Annotator, Study]:
-    """The annotator with this token and their study; 403 for a missing or unknown token."""
-    ann = s.scalar(select(Annotator).where(Annotator.token == token)) if token else None
+def annotator_for(s: Session, token: str | None, lock: bool = False) -> tuple[Annotator, Study]:
+    """The annotator with this token and their study; 403 for a missing or unknown token. ``lock``: hold the
+    annotator's row until the transaction ends (PostgreSQL ``SELECT ... FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE``
+    already serialises writers), so one person's concurrent page loads take turns."""
+    query = select(Annotator).where(Annotator.token == token)
+    ann = s.scalar(query.with_for_update() if lock else query) if token else None
     if ann is None:
         raise AnnotatorError(403, "This link is not valid. Please use the personal link you were given.")
     return ann, s.get(Study, ann.study_id)
@@ -165,7 +168,9 @@ def next_pair(sessions: sessionmaker, token: str | None) -> tuple[Pair | None, S
     for _ in range(MAX_TRIES):
         try:
             with sessions.begin() as s:
-                ann, study = annotator_for(s, token)
+                # locked: under READ COMMITTED two loads of one link would both see no open pair and both assign
+                # one, past --per-annotator
+                ann, study = annotator_for(s, token, lock=True)
                 now = utcnow()
                 current = _open(s, ann.id) or _assign(s, study, ann, now)
                 pair = s.get(Pair, current.pair_id) if current else None
