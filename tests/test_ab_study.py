@@ -220,3 +220,28 @@ def test_database_errors_do_not_print_tokens(tmp_path: Path) -> None:
     with pytest.raises(SQLAlchemyError) as err, engine.begin() as conn:
         conn.execute(text("INSERT INTO no_such_table (token) VALUES (:t)"), {"t": "tok-SECRET-123"})
     assert "no_such_table" in str(err.value) and "tok-SECRET-123" not in str(err.value)
+
+
+def test_vendor_and_web_identities_stay_apart(tmp_path: Path, capsys) -> None:
+    """An imported vendor label cannot take a web link's identity (web-001 would then have votes it never cast
+    and loop on 409s), labels have one length limit on every backend, and new web links number after the highest
+    web label in use, not after their count."""
+    from evals.ab.db import LABEL_MAX, Annotator
+
+    db, sessions, *_ = _study(tmp_path)
+    (web,) = add_annotators(sessions, "s", 1)
+    assert web[0] == "web-001"
+    with sessions() as s:
+        ids = s.scalars(select(Pair.public_id)).all()
+    votes = tmp_path / "v.csv"
+    votes.write_text("annotator,pair_id,aspect,choice\n"
+                     f"web-001,{ids[0]},overall,left\nweb-006,{ids[1]},overall,left\n"
+                     f"{'x' * (LABEL_MAX + 1)},{ids[2]},overall,left\n")
+    assert main(["import-votes", "--db", db, "--study", "s", "--csv", str(votes)]) == 2
+    err = capsys.readouterr().err
+    assert "line 2: annotator 'web-001': labels starting with 'web-' belong to web links" in err
+    assert "line 3: annotator 'web-006'" in err and f"line 4: annotator label longer than {LABEL_MAX}" in err
+    with sessions.begin() as s:  # a web-numbered label already there (e.g. a link revoked and relabelled)
+        study_id = s.scalar(select(Annotator.study_id))
+        s.add(Annotator(study_id=study_id, label="web-006", token="t-006"))
+    assert [label for label, _ in add_annotators(sessions, "s", 2)] == ["web-007", "web-008"]

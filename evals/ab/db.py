@@ -123,6 +123,10 @@ class Pair(Base):
         return self.gold_answer is not None
 
 
+WEB_PREFIX = "web-"  # labels of personal web links (web-001, ...); imported vendor ids may not use it
+LABEL_MAX = 200  # one limit for every backend (PostgreSQL enforces the column's length, SQLite does not)
+
+
 class Annotator(Base):
     """A person with a personal link (web) or a vendor's annotator id (imported votes)."""
 
@@ -131,7 +135,7 @@ class Annotator(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("ab_study.id"), index=True)
     token: Mapped[str] = mapped_column(String(64), unique=True)
-    label: Mapped[str] = mapped_column(String(200))
+    label: Mapped[str] = mapped_column(String(LABEL_MAX))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 

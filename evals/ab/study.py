@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from evals.ab.db import Annotator, Image, Pair, Study, System
+from evals.ab.db import WEB_PREFIX, Annotator, Image, Pair, Study, System
 from evals.ab.layouts import pair_items, read_folder
 
 ASPECT_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
@@ -196,8 +196,10 @@ def add_annotators(sessions: sessionmaker, study_name: str, n: int) -> list[tupl
         raise StudyError(f"number of annotators must be >= 1, got {n}")
     with sessions.begin() as s:
         study = get_study(s, study_name)
-        have = s.scalar(select(func.count()).select_from(Annotator).where(
-            Annotator.study_id == study.id, Annotator.label.like("web-%")))
-        out = [(f"web-{have + k + 1:03d}", secrets.token_urlsafe(16)) for k in range(n)]
+        labels = s.scalars(select(Annotator.label).where(Annotator.study_id == study.id,
+                                                          Annotator.label.like(f"{WEB_PREFIX}%"))).all()
+        # after the highest number in use (not the count: a gap or a foreign web-NNN would repeat a label)
+        have = max((int(m[1]) for m in map(re.compile(rf"{WEB_PREFIX}(\d+)$").match, labels) if m), default=0)
+        out = [(f"{WEB_PREFIX}{have + k + 1:03d}", secrets.token_urlsafe(16)) for k in range(n)]
         s.add_all(Annotator(study_id=study.id, label=label, token=token) for label, token in out)
     return out

@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from evals.ab.blind import image_png
-from evals.ab.db import CHOICES, Annotator, Pair, Vote
+from evals.ab.db import CHOICES, LABEL_MAX, WEB_PREFIX, Annotator, Pair, Vote
 from evals.ab.study import StudyError, get_study
 
 IMPORT_COLUMNS = ("annotator", "pair_id", "aspect", "choice")
@@ -118,6 +118,11 @@ def import_votes(sessions: sessionmaker, study_name: str, path: str | Path) -> I
                 why = []
                 if not who:
                     why.append("empty annotator")
+                elif who.startswith(WEB_PREFIX):
+                    why.append(f"annotator {who!r}: labels starting with {WEB_PREFIX!r} belong to web links; "
+                               "rename the vendor's ids")
+                elif len(who) > LABEL_MAX:
+                    why.append(f"annotator label longer than {LABEL_MAX} characters")
                 if pid not in pair_ids:
                     why.append(f"unknown pair_id {pid!r}")
                 if aspect not in study.aspect_list:
