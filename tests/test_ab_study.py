@@ -245,3 +245,20 @@ def test_vendor_and_web_identities_stay_apart(tmp_path: Path, capsys) -> None:
         study_id = s.scalar(select(Annotator.study_id))
         s.add(Annotator(study_id=study_id, label="web-006", token="t-006"))
     assert [label for label, _ in add_annotators(sessions, "s", 2)] == ["web-007", "web-008"]
+
+
+def test_create_refuses_leases_and_caps_that_cannot_work(tmp_path: Path) -> None:
+    for kw, match in (({"lease_s": 0}, "--lease-minutes must be positive"),
+                      ({"lease_s": -60}, "--lease-minutes must be positive"),
+                      ({"per_annotator": 0}, "--per-annotator must be >= 1")):
+        (tmp_path / str(match[:6]) / str(kw)).mkdir(parents=True)
+        with pytest.raises(ValueError, match=match):
+            _study(tmp_path / str(match[:6]) / str(kw), **kw)
+
+
+def test_exported_prompts_cannot_run_as_spreadsheet_formulas() -> None:
+    from evals.ab.vendor import spreadsheet_safe
+
+    assert spreadsheet_safe('=HYPERLINK("http://x","click")') == '\'=HYPERLINK("http://x","click")'
+    assert [spreadsheet_safe(t) for t in ("+1", "-2", "@SUM(A1)", "a red circle")] == \
+        ["'+1", "'-2", "'@SUM(A1)", "a red circle"]

@@ -113,6 +113,10 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
         raise StudyError(f"--gold-rate must be in [0, 1), got {gold_rate}")
     if not 0.0 <= gold_threshold <= 1.0:
         raise StudyError(f"--gold-threshold must be in [0, 1], got {gold_threshold}")
+    if lease_s < 1:
+        raise StudyError(f"--lease-minutes must be positive (a lease of {lease_s} s would release every pair at once)")
+    if per_annotator is not None and per_annotator < 1:
+        raise StudyError(f"--per-annotator must be >= 1, got {per_annotator}")
     name_a = name_a or Path(a_dir).resolve().name
     name_b = name_b or Path(b_dir).resolve().name
     if name_a == name_b:

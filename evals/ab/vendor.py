@@ -54,7 +54,7 @@ def pairs_table(sessions: sessionmaker, study_name: str, images: Path | None = N
         edit = study.layout == "edit"
         rows = []
         for p in pairs:
-            row = {"pair_id": p.public_id, "prompt": p.prompt}
+            row = {"pair_id": p.public_id, "prompt": spreadsheet_safe(p.prompt)}
             for which, img in (("left", p.left_image), ("right", p.right_image), ("source", p.source_image)):
                 if which == "source" and not edit:
                     continue
@@ -80,6 +80,12 @@ def export_pairs(sessions: sessionmaker, study_name: str, out: str | Path, image
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     return out, len(table)
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A cell a spreadsheet shows as text: one starting with ``= + - @`` (or a tab / carriage return) would be
+    run as a formula by Excel or LibreOffice, so it gets a leading apostrophe (OWASP's CSV-injection advice)."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 @dataclass(frozen=True)
