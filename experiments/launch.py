@@ -244,14 +244,22 @@ def run_sweep(
         if ready:
             failures += submit(ready, root, cluster, profile, parallel)
     wall = time.time() - t0
-    df = collect(exp, runs, root, results_dir, figure=spec.get("figure"))
-    log_sweep_time(results_dir / "sweep_time.txt", wall, len(todo), len(runs) - len(todo), len(failures), cluster)
-    print(f"[sweep] {exp}: {len(runs) - len(failures)}/{len(runs)} runs done in {wall:.0f} s; "
-          f"results in {results_dir}")
+    n_done = len(runs) - len(failures)
+    for r, tail in failures:  # first: a full disk must not hide which runs failed
+        print(f"[sweep] FAILED {r.label} ({root / r.dirname}):\n{tail}", file=sys.stderr)
+    df = pd.DataFrame()
+    try:
+        df = collect(exp, runs, root, results_dir, figure=spec.get("figure"))
+        log_sweep_time(results_dir / "sweep_time.txt", wall, len(todo), len(runs) - len(todo), len(failures),
+                       cluster)
+    except OSError as err:  # e.g. no space left: the runs' own folders still hold everything that finished
+        failures.append((None, f"could not write the results to {results_dir}: {err}"))
+        print(f"[sweep] could not write the results to {results_dir} ({err}); `make collect` rebuilds them",
+              file=sys.stderr)
+    print(f"[sweep] {exp}: {n_done}/{len(runs)} runs done in {wall:.0f} s; results in {results_dir}")
     if failures:
-        for r, tail in failures:
-            print(f"[sweep] FAILED {r.label} ({root / r.dirname}):\n{tail}", file=sys.stderr)
-        raise SystemExit(f"{len(failures)} run(s) failed: {', '.join(r.label for r, _ in failures)}")
+        raise SystemExit(f"{len(failures)} problem(s): "
+                         f"{', '.join(r.label if r is not None else why for r, why in failures)}")
     return df
 
 

@@ -253,3 +253,25 @@ def test_readme_quotes_the_recorded_time_of_the_whole_default_sweep() -> None:
     times = read_sweep_times(ROOT / "results" / "conditioning_candidates" / "sweep_time.txt")
     full = times[times.date.notna() & (times.skipped == 0) & (times.failed == 0) & (times.ran == runs)]
     assert wall in set(full.wall), f"{wall} s is not a recorded whole-sweep time: {full.wall.tolist()}"
+
+
+def test_a_full_disk_still_lists_every_failed_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    """When the results cannot be written (no space left), the sweep still names each failed run first and ends
+    non-zero naming the write problem, instead of a traceback that hides them."""
+    import experiments.launch as launch
+
+    def submit(todo, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003 - the real submit's signature
+        return [(r, "RuntimeError: out of memory (log tail)") for r in todo if r.name == "lap"]
+
+    def collect(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(launch, "submit", submit)
+    monkeypatch.setattr(launch, "collect", collect)
+    with pytest.raises(SystemExit) as exit_:
+        launch.run_sweep("conditioning_candidates", smoke=True, runs_dir=tmp_path / "runs",
+                         results_dir=tmp_path / "results", only=["lap", "untrained"])
+    err = capsys.readouterr().err
+    assert "FAILED lap" in err and "out of memory" in err
+    assert err.index("FAILED lap") < err.index("could not write the results")
+    assert "2 problem(s): lap, could not write the results" in str(exit_.value)
