@@ -28,8 +28,9 @@ Weights: the hub checkpoint is a ``CLIPT5ForConditionalGeneration`` state dict. 
 installed transformers), ``mm_projector.{0,2}.*`` -> ``projector.{0,2}.*``, ``embed_tokens.weight`` (an alias of
 T5's ``shared``) dropped, every other key -> ``t5.<key>`` (``map_original_key``). Tokenizer ``google/flan-t5-xxl``
 (``-xl``); the original loads the slow sentencepiece tokenizer, transformers 5 gives its converted equivalent.
-Loading is for clusters: ``huggingface-cli download zhiqiulin/clip-flant5-xxl`` (plus ``google/flan-t5-xxl`` and
-``openai/clip-vit-large-patch14-336`` for the tokenizer and the vision config/processor), then pass local paths.
+Loading is for clusters: ``hf download zhiqiulin/clip-flant5-xxl`` (plus ``google/flan-t5-xxl`` and
+``openai/clip-vit-large-patch14-336`` for the tokenizer and the vision config/processor), then pass local paths
+(``--judge-model``, ``--judge-tokenizer``, ``--judge-vision-tower``).
 """
 
 from __future__ import annotations
@@ -192,12 +193,14 @@ def load_original_state_dict(model: CLIPFlanT5, state_dict: Mapping[str, torch.T
 
 def _missing_model_error(what: str, ident: str, err: Exception | None) -> FileNotFoundError:
     return FileNotFoundError(
-        f"CLIP-FlanT5: {what} {ident!r} is not a local folder and could not be fetched from the hub "
-        f"({type(err).__name__ if err else 'not found'}: {str(err)[:200] if err else ''}). On a machine with "
-        "internet run `huggingface-cli download zhiqiulin/clip-flant5-xxl --local-dir /models/clip-flant5-xxl` "
-        "(and google/flan-t5-xxl, openai/clip-vit-large-patch14-336 likewise), then point the scorer at the "
-        "copies: `--model clip-flant5-xxl --model-id /models/clip-flant5-xxl` (python: model_id=..., "
-        "tokenizer_id=..., vision_tower=...).")
+        f"CLIP-FlanT5: {what} {ident!r} is neither a local folder nor in the hub cache "
+        f"({type(err).__name__ if err else 'not found'}: {str(err).splitlines()[0][:200] if err else ''}). It needs "
+        "three models: where the hub is reachable run `hf download zhiqiulin/clip-flant5-xxl --local-dir A`, "
+        "`hf download google/flan-t5-xxl --local-dir B`, `hf download openai/clip-vit-large-patch14-336 "
+        "--local-dir C`, then pass `--judge-model A --judge-tokenizer B --judge-vision-tower C` (python: "
+        "model_id=, tokenizer_id=, vision_tower=); or set HF_HOME to a cache that holds them, with "
+        "HF_HUB_OFFLINE=1 to skip the hub. A pipeline check without weights: `--judge oracle` on shapes-world "
+        "prompts.")
 
 
 def resolve_checkpoint(ident: str, cache_dir: str | None = None, local_files_only: bool = False) -> Path:

@@ -441,6 +441,12 @@ def parser() -> argparse.ArgumentParser:
                        "VLM, --judge-model), openai (a server with logprobs, --judge-url), oracle (shapes world only)",
                   model_help=f"hf: hub id or local folder (default {HF_DEFAULT}); openai: the served model name; "
                              "clip-flant5-*: a local checkpoint folder (default: the hub id)")
+    p.add_argument("--judge-tokenizer", default=None,
+                   help="clip-flant5-*: its T5 tokenizer as a local folder (default: the checkpoint folder's own, "
+                        "else google/flan-t5-xxl / -xl from the hub)")
+    p.add_argument("--judge-vision-tower", default=None,
+                   help="clip-flant5-*: its CLIP vision tower as a local folder (default: the checkpoint's "
+                        "mm_vision_tower hub id, openai/clip-vit-large-patch14-336)")
     cli.add_placement(p)
     cli.add_batch_size(p, 16, help="image-prompt pairs per model call (openai: concurrent requests)")
     p.add_argument("--data", type=Path, default=DATA, help="folder with genai_image.json + genai_skills.json")
@@ -490,7 +496,8 @@ def scorer_spec(a: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, A
                 scorer_identity("openai", a.judge_model, top_logprobs=20))
     place = {"device": a.device, "dtype": a.dtype, "device_map": a.device_map, "batch_size": a.batch_size}
     if a.judge.startswith("clip-flant5"):
-        return (a.judge, {"model_id": a.judge_model, **place}, clip_flant5_identity(a.judge, a.judge_model))
+        return (a.judge, {"model_id": a.judge_model, "tokenizer_id": a.judge_tokenizer,
+                          "vision_tower": a.judge_vision_tower, **place}, clip_flant5_identity(a.judge, a.judge_model))
     model = a.judge_model or HF_DEFAULT
     return "hf", {"model_id": model, **place}, scorer_identity("hf", model)
 

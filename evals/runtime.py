@@ -69,7 +69,7 @@ def looks_like_path(model_id: str) -> bool:
 def weights_hint(model_id: str, flag: str = "--judge-model") -> str:
     """How to get ``model_id``'s weights onto a machine without hub access."""
     return (f"download them where the hub is reachable (`hf download {model_id} --local-dir DIR`) and pass "
-            f"{flag} DIR, or set HF_HOME to a cache that holds them")
+            f"{flag} DIR, or set HF_HOME to a cache that holds them (HF_HUB_OFFLINE=1 skips the hub's retries)")
 
 
 def from_pretrained(cls: Any, model_id: str, *, device: str = "cpu", dtype: torch.dtype | None = None,

@@ -209,7 +209,8 @@ def test_load_a_local_checkpoint_folder(tmp_path: Path) -> None:
 def test_missing_checkpoint_says_how_to_point_at_a_local_copy(tmp_path: Path) -> None:
     from evals import genai_bench as gb
 
-    advice = "huggingface-cli download zhiqiulin/clip-flant5-xxl .*--model-id /models/clip-flant5-xxl"
+    advice = ("hf download zhiqiulin/clip-flant5-xxl --local-dir A.*google/flan-t5-xxl.*clip-vit-large-patch14-336"
+              ".*--judge-model A --judge-tokenizer B --judge-vision-tower C.*HF_HUB_OFFLINE=1.*--judge oracle")
     with pytest.raises(FileNotFoundError, match=advice):
         load_clip_flant5("zhiqiulin/clip-flant5-xxl", cache_dir=str(tmp_path / "hf"), local_files_only=True)
     with pytest.raises(FileNotFoundError, match=advice):
@@ -217,6 +218,11 @@ def test_missing_checkpoint_says_how_to_point_at_a_local_copy(tmp_path: Path) ->
     with pytest.raises(FileNotFoundError, match=advice):  # the images exist: the missing weights are the error
         gb.build_scorer(gb.parser().parse_args(["--images", str(tmp_path), "--judge", "clip-flant5-xl",
                                                 "--judge-model", str(tmp_path / "nowhere"), "--out", "o"]))
+    # the flags the advice names exist and reach the loader
+    named = gb.parser().parse_args(["--images", "d", "--judge-model", "A", "--judge-tokenizer", "B",
+                                    "--judge-vision-tower", "C", "--out", "o"])
+    kwargs = gb.scorer_spec(named)[1]
+    assert (kwargs["model_id"], kwargs["tokenizer_id"], kwargs["vision_tower"]) == ("A", "B", "C")
     with pytest.raises(ValueError, match="unknown prompt_style"):
         scorer(tiny_model(0), prompt_style="chat")
     with pytest.raises(ValueError, match="exactly one image placeholder"):
