@@ -262,3 +262,35 @@ def test_exported_prompts_cannot_run_as_spreadsheet_formulas() -> None:
     assert spreadsheet_safe('=HYPERLINK("http://x","click")') == '\'=HYPERLINK("http://x","click")'
     assert [spreadsheet_safe(t) for t in ("+1", "-2", "@SUM(A1)", "a red circle")] == \
         ["'+1", "'-2", "'@SUM(A1)", "a red circle"]
+
+
+def test_a_closed_study_gives_no_pairs_and_takes_no_votes(tmp_path: Path, capsys) -> None:
+    db, sessions, *_ = _study(tmp_path)
+    (_, token), = add_annotators(sessions, "s", 1)
+    pair, _, _ = next_pair(sessions, token)
+    assert main(["close", "--db", db, "--study", "s"]) == 0 and "closed" in capsys.readouterr().out
+    for attempt in (lambda: next_pair(sessions, token),
+                    lambda: record_vote(sessions, token, pair.public_id, {"overall": "left", "visual_quality": "tie"})):
+        with pytest.raises(AnnotatorError) as err:
+            attempt()
+        assert err.value.status == 410
+    assert main(["close", "--db", db, "--study", "s"]) == 0 and "already closed" in capsys.readouterr().out
+    assert main(["report", "--db", db, "--study", "s", "--out", str(tmp_path / "r")]) == 0  # still reportable
+
+
+def test_a_database_from_before_a_column_existed_gets_it_added(tmp_path: Path) -> None:
+    """Nullable columns added to the tables later (image pins, study closing) are added to an older database
+    when it is opened, instead of every query failing on a missing column."""
+    from sqlalchemy import inspect, text
+
+    db, sessions, *_ = _study(tmp_path)
+    engine = make_engine(db)
+    with engine.begin() as conn:  # what a database made before these columns looks like
+        conn.execute(text("ALTER TABLE ab_study DROP COLUMN closed_at"))
+        conn.execute(text("ALTER TABLE ab_image DROP COLUMN sha256"))
+    engine.dispose()
+    engine = make_engine(db)
+    assert {"closed_at"} <= {c["name"] for c in inspect(engine).get_columns("ab_study")}
+    assert {"sha256"} <= {c["name"] for c in inspect(engine).get_columns("ab_image")}
+    (_, token), = add_annotators(make_sessions(engine), "s", 1)
+    assert next_pair(make_sessions(engine), token)[0] is not None

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--n", type=int, required=True, help="how many")
     c.add_argument("--base-url", default="http://127.0.0.1:8000", help="server address used in printed links")
 
+    cmd("close", "close a study: no more pairs or votes (410 on every link); the votes stay for the report")
+
     c = cmd("serve", "serve every study of the database to annotators", study=False)
     c.add_argument("--host", default="127.0.0.1")
     c.add_argument("--port", type=int, default=8000)
@@ -131,6 +133,10 @@ def _run(args: argparse.Namespace) -> int:
         from evals.ab.study import add_annotators
 
         _links(add_annotators(sessions, args.study, args.n), args.base_url)
+    elif args.command == "close":
+        from evals.ab.study import close_study
+
+        print(f"study {args.study}: {'closed' if close_study(sessions, args.study) else 'was already closed'}")
     elif args.command == "export-pairs":
         from evals.ab.vendor import export_pairs
 

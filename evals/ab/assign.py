@@ -55,7 +55,10 @@ def annotator_for(s: Session, token: str | None, lock: bool = False) -> tuple[An
     ann = s.scalar(query.with_for_update() if lock else query) if token else None
     if ann is None:
         raise AnnotatorError(403, "This link is not valid. Please use the personal link you were given.")
-    return ann, s.get(Study, ann.study_id)
+    study = s.get(Study, ann.study_id)
+    if study.closed_at is not None:
+        raise AnnotatorError(410, "This study is closed. Thank you for your help.")
+    return ann, study
 
 
 def _open(s: Session, ann_id: int) -> Assignment | None:

@@ -59,6 +59,7 @@ class Study(Base):
     lease_s: Mapped[int] = mapped_column(Integer)  # an unanswered pair goes back to the pool after this long
     admin_token_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # set: no more pairs or votes
 
     @property
     def aspect_list(self) -> list[str]:
@@ -210,7 +211,26 @@ def make_engine(db: str, timeout_s: float = 60.0) -> Engine:
     else:
         engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True, hide_parameters=True)
     Base.metadata.create_all(engine)
+    add_missing_columns(engine)
     return engine
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add the nullable columns a study database made by an earlier version of these tables lacks (``ALTER TABLE
+    ... ADD COLUMN``, on SQLite and PostgreSQL alike); returns ``table.column`` of each one added."""
+    from sqlalchemy import inspect, text
+
+    added = []
+    have = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in have.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=engine.dialect)
+                with engine.begin() as conn:
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+                added.append(f"{table.name}.{column.name}")
+    return added
 
 
 def make_sessions(engine: Engine) -> sessionmaker:

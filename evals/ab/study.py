@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from evals.ab.db import WEB_PREFIX, Annotator, Image, Pair, Study, System
+from evals.ab.db import WEB_PREFIX, Annotator, Image, Pair, Study, System, utcnow
 from evals.ab.layouts import pair_items, read_folder
 
 ASPECT_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
@@ -192,6 +192,17 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
                            source_image=Image(study_id=study.id, data=gold.source) if gold.source else None,
                            gold_answer="left" if better_left else "right"))
         return Created(name, len(matched), n_gold, admin_token)
+
+
+def close_study(sessions: sessionmaker, study_name: str) -> bool:
+    """Close a study: its links get no more pairs and no vote is accepted (410), the stored votes stay for the
+    report. Returns False when it was closed already."""
+    with sessions.begin() as s:
+        study = get_study(s, study_name)
+        if study.closed_at is not None:
+            return False
+        study.closed_at = utcnow()
+        return True
 
 
 def add_annotators(sessions: sessionmaker, study_name: str, n: int) -> list[tuple[str, str]]:
