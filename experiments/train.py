@@ -29,7 +29,7 @@ from experiments.evaluation import BENCHMARKS, headline_metrics
 from experiments.loggers import extra_loggers, finish, log_image, logger_kind
 from experiments.run_dir import RunDir
 from models.checkpoints import (
-    AtomicCheckpointIO,
+    atomic_checkpoint_io,
     load_module,
     read_checkpoint,
     resume_checkpoint,
@@ -327,7 +327,7 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
         logger=[resumable_csv_logger(run_dir, resume_at, tcfg["log_every"]),
                 *extra_loggers(config, run_dir, rd.path.name)],
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[atomic_checkpoint_io()],
         log_every_n_steps=tcfg["log_every"],
         enable_model_summary=False,
         num_sanity_val_steps=0,

@@ -6,7 +6,7 @@ without the frozen encoder's weights: the encoder is rebuilt from its preset on 
 (``UniFusionModule.on_save_checkpoint`` / ``on_load_checkpoint``).
 
 Every checkpoint is written to a temporary file in its own folder, fsynced and renamed over the old one
-(``write_atomic``; ``AtomicCheckpointIO`` does it for Lightning's own saves). Lightning's default writes to
+(``write_atomic``; ``atomic_checkpoint_io`` does it for Lightning's own saves). Lightning's default writes to
 ``$TMPDIR`` and moves the file, a copy when ``$TMPDIR`` is node-local and the runs folder shared: a preemption
 or a full disk during that copy leaves a truncated ``last.ckpt``. ``resume_checkpoint`` then resumes from the
 newest intact checkpoint instead and says so.
@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 if TYPE_CHECKING:
     from models.module import UniFusionModule
@@ -68,14 +67,19 @@ def write_atomic(obj: Any, path: Path) -> Path:
     return path
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer with ``write_atomic``: ``last.ckpt`` and the step checkpoints are never left
-    half-written, whatever filesystems ``$TMPDIR`` and the runs folder are on."""
+def atomic_checkpoint_io() -> Any:
+    """Lightning's checkpoint writer with ``write_atomic`` (a ``TorchCheckpointIO``): ``last.ckpt`` and the step
+    checkpoints are never left half-written, whatever filesystems ``$TMPDIR`` and the runs folder are on. Built on
+    use: scoring a checkpoint needs no Lightning."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        write_atomic(checkpoint, Path(path))
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+            if storage_options is not None:
+                raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+            write_atomic(checkpoint, Path(path))
+
+    return AtomicCheckpointIO()
 
 
 def damage(path: Path) -> str | None:
