@@ -257,9 +257,11 @@ def run_sweep(
         print(f"[sweep] could not write the results to {results_dir} ({err}); `make collect` rebuilds them",
               file=sys.stderr)
     print(f"[sweep] {exp}: {n_done}/{len(runs)} runs done in {wall:.0f} s; results in {results_dir}")
-    if failures:
-        raise SystemExit(f"{len(failures)} problem(s): "
-                         f"{', '.join(r.label if r is not None else why for r, why in failures)}")
+    failed_runs = [r.label for r, _ in failures if r is not None]
+    problems = ([f"{len(failed_runs)} run(s) failed: {', '.join(failed_runs)}"] if failed_runs else []) + [
+        why for r, why in failures if r is None]
+    if problems:
+        raise SystemExit("; ".join(problems))
     return df
 
 

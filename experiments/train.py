@@ -319,6 +319,7 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
         from experiments.data.hf import SkipRate, max_skip_rate
 
         callbacks.append(SkipRate(max_skip_rate(config["data"]["hf"])))
+    env_plugins = scale.pop("plugins", [])  # SLURM's environment, beside the atomic checkpoint writer
     trainer = L.Trainer(
         max_steps=tcfg["steps"] if stop_at is None else stop_at,
         **scale,
@@ -327,7 +328,7 @@ def train(config: dict[str, Any], run_dir: Path, stop_at: int | None = None):
         logger=[resumable_csv_logger(run_dir, resume_at, tcfg["log_every"]),
                 *extra_loggers(config, run_dir, rd.path.name)],
         callbacks=callbacks,
-        plugins=[atomic_checkpoint_io()],
+        plugins=[*env_plugins, atomic_checkpoint_io()],
         log_every_n_steps=tcfg["log_every"],
         enable_model_summary=False,
         num_sanity_val_steps=0,

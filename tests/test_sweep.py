@@ -274,4 +274,4 @@ def test_a_full_disk_still_lists_every_failed_run(tmp_path: Path, monkeypatch, c
     err = capsys.readouterr().err
     assert "FAILED lap" in err and "out of memory" in err
     assert err.index("FAILED lap") < err.index("could not write the results")
-    assert "2 problem(s): lap, could not write the results" in str(exit_.value)
+    assert "1 run(s) failed: lap; could not write the results" in str(exit_.value)
