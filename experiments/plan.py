@@ -1,21 +1,28 @@
 """`make plan EXP=<name> PAPER=1 [PROFILE=<slurm profile>]`: what every run of a sweep costs, before it runs.
 
-    python -m experiments.plan EXP [--paper] [--profile NAME] [--gpu h100-80gb] [--mfu 0.4] [--text-tokens 256]
+    python -m experiments.plan EXP [--paper] [--profile NAME] [--gpu h100-80gb] [--hfu 0.4] [--text-tokens 256]
                                    [--set KEY=VALUE ...] [--out results/plan]
     python -m experiments.plan --summary        # results/plan/summary.md from every results/plan/<EXP>.csv
 
 For every run, one training step on meta tensors (``models/meta_step.py``) at the run's batch size and sequence
 lengths, for every task of its data mix. Reported per run: parameters (frozen encoder, trained conditioner and
 DiT), FLOPs per optimizer step split by part, memory per GPU under the run's strategy and activation
-checkpointing (and the alternatives), whether it fits the GPU, the step time and GPU-hours of the whole run at a
-stated MFU. A run that cannot be built or stepped gets ``status=error`` with the message, one that does not fit
-``status=oom``. Writes ``results/plan/<EXP>.csv`` and ``.md``. A paper sweep (``make sweep ... PAPER=1``) runs
+checkpointing (and the alternatives), whether it fits the GPU and with how much headroom, the step time and
+GPU-hours of the whole run at a stated hardware FLOPs utilisation, and the model FLOPs utilisation that implies.
+A run that cannot be built or stepped gets ``status=error`` with the message, one that does not fit
+``status=oom``, one that fits with less than ``MIN_HEADROOM`` to spare ``fits=tight``. Writes
+``results/plan/<EXP>.csv`` and ``.md``. A paper sweep (``make sweep ... PAPER=1``) runs
 the same checks first and submits nothing unless every run is ``ok``.
 
 Assumptions (stated in every .md): padded sequence lengths (every token counted as real); user text of
 ``--text-tokens`` tokens (captions; edit instructions); chat templates at ~4 characters per token; VERIFI rewrites
 of the preset's ``max_new_tokens``; one square image per image task; a task mix's FLOPs weighted by its
 ``data.tasks`` weights and its memory the largest task's.
+
+Utilisation: ``--hfu`` is the share of the GPUs' bf16 peak spent on every FLOP they execute -- the model's
+forward and backward *and* activation checkpointing's recomputed forward (hardware FLOPs utilisation). MFU (the
+``mfu_pct`` column, PaLM's definition) counts the model's FLOPs only; with checkpointing it is lower than the HFU
+by the recompute's share (``flops_recompute``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -57,13 +65,16 @@ GPUS: dict[str, GPU] = {
     "h200-141gb": GPU(989.0, 4.8, 140.4),  # 143771 MiB
 }
 DEFAULT_GPU = "h100-80gb"
-# Memory a run cannot use: the CUDA context, NCCL buffers and cuBLAS workspaces (fixed), and the caching
-# allocator's fragmentation (a fraction).
-RESERVED_GIB, USABLE_FRACTION = 2.0, 0.95
+# Memory a run cannot use. Fixed: the CUDA context with its loaded kernels (~0.5-1 GiB on CUDA 12), NCCL's
+# channel buffers (NCCL_BUFFSIZE, 4 MiB, per channel and peer: 1-3 GiB at 32-256 ranks) and cuBLAS/cuDNN workspaces.
+# A fraction: the caching allocator's fragmentation (reserved minus allocated is typically 5-15% on long runs with
+# varying shapes). A run that fits with less than MIN_HEADROOM of the usable memory to spare is flagged ``tight``:
+# one longer caption batch or allocator drift away from an out-of-memory crash.
+RESERVED_GIB, USABLE_FRACTION, MIN_HEADROOM = 4.0, 0.90, 0.10
 CHARS_PER_TOKEN = 4  # BPE tokenizers on English text; only used for the chat templates around the content
 
 COLUMNS = ["exp", "run", "status", "error", "params_encoder", "params_conditioner", "params_dit", "flops_step",
-           "mem_gib_per_gpu", "fits", "est_step_s", "gpu_hours"]
+           "mem_gib_per_gpu", "headroom_pct", "fits", "est_step_s", "mfu_pct", "gpu_hours"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,7 @@ class Assumptions:
     """What the plan assumes where the config does not say."""
 
     gpu: str = DEFAULT_GPU
-    mfu: float = 0.40
+    hfu: float = 0.40  # hardware FLOPs utilisation: executed FLOPs (recompute included) / bf16 peak
     text_tokens: int = 256
 
 
@@ -120,10 +131,11 @@ def memory_bytes(cost: Any, strategy: str, checkpointing: bool, world: int) -> d
     fp32 gradients, AdamW's two moments and an fp32 EMA copy. DDP keeps its gradient buckets beside the gradients
     (``gradient_as_bucket_view`` off, the default). FSDP (each DiT block one unit, the rest -- encoder, VAE,
     conditioner, the DiT's embeddings and EMA -- in the root unit, as ``experiments/train.py`` wraps it) shards
-    parameters, gradients, moments and EMA over the ranks, while the root unit is gathered for the whole step and
-    two blocks at a time are gathered (current + prefetched), in bf16. Activations: the measured peak of the step
-    (with every DiT block checkpointed when ``checkpointing``), or the frozen forward's if larger (the two do not
-    overlap: the encoder runs before the trained forward, under no grad).
+    parameters, gradients, moments and EMA over the ranks; gathered in bf16 at a time: two blocks (current +
+    prefetched) and every trained parameter outside the blocks (an upper bound: ``experiments/train.py`` makes the
+    conditioner and the DiT's own layers separate units, gathered one after the other). Activations: the measured
+    peak of the step (with every DiT block checkpointed when ``checkpointing``), or the frozen forward's if larger
+    (the two do not overlap: the encoder runs before the trained forward, under no grad).
     """
     p = cost.params
     trained = p["conditioner"] + p["dit"]
@@ -195,9 +207,9 @@ def plan_run(run: RunSpec, assume: Assumptions, debug: bool = False) -> dict[str
            for part in ("encoder", "rewrite", "latent", "conditioner", "dit")}
     micro = sum(mix.values())
     recompute = sum(w * c.flops_recompute for w, c in costs.values()) if ac else 0
-    rate = gpu.tflops * 1e12 * assume.mfu
+    rate = gpu.tflops * 1e12 * assume.hfu
     # VERIFI decodes its rewrite token by token: each step reads every encoder weight, a bandwidth bound that
-    # FLOPs at any MFU miss. The rewrite takes the longer of the two.
+    # FLOPs at any utilisation miss. The rewrite takes the longer of the two.
     rewrite_tokens = max(shape.rewrite_tokens for _, shape in shapes.values())
     decode_s = rewrite_tokens * 2 * first.params["encoder"] / (gpu.hbm_tbs * 1e12)
     step_s = ((micro - mix["rewrite"] + recompute) / rate + max(mix["rewrite"] / rate, decode_s if mix["rewrite"]
@@ -208,15 +220,19 @@ def plan_run(run: RunSpec, assume: Assumptions, debug: bool = False) -> dict[str
            for s_ac in [(s, a) for s in ("ddp", "fsdp", strategy) for a in (False, True)]}
     mine = mem[(strategy, ac)]
     total = sum(mine.values()) / GIB
-    fits = total <= usable_gib(assume.gpu)
+    usable = usable_gib(assume.gpu)
+    headroom = (usable - total) / usable
+    fits = "no" if headroom < 0 else "tight" if headroom < MIN_HEADROOM else "yes"
     row.update({
         "params_encoder": first.params["encoder"],
         "params_conditioner": first.params["conditioner"],
         "params_dit": first.params["dit"],
         "flops_step": micro * acc * world,
         "mem_gib_per_gpu": round(total, 1),
+        "headroom_pct": round(100 * headroom, 1),
         "fits": fits,
         "est_step_s": round(step_s, 3),
+        "mfu_pct": round(100 * micro * acc / (step_s * gpu.tflops * 1e12), 1),
         "gpu_hours": round(steps * step_s * world / 3600),
         "encoder": run.config["encoder"]["preset"], "gpu": assume.gpu, "gpus": world,
         "batch_per_gpu": run.config["train"]["batch_size"],
@@ -226,6 +242,7 @@ def plan_run(run: RunSpec, assume: Assumptions, debug: bool = False) -> dict[str
         "tokens_condition": max(c.tokens["condition"] for _, c in costs.values()),
         "tokens_image": first.tokens["image"],
         **{f"flops_{k}": v * acc * world for k, v in mix.items()},
+        "flops_recompute": recompute * acc * world,
         "conditioner_share_pct": round(100 * mix["conditioner"] / mix["dit"], 2) if mix["dit"] else None,
         **{f"mem_gib_{k}": round(v / GIB, 1) for k, v in mine.items()},
         **{f"mem_gib_{s}{'_ac' if a else ''}": round(sum(m.values()) / GIB, 1)
@@ -233,13 +250,13 @@ def plan_run(run: RunSpec, assume: Assumptions, debug: bool = False) -> dict[str
         "params_latent": first.params["latent"],
         "rewrite_decode_s": round(decode_s * acc, 3) if mix["rewrite"] else 0.0,
     })
-    if not fits:
+    if fits == "no":
         options = [f"{s}{' + activation checkpointing' if a else ''} ({sum(m.values()) / GIB:.0f} GiB)"
                    for (s, a), m in mem.items() if sum(m.values()) / GIB <= usable_gib(assume.gpu)]
         row.update(status="oom", error=(
-            f"needs {total:.0f} GiB per GPU ({strategy}{', checkpointing' if ac else ''}: "
+            f"needs {total:.1f} GiB per GPU ({strategy}{', checkpointing' if ac else ''}: "
             + ", ".join(f"{k} {v / GIB:.0f}" for k, v in mine.items())
-            + f") but {assume.gpu} leaves {usable_gib(assume.gpu):.0f} GiB; "
+            + f") but {assume.gpu} leaves {usable:.1f} GiB; "
             + (f"fits with {' or '.join(options)}" if options else "lower train.batch_size (keep the global batch "
                "with trainer.accumulate_grad_batches)")))
     return row
@@ -254,8 +271,8 @@ def plan_experiment(exp: str, paper: bool = True, sets: list[str] | None = None,
     """The plan table of every run of ``exp`` (its paper variant by default)."""
     if assume.gpu not in GPUS:
         raise ValueError(f"unknown GPU {assume.gpu!r}; valid: {', '.join(GPUS)}")
-    if not 0 < assume.mfu <= 1:
-        raise ValueError(f"--mfu must be in (0, 1], got {assume.mfu}")
+    if not 0 < assume.hfu <= 1:
+        raise ValueError(f"--hfu must be in (0, 1], got {assume.hfu}")
     if runs is None:
         runs = load_experiment(exp, paper=paper, sets=sets)[1]
     rows = [plan_run(r, assume, debug) for r in runs]
@@ -284,21 +301,23 @@ def markdown(df: pd.DataFrame, exp: str, assume: Assumptions) -> str:
             f"One training step per run and task on meta tensors (`make plan EXP={exp} PAPER=1`). GPU "
             f"{assume.gpu}: {gpu.tflops:.0f} TFLOP/s bf16 dense, {gpu.mem_gib} GiB, of which "
             f"{usable_gib(assume.gpu):.1f} usable ({USABLE_FRACTION:.0%} less {RESERVED_GIB} GiB for the CUDA "
-            f"context and NCCL), {gpu.hbm_tbs} TB/s; step time at {assume.mfu:.0%} MFU (activation checkpointing's "
-            f"recomputed forward included; VERIFI's token-by-token rewrite at least its weight reads at full "
-            f"bandwidth). User text {assume.text_tokens} tokens per prompt (padded), chat templates at "
+            f"context, NCCL and workspaces; `fits` is `tight` below {MIN_HEADROOM:.0%} headroom), {gpu.hbm_tbs} "
+            f"TB/s; step time at {assume.hfu:.0%} hardware FLOPs utilisation (every executed FLOP, activation "
+            f"checkpointing's recomputed forward included; `MFU %` counts the model's FLOPs only; VERIFI's "
+            f"token-by-token rewrite at least its weight reads at full bandwidth). User text {assume.text_tokens} "
+            f"tokens per prompt (padded), chat templates at "
             f"{CHARS_PER_TOKEN} characters per token, VERIFI rewrites at the preset's max_new_tokens, one square "
             f"image per image task; a task mix's FLOPs are weighted by `data.tasks`, its memory is the largest "
             f"task's. FLOPs per optimizer step (global batch) in PFLOP; memory per GPU in GiB.\n\n")
     cols = ["run", "status", "encoder", "params_encoder", "params_conditioner", "params_dit", "gpus", "strategy",
             "flops_step", "flops_conditioner", "flops_dit", "conditioner_share_pct", "mem_gib_per_gpu",
-            "mem_gib_activations", "fits", "est_step_s", "steps", "gpu_hours"]
+            "mem_gib_activations", "headroom_pct", "fits", "est_step_s", "mfu_pct", "steps", "gpu_hours"]
     kinds = {"params_encoder": "B", "params_conditioner": "B", "params_dit": "B", "flops_step": "P",
              "flops_conditioner": "P", "flops_dit": "P", "gpu_hours": "H", "gpus": "I", "steps": "I"}
     names = {"params_encoder": "encoder (frozen)", "params_conditioner": "conditioner", "params_dit": "DiT",
              "flops_step": "PFLOP/step", "flops_conditioner": "cond. PFLOP", "flops_dit": "DiT PFLOP",
              "conditioner_share_pct": "cond./DiT %", "mem_gib_per_gpu": "GiB/GPU", "mem_gib_activations": "act. GiB",
-             "est_step_s": "s/step", "gpu_hours": "GPU-hours"}
+             "est_step_s": "s/step", "gpu_hours": "GPU-hours", "headroom_pct": "headroom %", "mfu_pct": "MFU %"}
     lines = ["| " + " | ".join(names.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         vals = {**r.to_dict(), "encoder": r.get("encoder", "")}
@@ -310,6 +329,12 @@ def markdown(df: pd.DataFrame, exp: str, assume: Assumptions) -> str:
     tail = f"\nTotal: {total:,.0f} GPU-hours for the sweep's {len(df)} runs.\n"
     if errors:
         tail += "\nNot ok:\n" + "\n".join(errors) + "\n"
+    tight = [r for _, r in df.iterrows() if r.get("fits") == "tight"]
+    if tight:
+        tail += (f"\nTight (fits with less than {MIN_HEADROOM:.0%} of the usable memory to spare; lower "
+                 "train.batch_size and raise trainer.accumulate_grad_batches to keep the global batch):\n"
+                 + "\n".join(f"- `{r['run']}`: {r['mem_gib_per_gpu']} GiB, {r['headroom_pct']}% headroom"
+                              for r in tight) + "\n")
     return head + "\n".join(lines) + "\n" + tail
 
 
@@ -424,6 +449,9 @@ def check_plan(exp: str, runs: list[RunSpec], profile: str | None = None) -> pd.
         lines = "; ".join(f"{r.run}: {r.status}: {r.error}" for r in bad.itertuples())
         raise ValueError(f"the plan of {exp} (paper) refuses {len(bad)} run(s): {lines}. "
                          f"See `make plan EXP={exp} PAPER=1`.")
+    for r in df[df.fits == "tight"].itertuples():
+        print(f"[plan] warning: {exp}/{r.run} fits with {r.headroom_pct}% headroom ({r.mem_gib_per_gpu} GiB per "
+              f"GPU, below {MIN_HEADROOM:.0%}): an out-of-memory crash is close", file=sys.stderr)
     return df
 
 
@@ -447,7 +475,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--paper", action="store_true", help="the YAML's paper variant (what the plan is for)")
     p.add_argument("--profile", help="slurm/profiles/<NAME>.yaml: its gpu")
     p.add_argument("--gpu", help=f"GPU model (overrides the profile's): {', '.join(GPUS)}")
-    p.add_argument("--mfu", type=float, default=Assumptions.mfu, help="model FLOPs utilisation (default 0.40)")
+    p.add_argument("--hfu", type=float, default=Assumptions.hfu,
+                   help="hardware FLOPs utilisation: executed FLOPs, recompute included, over the bf16 peak "
+                        "(default 0.40); the plan reports the MFU it implies")
     p.add_argument("--text-tokens", type=int, default=Assumptions.text_tokens,
                    help="user text tokens per prompt, padded (default 256)")
     p.add_argument("--set", action="append", dest="sets", default=[], metavar="KEY=VALUE")
@@ -476,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(make plan ... PAPER=1)")
         if a.text_tokens < 1:
             raise ValueError(f"--text-tokens must be >= 1, got {a.text_tokens}")
-        assume = Assumptions(gpu=a.gpu or profile_gpu(a.profile), mfu=a.mfu, text_tokens=a.text_tokens)
+        assume = Assumptions(gpu=a.gpu or profile_gpu(a.profile), hfu=a.hfu, text_tokens=a.text_tokens)
         t0 = time.time()
         df = plan_experiment(a.exp, paper=a.paper, sets=a.sets, assume=assume, debug=a.debug)
         path = write_plan(a.exp, df, assume, a.out)

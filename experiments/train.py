@@ -158,6 +158,32 @@ def fsdp_strategy(module=None, gpu: bool = True):  # noqa: ANN001, ANN201 - UniF
             def precision_plugin(self, plugin: FSDPPrecision | None) -> None:
                 base.precision_plugin.fset(self, plugin)
 
+            def optimizer_state(self, optimizer):  # noqa: ANN001, ANN202 - Lightning's signature
+                """Lightning's full optimizer state dict without its CPU offload: torch's gather writes every
+                moment of a flat parameter into one reused buffer and copies it out only by ``.cpu()``, a no-op
+                on CPU ranks, so with the offload every moment comes back as the last one gathered (``exp_avg``
+                as ``exp_avg_sq``). On the CPU the offload has nothing to do; without it torch clones."""
+                from lightning.pytorch.core.optimizer import LightningOptimizer
+                from torch.distributed.fsdp import (
+                    FullOptimStateDictConfig,
+                    FullStateDictConfig,
+                    OptimStateKeyType,
+                    StateDictType,
+                )
+                from torch.distributed.fsdp import FullyShardedDataParallel as FSDPModule
+
+                if self._state_dict_type != "full":
+                    return super().optimizer_state(optimizer)
+                if isinstance(optimizer, LightningOptimizer):
+                    optimizer = optimizer._optimizer
+                with FSDPModule.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
+                                                FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+                                                FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+                    state = FSDPModule.optim_state_dict(self.model, optimizer)
+                    if self.global_rank == 0:  # keyed by parameter index, as Lightning stores it
+                        state = FSDPModule.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+                return state
+
             def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
                 from torch.distributed.fsdp import FullyShardedDataParallel
 

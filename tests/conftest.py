@@ -42,9 +42,6 @@ ALLOWED_SKIPS: dict[str, Allowed] = {
                                                          "them"),
     "tests/test_ab_load.py::test_load_postgresql": Allowed("outside_ci", "needs Debian's postgresql; .ci/run installs "
                                                                          "it"),
-    # a strict xfail: it fails the session as soon as the bug is fixed, so its marker must go with the fix
-    "tests/test_fsdp.py::test_a_preempted_fsdp_run_resumes_to_the_straight_runs_weights": Allowed(
-        "always", "known bug pinned by a strict xfail: FSDP resume restores garbage optimizer moments"),
 }
 _SKIPS: list[tuple[str, str]] = []  # (node id, skip message) of this session
 
