@@ -592,7 +592,25 @@ def scan_images(images_dir: str | Path, item_ids: Iterable[str], n_images: int =
     both = sorted(set(grids) & set(seeds))
     if both:
         raise ValueError(f"items with both a grid and per-seed images (ambiguous): {both[:5]}")
+    if not grids and not seeds:
+        raise ValueError(f"no DPG-Bench images in {root}: expected <item_id>.png 2x2 grids or <item_id>/<k>.png "
+                         f"per-seed files for the {len(known)} items of the questions (ids like "
+                         f"{sorted(known)[:2]}); found {_describe_folder(root)}")
     return ImageSet(root, n_images, grids, seeds)
+
+
+def _describe_folder(root: Path, shown: int = 3) -> str:
+    """What a folder holds, in a phrase: ``an empty folder`` or ``2 files (a.txt, b.json), 1 folder (00000/)``."""
+    entries = [e for e in sorted(root.iterdir()) if not e.name.startswith(".")]
+    if not entries:
+        return "an empty folder"
+    parts = []
+    for kind, group in (("file", [e.name for e in entries if not e.is_dir()]),
+                        ("folder", [e.name + "/" for e in entries if e.is_dir()])):
+        if group:
+            more = ", ..." if len(group) > shown else ""
+            parts.append(f"{len(group)} {kind}{'s' if len(group) > 1 else ''} ({', '.join(group[:shown])}{more})")
+    return ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------- judging
