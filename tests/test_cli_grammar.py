@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,10 +57,21 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "model.ckpt").write_bytes(b"not a checkpoint")
     (root / "a_file").write_text("x")
     (root / "empty").mkdir()
+    for case in ("loop", "fifo", "jpeg"):  # GenEval folders with one odd entry each
+        shutil.copytree(root / "geneval", root / f"geneval_{case}")
+    os.symlink("00009", root / "geneval_loop" / "00009")  # a link to itself
+    os.mkfifo(root / "geneval_fifo" / "00000" / "samples" / "00001.png")
+    Image.new("RGB", (8, 8)).save(root / "geneval_jpeg" / "00000" / "samples" / "00001.png", format="JPEG")
+    (root / "grids").mkdir()
+    for item_id, _, _ in items:
+        Image.new("RGB", (64, 64)).save(root / "grids" / f"{item_id}.png")
+    (root / "out_dir_cache" / "judgments.jsonl").mkdir(parents=True)
     (root / "gens.py").write_text("def forgot_return(prompts, seeds):\n    images = [None] * len(prompts)\n")
     return {"root": root, "meta": root / "meta.jsonl", "geneval": root / "geneval", "flat": root / "flat",
             "q": root / "q.csv", "dpg": root / "dpg", "genai": root / "genai", "ckpt": root / "model.ckpt",
-            "file": root / "a_file", "empty": root / "empty", "gens": root / "gens.py"}
+            "file": root / "a_file", "empty": root / "empty", "gens": root / "gens.py", "grids": root / "grids",
+            "dir_cache": root / "out_dir_cache",
+            **{f"geneval_{case}": root / f"geneval_{case}" for case in ("loop", "fifo", "jpeg")}}
 
 
 BAD = [
@@ -153,6 +166,18 @@ BAD = [
      "for the 2 items of the questions"),
     ("dpg", ["--images", "{empty}", "--questions", "{q}", "--out", "{out}"], "found an empty folder"),
     ("dpg", ["--images", "{geneval}", "--questions", "{q}", "--out", "{out}"], "found 6 folders (00000/, 00001/"),
+    # GenEval entries that cannot be scored as they are: refused by name before the judge loads
+    ("geneval", ["--images", "{geneval_loop}", "--judge", "shapes", "--out", "{out}"],
+     "geneval_loop/00009 is a symlink that loops or points nowhere"),
+    ("geneval", ["--images", "{geneval_fifo}", "--judge", "shapes", "--out", "{out}"],
+     "00000/samples/00001.png is not a regular file"),
+    ("geneval", ["--images", "{geneval_jpeg}", "--judge", "shapes", "--out", "{out}"],
+     "00000/samples/00001.png is named .png but its bytes are JPEG"),
+    # a DPG cache that is a folder
+    ("dpg", ["--images", "{grids}", "--questions", "{q}", "--judge", "oracle", "--out", "{dir_cache}"],
+     "judgments.jsonl is not a regular file"),
+    ("dpg", ["aggregate", "--questions", "{q}", "--judgments", "{dir_cache}/judgments.jsonl", "--out", "{out}"],
+     "judgments.jsonl is not a regular file"),
     # a generator that returns nothing
     ("generate", ["--benchmark", "genai", "--callable", "{gens}:forgot_return", "--limit", "1", "--quiet",
                   "--out", "{out}"], "gens.py:forgot_return returned NoneType for 1 prompts; it must return a list"),
