@@ -233,9 +233,7 @@ def _main(argv: list[str] | None = None) -> pd.DataFrame:
     from common.files import atomic_write_text
 
     a = parser().parse_args(argv)
-    out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
+    out = Path(a.out)  # an existing file is refused by the parser (evals.cli.out_folder)
     if a.device_map is not None:
         from evals.runtime import check_device_map
 

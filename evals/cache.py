@@ -10,19 +10,73 @@ the content hash of the image file it judged; ``OUT/judge.json`` holds the full 
 - a resume under another judge is refused (``check_judge``: before the judge loads); rows without a fingerprint
   (written before judges were recorded) are refused too: nothing says who wrote them;
 - a row whose image has changed since (regenerated into the same folder) is dropped and its unit judged again
-  (``drop_stale``), and the run reports how many.
+  (``drop_stale``), and the run reports how many;
+- one run at a time per folder (``lock_folder``: ``OUT/.lock``, held with ``flock`` for the run's lifetime): a
+  second run into the same ``--out`` (a double launch, a requeued job while the old one still runs) is refused
+  with the holder's pid and host instead of judging everything twice into one cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 JUDGE_FILE = "judge.json"
+LOCK_FILE = ".lock"
+_HELD: dict[Path, list[Any]] = {}  # folder -> [open lock file, depth]: nested locks of one process are one lock
+
+
+@contextlib.contextmanager
+def lock_folder(out_dir: str | Path) -> Iterator[Path]:
+    """Hold ``OUT/.lock`` (``fcntl.flock``, not blocking) while the block runs: another process holding it raises
+    ValueError naming its pid and host. The kernel drops the lock when its holder dies, so a killed run never
+    leaves a stale lock; nested calls of one process on one folder share the lock."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key = out.resolve()
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield out
+        finally:
+            _HELD[key][1] -= 1
+        return
+    path = out / LOCK_FILE
+    fp = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(fp.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fp.seek(0)
+        holder = fp.read().strip() or "unknown"
+        fp.close()
+        raise ValueError(f"{out} is in use by another run ({holder}): wait for it to finish, or use another "
+                         "--out") from None
+    fp.seek(0)
+    fp.truncate()
+    fp.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    fp.flush()
+    _HELD[key] = [fp, 1]
+    try:
+        yield out
+    finally:
+        del _HELD[key]
+        fp.close()  # releases the lock; the file stays (removing it would race with a run that just opened it)
+
+
+def check_cache_file(path: str | Path) -> None:
+    """A cache path that exists must be a regular file (not a folder, a FIFO, ...): say so instead of failing
+    when the first rows are appended."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a regular file (a folder?): move it away or use another --out")
 
 
 def text_hash(*texts: str) -> str:
@@ -37,6 +91,11 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: fp.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def bytes_digest(data: bytes) -> str:
+    """``file_digest`` of bytes already read (the exact bytes an image was decoded from)."""
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def fingerprint(identity: Mapping[str, Any]) -> str:

@@ -10,13 +10,16 @@
 Every parser shows its defaults in ``--help``. Input errors end the program with ONE line ``error: ...`` on
 stderr and exit status 2 (argparse's own errors too), before any model is loaded (errors from torch,
 transformers or your generator keep their traceback; ``--debug`` keeps ours too): each tool checks its inputs
-first, then builds its judge. Old flag names stay accepted as aliases (hidden from ``--help``; using one prints a
+first, then builds its judge. ``--device`` (``device_arg``) and ``--out`` (``out_folder``) are checked by the
+parser itself, and a mistyped flag is named (with the closest real one) even when it leaves a required flag
+unset. Old flag names stay accepted as aliases (hidden from ``--help``; using one prints a
 one-line note naming the new flag).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import sys
 from collections.abc import Callable, Sequence
@@ -52,7 +55,45 @@ class Parser(argparse.ArgumentParser):
         # read (and removed from the command line) by ``entry``; declared here so that --help lists it
         self.add_argument(DEBUG_FLAG, action="store_true", help="keep the full traceback of every error")
 
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        # kept for ``error``: a typo'd flag is reported by name, not as the required flag it failed to set
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self._unrecognized(extras) or f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _option_strings(self) -> list[str]:
+        """Every flag of this parser and of its subcommands (for "did you mean")."""
+        names = list(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    names += list(sub._option_string_actions)
+        return names
+
+    def _unrecognized(self, tokens: Sequence[str]) -> str | None:
+        """``unrecognized argument --limt (did you mean --limit?)`` for the first token of ``tokens`` that looks
+        like a flag this parser does not know (None when there is none)."""
+        for token in tokens:
+            parsed = self._parse_optional(token) if token.startswith("-") and token != "--" else None
+            if parsed is None or parsed[0] is not None:
+                continue  # a value, a negative number, or a flag of this parser
+            flag = token.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, self._option_strings(), n=1, cutoff=0.6)
+            return f"unrecognized argument {flag}" + (f" (did you mean {close[0]}?)" if close else "")
+        return None
+
     def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required") or message.startswith("one of the arguments"):
+            # argparse checks required flags before it reports unknown ones: a typo like --limt would otherwise
+            # be reported as the required flag it never set
+            message = self._unrecognized(getattr(self, "_argv", [])) or message
         fail(f"{message} (see {self.prog} --help)")
 
 
@@ -134,6 +175,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+def device_arg(text: str) -> str:
+    """argparse type of ``--device``: ``auto`` or a device this machine has (``evals.runtime.check_device``)."""
+    from evals.runtime import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def out_folder(text: str) -> Path:
+    """argparse type of ``--out``: a folder (it may not exist yet), never an existing file, so a run that would
+    fail writing its results fails before it starts."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
+    return path
+
+
 def add_judge(parser: argparse.ArgumentParser, choices: Sequence[str], default: str, help: str,
               model_help: str = "the judge's weights: hub id or local folder (default: the judge's own)",
               url: bool = True) -> None:
@@ -155,7 +215,7 @@ def add_judge_endpoint(parser: argparse.ArgumentParser,
 
 def add_placement(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--dtype``, ``--device-map``: where and in what precision models are loaded."""
-    parser.add_argument("--device", default="auto",
+    parser.add_argument("--device", default="auto", type=device_arg,
                         help="cpu, cuda, cuda:1, ...; auto = cuda when available (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                         help="weights' dtype; auto = bfloat16 on GPU, float32 on CPU")
@@ -178,4 +238,4 @@ def add_n_resamples(parser: argparse.ArgumentParser, default: int = 1000) -> Non
 
 
 def add_out(parser: argparse.ArgumentParser, help: str, required: bool = True) -> None:
-    parser.add_argument("--out", required=required, help=help)
+    parser.add_argument("--out", required=required, type=out_folder, help=help)

@@ -35,7 +35,17 @@ from tqdm.auto import tqdm
 
 from common.files import atomic_write_text, open_rgb
 from common.stats import bootstrap_ci
-from evals.cache import check_judge, confirm_revision, drop_stale, file_digest, fingerprint, identity_of
+from evals.cache import (
+    bytes_digest,
+    check_cache_file,
+    check_judge,
+    confirm_revision,
+    drop_stale,
+    file_digest,
+    fingerprint,
+    identity_of,
+    lock_folder,
+)
 from evals.judges import HF_PRESETS, JUDGE_MODES, OPENAI_DEFAULT, Judge, JudgeRequest, judge_identity, make_judge
 
 CSV_COLUMNS: tuple[str, ...] = (
@@ -224,6 +234,7 @@ def read_judgments(path: str | Path, repair: bool = False) -> list[dict[str, Any
         if repair:
             return []
         raise FileNotFoundError(f"judgments file not found: {path}")
+    check_cache_file(path)
     data = path.read_bytes()
     cut = data.rfind(b"\n") + 1
     if cut < len(data):
@@ -242,6 +253,21 @@ def read_judgments(path: str | Path, repair: bool = False) -> list[dict[str, Any
             raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); only a torn LAST line is tolerated") from None
         rows.append(_check_row(row, f"{path}:{n}"))
     return rows
+
+
+def drop_duplicates(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Rows with the first judgment of each (item_id, image_index, proposition_id) per judge and image hash;
+    later copies (two runs that judged the same folder at once) are dropped. Returns (rows, dropped). Two
+    judgments of one key by different judges or of different image files are left for ``check_judge`` /
+    ``drop_stale`` to refuse or re-judge."""
+    seen: set[tuple[Any, ...]] = set()
+    kept = []
+    for row in rows:
+        key = (row["item_id"], row["image_index"], row["proposition_id"], row.get("judge"), row.get("image"))
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept, len(rows) - len(kept)
 
 
 def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -490,8 +516,12 @@ def write_reports(scores: dict[str, Any], rows: list[dict[str, Any]], out_dir: s
 def aggregate_files(questions_csv: str | Path, judgments_path: str | Path, out_dir: str | Path,
                     n_images: int | None = None, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """``aggregate`` on files, then ``write_reports``. Returns the scores."""
-    scores, rows = aggregate(load_questions(questions_csv), read_judgments(judgments_path), n_images, n_resamples,
-                             seed)
+    judgments, duplicates = drop_duplicates(read_judgments(judgments_path))
+    if duplicates:
+        print(f"note: {judgments_path} holds {duplicates} duplicate judgments (two runs judged one folder at once); "
+              "scoring one of each", file=sys.stderr)
+    scores, rows = aggregate(load_questions(questions_csv), judgments, n_images, n_resamples, seed)
+    scores["counts"]["duplicate_judgments_dropped"] = duplicates
     write_reports(scores, rows, out_dir)
     return scores
 
@@ -525,12 +555,25 @@ class ImageSet:
 
     def load(self, item_id: str) -> dict[int, Image.Image]:
         """RGB tiles of an item, image index -> PIL image (grid tiles TL, TR, BL, BR = 0..3)."""
+        return self.load_with_digest(item_id)[0]
+
+    def load_with_digest(self, item_id: str) -> tuple[dict[int, Image.Image], dict[int, str]]:
+        """(tiles as ``load``, image index -> content hash of the bytes that tile was decoded from). Each file is
+        read once and hashed from those same bytes, so a file replaced while its tiles are judged cannot lend
+        its new hash to the old pixels' answers (the next run sees the change and judges it again)."""
+        files = ({k: self.grids[item_id] for k in range(self.n_images)} if item_id in self.grids
+                 else self.seeds.get(item_id, {}))
+        decoded: dict[Path, tuple[Image.Image, str]] = {}
+        for path in dict.fromkeys(files.values()):
+            data = path.read_bytes()
+            decoded[path] = open_rgb(path, data=data), bytes_digest(data)
         if item_id in self.grids:
-            grid = open_rgb(self.grids[item_id])
+            grid, digest = decoded[self.grids[item_id]]
             r = grid.width // 2
             boxes = [(0, 0, r, r), (r, 0, 2 * r, r), (0, r, r, 2 * r), (r, r, 2 * r, 2 * r)]
-            return {k: grid.crop(box) for k, box in enumerate(boxes)}
-        return {k: open_rgb(p) for k, p in self.seeds.get(item_id, {}).items()}
+            return {k: grid.crop(box) for k, box in enumerate(boxes)}, {k: digest for k in range(len(boxes))}
+        return ({k: decoded[p][0] for k, p in files.items()}, {k: decoded[p][1] for k, p in files.items()})
+
 
 
 def _check_image(path: Path, resolution: int | None, grid: bool) -> None:
@@ -592,7 +635,25 @@ def scan_images(images_dir: str | Path, item_ids: Iterable[str], n_images: int =
     both = sorted(set(grids) & set(seeds))
     if both:
         raise ValueError(f"items with both a grid and per-seed images (ambiguous): {both[:5]}")
+    if not grids and not seeds:
+        raise ValueError(f"no DPG-Bench images in {root}: expected <item_id>.png 2x2 grids or <item_id>/<k>.png "
+                         f"per-seed files for the {len(known)} items of the questions (ids like "
+                         f"{sorted(known)[:2]}); found {_describe_folder(root)}")
     return ImageSet(root, n_images, grids, seeds)
+
+
+def _describe_folder(root: Path, shown: int = 3) -> str:
+    """What a folder holds, in a phrase: ``an empty folder`` or ``2 files (a.txt, b.json), 1 folder (00000/)``."""
+    entries = [e for e in sorted(root.iterdir()) if not e.name.startswith(".")]
+    if not entries:
+        return "an empty folder"
+    parts = []
+    for kind, group in (("file", [e.name for e in entries if not e.is_dir()]),
+                        ("folder", [e.name + "/" for e in entries if e.is_dir()])):
+        if group:
+            more = ", ..." if len(group) > shown else ""
+            parts.append(f"{len(group)} {kind}{'s' if len(group) > 1 else ''} ({', '.join(group[:shown])}{more})")
+    return ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------- judging
@@ -615,12 +676,21 @@ def judge_images(images: str | Path | ImageSet, questions: Sequence[Question], j
     """
     items = group_items(questions)
     image_set = images if isinstance(images, ImageSet) else scan_images(images, items, n_images, resolution)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with lock_folder(out_dir):
+        return _judge_images(image_set, items, judge, Path(out_dir), progress, stats)
+
+
+def _judge_images(image_set: ImageSet, items: dict[str, list[Question]], judge: Judge, out: Path, progress: bool,
+                  stats: dict[str, int] | None) -> Path:
+    """``judge_images`` while holding ``out``'s lock."""
     path = out / JUDGMENTS
     identity = identity_of(judge)
     fp = fingerprint(identity)
-    rows = read_judgments(path, repair=True)
+    rows, duplicates = drop_duplicates(read_judgments(path, repair=True))
+    if duplicates:
+        print(f"note: {path} held {duplicates} duplicate judgments (two runs judged this folder at once); kept one "
+              "of each", file=sys.stderr)
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     check_judge(out, identity, rows, JUDGMENTS)
     confirm_revision(out, identity)
     rows, stale = drop_stale(path, rows, lambda r: image_set.digest(r["item_id"], r["image_index"]))
@@ -628,12 +698,13 @@ def judge_images(images: str | Path | ImageSet, questions: Sequence[Question], j
         print(f"note: {stale} judgments of images that changed since were dropped; judging them again",
               file=sys.stderr)
     if stats is not None:
-        stats["rejudged"] = stale
+        stats["rejudged"], stats["duplicates"] = stale, duplicates
     done = set(_index_judgments(items, rows))
     todo = {item_id: [(k, q) for k in image_set.available(item_id) for q in qs
                       if (item_id, k, q.proposition_id) not in done] for item_id, qs in items.items()}
     total = sum(map(len, todo.values()))
     batch: list[JudgeRequest] = []
+    digests: dict[tuple[str, int], str] = {}  # of the bytes each tile was decoded from, not of the file now
     with tqdm(total=total, desc=f"judging ({getattr(judge, 'name', 'judge')})", disable=not progress or not total,
               unit="q") as bar:
 
@@ -641,7 +712,7 @@ def judge_images(images: str | Path | ImageSet, questions: Sequence[Question], j
             results = judge.judge(batch)
             _append_rows(path, [{"item_id": r.item_id, "image_index": r.image_index,
                                  "proposition_id": r.proposition_id, "answer": res.answer, "raw": res.raw,
-                                 "judge": fp, "image": image_set.digest(r.item_id, r.image_index)}
+                                 "judge": fp, "image": digests[r.item_id, r.image_index]}
                                 for r, res in zip(batch, results, strict=True)])
             bar.update(len(batch))
             batch.clear()
@@ -649,8 +720,9 @@ def judge_images(images: str | Path | ImageSet, questions: Sequence[Question], j
         for item_id, work in todo.items():
             if not work:
                 continue
-            tiles = image_set.load(item_id)
+            tiles, digest = image_set.load_with_digest(item_id)
             for k, q in work:
+                digests[item_id, k] = digest[k]
                 batch.append(JudgeRequest(item_id, k, q.proposition_id, q.question, tiles[k], q.row))
                 if len(batch) >= judge.batch_size:
                     flush()
@@ -673,6 +745,7 @@ def run(images_dir: str | Path | ImageSet, questions_csv: str | Path | Sequence[
     scores, rows = aggregate(questions, read_judgments(path), n_images, n_resamples, seed)
     scores["judge"] = identity_of(judge)
     scores["counts"]["rejudged_changed_images"] = stats.get("rejudged", 0)
+    scores["counts"]["duplicate_judgments_dropped"] = stats.get("duplicates", 0)
     if "retries" in getattr(judge, "counts", {}):
         scores["counts"]["judge_retries"] = judge.counts["retries"]
     write_reports(scores, rows, out_dir)
@@ -772,25 +845,31 @@ def _main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         _check_judge_args(args)
         questions = load_questions(args.questions) if args.questions else load_questions_hf(args.prompts)
-        n_images = args.n_samples or 4
-        if args.ckpt:
-            from evals import images as layouts
-
-            if not Path(args.ckpt).is_file():
-                raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
-            images = Path(args.out) / "images"
-            layouts.write_folder("dpg", layouts.checkpoint_generator(args.ckpt, args.device), item_prompts(questions),
-                                 images, 4, args.seed, 64,
-                                 generator=f"ckpt:{Path(args.ckpt).resolve()}", rank=0, world=1)
-        else:
-            images = args.images
-        image_set = scan_images(images, group_items(questions), n_images, args.resolution)
-        name, kwargs, identity = _judge_spec(args)
-        check_resume(args.out, identity)
-        scores = run(image_set, questions, make_judge(name, **kwargs), args.out, n_images, args.resolution,
-                     args.n_resamples, args.seed)
+        with lock_folder(args.out):  # before anything is generated or loaded: one run per --out
+            scores = _judge_command(args, questions)
     print(render_table(scores))
     return scores
+
+
+def _judge_command(args: argparse.Namespace, questions: list[Question]) -> dict[str, Any]:
+    """The ``judge`` subcommand once ``--out`` is locked: generate (``--ckpt``), check, judge, aggregate."""
+    n_images = args.n_samples or 4
+    if args.ckpt:
+        from evals import images as layouts
+
+        if not Path(args.ckpt).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
+        images = Path(args.out) / "images"
+        layouts.write_folder("dpg", layouts.checkpoint_generator(args.ckpt, args.device), item_prompts(questions),
+                             images, 4, args.seed, 64,
+                             generator=f"ckpt:{Path(args.ckpt).resolve()}", rank=0, world=1)
+    else:
+        images = args.images
+    image_set = scan_images(images, group_items(questions), n_images, args.resolution)
+    name, kwargs, identity = _judge_spec(args)
+    check_resume(args.out, identity)
+    return run(image_set, questions, make_judge(name, **kwargs), args.out, n_images, args.resolution,
+               args.n_resamples, args.seed)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -103,7 +103,10 @@ def find_images(images_dir: Path, indices: Sequence[int]) -> dict[int, Path]:
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL score cache; a truncated last line (a killed run) is skipped, any other bad line raises."""
+    from evals.cache import check_cache_file
+
     path = Path(path)
+    check_cache_file(path)
     if not path.is_file():
         return []
     lines = path.read_text().splitlines()
@@ -150,17 +153,18 @@ def score_pairs(paths: dict[Any, Path], texts: dict[Any, str], scorer: Any, cach
                 desc: str, progress: bool) -> None:
     """Score every key of ``paths`` (image) against ``texts[key]`` in batches, appending ``row(key, score)`` plus
     the judge's fingerprint and the image hash to ``cache`` after each batch (fsync: a kill loses one batch)."""
-    from evals.cache import file_digest, fingerprint, identity_of
+    from evals.cache import bytes_digest, fingerprint, identity_of
 
     fp = fingerprint(identity_of(scorer))
     todo = sorted(paths)
     bs = max(1, getattr(scorer, "batch_size", 16))
     for start in tqdm(range(0, len(todo), bs), desc=desc, disable=not progress or not todo):
         chunk = todo[start: start + bs]
-        values = scorer.score([open_rgb(paths[k]) for k in chunk], [texts[k] for k in chunk])
+        data = {k: paths[k].read_bytes() for k in chunk}  # hashed and decoded from the same bytes
+        values = scorer.score([open_rgb(paths[k], data=data[k]) for k in chunk], [texts[k] for k in chunk])
         with open(cache, "a") as f:
             for k, v in zip(chunk, values.tolist(), strict=True):
-                f.write(json.dumps({**row(k, v), "judge": fp, "image": file_digest(paths[k])}) + "\n")
+                f.write(json.dumps({**row(k, v), "judge": fp, "image": bytes_digest(data[k])}) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -169,15 +173,18 @@ def score_folder(images_dir: Path, prompts: dict[int, str], scorer: Any, out_dir
                  progress: bool = True, stats: dict[str, int] | None = None) -> dict[int, float]:
     """Score every prompt's image (resumable through ``out_dir/scores.jsonl``, rows ``{"index", "score", "judge",
     "image"}``); returns {index: score}. ``stats["rescored"]``: cached scores dropped because the image changed."""
+    from evals.cache import lock_folder
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = find_images(images_dir, sorted(prompts))
-    scores, dropped = cached_scores(out_dir, SCORES, scorer, paths, lambda r: int(r["index"]))
-    if stats is not None:
-        stats["rescored"] = dropped
-    todo = {i: p for i, p in paths.items() if i not in scores}
-    score_pairs(todo, prompts, scorer, out_dir / SCORES, lambda i, v: {"index": i, "score": v}, "VQAScore", progress)
-    return {**scores, **{int(r["index"]): float(r["score"]) for r in read_rows(out_dir / SCORES)}}
+    with lock_folder(out_dir):
+        scores, dropped = cached_scores(out_dir, SCORES, scorer, paths, lambda r: int(r["index"]))
+        if stats is not None:
+            stats["rescored"] = dropped
+        todo = {i: p for i, p in paths.items() if i not in scores}
+        score_pairs(todo, prompts, scorer, out_dir / SCORES, lambda i, v: {"index": i, "score": v}, "VQAScore",
+                    progress)
+        return {**scores, **{int(r["index"]): float(r["score"]) for r in read_rows(out_dir / SCORES)}}
 
 
 def render_table(results: dict[str, Any]) -> str:
@@ -323,13 +330,15 @@ def score_generator_images(paths: dict[tuple[str, int], Path], prompts: dict[int
                            out_dir: Path, progress: bool = True) -> dict[tuple[str, int], float]:
     """Judge scores of the released images (resumable through ``out_dir/human_scores.jsonl``, tied to the judge
     and to each image's content as ``scores.jsonl`` is)."""
+    from evals.cache import lock_folder
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scores, _ = cached_scores(out_dir, HUMAN_CACHE, scorer, paths, lambda r: (str(r["model"]), int(r["index"])))
-    todo = {k: p for k, p in paths.items() if k not in scores}
-    score_pairs(todo, {k: prompts[k[1]] for k in todo}, scorer, out_dir / HUMAN_CACHE,
-                lambda k, v: {"model": k[0], "index": k[1], "score": v, "backend": scorer.name},
-                "VQAScore (human correlation)", progress)
+    with lock_folder(out_dir):
+        scores, _ = cached_scores(out_dir, HUMAN_CACHE, scorer, paths, lambda r: (str(r["model"]), int(r["index"])))
+        todo = {k: p for k, p in paths.items() if k not in scores}
+        score_pairs(todo, {k: prompts[k[1]] for k in todo}, scorer, out_dir / HUMAN_CACHE,
+                    lambda k, v: {"model": k[0], "index": k[1], "score": v, "backend": scorer.name},
+                    "VQAScore (human correlation)", progress)
     cache = out_dir / HUMAN_CACHE
     return {**scores, **(read_generator_scores(cache) if cache.is_file() else {})}
 
@@ -518,8 +527,16 @@ def check_resume(out_dir: Path, name: str, identity: dict[str, Any]) -> None:
 
 
 def _main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from evals.cache import lock_folder
+
     a = parser().parse_args(argv)
     check_args(a)
+    with lock_folder(a.out):  # one run per --out, taken before any image is generated or judge loads
+        return _run_command(a)
+
+
+def _run_command(a: argparse.Namespace) -> dict[str, Any]:
+    """The command once ``--out`` is locked."""
     if a.human_correlation is not None:
         load_human_ratings(a.human_correlation)  # a bad ratings file fails before any model loads
         if a.scores is not None:

@@ -196,6 +196,17 @@ def check_args(args: Any) -> None:
         from evals.runtime import check_device_map
 
         check_device_map(args.device_map)
+    if args.pipeline:
+        need_diffusers()
+
+
+def need_diffusers() -> None:
+    """``--pipeline`` runs diffusers: say how to install it before anything else is read or loaded."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise ValueError("--pipeline needs the diffusers package, which is not installed: pip install "
+                         "'diffusers>=0.42' (or pip install 'unifusion-harness[eval]')") from None
 
 
 def generator_label(args: Any) -> str:

@@ -18,7 +18,9 @@ Rules reproduced from djghosh13/geneval ``evaluation/evaluate_images.py`` and ``
 Deliberate differences: sample names must fully match ``\\d+\\.png`` (the original's ``re.match`` is a prefix
 match); non-PNG or misnamed samples, non-digit folders and prompt folders without samples are COUNTED in
 ``summary["counts"]`` and reported on stderr instead of being skipped silently; a corrupt PNG raises (naming the
-file) rather than being scored as wrong, so a broken generation run cannot pass for a bad model.
+file) rather than being scored as wrong, so a broken generation run cannot pass for a bad model; a looping or
+dangling symlink, a ``.png`` that is not a regular file (a FIFO) or whose bytes are not PNG raises naming it
+(``check_entry``).
 """
 
 from __future__ import annotations
@@ -477,6 +479,29 @@ def geneval_bootstrap(rows: Sequence[Mapping[str, Any]], n_resamples: int = 1000
                         strata=table[:, 0])
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_entry(path: Path) -> None:
+    """Refuse, naming it, what a GenEval folder must not hold in place of a prompt folder or a sample: a symlink
+    that loops or points nowhere (it would otherwise look like no folder at all and be skipped), something that
+    is not a regular file where a ``.png`` sample is expected (a FIFO would hang the reader; it is not opened),
+    and a ``.png`` whose bytes are not PNG (a renamed JPEG: GenEval reads PNG only, and JPEG's compression would
+    be scored as the model's)."""
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{path} is a symlink that loops or points nowhere: fix or remove it")
+    if path.suffix.lower() != ".png" or path.is_dir():
+        return
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file (a FIFO, socket or device?): GenEval samples are PNG files")
+    with open(path, "rb") as fp:
+        head = fp.read(len(PNG_SIGNATURE))
+    if head != PNG_SIGNATURE:
+        kind = "JPEG" if head.startswith(b"\xff\xd8\xff") else "not PNG"
+        raise ValueError(f"{path} is named .png but its bytes are {kind}: GenEval reads PNG only; write PNG "
+                         "samples (python -m evals.generate does)")
+
+
 def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "shapes",
                     out_dir: str | Path | None = None, ci_resamples: int = 1000, ci_seed: int = 0,
                     **options: Any) -> tuple[list[dict], dict]:
@@ -496,6 +521,7 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
     problems: list[str] = []
     rows: list[dict] = []
     for sub in sorted(images_dir.iterdir()):
+        check_entry(sub)
         if not sub.is_dir():
             continue  # loose files beside the prompt folders (results, READMEs) are not GenEval input
         if not sub.name.isdigit():
@@ -517,6 +543,7 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
                 counts["misnamed_samples"] += 1
                 problems.append(f"sample name must match \\d+\\.png, not scored: {path}")
                 continue
+            check_entry(path)
             image = open_rgb(path, "PNG", exif_transpose=True)
             detections = backend.detect(image)
             colors = lambda found, cls, image=image: backend.classify_colors(image, found, cls)  # noqa: E731
@@ -611,6 +638,8 @@ def check_folder(images_dir: str | Path, classes: Sequence[str] | None = None,
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {images_dir}")
+    for entry in sorted(images_dir.iterdir()):
+        check_entry(entry)
     folders = [p for p in sorted(images_dir.iterdir()) if p.is_dir() and p.name.isdigit()]
     if not folders:
         loose = len([p for p in images_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")])
@@ -619,6 +648,8 @@ def check_folder(images_dir: str | Path, classes: Sequence[str] | None = None,
                          "python -m evals.generate --benchmark geneval")
     for sub in folders:
         load_metadata_file(sub / "metadata.jsonl", classes, colors)
+        for sample in sorted((sub / "samples").iterdir()) if (sub / "samples").is_dir() else []:
+            check_entry(sample)  # before any model loads: a FIFO, a broken link, a renamed JPEG
     if not any(_SAMPLE_NAME.fullmatch(p.name) for sub in folders for p in (sub / "samples").glob("*.png")):
         raise ValueError(f"no samples/<k>.png under the prompt folders of {images_dir}")
     return len(folders)

@@ -248,6 +248,10 @@ def run_units(units: Sequence[Unit], generate: GenerateFn, batch_size: int = 16,
     for start in tqdm(range(0, len(todo), batch_size), desc=label, disable=not progress or not todo, unit="batch"):
         chunk = todo[start: start + batch_size]
         images = generate([mine[u].prompt for u, _ in chunk], [mine[u].seeds[k] for u, k in chunk])
+        if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
+            # a generator that forgot its `return` gives None: name it instead of failing inside len()
+            raise ValueError(f"{where} returned {type(images).__name__} for {len(chunk)} prompts; it must return "
+                             "a list of images (PIL images or uint8 (H, W, 3) arrays), one per (prompt, seed)")
         if len(images) != len(chunk):
             raise ValueError(f"{where} returned {len(images)} images for {len(chunk)} prompts")
         for (u, k), image in zip(chunk, images, strict=True):

@@ -37,6 +37,31 @@ def pick_device(device: str | None = "auto") -> str:
     return "cpu"
 
 
+def check_device(device: str) -> str:
+    """``device`` if this machine has it (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``), else ValueError
+    naming it: an unknown name (``gpu``) or a GPU that is not there fails before any weights load."""
+    if device == "auto":
+        return device
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N, mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}); use --device cpu or auto")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: MPS (Apple GPU) is not available on this machine; use --device "
+                             "cpu or auto")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; valid: auto, cpu, cuda, cuda:N, mps")
+    return device
+
+
 def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """``auto``/None -> bfloat16 on a GPU, float32 elsewhere; a name of ``DTYPES`` or a torch dtype as given."""
     if isinstance(dtype, torch.dtype):

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,9 +56,22 @@ def files(tmp_path_factory) -> dict[str, Path]:
     Image.new("RGB", (8, 8)).save(root / "genai" / "00000.png")  # 1599 prompts without an image
     (root / "model.ckpt").write_bytes(b"not a checkpoint")
     (root / "a_file").write_text("x")
+    (root / "empty").mkdir()
+    for case in ("loop", "fifo", "jpeg"):  # GenEval folders with one odd entry each
+        shutil.copytree(root / "geneval", root / f"geneval_{case}")
+    os.symlink("00009", root / "geneval_loop" / "00009")  # a link to itself
+    os.mkfifo(root / "geneval_fifo" / "00000" / "samples" / "00001.png")
+    Image.new("RGB", (8, 8)).save(root / "geneval_jpeg" / "00000" / "samples" / "00001.png", format="JPEG")
+    (root / "grids").mkdir()
+    for item_id, _, _ in items:
+        Image.new("RGB", (64, 64)).save(root / "grids" / f"{item_id}.png")
+    (root / "out_dir_cache" / "judgments.jsonl").mkdir(parents=True)
+    (root / "gens.py").write_text("def forgot_return(prompts, seeds):\n    images = [None] * len(prompts)\n")
     return {"root": root, "meta": root / "meta.jsonl", "geneval": root / "geneval", "flat": root / "flat",
             "q": root / "q.csv", "dpg": root / "dpg", "genai": root / "genai", "ckpt": root / "model.ckpt",
-            "file": root / "a_file"}
+            "file": root / "a_file", "empty": root / "empty", "gens": root / "gens.py", "grids": root / "grids",
+            "dir_cache": root / "out_dir_cache",
+            **{f"geneval_{case}": root / f"geneval_{case}" for case in ("loop", "fifo", "jpeg")}}
 
 
 BAD = [
@@ -120,13 +135,71 @@ BAD = [
     ("audit", ["--out", "{file}"], "is a file, not a folder"),
     ("audit", ["--device-map", "everywhere", "--dpg-hf", "x", "--out", "{out}"], "unknown --device-map"),
     ("audit", ["--judge-model", "served", "--out", "{out}"], "--judge-url and --judge-model go together"),
+    # --out naming an existing file: refused before the run, not when the results are written at its end
+    ("generate", ["--benchmark", "genai", "--callable", "m:f", "--out", "{file}"], "is a file, not a folder"),
+    ("geneval", ["--images", "{geneval}", "--judge", "shapes", "--out", "{file}"], "is a file, not a folder"),
+    ("dpg", ["--images", "{dpg}", "--questions", "{q}", "--judge", "oracle", "--out", "{file}"],
+     "is a file, not a folder"),
+    ("dpg", ["aggregate", "--questions", "{q}", "--judgments", "{q}", "--out", "{file}"], "is a file, not a folder"),
+    ("genai", ["--images", "{genai}", "--out", "{file}"], "is a file, not a folder"),
+    # --device: a GPU that is not there, or a name torch does not know, before any judge or generator loads
+    ("generate", ["--benchmark", "genai", "--ckpt", "{ckpt}", "--device", "cuda", "--out", "{out}"],
+     "device 'cuda': CUDA is not available"),
+    ("geneval", ["--images", "{geneval}", "--device", "cuda", "--out", "{out}"], "device 'cuda': CUDA is not"),
+    ("dpg", ["--images", "{dpg}", "--questions", "{q}", "--device", "cuda:1", "--out", "{out}"],
+     "device 'cuda:1': CUDA is not available"),
+    ("genai", ["--images", "{genai}", "--device", "cuda", "--out", "{out}"], "device 'cuda': CUDA is not"),
+    ("audit", ["--device", "cuda", "--out", "{out}"], "device 'cuda': CUDA is not available"),
+    ("generate", ["--benchmark", "genai", "--callable", "m:f", "--device", "gpu", "--out", "{out}"],
+     "unknown device 'gpu'; valid: auto, cpu, cuda, cuda:N, mps"),
+    ("geneval", ["--images", "{geneval}", "--judge", "shapes", "--device", "gpu", "--out", "{out}"],
+     "unknown device 'gpu'"),
+    ("dpg", ["--images", "{dpg}", "--questions", "{q}", "--judge", "oracle", "--device", "gpu", "--out", "{out}"],
+     "unknown device 'gpu'"),
+    ("genai", ["--images", "{genai}", "--device", "gpu", "--out", "{out}"], "unknown device 'gpu'"),
+    ("audit", ["--device", "gpu", "--out", "{out}"], "unknown device 'gpu'"),
+    ("geneval", ["--images", "{geneval}", "--judge", "shapes", "--device", "meta", "--out", "{out}"],
+     "device 'meta' is not supported"),
+    # DPG on a folder in another layout (or none): what was expected and what is there
+    ("dpg", ["--images", "{empty}", "--questions", "{q}", "--out", "{out}"],
+     "no DPG-Bench images in {empty}: expected <item_id>.png 2x2 grids or <item_id>/<k>.png per-seed files "
+     "for the 2 items of the questions"),
+    ("dpg", ["--images", "{empty}", "--questions", "{q}", "--out", "{out}"], "found an empty folder"),
+    ("dpg", ["--images", "{geneval}", "--questions", "{q}", "--out", "{out}"], "found 6 folders (00000/, 00001/"),
+    # GenEval entries that cannot be scored as they are: refused by name before the judge loads
+    ("geneval", ["--images", "{geneval_loop}", "--judge", "shapes", "--out", "{out}"],
+     "geneval_loop/00009 is a symlink that loops or points nowhere"),
+    ("geneval", ["--images", "{geneval_fifo}", "--judge", "shapes", "--out", "{out}"],
+     "00000/samples/00001.png is not a regular file"),
+    ("geneval", ["--images", "{geneval_jpeg}", "--judge", "shapes", "--out", "{out}"],
+     "00000/samples/00001.png is named .png but its bytes are JPEG"),
+    # a DPG cache that is a folder
+    ("dpg", ["--images", "{grids}", "--questions", "{q}", "--judge", "oracle", "--out", "{dir_cache}"],
+     "judgments.jsonl is not a regular file"),
+    ("dpg", ["aggregate", "--questions", "{q}", "--judgments", "{dir_cache}/judgments.jsonl", "--out", "{out}"],
+     "judgments.jsonl is not a regular file"),
+    # a generator that returns nothing
+    ("generate", ["--benchmark", "genai", "--callable", "{gens}:forgot_return", "--limit", "1", "--quiet",
+                  "--out", "{out}"], "gens.py:forgot_return returned NoneType for 1 prompts; it must return a list"),
+    # a typo'd flag by name, also when it leaves a required flag unset
+    ("generate", ["--benchmark", "genai", "--callable", "m:f", "--limt", "2", "--out", "{out}"],
+     "unrecognized argument --limt (did you mean --limit?)"),
+    ("generate", ["--benchmark", "genai", "--callable", "m:f", "--limit", "2", "--ot", "{out}"],
+     "unrecognized argument --ot (did you mean --out?)"),
+    ("geneval", ["--imags", "{geneval}", "--out", "{out}"], "unrecognized argument --imags (did you mean --images?)"),
+    ("dpg", ["--images", "{dpg}", "--questions", "{q}", "--ot={out}"], "unrecognized argument --ot (did you mean "
+                                                                          "--out?)"),
+    ("genai", ["--images", "{genai}", "--out", "{out}", "--n-resample", "5", "--bogus"],
+     "unrecognized argument --bogus"),
 ]
 
 
 @pytest.mark.parametrize("tool, argv, message", BAD, ids=[f"{t}-{m[:30]}" for t, _, m in BAD])
 def test_bad_input_is_one_line_exit_2_before_any_model(tool, argv, message, files, tmp_path, capsys,
                                                        no_model_loads) -> None:
-    argv = [a.format(out=tmp_path / "out", **{k: str(v) for k, v in files.items()}) for a in argv]
+    paths = {k: str(v) for k, v in files.items()}
+    argv = [a.format(out=tmp_path / "out", **paths) for a in argv]
+    message = message.format(**paths)
     with pytest.raises(SystemExit) as exit_:
         MAINS[tool](argv)
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note: ")]
@@ -226,3 +299,14 @@ def test_errors_from_your_generator_keep_their_traceback_and_debug_keeps_ours(fi
     debug = run(*ours, "--debug")
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
     assert "prompt file not found" in debug.stderr.strip().splitlines()[-1]
+
+
+def test_pipeline_without_diffusers_says_how_to_install_it(tmp_path, capsys, monkeypatch, no_model_loads) -> None:
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
+    with pytest.raises(SystemExit) as exit_:
+        generate.main(["--benchmark", "genai", "--pipeline", "stabilityai/sdxl-turbo", "--limit", "1",
+                       "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert "--pipeline needs the diffusers package" in err[0] and "pip install 'diffusers" in err[0]
+    assert not (tmp_path / "o").exists()

@@ -106,7 +106,8 @@ def test_oracle_scores_clean_renders_one(tmp_path: Path) -> None:
     scores = json.loads((out / "scores.json").read_text())
     n_q = len(load_questions(csv_path))
     assert scores["counts"] == {"prompts": 3, "images": 12, "judgments": 4 * n_q, "unparsed": 0,
-                                "missing_images": 0, "missing_judgments": 0, "rejudged_changed_images": 0}
+                                "missing_images": 0, "missing_judgments": 0, "rejudged_changed_images": 0,
+                                "duplicate_judgments_dropped": 0}
     assert scores["judge"] == {"judge": "oracle", "size_hint": None}
     assert scores["fixed"]["micro_avg"] == 1.0 and scores["fixed"]["macro_avg"] == 1.0
     assert all(v == 1.0 for v in scores["fixed"]["categories"].values())
@@ -332,3 +333,101 @@ def test_generate_dpg_folder_from_tiny_checkpoint_then_oracle(tmp_path: Path) ->
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cli" / "images" / f"{item_id}.png")),
                                       np.asarray(Image.open(folder / f"{item_id}.png")))
     assert cli["fixed"] == scores["fixed"] and cli["counts"] == scores["counts"]
+
+
+# ------------------------------------------------------------------------------------------------ one run per --out
+def _hold_lock(out: str, ready, release) -> None:
+    from evals.cache import lock_folder
+
+    with lock_folder(out):
+        ready.set()
+        release.wait(60)
+
+
+def test_a_second_run_into_a_busy_out_exits_2_naming_the_holder(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A run in another process holds --out: this one exits 2 before its judge is built, naming that process; once
+    the other run has ended, the same command runs."""
+    import multiprocessing
+    import socket
+
+    import evals.dpg_refined as dpg
+
+    csv_path, folder, _ = shapes_bench(tmp_path, n=2)
+    out = tmp_path / "out"
+    argv = ["--images", str(folder), "--questions", str(csv_path), "--judge", "oracle", "--n-resamples", "5",
+            "--out", str(out)]
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(out), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        built = []
+        monkeypatch.setattr(dpg, "make_judge", lambda *a, **k: built.append(a) or OracleJudge())
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1, err
+        assert f"pid {holder.pid} on {socket.gethostname()}" in err[0] and "in use by another run" in err[0]
+        assert built == [] and not (out / "judgments.jsonl").exists()
+    finally:
+        release.set()
+        holder.join(30)
+    assert main(argv)["counts"]["judgments"] == len(read_judgments(out / "judgments.jsonl")) > 0
+
+
+def test_duplicated_judgments_resume_with_one_judgment_per_item(tmp_path: Path) -> None:
+    """A folder that two simultaneous runs both judged (every row written twice) resumes: nothing is judged
+    again, one row per (item, image, question) is kept, and the scores say how many copies were dropped."""
+    csv_path, folder, _ = shapes_bench(tmp_path, n=2, blank_last=True)
+    questions = load_questions(csv_path)
+    reference = run(folder, questions, OracleJudge(), tmp_path / "ref", n_resamples=5, progress=False)
+    out = tmp_path / "out"
+    path = judge_images(folder, questions, OracleJudge(), out, progress=False)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines + lines))  # the second run appended the same judgments
+    again = CrashingJudge(None)
+    scores = run(folder, questions, again, out, n_resamples=5, progress=False)
+    assert again.judged == 0
+    key = lambda r: (r["item_id"], r["image_index"], r["proposition_id"])  # noqa: E731
+    rows = read_judgments(path)
+    assert len(rows) == len(lines) == len({key(r) for r in rows}) == 4 * len(questions)
+    assert scores["counts"]["duplicate_judgments_dropped"] == len(lines)
+    assert scores["fixed"] == reference["fixed"] and scores["legacy"] == reference["legacy"]
+
+
+class SwappingJudge(OracleJudge):
+    """Replaces one grid file with an empty canvas while its first batch is being judged (a regeneration into
+    the folder during the run)."""
+
+    def __init__(self, path: Path):
+        super().__init__(batch_size=4)
+        self.path, self.swapped = path, False
+
+    def judge(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
+        if not self.swapped:
+            blank = np.empty((64, 64, 3), np.uint8)
+            blank[:] = BACKGROUND
+            save_png(blank, self.path)
+            self.swapped = True
+        return super().judge(requests)
+
+
+def test_an_image_replaced_while_it_is_judged_is_judged_again(tmp_path: Path) -> None:
+    """Each judgment records the hash of the bytes its tile was decoded from: the old pixels' answers carry the
+    old file's hash, so the next run sees the replaced file and judges it again, and the result equals a fresh
+    run on the final folder."""
+    csv_path, folder, items = shapes_bench(tmp_path, n=2)
+    questions = load_questions(csv_path)
+    swapped = folder / f"{items[0][0]}.png"
+    out = tmp_path / "out"
+    judge_images(folder, questions, SwappingJudge(swapped), out, progress=False)
+    resume = CrashingJudge(None)
+    stats: dict[str, int] = {}
+    judge_images(folder, questions, resume, out, progress=False, stats=stats)
+    n_item = 4 * sum(q.item_id == items[0][0] for q in questions)
+    assert resume.judged == stats["rejudged"] == n_item
+    fresh = judge_images(folder, questions, OracleJudge(), tmp_path / "fresh", progress=False)
+    key = lambda r: (r["item_id"], r["image_index"], r["proposition_id"])  # noqa: E731
+    answers = lambda p: {key(r): (r["answer"], r["image"]) for r in read_judgments(p)}  # noqa: E731
+    assert answers(out / "judgments.jsonl") == answers(fresh)

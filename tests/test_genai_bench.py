@@ -251,3 +251,29 @@ def test_shipped_ratings_file_loads() -> None:
     # two typos in the released file stay in the means (as t2v_metrics) and are reported
     assert odd == ["00231/DALLE_3 [5, 41, 4]", "00252/DeepFloyd_I_XL_v1 [3, 3, 33]"]
     assert ratings[("DALLE_3", 231)] == pytest.approx(50 / 3)
+
+
+class SwappingScorer(CountingScorer):
+    """Replaces image 00001 (grey) with a white one while its batch is being scored (a regeneration mid-run)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def score(self, images, texts):
+        if not self.calls:
+            Image.new("RGB", (8, 8), (255, 255, 255)).save(self.path)
+        return super().score(images, texts)
+
+
+def test_an_image_replaced_while_it_is_scored_is_scored_again(bench, tmp_path: Path) -> None:
+    """The cached hash is of the bytes that were scored: the next run sees the replaced file and scores it again
+    (with the new pixels: white scores 1, the old grey one 0.5)."""
+    data, images = bench
+    out = tmp_path / "out"
+    gb.run(images, SwappingScorer(images / "00001.jpeg"), out, data, n_resamples=10, progress=False)
+    again = CountingScorer()
+    r = gb.run(images, again, out, data, n_resamples=10, progress=False)
+    assert again.calls == ["p1"] and r["counts"]["rescored_changed_images"] == 1
+    rows = {row["index"]: row["score"] for row in gb.read_rows(out / "scores.jsonl")}
+    assert rows[1] == pytest.approx(1.0, abs=0.01)
