@@ -117,6 +117,9 @@ def test_genai_oracle_scores_the_pairing_of_image_and_prompt(tmp_path: Path) -> 
     assert r["skills"]["counting"]["mean"] == pytest.approx(2 / 3)
     saved = json.loads((tmp_path / "s" / "results.json").read_text())
     assert saved["all"]["mean"] == pytest.approx(16 / 18)
+    # labelled as what it is, in results.json and in the table the console prints
+    assert "not a GenAI-Bench score" in saved["note"]
+    assert "not a GenAI-Bench score" in (tmp_path / "s" / "table.md").read_text()
 
 
 def test_genai_oracle_refuses_prompts_outside_the_shapes_world(tmp_path: Path, capsys) -> None:
