@@ -70,11 +70,12 @@ def shapes_files(benchmark: str, limit: int | None = None) -> dict[str, str]:
 
 
 def write_shapes_prompts(benchmark: str, out_dir: str | Path, limit: int | None = None) -> Path:
-    """Write ``shapes_files(benchmark, limit)`` into ``out_dir`` (atomically) and return the prompt file, the one
+    """Write ``shapes_files(benchmark, limit)`` into ``out_dir`` (atomically, each process through its own
+    temporary file, since every torchrun process writes them) and return the prompt file, the one
     ``evals.generate.load_prompts`` reads. A folder that already holds images of other prompts (a
     ``generation.json`` but no shapes prompt file), or a prompt file with other content, is refused before
     anything is written."""
-    from common.files import atomic_write_text
+    from evals.images import _write_text  # atomic with a temporary file per process: torchrun ranks all write
 
     out = Path(out_dir)
     files = shapes_files(benchmark, limit)
@@ -86,7 +87,8 @@ def write_shapes_prompts(benchmark: str, out_dir: str | Path, limit: int | None 
         raise ValueError(f"{out} holds images of other prompts (generation.json, no {PROMPT_FILE[benchmark]}): "
                          "write into a new --out")
     for name, text in files.items():
-        atomic_write_text(out / name, text)
+        if not (out / name).is_file():  # a resumed run finds the same text there
+            _write_text(out / name, text)
     return out / PROMPT_FILE[benchmark]
 
 
