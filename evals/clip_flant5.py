@@ -192,6 +192,8 @@ def load_original_state_dict(model: CLIPFlanT5, state_dict: Mapping[str, torch.T
 
 
 def _missing_model_error(what: str, ident: str, err: Exception | None) -> FileNotFoundError:
+    from evals.runtime import offline_hint
+
     return FileNotFoundError(
         f"CLIP-FlanT5: {what} {ident!r} is neither a local folder nor in the hub cache "
         f"({type(err).__name__ if err else 'not found'}: {str(err).splitlines()[0][:200] if err else ''}). It needs "
@@ -199,8 +201,7 @@ def _missing_model_error(what: str, ident: str, err: Exception | None) -> FileNo
         "`hf download google/flan-t5-xxl --local-dir B`, `hf download openai/clip-vit-large-patch14-336 "
         "--local-dir C`, then pass `--judge-model A --judge-tokenizer B --judge-vision-tower C` (python: "
         "model_id=, tokenizer_id=, vision_tower=); or set HF_HOME to a cache that holds them, with "
-        "HF_HUB_OFFLINE=1 to skip the hub. A pipeline check without weights: `--judge oracle` on shapes-world "
-        "prompts.")
+        "HF_HUB_OFFLINE=1 to skip the hub. " + offline_hint("--judge oracle") + ".")
 
 
 def resolve_checkpoint(ident: str, cache_dir: str | None = None, local_files_only: bool = False) -> Path:

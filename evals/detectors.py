@@ -158,10 +158,11 @@ class CLIPColorClassifier:
         dtype = dtype or torch.float32  # colour decisions are argmaxes over close cosines: keep full precision
         if model is None:
             model = from_pretrained(CLIPModel, model_id, device=device, dtype=dtype, device_map=device_map,
-                                    flag="--color-model")
+                                    flag="--color-model", offline="--judge shapes")
         self.model = model.to(device).eval() if device_map is None else model.eval()
         self.device = input_device(self.model, device)
-        self.processor = processor or processor_from_pretrained(CLIPProcessor, model_id, flag="--color-model")
+        self.processor = processor or processor_from_pretrained(CLIPProcessor, model_id, flag="--color-model",
+                                                                offline="--judge shapes")
         self._weights: dict[str, object] = {}
 
     def _classifier(self, class_name: str):
@@ -227,10 +228,11 @@ class HFMask2FormerDetector(DetectorBackend):
         dtype = dtype or torch.float32  # scores are compared with thresholds (0.3, 0.9): keep full precision
         if model is None:
             model = from_pretrained(Mask2FormerForUniversalSegmentation, model_id, device=device, dtype=dtype,
-                                    device_map=device_map)
+                                    device_map=device_map, offline="--judge shapes")
         self.model = model.to(device).eval() if device_map is None else model.eval()
         self.device = input_device(self.model, device)
-        self.processor = processor or processor_from_pretrained(Mask2FormerImageProcessor, model_id)
+        self.processor = processor or processor_from_pretrained(Mask2FormerImageProcessor, model_id,
+                                                                offline="--judge shapes")
         self._color_args = {"model_id": color_model or CLIP_ID, "device": device, "device_map": device_map}
         self.classes = coco_object_names()
         n_labels = self.model.config.num_labels

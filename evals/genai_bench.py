@@ -50,6 +50,10 @@ IMAGE_EXTS = (".png", ".jpeg", ".jpg")
 
 def load_benchmark(data_dir: Path = DATA) -> tuple[dict[int, str], dict[str, list[int]]]:
     """({prompt index: prompt}, {skill tag: [prompt indices]}) from genai_image.json + genai_skills.json."""
+    for name in ("genai_image.json", "genai_skills.json"):
+        if not (Path(data_dir) / name).is_file():
+            raise FileNotFoundError(f"--data {data_dir} has no {name} (a folder holding genai_image.json and "
+                                    "genai_skills.json)")
     images = json.loads((Path(data_dir) / "genai_image.json").read_text())
     skills = json.loads((Path(data_dir) / "genai_skills.json").read_text())
     prompts = {int(k): v["prompt"] for k, v in images.items()}
@@ -194,6 +198,8 @@ def render_table(results: dict[str, Any]) -> str:
 
     lines = [f"GenAI-Bench VQAScore, backend `{results['backend']}`", "", "| group | skill | score [95% CI] |",
              "|---|---|---:|"]
+    if "note" in results:
+        lines[1:1] = ["", results["note"]]
     for group, names in (("basic", BASIC_SKILLS), ("advanced", ADVANCED_SKILLS)):
         for name in names:
             if name in results["skills"]:  # a custom --data may hold fewer skills
@@ -201,6 +207,10 @@ def render_table(results: dict[str, Any]) -> str:
         lines.append(f"| {group} | **{group}** | {cell(results[group])} |")
     lines.append(f"| overall | **all** | {cell(results['all'])} |")
     return "\n".join(lines) + "\n"
+
+
+ORACLE_NOTE = ("The shapes world's exact answers on shapes-world prompts: a check of the generator's pipeline, not a "
+               "GenAI-Bench score.")
 
 
 def run(images_dir: Path, scorer: Any, out_dir: Path, data_dir: Path = DATA, n_resamples: int = 1000,
@@ -214,6 +224,8 @@ def run(images_dir: Path, scorer: Any, out_dir: Path, data_dir: Path = DATA, n_r
     results = {"backend": scorer.name, "judge": identity_of(scorer), "prompts": len(prompts),
                "counts": {**getattr(scorer, "counts", {}), "rescored_changed_images": stats["rescored"]},
                **aggregate(scores, skills, n_resamples, seed)}
+    if scorer.name == "oracle":
+        results["note"] = ORACLE_NOTE
     atomic_write_text(Path(out_dir) / "results.json", json.dumps(results, indent=1))
     atomic_write_text(Path(out_dir) / "table.md", render_table(results))
     return results
@@ -447,7 +459,8 @@ def parser() -> argparse.ArgumentParser:
                    help="agreement with the human ratings in this file; --images is then DIR/<generator>/<00000>.jpeg")
     cli.add_judge(p, sorted(SCORERS), JUDGE_DEFAULT,
                   help="VQAScore backend: clip-flant5-xxl / -xl (the published tables' model), hf (any transformers "
-                       "VLM, --judge-model), openai (a server with logprobs, --judge-url), oracle (shapes world only)",
+                       "VLM, --judge-model), openai (a server with logprobs, --judge-url), oracle (the shapes "
+                       "world's exact answer, offline: --data of python -m evals.generate --prompts shapes)",
                   model_help=f"hf: hub id or local folder (default {HF_DEFAULT}); openai: the served model name; "
                              "clip-flant5-*: a local checkpoint folder (default: the hub id)")
     p.add_argument("--judge-tokenizer", default=None,
@@ -477,7 +490,7 @@ def check_args(a: argparse.Namespace) -> None:
     if a.human_correlation is not None and a.ckpt is not None:
         raise ValueError("--human-correlation judges GenAI-Bench's released images: pass --images DIR or --scores "
                          "FILE")
-    if a.judge == "oracle" and a.scores is None:
+    if a.judge == "oracle" and a.human_correlation is not None and a.scores is None:
         raise ValueError("--judge oracle cannot judge GenAI-Bench's natural-language prompts; use clip-flant5-xxl, "
                          "hf or openai")
     if a.judge == "openai" and a.scores is None and (not a.judge_url or not a.judge_model):
@@ -503,6 +516,10 @@ def scorer_spec(a: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, A
         return ("openai", {"url": a.judge_url, "model": a.judge_model, "batch_size": a.batch_size,
                            "api_key": os.environ.get(a.judge_api_key_env)},
                 scorer_identity("openai", a.judge_model, top_logprobs=20))
+    if a.judge == "oracle":  # the shapes world's exact answer (evals.shapes_prompts)
+        from evals.shapes_prompts import genai_metadata
+
+        return "oracle", {"metadata": genai_metadata(load_benchmark(a.data)[0])}, {"judge": "oracle"}
     place = {"device": a.device, "dtype": a.dtype, "device_map": a.device_map, "batch_size": a.batch_size}
     if a.judge.startswith("clip-flant5"):
         return (a.judge, {"model_id": a.judge_model, "tokenizer_id": a.judge_tokenizer,
@@ -549,6 +566,10 @@ def _run_command(a: argparse.Namespace) -> dict[str, Any]:
         print(render_human_table(result))
         return result
     prompts, _ = load_benchmark(a.data)
+    if a.judge == "oracle":
+        from evals.shapes_prompts import genai_metadata
+
+        genai_metadata(prompts)  # every prompt is a shapes-world one, before any image is read or generated
     if a.images is None:
         from evals import images as layouts
 

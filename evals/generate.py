@@ -25,6 +25,9 @@ generate.py seeds 42 once and draws in sequence.
 Prompts: --metadata FILE (geneval: an evaluation_metadata.jsonl; dpg: a questions CSV or a prompts.jsonl of
 {"item_id", "prompt"}; genai: a genai_image.json); default: the official prompt set shipped with this package
 (553 / 1065 / 1600 prompts). --limit N keeps the first N prompts (a quick look before the full run).
+--prompts shapes: a small shapes-world set instead (18 / 20 / 18 prompts), written into --out in the benchmark's
+own format (evaluation_metadata.jsonl / dpg_bench.csv / genai_image.json + genai_skills.json), which the exact
+judges score offline (evals.shapes_prompts; docs/benchmarks.md, "Check your generator offline").
 
 Resumable: finished files are kept, files are written atomically; <out>/generation.json records the generator,
 seed, samples and prompt list, and a run with other settings into the same --out is refused. Under torchrun each
@@ -165,6 +168,9 @@ def parser() -> cli.Parser:
     src.add_argument("--pipeline", help="a diffusers pipeline: hub id or local folder")
     src.add_argument("--ckpt", help="a checkpoint of this harness")
     p.add_argument("--metadata", help="the benchmark's prompt file (see above); default: the shipped official set")
+    p.add_argument("--prompts", choices=("official", "shapes"), default="official",
+                   help="official: the shipped prompt set (or --metadata); shapes: a small shapes-world set in the "
+                        "benchmark's format, written into --out, for an offline check with the exact judges")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="only the first N prompts")
     p.add_argument("--n-samples", type=cli.positive_int, default=None,
                    help="images per prompt; default: geneval 4, dpg 4 (a 2x2 grid), genai 1")
@@ -181,6 +187,8 @@ def parser() -> cli.Parser:
 
 def check_args(args: Any) -> None:
     """Everything that can be checked before a model loads."""
+    if args.prompts == "shapes" and args.metadata is not None:
+        raise ValueError("--prompts shapes writes its own prompt file into --out: drop --metadata")
     if args.gen_kwargs and not args.pipeline:
         raise ValueError("--gen-kwargs only applies with --pipeline")
     if args.device_map is not None and not args.pipeline:
@@ -224,7 +232,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry; returns ``{"out", "generated", "kept", "prompts", "rank", "world"}`` of this process."""
     args = parser().parse_args(argv)
     check_args(args)
-    prompts = load_prompts(args.benchmark, args.metadata, args.limit)
+    metadata = args.metadata
+    if args.prompts == "shapes":
+        from evals.shapes_prompts import write_shapes_prompts
+
+        metadata = write_shapes_prompts(args.benchmark, args.out, args.limit)
+    prompts = load_prompts(args.benchmark, metadata, args.limit)
     kwargs = parse_kwargs(args.gen_kwargs)
     rank, world = launch_share()
     if args.fn:

@@ -187,10 +187,11 @@ class HFJudge(TextJudge):
         self.max_new_tokens = max_new_tokens or (512 if mode == "cot" else 8)
         device = pick_device(device)
         if processor is None:
-            processor = processor_from_pretrained(AutoProcessor, self.model_id)
+            processor = processor_from_pretrained(AutoProcessor, self.model_id, offline="--judge oracle")
         if model is None:
             model = from_pretrained(AutoModelForImageTextToText, self.model_id, device=device,
-                                    dtype=pick_dtype(dtype, device), device_map=device_map)
+                                    dtype=pick_dtype(dtype, device), device_map=device_map,
+                                    offline="--judge oracle")
         self.model, self.processor = model.eval(), processor
         self.device = input_device(self.model, device)
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right

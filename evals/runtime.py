@@ -91,22 +91,32 @@ def looks_like_path(model_id: str) -> bool:
     return str(model_id).startswith(("/", "./", "../", "~")) or str(model_id).count("/") > 1
 
 
-def weights_hint(model_id: str, flag: str = "--judge-model") -> str:
-    """How to get ``model_id``'s weights onto a machine without hub access."""
-    return (f"download them where the hub is reachable (`hf download {model_id} --local-dir DIR`) and pass "
+def weights_hint(model_id: str, flag: str = "--judge-model", offline: str | None = None) -> str:
+    """How to get ``model_id``'s weights onto a machine without hub access; ``offline``: the judge flag that needs
+    no weights (``--judge shapes`` / ``--judge oracle``), named as the way to check a pipeline meanwhile."""
+    hint = (f"download them where the hub is reachable (`hf download {model_id} --local-dir DIR`) and pass "
             f"{flag} DIR, or set HF_HOME to a cache that holds them (HF_HUB_OFFLINE=1 skips the hub's retries)")
+    return hint + (f". {offline_hint(offline)}" if offline else "")
+
+
+def offline_hint(flag: str) -> str:
+    """One sentence naming the weight-free judge ``flag`` and the prompts it scores."""
+    return (f"Without weights, `{flag}` checks the pipeline offline on shapes-world prompts (`python -m "
+            "evals.generate --prompts shapes ...`, docs/benchmarks.md)")
 
 
 def from_pretrained(cls: Any, model_id: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                    device_map: str | dict | None = None, flag: str = "--judge-model", **kwargs: Any) -> Any:
+                    device_map: str | dict | None = None, flag: str = "--judge-model", offline: str | None = None,
+                    **kwargs: Any) -> Any:
     """``cls.from_pretrained(model_id, dtype=dtype, ...)`` placed on ``device`` (or by ``device_map``), in eval mode.
 
     Missing weights (not a local folder, not cached, hub unreachable) raise ``WeightsNotFound`` naming
-    ``model_id`` and the way to fetch them; ``flag`` is the CLI option that takes a local folder instead.
+    ``model_id`` and the way to fetch them; ``flag`` is the CLI option that takes a local folder instead,
+    ``offline`` the judge flag that needs no weights (``weights_hint``).
     """
     check_device_map(device_map)
     if looks_like_path(model_id) and not Path(model_id).expanduser().exists():
-        raise WeightsNotFound(f"no such folder {model_id!r}; {weights_hint(model_id, flag)}")
+        raise WeightsNotFound(f"no such folder {model_id!r}; {weights_hint(model_id, flag, offline)}")
     if dtype is not None:
         kwargs["dtype"] = dtype
     if device_map is not None:
@@ -116,21 +126,22 @@ def from_pretrained(cls: Any, model_id: str, *, device: str = "cpu", dtype: torc
     except OSError as err:  # transformers / diffusers raise OSError for unreachable or absent weights
         where = "folder" if Path(model_id).exists() else "hub id"
         raise WeightsNotFound(f"cannot load {model_id!r} ({where}): {str(err).splitlines()[0]}; "
-                              f"{weights_hint(model_id, flag)}") from err
+                              f"{weights_hint(model_id, flag, offline)}") from err
     if device_map is None and hasattr(model, "to"):
         model = model.to(device)
     return model.eval() if hasattr(model, "eval") else model
 
 
-def processor_from_pretrained(cls: Any, model_id: str, flag: str = "--judge-model", **kwargs: Any) -> Any:
+def processor_from_pretrained(cls: Any, model_id: str, flag: str = "--judge-model", offline: str | None = None,
+                              **kwargs: Any) -> Any:
     """``cls.from_pretrained`` for tokenizers / processors, with the same missing-weights message."""
     if looks_like_path(model_id) and not Path(model_id).expanduser().exists():
-        raise WeightsNotFound(f"no such folder {model_id!r}; {weights_hint(model_id, flag)}")
+        raise WeightsNotFound(f"no such folder {model_id!r}; {weights_hint(model_id, flag, offline)}")
     try:
         return cls.from_pretrained(model_id, **kwargs)
     except OSError as err:
         raise WeightsNotFound(f"cannot load the processor of {model_id!r}: {str(err).splitlines()[0]}; "
-                              f"{weights_hint(model_id, flag)}") from err
+                              f"{weights_hint(model_id, flag, offline)}") from err
 
 
 def input_device(model: Any, fallback: str = "cpu") -> torch.device:

@@ -53,10 +53,11 @@ class HFVQAScore(VQAScorer):
                              f"{HF_DEFAULT}")
         device = pick_device(device)
         if processor is None:
-            processor = processor_from_pretrained(AutoProcessor, model_id)
+            processor = processor_from_pretrained(AutoProcessor, model_id, offline="--judge oracle")
         if model is None:
             model = from_pretrained(AutoModelForImageTextToText, model_id, device=device,
-                                    dtype=pick_dtype(dtype, device), device_map=device_map)
+                                    dtype=pick_dtype(dtype, device), device_map=device_map,
+                                    offline="--judge oracle")
         self.model, self.processor = model.eval(), processor
         self.device = input_device(self.model, device)
         self.model_id = model_id or type(model).__name__

@@ -100,7 +100,7 @@ def test_bad_images_are_errors(bench, tmp_path: Path, capsys) -> None:
         gb.run(images, CountingScorer(), tmp_path / "b", data, progress=False)
     with pytest.raises(SystemExit) as exit_:
         gb.main(["--images", str(images), "--model", "oracle", "--out", str(tmp_path / "c")])
-    assert exit_.value.code == 2 and "cannot judge GenAI-Bench" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "scores shapes-world prompts only" in capsys.readouterr().err
 
 
 def test_generate_genai_folder_from_a_tiny_model(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ own render answers all of them True, and an edited render answers exactly the br
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -86,19 +87,27 @@ def questions_for_scene(item_id: str, scene: Scene, text: str) -> list[dict[str,
     return rows
 
 
-def write_dpg_questions_csv(path: str | Path, items: list[tuple[str, Scene, str]]) -> list[dict[str, Any]]:
-    """Write the questions of every (item_id, scene, text) to a CSV with the official header; rows of one item are
-    contiguous (the official loader groups runs of equal item_id). Returns the rows."""
+def dpg_questions_csv(items: list[tuple[str, Scene, str]]) -> tuple[str, list[dict[str, Any]]]:
+    """(CSV text with the official header, rows) of the questions of every (item_id, scene, text); rows of one item
+    are contiguous (the official loader groups runs of equal item_id)."""
     ids = [item_id for item_id, _, _ in items]
     if len(set(ids)) != len(ids):
         raise ValueError("item_ids must be unique")
     rows = [row for item_id, scene, text in items for row in questions_for_scene(item_id, scene, text)]
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue(), rows
+
+
+def write_dpg_questions_csv(path: str | Path, items: list[tuple[str, Scene, str]]) -> list[dict[str, Any]]:
+    """Write ``dpg_questions_csv(items)`` to ``path``; returns the rows."""
+    text, rows = dpg_questions_csv(items)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fp:
-        writer = csv.DictWriter(fp, fieldnames=list(CSV_COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
+        fp.write(text)
     return rows
 
 

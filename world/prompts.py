@@ -210,13 +210,11 @@ def _distinct_prompts(task: str) -> int:
             "color_attr": nc * (nc - 1) * nk * (nk - 1)}[task]
 
 
-def write_geneval_metadata(path: str | Path, n_per_task: int, seed: int) -> list[dict[str, Any]]:
-    """Write an ``evaluation_metadata.jsonl`` (one JSON object per line) and return its objects.
-
-    For each task in TASKS order, prompts are drawn with ``sample_prompt`` from ``default_rng(seed)`` and
-    de-duplicated until ``n_per_task`` distinct ones are found. Tasks with fewer distinct prompts contribute all
-    of them: single_object 3, two_object 6, counting 9, colors 24, position 24 (color_attr has 336).
-    """
+def sample_geneval_metadata(n_per_task: int, seed: int) -> list[dict[str, Any]]:
+    """A shapes-world GenEval prompt set: for each task in TASKS order, prompts drawn with ``sample_prompt`` from
+    ``default_rng(seed)`` and de-duplicated until ``n_per_task`` distinct ones are found. Tasks with fewer distinct
+    prompts contribute all of them: single_object 3, two_object 6, counting 9, colors 24, position 24 (color_attr
+    has 336)."""
     if n_per_task < 1:
         raise ValueError(f"n_per_task must be >= 1, got {n_per_task}")
     rng = np.random.default_rng(seed)
@@ -230,6 +228,13 @@ def write_geneval_metadata(path: str | Path, n_per_task: int, seed: int) -> list
             if key not in seen:
                 seen.add(key)
                 out.append(meta)
+    return out
+
+
+def write_geneval_metadata(path: str | Path, n_per_task: int, seed: int) -> list[dict[str, Any]]:
+    """Write ``sample_geneval_metadata(n_per_task, seed)`` as an ``evaluation_metadata.jsonl`` (one JSON object per
+    line) and return its objects."""
+    out = sample_geneval_metadata(n_per_task, seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(m) + "\n" for m in out))
