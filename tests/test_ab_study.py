@@ -288,9 +288,19 @@ def test_a_database_from_before_a_column_existed_gets_it_added(tmp_path: Path) -
     with engine.begin() as conn:  # what a database made before these columns looks like
         conn.execute(text("ALTER TABLE ab_study DROP COLUMN closed_at"))
         conn.execute(text("ALTER TABLE ab_image DROP COLUMN sha256"))
+        conn.execute(text("ALTER TABLE ab_study DROP COLUMN min_seconds"))
+        conn.execute(text("ALTER TABLE ab_vote DROP COLUMN seconds"))
     engine.dispose()
     engine = make_engine(db)
-    assert {"closed_at"} <= {c["name"] for c in inspect(engine).get_columns("ab_study")}
+    assert {"closed_at", "min_seconds"} <= {c["name"] for c in inspect(engine).get_columns("ab_study")}
     assert {"sha256"} <= {c["name"] for c in inspect(engine).get_columns("ab_image")}
+    assert {"seconds"} <= {c["name"] for c in inspect(engine).get_columns("ab_vote")}
     (_, token), = add_annotators(make_sessions(engine), "s", 1)
-    assert next_pair(make_sessions(engine), token)[0] is not None
+    pair = next_pair(make_sessions(engine), token)[0]
+    assert pair is not None
+    record_vote(make_sessions(engine), token, pair.public_id, {"overall": "left", "visual_quality": "tie"})
+    with make_sessions(engine)() as s:  # an older study takes the default minimum; new votes are timed
+        from evals.ab.db import DEFAULT_MIN_SECONDS, Study
+
+        assert s.scalar(select(Study)).speed_limit == DEFAULT_MIN_SECONDS
+        assert all(t is not None and t >= 0 for t in s.scalars(select(Vote.seconds)))

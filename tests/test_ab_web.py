@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -159,3 +160,33 @@ def test_a_changed_image_is_refused_not_served_and_pixels_show_as_a_viewer_shows
     exif = tall.getexif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees on display
     assert shown(tall, exif=exif.tobytes()).shape[:2] == (8, 4)
+
+
+def test_time_on_task_is_measured_by_the_server_and_exported(study) -> None:
+    """votes.csv has each vote's server timestamp and its time-on-task: seconds from when the server handed the
+    pair out to the answer. A client cannot shorten or lengthen it (a posted "seconds" field is ignored)."""
+    import csv
+    import io
+    from datetime import timedelta
+
+    from evals.ab.db import Assignment, utcnow
+
+    token = study["tokens"][0]
+    with running_app(study["db"]) as url, httpx.Client(base_url=url, timeout=30) as c:
+        pair = re.search(PAIR_ID_PATTERN, c.get(f"/a/{token}").text).group(1)
+        with study["sessions"].begin() as s:  # the pair was handed out 7 s ago
+            p = s.scalar(select(Pair).where(Pair.public_id == pair))
+            a = s.scalar(select(Assignment).where(Assignment.pair_id == p.id))
+            a.assigned_at = utcnow() - timedelta(seconds=7)
+        before = utcnow()
+        resp = c.post(f"/a/{token}/vote", data={"pair": pair, "choice_overall": "left",
+                                                 "choice_identity_preservation": "tie", "seconds": "600"})
+        after = utcnow()
+        assert resp.status_code == 303
+        table = c.get(f"/admin/{study['name']}/votes.csv", headers={"Authorization": f"Bearer {study['admin']}"})
+    rows = list(csv.DictReader(io.StringIO(table.text)))
+    assert {"created_at", "seconds"} <= set(rows[0]) and len(rows) == 2
+    for r in rows:
+        assert 7.0 <= float(r["seconds"]) <= 7.0 + (after - before).total_seconds() + 0.01
+        stamp = datetime.fromisoformat(r["created_at"].removesuffix("Z"))
+        assert before - timedelta(milliseconds=1) <= stamp <= after + timedelta(milliseconds=1)

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from evals.ab.db import DEFAULT_MIN_SECONDS
 from evals.ab.layouts import LAYOUTS, LayoutError
 from evals.ab.study import StudyError
 
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--per-annotator", type=int, help="at most this many real pairs per annotator")
     c.add_argument("--lease-minutes", type=float, default=30.0,
                    help="an unanswered pair goes back to the pool after this long (default: 30)")
+    c.add_argument("--min-seconds", type=float, default=DEFAULT_MIN_SECONDS,
+                   help="annotators whose median time per pair (server-measured) is below this are flagged as "
+                        "speeders; 0 turns the check off (default: %(default)s)")
     c.add_argument("--prompts", type=Path, help="prompts file for the genai / dpg layouts (default: the shipped one)")
     c.add_argument("--seed", type=int, help="seed of the left/right sides and gold pairs (default: random)")
     c.add_argument("--annotators", type=int, default=0, help="also make this many annotator links")
@@ -75,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     c.add_argument("--gold-threshold", type=float, help="override the study's gold accuracy threshold")
+    c.add_argument("--min-seconds", type=float, help="override the study's minimum median seconds per pair")
     c.add_argument("--keep-flagged", action="store_true", help="keep flagged annotators in the main table")
     c.add_argument("--note", help="a line printed at the top of report.md")
 
@@ -123,7 +128,8 @@ def _run(args: argparse.Namespace) -> int:
 
         made = create_study(sessions, args.study, args.a, args.b, args.layout, parse_aspects(args.aspects),
                             args.votes_per_pair, args.name_a, args.name_b, args.gold_rate, args.gold_threshold,
-                            args.per_annotator, round(args.lease_minutes * 60), args.prompts, args.seed)
+                            args.per_annotator, round(args.lease_minutes * 60), args.prompts, args.seed,
+                            args.min_seconds)
         print(f"study {made.study}: {made.pairs} pairs + {made.gold} gold pairs")
         if made.admin_token:
             print(f"admin token (shown once): {made.admin_token}")
@@ -152,8 +158,10 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.resamples < 1:
             raise StudyError(f"--resamples must be >= 1, got {args.resamples}")
+        if args.min_seconds is not None and args.min_seconds < 0:
+            raise StudyError(f"--min-seconds must be >= 0, got {args.min_seconds}")
         report = build_report(sessions, args.study, args.resamples, args.seed, args.gold_threshold,
-                              args.keep_flagged, args.note)
+                              args.keep_flagged, args.note, args.min_seconds)
         for path in write_report(report, args.out):
             print(path)
     return 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -166,20 +166,22 @@ def _progress(s: Session, study: Study, ann: Annotator, now, has_open: bool) -> 
     return Progress(done, done + int(has_open) + coming)
 
 
-def next_pair(sessions: sessionmaker, token: str | None) -> tuple[Pair | None, Study, Progress]:
-    """The pair this annotator should answer now (their open one, or a newly assigned one); None when done."""
+def next_pair(sessions: sessionmaker, token: str | None,
+              now: datetime | None = None) -> tuple[Pair | None, Study, Progress]:
+    """The pair this annotator should answer now (their open one, or a newly assigned one); None when done.
+    ``now``: the server's clock (default); the demo's simulated annotators pass a simulated one."""
     for _ in range(MAX_TRIES):
         try:
             with sessions.begin() as s:
                 # locked: under READ COMMITTED two loads of one link would both see no open pair and both assign
                 # one, past --per-annotator
                 ann, study = annotator_for(s, token, lock=True)
-                now = utcnow()
-                current = _open(s, ann.id) or _assign(s, study, ann, now)
+                clock = now or utcnow()
+                current = _open(s, ann.id) or _assign(s, study, ann, clock)
                 pair = s.get(Pair, current.pair_id) if current else None
                 if pair is not None:  # load what the page shows before the session closes
                     _ = (pair.left_image_id, pair.right_image_id, pair.source_image_id)
-                return pair, study, _progress(s, study, ann, now, current is not None)
+                return pair, study, _progress(s, study, ann, clock, current is not None)
         except (IntegrityError, OperationalError, _LostRace):
             continue  # a concurrent annotator won a race (or SQLite stayed locked): start over with fresh data
     raise AnnotatorError(503, "The server is busy. Please reload the page in a moment.")
@@ -197,8 +199,10 @@ def pair_for(sessions: sessionmaker, token: str | None, public_id: str) -> Pair:
         return pair
 
 
-def record_vote(sessions: sessionmaker, token: str | None, public_id: str, choices: dict[str, str]) -> None:
-    """Store one choice per aspect for this annotator's pair, all or nothing.
+def record_vote(sessions: sessionmaker, token: str | None, public_id: str, choices: dict[str, str],
+                now: datetime | None = None) -> None:
+    """Store one choice per aspect for this annotator's pair, all or nothing, with the server's time and the
+    time-on-task (seconds since the pair was handed out); ``now`` as in ``next_pair``.
 
     403: bad token; 404: a pair id this annotator was not given; 409: already answered, or released to someone
     else after its lease; 422: an aspect missing or a choice outside left / right / tie.
@@ -215,17 +219,20 @@ def record_vote(sessions: sessionmaker, token: str | None, public_id: str, choic
         if missing or bad:
             raise AnnotatorError(422, f"Please answer every question (missing: {', '.join(missing) or 'none'}; "
                                       f"invalid: {', '.join(bad) or 'none'}).")
+        now = now or utcnow()
         done = s.execute(update(Assignment).where(
             Assignment.id == mine.id, Assignment.completed_at.is_(None), Assignment.released_at.is_(None),
-        ).values(completed_at=utcnow()))
+        ).values(completed_at=now))
         if done.rowcount != 1:
             s.refresh(mine)
             if mine.completed_at is not None:
                 raise AnnotatorError(409, "You have already answered this comparison.")
             raise AnnotatorError(409, "This comparison timed out and was given to someone else.")
         try:
-            s.add_all(Vote(pair_id=pair.id, annotator_id=ann.id, aspect=a, choice=choices[a], origin="web")
-                      for a in study.aspect_list)
+            # time-on-task from the server's own clock: when this pair was handed out to when it was answered
+            seconds = (now - mine.assigned_at).total_seconds()
+            s.add_all(Vote(pair_id=pair.id, annotator_id=ann.id, aspect=a, choice=choices[a], origin="web",
+                           created_at=now, seconds=seconds) for a in study.aspect_list)
             s.flush()
         except IntegrityError as err:
             raise AnnotatorError(409, "You have already answered this comparison.") from err

@@ -33,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 CHOICES: tuple[str, ...] = ("left", "right", "tie")
+DEFAULT_MIN_SECONDS = 3.0  # median seconds per pair below which an annotator is flagged as a speeder
 
 
 def utcnow() -> datetime:
@@ -60,10 +61,18 @@ class Study(Base):
     admin_token_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # set: no more pairs or votes
+    # median time-on-task (seconds per pair) below which an annotator is flagged; NULL (a database from before
+    # the column existed) means DEFAULT_MIN_SECONDS, 0 turns the check off
+    min_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     @property
     def aspect_list(self) -> list[str]:
         return self.aspects.split(",")
+
+    @property
+    def speed_limit(self) -> float:
+        """Seconds per pair: annotators whose median time-on-task is below it are flagged (0: no check)."""
+        return DEFAULT_MIN_SECONDS if self.min_seconds is None else self.min_seconds
 
 
 class System(Base):
@@ -174,7 +183,10 @@ class Vote(Base):
     aspect: Mapped[str] = mapped_column(String(100))
     choice: Mapped[str] = mapped_column(String(5))
     origin: Mapped[str] = mapped_column(String(300))  # "web" or "import:<file name>"
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)  # the server's clock at the answer
+    # time-on-task: seconds from when the server handed the pair to this annotator (the assignment) to the
+    # answer, measured on the server; NULL for imported votes
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 def database_url(db: str) -> str:

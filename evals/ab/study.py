@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from evals.ab.db import WEB_PREFIX, Annotator, Image, Pair, Study, System, utcnow
+from evals.ab.db import DEFAULT_MIN_SECONDS, WEB_PREFIX, Annotator, Image, Pair, Study, System, utcnow
 from evals.ab.layouts import pair_items, read_folder
 
 ASPECT_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
@@ -105,7 +105,8 @@ def pin_images(paths: list[Path]) -> dict[Path, str]:
 def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: str | Path, layout: str,
                  aspects: list[str], votes_per_pair: int = 3, name_a: str | None = None, name_b: str | None = None,
                  gold_rate: float = 0.0, gold_threshold: float = 0.8, per_annotator: int | None = None,
-                 lease_s: int = 1800, prompts_file: Path | None = None, seed: int | None = None) -> Created:
+                 lease_s: int = 1800, prompts_file: Path | None = None, seed: int | None = None,
+                 min_seconds: float = DEFAULT_MIN_SECONDS) -> Created:
     """Pair A's and B's images of every prompt and seed into a (new or existing) study, in one transaction."""
     if votes_per_pair < 1:
         raise StudyError(f"--votes-per-pair must be >= 1, got {votes_per_pair}")
@@ -115,6 +116,8 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
         raise StudyError(f"--gold-threshold must be in [0, 1], got {gold_threshold}")
     if lease_s < 1:
         raise StudyError(f"--lease-minutes must be positive (a lease of {lease_s} s would release every pair at once)")
+    if not 0.0 <= min_seconds < 3600:
+        raise StudyError(f"--min-seconds must be in [0, 3600) seconds per pair, got {min_seconds}")
     if per_annotator is not None and per_annotator < 1:
         raise StudyError(f"--per-annotator must be >= 1, got {per_annotator}")
     name_a = name_a or Path(a_dir).resolve().name
@@ -132,7 +135,7 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
             admin_token = secrets.token_urlsafe(24)
             study = Study(name=name, layout=layout, aspects=",".join(aspects), votes_per_pair=votes_per_pair,
                           gold_rate=gold_rate, gold_threshold=gold_threshold, per_annotator=per_annotator,
-                          lease_s=lease_s, admin_token_sha256=token_digest(admin_token))
+                          lease_s=lease_s, admin_token_sha256=token_digest(admin_token), min_seconds=min_seconds)
             s.add(study)
             s.flush()
         elif (study.layout, study.aspect_list, study.votes_per_pair) != (layout, aspects, votes_per_pair):
