@@ -259,3 +259,36 @@ def test_speeders_and_gold_failures_are_one_flagged_set_hand_computed() -> None:
                                 min_seconds=3.0)
     assert counts(speed_only.win_rates, "overall", "alpha") == (1, 1, 1, 3)
     assert speed_only.annotators.reason.tolist() == ["", "", "speed", ""]
+
+
+def test_cant_tell_counts_for_no_side_and_is_reported() -> None:
+    """votes_per_pair 2, A on the left. p1: u1 A, u2 can't tell, u3 A -> 2 counted votes, valid, A wins.
+    p2: u1 B, u2 can't tell -> 1 counted vote, not valid. Can't tell: 2 on overall, both by u2."""
+    pairs = pd.DataFrame([{"pair_id": p, "prompt_key": p, "item_key": p, "prompt": p, "system_a": "alpha",
+                           "system_b": "beta", "a_on_left": True, "gold_answer": None} for p in ("p1", "p2")])
+    votes = pd.DataFrame([{"annotator": who, "pair_id": p, "aspect": "overall", "choice": choice, "origin": "web"}
+                          for p, who, choice in (("p1", "u1", "left"), ("p1", "u2", "cant_tell"), ("p1", "u3", "left"),
+                                                 ("p2", "u1", "right"), ("p2", "u2", "cant_tell"))])
+    rep = compute_report(votes, pairs, "ct", ["overall"], 2, n_resamples=100)
+    assert counts(rep.win_rates, "overall", "alpha") == (1, 0, 0, 1)
+    assert rep.agreement.set_index("aspect").cant_tell["overall"] == 2
+    assert rep.annotators.set_index("annotator").cant_tell.tolist() == [0, 2, 0]
+    assert "| overall | n/a | 1 | 2 |" in rep.markdown  # alpha undefined: one unit with >= 2 counted votes
+
+
+def test_a_database_whose_votes_cannot_hold_cant_tell_refuses_such_a_study(tmp_path: Path) -> None:
+    """A database made before the answer existed keeps the old CHECK on ab_vote.choice: `create --cant-tell`
+    says so instead of failing at the first vote."""
+    from sqlalchemy import text
+
+    db = str(tmp_path / "old.sqlite")
+    engine = make_engine(db)
+    with engine.begin() as conn:
+        ddl = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'ab_vote'")).scalar_one()
+        conn.execute(text("DROP TABLE ab_vote"))
+        conn.execute(text(ddl.replace(", 'cant_tell'", "")))
+    engine.dispose()
+    a, b = write_system(tmp_path, SYSTEMS[0], 2, 1), write_system(tmp_path, SYSTEMS[1], 2, 1, shift=1)
+    assert main(["create", "--db", db, "--study", "s", "--a", str(a), "--b", str(b), "--layout", "geneval",
+                 "--cant-tell"]) == 2
+    assert main(["create", "--db", db, "--study", "s", "--a", str(a), "--b", str(b), "--layout", "geneval"]) == 0

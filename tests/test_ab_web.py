@@ -190,3 +190,58 @@ def test_time_on_task_is_measured_by_the_server_and_exported(study) -> None:
         assert 7.0 <= float(r["seconds"]) <= 7.0 + (after - before).total_seconds() + 0.01
         stamp = datetime.fromisoformat(r["created_at"].removesuffix("Z"))
         assert before - timedelta(milliseconds=1) <= stamp <= after + timedelta(milliseconds=1)
+
+
+def test_cant_tell_and_changing_the_last_answer(tmp_path: Path) -> None:
+    """A study with the "can't tell" answer takes it; the back page shows the last pair with its stored answers;
+    a change replaces the stored rows (no duplicate); only the last answered pair can be changed; a study without
+    the answer refuses it (422)."""
+    a = write_system(tmp_path, SYSTEMS[0], 3, 1)
+    b = write_system(tmp_path, SYSTEMS[1], 3, 1, shift=1)
+    db = str(tmp_path / "s.sqlite")
+    sessions = make_sessions(make_engine(db))
+    create_study(sessions, "ct", a, b, "geneval", ["overall", "visual_quality"], 1, "alpha", "beta", seed=0,
+                 cant_tell=True)
+    create_study(sessions, "plain", a, b, "geneval", ["overall"], 1, "alpha", "beta", seed=0)
+    (_, token), = add_annotators(sessions, "ct", 1)
+    (_, plain), = add_annotators(sessions, "plain", 1)
+
+    def stored(pair: str) -> list[tuple[str, str]]:
+        with sessions() as s:
+            return sorted(s.execute(select(Vote.aspect, Vote.choice).join(Pair, Pair.id == Vote.pair_id)
+                                    .where(Pair.public_id == pair)).all())
+
+    with running_app(db) as url, httpx.Client(base_url=url, timeout=30) as c:
+        page = c.get(f"/a/{plain}").text
+        assert 'value="cant_tell"' not in page
+        assert _vote(c, plain, re.search(PAIR_ID_PATTERN, page)[1], overall="cant_tell").status_code == 422
+        page = c.get(f"/a/{token}").text
+        assert 'value="cant_tell"' in page and "/back" not in page  # nothing to go back to yet
+        first = re.search(PAIR_ID_PATTERN, page)[1]
+        assert _vote(c, token, first, overall="cant_tell", visual_quality="left").status_code == 303
+        page = c.get(f"/a/{token}").text
+        second = re.search(PAIR_ID_PATTERN, page)[1]
+        assert second != first and f"/a/{token}/back" in page
+        back = c.get(f"/a/{token}/back").text
+        assert re.search(PAIR_ID_PATTERN, back)[1] == first and 'name="replace" value="1"' in back
+        assert re.search(r'value="cant_tell" required checked', back)  # the stored answer is preselected
+        changed = c.post(f"/a/{token}/vote", data={"pair": first, "replace": "1", "choice_overall": "right",
+                                                    "choice_visual_quality": "left"})
+        assert changed.status_code == 303
+        assert stored(first) == [("overall", "right"), ("visual_quality", "left")]
+        # without replace a second answer is still refused; the open pair cannot be "changed" before it is answered
+        assert _vote(c, token, first, overall="tie", visual_quality="tie").status_code == 409
+        assert c.post(f"/a/{token}/vote", data={"pair": second, "replace": "1", "choice_overall": "tie",
+                                                "choice_visual_quality": "tie"}).status_code == 409
+        assert _vote(c, token, second, overall="tie", visual_quality="cant_tell").status_code == 303
+        # now the first pair is no longer the last answered one
+        assert c.post(f"/a/{token}/vote", data={"pair": first, "replace": "1", "choice_overall": "left",
+                                                "choice_visual_quality": "left"}).status_code == 409
+    assert stored(first) == [("overall", "right"), ("visual_quality", "left")]
+    assert stored(second) == [("overall", "tie"), ("visual_quality", "cant_tell")]
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Vote).join(Pair, Pair.id == Vote.pair_id)
+                        .where(Pair.public_id.in_([first, second]))) == 4
+        changed_at = s.scalars(select(Vote.changed_at).join(Pair, Pair.id == Vote.pair_id)
+                               .where(Pair.public_id == first, Vote.aspect == "overall")).one()
+        assert changed_at is not None

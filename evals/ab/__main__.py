@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--min-seconds", type=float, default=DEFAULT_MIN_SECONDS,
                    help="annotators whose median time per pair (server-measured) is below this are flagged as "
                         "speeders; 0 turns the check off (default: %(default)s)")
+    c.add_argument("--cant-tell", action="store_true",
+                   help="offer a \"can't tell / broken image\" answer (counted apart, not in win rates)")
     c.add_argument("--prompts", type=Path, help="prompts file for the genai / dpg layouts (default: the shipped one)")
     c.add_argument("--seed", type=int, help="seed of the left/right sides and gold pairs (default: random)")
     c.add_argument("--annotators", type=int, default=0, help="also make this many annotator links")
@@ -129,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         made = create_study(sessions, args.study, args.a, args.b, args.layout, parse_aspects(args.aspects),
                             args.votes_per_pair, args.name_a, args.name_b, args.gold_rate, args.gold_threshold,
                             args.per_annotator, round(args.lease_minutes * 60), args.prompts, args.seed,
-                            args.min_seconds)
+                            args.min_seconds, args.cant_tell)
         print(f"study {made.study}: {made.pairs} pairs + {made.gold} gold pairs")
         if made.admin_token:
             print(f"admin token (shown once): {made.admin_token}")

@@ -22,7 +22,7 @@ from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from evals.ab.db import CHOICES, Annotator, Assignment, Pair, Study, Vote, utcnow
+from evals.ab.db import Annotator, Assignment, Pair, Study, Vote, utcnow
 
 MAX_TRIES = 20  # transactions retried after a lost race (PostgreSQL) before giving up with an error
 
@@ -199,13 +199,37 @@ def pair_for(sessions: sessionmaker, token: str | None, public_id: str) -> Pair:
         return pair
 
 
+def _last_answered(s: Session, ann_id: int) -> Assignment | None:
+    return s.scalar(select(Assignment).where(Assignment.annotator_id == ann_id, Assignment.completed_at.is_not(None))
+                    .order_by(Assignment.completed_at.desc(), Assignment.id.desc()).limit(1))
+
+
+def last_answer(sessions: sessionmaker, token: str | None) -> tuple[Pair, Study, dict[str, str]] | None:
+    """The pair this annotator answered last and their stored answers {aspect: choice} (the "back" page), or
+    None before their first answer."""
+    with sessions.begin() as s:
+        ann, study = annotator_for(s, token)
+        last = _last_answered(s, ann.id)
+        if last is None:
+            return None
+        pair = s.get(Pair, last.pair_id)
+        _ = (pair.left_image_id, pair.right_image_id, pair.source_image_id)
+        stored = dict(s.execute(select(Vote.aspect, Vote.choice).where(
+            Vote.annotator_id == ann.id, Vote.pair_id == pair.id)).all())
+        return pair, study, stored
+
+
 def record_vote(sessions: sessionmaker, token: str | None, public_id: str, choices: dict[str, str],
-                now: datetime | None = None) -> None:
+                now: datetime | None = None, replace: bool = False) -> None:
     """Store one choice per aspect for this annotator's pair, all or nothing, with the server's time and the
     time-on-task (seconds since the pair was handed out); ``now`` as in ``next_pair``.
 
-    403: bad token; 404: a pair id this annotator was not given; 409: already answered, or released to someone
-    else after its lease; 422: an aspect missing or a choice outside left / right / tie.
+    ``replace``: change the answers of the annotator's LAST answered pair (the "back" button): the stored rows
+    are updated (``changed_at`` set; time-on-task stays that of the first answer), never duplicated.
+
+    403: bad token; 404: a pair id this annotator was not given; 409: already answered (without ``replace``), not
+    the last answered pair (with it), or released to someone else after its lease; 422: an aspect missing or a
+    choice the study does not offer.
     """
     with sessions.begin() as s:
         ann, study = annotator_for(s, token)
@@ -215,11 +239,21 @@ def record_vote(sessions: sessionmaker, token: str | None, public_id: str, choic
         if mine is None:
             raise AnnotatorError(404, "No such comparison.")
         missing = [a for a in study.aspect_list if a not in choices]
-        bad = {a: c for a, c in choices.items() if a in study.aspect_list and c not in CHOICES}
+        bad = {a: c for a, c in choices.items() if a in study.aspect_list and c not in study.choices}
         if missing or bad:
             raise AnnotatorError(422, f"Please answer every question (missing: {', '.join(missing) or 'none'}; "
                                       f"invalid: {', '.join(bad) or 'none'}).")
         now = now or utcnow()
+        if replace:
+            last = _last_answered(s, ann.id)
+            if last is None or last.id != mine.id:
+                raise AnnotatorError(409, "Only your last answer can be changed.")
+            stored = {v.aspect: v for v in s.scalars(select(Vote).where(
+                Vote.annotator_id == ann.id, Vote.pair_id == pair.id).with_for_update())}
+            for a in study.aspect_list:
+                if stored[a].choice != choices[a]:
+                    stored[a].choice, stored[a].changed_at = choices[a], now
+            return
         done = s.execute(update(Assignment).where(
             Assignment.id == mine.id, Assignment.completed_at.is_(None), Assignment.released_at.is_(None),
         ).values(completed_at=now))

@@ -33,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 CHOICES: tuple[str, ...] = ("left", "right", "tie")
+CANT_TELL = "cant_tell"  # "can't tell / broken image": offered when the study asks for it; never a preference
 DEFAULT_MIN_SECONDS = 3.0  # median seconds per pair below which an annotator is flagged as a speeder
 
 
@@ -64,10 +65,16 @@ class Study(Base):
     # median time-on-task (seconds per pair) below which an annotator is flagged; NULL (a database from before
     # the column existed) means DEFAULT_MIN_SECONDS, 0 turns the check off
     min_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cant_tell: Mapped[bool | None] = mapped_column(nullable=True)  # offer the "can't tell / broken image" answer
 
     @property
     def aspect_list(self) -> list[str]:
         return self.aspects.split(",")
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The answers this study accepts per aspect."""
+        return CHOICES + ((CANT_TELL,) if self.cant_tell else ())
 
     @property
     def speed_limit(self) -> float:
@@ -170,12 +177,13 @@ class Assignment(Base):
 
 
 class Vote(Base):
-    """One choice on one aspect of one pair, as the annotator saw it (``left`` / ``right`` / ``tie``)."""
+    """One choice on one aspect of one pair, as the annotator saw it (``left`` / ``right`` / ``tie``, or
+    ``cant_tell`` where the study offers it). Changing the last answer updates the row (``changed_at``)."""
 
     __tablename__ = "ab_vote"
     __table_args__ = (
         UniqueConstraint("annotator_id", "pair_id", "aspect", name="uq_vote"),
-        CheckConstraint("choice IN ('left', 'right', 'tie')", name="ck_vote_choice"),
+        CheckConstraint("choice IN ('left', 'right', 'tie', 'cant_tell')", name="ck_vote_choice"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     pair_id: Mapped[int] = mapped_column(ForeignKey("ab_pair.id"), index=True)
@@ -187,6 +195,7 @@ class Vote(Base):
     # time-on-task: seconds from when the server handed the pair to this annotator (the assignment) to the
     # answer, measured on the server; NULL for imported votes
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    changed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # the annotator went back
 
 
 def database_url(db: str) -> str:
@@ -243,6 +252,15 @@ def add_missing_columns(engine: Engine) -> list[str]:
                     conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
                 added.append(f"{table.name}.{column.name}")
     return added
+
+
+def stores_cant_tell(engine: Engine) -> bool:
+    """Whether ``ab_vote`` accepts ``cant_tell``: a database made before that answer existed keeps its older CHECK
+    constraint (``add_missing_columns`` adds columns, it does not rewrite constraints)."""
+    from sqlalchemy import inspect
+
+    checks = [c.get("sqltext") or "" for c in inspect(engine).get_check_constraints("ab_vote")]
+    return all(CANT_TELL in text for text in checks if "choice" in text)
 
 
 def make_sessions(engine: Engine) -> sessionmaker:

@@ -9,6 +9,8 @@ Annotators whose gold accuracy is below the threshold, or whose median time-on-t
 minimum (speeders), are *flagged* and left out by default; the report gives the numbers with them too. Gold
 accuracy counts the aspects where the gold pair's better image is known to be better (``overall`` and
 ``prompt_adherence``; else the study's first aspect); a tie counts as wrong.
+"Can't tell" answers count for no side and not toward validity; they are counted per aspect (agreement table) and
+per annotator; a gold pair answered "can't tell" counts as wrong, like a tie.
 Agreement: Krippendorff's alpha (nominal: left / tie / right) per aspect over the real pairs. With more than two
 systems, a Bradley-Terry ranking per aspect from the pairs' outcomes (a tie = half a win each).
 """
@@ -26,14 +28,14 @@ from sqlalchemy.orm import aliased, sessionmaker
 
 from common.files import atomic_write_text
 from common.stats import bootstrap_ci
-from evals.ab.db import Annotator, Pair, System, Vote
+from evals.ab.db import CANT_TELL, Annotator, Pair, System, Vote
 from evals.ab.study import get_study
 
 WIN_RATE_COLUMNS = ["aspect", "system", "wins", "ties", "losses", "valid_pairs", "win_rate", "ci_low", "ci_high"]
 GOLD_ASPECTS = ("overall", "prompt_adherence")
 VOTE_COLUMNS = ["annotator", "pair_id", "aspect", "choice", "origin", "created_at", "seconds"]
 ANNOTATOR_COLUMNS = ["annotator", "gold_votes", "gold_correct", "gold_accuracy", "flagged", "votes",
-                     "median_seconds", "speeder", "reason"]
+                     "median_seconds", "speeder", "reason", "cant_tell"]
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -94,7 +96,8 @@ def annotator_flags(votes: pd.DataFrame, pairs: pd.DataFrame, aspects: list[str]
         reason = "+".join(r for r, hit in (("gold", bad_gold), ("speed", speeder)) if hit)
         rows.append({"annotator": who, "gold_votes": n, "gold_correct": ok, "gold_accuracy": acc,
                      "flagged": bad_gold or speeder, "votes": int((votes.annotator == who).sum()),
-                     "median_seconds": median, "speeder": speeder, "reason": reason})
+                     "median_seconds": median, "speeder": speeder, "reason": reason,
+                     "cant_tell": int(((votes.annotator == who) & (votes.choice == CANT_TELL)).sum())})
     return pd.DataFrame(rows, columns=ANNOTATOR_COLUMNS)
 
 
@@ -254,9 +257,9 @@ class Report:
                   f"- CIs: 95% percentile bootstrap over prompts ({self.n_resamples} resamples, seed {self.seed})",
                   "", "## Win rates" + ("" if self.keep_flagged or not flagged else " (flagged annotators left out)"),
                   "", _table(self.win_rates, len(self.systems) > 2), ""]
-        lines += ["## Agreement", "", "| aspect | Krippendorff's α (nominal) | pairs with ≥ 2 votes |",
-                  "|---|---:|---:|"]
-        lines += [f"| {r.aspect} | {_num(r.alpha)} | {r.units} |" for r in self.agreement.itertuples()]
+        lines += ["## Agreement", "", "| aspect | Krippendorff's α (nominal) | pairs with ≥ 2 votes | can't tell |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {r.aspect} | {_num(r.alpha)} | {r.units} | {r.cant_tell} |" for r in self.agreement.itertuples()]
         if self.bt is not None:
             lines += ["", "## Bradley–Terry ranking (log-strength, mean 0; ties = half a win)", "",
                       "| aspect | rank | system | score |", "|---|---:|---|---:|"]
@@ -267,10 +270,11 @@ class Report:
             lines += ["", f"## Win rates {other} the flagged annotators", "",
                       _table(self.win_rates_all, len(self.systems) > 2)]
         lines += ["", "## Annotators", "",
-                  "| annotator | votes | gold answers | gold accuracy | flagged | why | median s per pair |",
-                  "|---|---:|---:|---:|---|---|---:|"]
+                  "| annotator | votes | gold answers | gold accuracy | flagged | why | median s per pair "
+                  "| can't tell |",
+                  "|---|---:|---:|---:|---|---|---:|---:|"]
         lines += [f"| {r.annotator} | {r.votes} | {r.gold_votes} | {_num(r.gold_accuracy)} | "
-                  f"{'yes' if r.flagged else ''} | {r.reason} | {_num(r.median_seconds, '.1f')} |"
+                  f"{'yes' if r.flagged else ''} | {r.reason} | {_num(r.median_seconds, '.1f')} | {r.cant_tell} |"
                   for r in ann.itertuples()]
         return "\n".join(lines) + "\n"
 
@@ -316,8 +320,10 @@ def compute_report(votes: pd.DataFrame, pairs: pd.DataFrame, study: str, aspects
     all_rates = win_rates(pair_outcomes(votes, pairs, votes_per_pair), comparisons, aspects, n_resamples, seed)
     kept_rates = win_rates(pair_outcomes(kept, pairs, votes_per_pair), comparisons, aspects, n_resamples, seed)
     main = votes if keep_flagged else kept
-    agreement = pd.DataFrame([(a, *krippendorff_alpha(main, pairs, a)) for a in aspects],
-                             columns=["aspect", "alpha", "units"])
+    real_votes = main[main.pair_id.isin(set(real.pair_id))]
+    agreement = pd.DataFrame([(a, *krippendorff_alpha(main, pairs, a),
+                               int(((real_votes.aspect == a) & (real_votes.choice == CANT_TELL)).sum()))
+                              for a in aspects], columns=["aspect", "alpha", "units", "cant_tell"])
     bt = bt_table(pair_outcomes(main, pairs, votes_per_pair), systems, aspects) if len(systems) > 2 else None
     return Report(study, aspects, votes_per_pair, systems, all_rates if keep_flagged else kept_rates,
                   kept_rates if keep_flagged else all_rates, agreement, bt, annotators, len(real),

@@ -18,7 +18,17 @@ from pathlib import Path
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from evals.ab.db import DEFAULT_MIN_SECONDS, WEB_PREFIX, Annotator, Image, Pair, Study, System, utcnow
+from evals.ab.db import (
+    DEFAULT_MIN_SECONDS,
+    WEB_PREFIX,
+    Annotator,
+    Image,
+    Pair,
+    Study,
+    System,
+    stores_cant_tell,
+    utcnow,
+)
 from evals.ab.layouts import pair_items, read_folder
 
 ASPECT_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
@@ -106,7 +116,7 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
                  aspects: list[str], votes_per_pair: int = 3, name_a: str | None = None, name_b: str | None = None,
                  gold_rate: float = 0.0, gold_threshold: float = 0.8, per_annotator: int | None = None,
                  lease_s: int = 1800, prompts_file: Path | None = None, seed: int | None = None,
-                 min_seconds: float = DEFAULT_MIN_SECONDS) -> Created:
+                 min_seconds: float = DEFAULT_MIN_SECONDS, cant_tell: bool = False) -> Created:
     """Pair A's and B's images of every prompt and seed into a (new or existing) study, in one transaction."""
     if votes_per_pair < 1:
         raise StudyError(f"--votes-per-pair must be >= 1, got {votes_per_pair}")
@@ -120,6 +130,9 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
         raise StudyError(f"--min-seconds must be in [0, 3600) seconds per pair, got {min_seconds}")
     if per_annotator is not None and per_annotator < 1:
         raise StudyError(f"--per-annotator must be >= 1, got {per_annotator}")
+    if cant_tell and not stores_cant_tell(sessions.kw["bind"]):
+        raise StudyError("this database was made before the \"can't tell\" answer existed and cannot store it; "
+                         "create the study in a new database, or without --cant-tell")
     name_a = name_a or Path(a_dir).resolve().name
     name_b = name_b or Path(b_dir).resolve().name
     if name_a == name_b:
@@ -135,12 +148,15 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
             admin_token = secrets.token_urlsafe(24)
             study = Study(name=name, layout=layout, aspects=",".join(aspects), votes_per_pair=votes_per_pair,
                           gold_rate=gold_rate, gold_threshold=gold_threshold, per_annotator=per_annotator,
-                          lease_s=lease_s, admin_token_sha256=token_digest(admin_token), min_seconds=min_seconds)
+                          lease_s=lease_s, admin_token_sha256=token_digest(admin_token), min_seconds=min_seconds,
+                          cant_tell=cant_tell)
             s.add(study)
             s.flush()
-        elif (study.layout, study.aspect_list, study.votes_per_pair) != (layout, aspects, votes_per_pair):
+        elif (study.layout, study.aspect_list, study.votes_per_pair, bool(study.cant_tell)) != (
+                layout, aspects, votes_per_pair, cant_tell):
             raise StudyError(f"study {name!r} exists with layout {study.layout}, aspects {study.aspects}, "
-                             f"{study.votes_per_pair} votes per pair; a new comparison in it must use the same")
+                             f"{study.votes_per_pair} votes per pair, can't-tell answer "
+                             f"{'on' if study.cant_tell else 'off'}; a new comparison in it must use the same")
         systems = []
         for sys_name, folder in ((name_a, a_dir), (name_b, b_dir)):
             folder = str(Path(folder).resolve())

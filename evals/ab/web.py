@@ -2,7 +2,9 @@
 
 Annotator routes (the token in the path is the only credential; unknown or missing -> 403):
     GET  /a/{token}                    the next pair (prompt, two images, one left/right/tie per aspect) or "done"
-    POST /a/{token}/vote               the answers for one pair -> 303 back to /a/{token}
+    POST /a/{token}/vote               the answers for one pair -> 303 back to /a/{token} (``replace=1``: new
+                                       answers for the last answered pair, from the back page)
+    GET  /a/{token}/back               the last answered pair with its stored answers, to change them
     GET  /a/{token}/img/{pair}/{which} an image of a pair given to this annotator (which: left, right, source)
 Admin routes (``Authorization: Bearer <admin token>`` or ``?token=``; wrong or missing -> 403):
     GET  /admin/{study}                progress: pairs, valid pairs, annotators and their links
@@ -27,14 +29,18 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
-from evals.ab.assign import AnnotatorError, next_pair, pair_for, record_vote
+from evals.ab.assign import AnnotatorError, Progress, last_answer, next_pair, pair_for, record_vote
 from evals.ab.blind import ImageChanged, image_png
-from evals.ab.db import Annotator, Assignment, Image, Pair, make_engine, make_sessions
+from evals.ab.db import CANT_TELL, Annotator, Assignment, Image, Pair, Study, make_engine, make_sessions
 from evals.ab.study import StudyError, add_annotators, admin_ok, get_study, question
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 CHOICE_LABELS = (("left", "Left is better", "1 or ←"), ("tie", "About the same", "2 or ↓"),
-                 ("right", "Right is better", "3 or →"))
+                 ("right", "Right is better", "3 or →"), (CANT_TELL, "Can't tell / broken image", "4"))
+
+
+def _choice_labels(study: Study) -> list[tuple[str, str, str]]:
+    return [c for c in CHOICE_LABELS if c[0] in study.choices]
 
 
 class _ImageCache:
@@ -77,21 +83,38 @@ def create_app(db: str | Engine) -> FastAPI:
     def no_token(request: Request) -> HTMLResponse:
         return _message(request, 403, "Please use the personal link you were given.")
 
+    def pair_page(request: Request, token: str, pair: Pair, study: Study, progress: Progress,
+                  previous: dict[str, str] | None = None) -> HTMLResponse:
+        aspects = [(a, question(a)) for a in study.aspect_list]
+        return TEMPLATES.TemplateResponse(request, "pair.html", {
+            "token": token, "pair": pair, "aspects": aspects, "choices": _choice_labels(study),
+            "progress": progress, "edit": pair.source_image_id is not None,
+            "n": progress.done if previous is not None else progress.done + 1, "previous": previous or {},
+            "can_go_back": previous is None and progress.done > 0})
+
     @app.get("/a/{token}", response_class=HTMLResponse)
     def page(request: Request, token: str) -> HTMLResponse:
         pair, study, progress = next_pair(sessions, token)
         if pair is None:
-            return TEMPLATES.TemplateResponse(request, "done.html", {"progress": progress})
-        aspects = [(a, question(a)) for a in study.aspect_list]
-        return TEMPLATES.TemplateResponse(request, "pair.html", {
-            "token": token, "pair": pair, "aspects": aspects, "choices": CHOICE_LABELS, "progress": progress,
-            "edit": pair.source_image_id is not None, "n": progress.done + 1})
+            return TEMPLATES.TemplateResponse(request, "done.html", {"progress": progress, "token": token})
+        return pair_page(request, token, pair, study, progress)
+
+    @app.get("/a/{token}/back", response_class=HTMLResponse)
+    def back(request: Request, token: str) -> Response:
+        """The annotator's last answered pair with their answers, to change them (one step back only)."""
+        last = last_answer(sessions, token)
+        if last is None:
+            return RedirectResponse(f"/a/{token}", status_code=303)
+        pair, study, stored = last
+        _, _, progress = next_pair(sessions, token)
+        return pair_page(request, token, pair, study, progress, previous=stored)
 
     @app.post("/a/{token}/vote")
     async def vote(request: Request, token: str) -> Response:
         form = await request.form()
         choices = {k[len("choice_"):]: str(v) for k, v in form.items() if k.startswith("choice_")}
-        await run_in_threadpool(record_vote, sessions, token, str(form.get("pair", "")), choices)
+        await run_in_threadpool(record_vote, sessions, token, str(form.get("pair", "")), choices,
+                                replace=form.get("replace") == "1")
         return RedirectResponse(f"/a/{token}", status_code=303)
 
     @app.get("/a/{token}/img/{public_id}/{which}")
