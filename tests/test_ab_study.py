@@ -290,11 +290,18 @@ def test_a_database_from_before_a_column_existed_gets_it_added(tmp_path: Path) -
         conn.execute(text("ALTER TABLE ab_image DROP COLUMN sha256"))
         conn.execute(text("ALTER TABLE ab_study DROP COLUMN min_seconds"))
         conn.execute(text("ALTER TABLE ab_vote DROP COLUMN seconds"))
+        for table, column in (("ab_study", "cant_tell"), ("ab_study", "crowd_token"), ("ab_study", "completion_code"),
+                              ("ab_study", "completion_url"), ("ab_vote", "changed_at"),
+                              ("ab_annotator", "platform_pid"), ("ab_annotator", "platform_session")):
+            conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
     engine.dispose()
     engine = make_engine(db)
     assert {"closed_at", "min_seconds"} <= {c["name"] for c in inspect(engine).get_columns("ab_study")}
     assert {"sha256"} <= {c["name"] for c in inspect(engine).get_columns("ab_image")}
-    assert {"seconds"} <= {c["name"] for c in inspect(engine).get_columns("ab_vote")}
+    assert {"seconds", "changed_at"} <= {c["name"] for c in inspect(engine).get_columns("ab_vote")}
+    assert {"cant_tell", "crowd_token", "completion_code", "completion_url"} <= {
+        c["name"] for c in inspect(engine).get_columns("ab_study")}
+    assert {"platform_pid", "platform_session"} <= {c["name"] for c in inspect(engine).get_columns("ab_annotator")}
     (_, token), = add_annotators(make_sessions(engine), "s", 1)
     pair = next_pair(make_sessions(engine), token)[0]
     assert pair is not None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from evals.ab.db import DEFAULT_MIN_SECONDS
 from evals.ab.layouts import LAYOUTS, LayoutError
-from evals.ab.study import StudyError
+from evals.ab.study import StudyError, get_study
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
                         "speeders; 0 turns the check off (default: %(default)s)")
     c.add_argument("--cant-tell", action="store_true",
                    help="offer a \"can't tell / broken image\" answer (counted apart, not in win rates)")
+    c.add_argument("--crowd", action="store_true",
+                   help="make one entry link for a crowd platform (Prolific ids in its query string) and a "
+                        "completion code shown at the end (see docs/ab_studies.md)")
+    c.add_argument("--completion-code", help="the platform's completion code to show at the end (implies --crowd; "
+                                             "default: generated)")
+    c.add_argument("--completion-url", help="send finished participants to this URL instead (implies --crowd), "
+                                            "e.g. https://app.prolific.com/submissions/complete?cc=CODE")
     c.add_argument("--prompts", type=Path, help="prompts file for the genai / dpg layouts (default: the shipped one)")
     c.add_argument("--seed", type=int, help="seed of the left/right sides and gold pairs (default: random)")
     c.add_argument("--annotators", type=int, default=0, help="also make this many annotator links")
@@ -75,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
 
     c = cmd("import-votes", "import a vendor's votes: annotator, pair_id, aspect, choice (all rows or none)")
     c.add_argument("--csv", required=True, type=Path)
+
+    c = cmd("export-payments", "write one row per crowd participant for approval and payment: platform ids, "
+                               "label, pairs, votes, gold accuracy, median time, flagged, reason")
+    c.add_argument("--out", required=True, type=Path, help="CSV to write")
 
     c = cmd("report", "win / tie / loss per aspect with CIs, agreement, figure")
     c.add_argument("--out", required=True, type=Path)
@@ -131,10 +142,18 @@ def _run(args: argparse.Namespace) -> int:
         made = create_study(sessions, args.study, args.a, args.b, args.layout, parse_aspects(args.aspects),
                             args.votes_per_pair, args.name_a, args.name_b, args.gold_rate, args.gold_threshold,
                             args.per_annotator, round(args.lease_minutes * 60), args.prompts, args.seed,
-                            args.min_seconds, args.cant_tell)
+                            args.min_seconds, args.cant_tell, args.crowd, args.completion_code,
+                            args.completion_url)
         print(f"study {made.study}: {made.pairs} pairs + {made.gold} gold pairs")
         if made.admin_token:
             print(f"admin token (shown once): {made.admin_token}")
+        if made.crowd_token:
+            from evals.ab.crowd import crowd_link
+
+            with sessions() as s:
+                print(f"crowd link (the platform's study URL): {crowd_link(get_study(s, args.study), args.base_url)}")
+            print(f"completion code: {made.completion_code}" if made.completion_code else
+                  f"finished participants go to: {args.completion_url}")
         if args.annotators:
             _links(add_annotators(sessions, args.study, args.annotators), args.base_url)
     elif args.command == "links":
@@ -155,6 +174,11 @@ def _run(args: argparse.Namespace) -> int:
 
         done = import_votes(sessions, args.study, args.csv)
         print(f"imported {done.votes} votes ({done.new_annotators} new annotators)")
+    elif args.command == "export-payments":
+        from evals.ab.crowd import export_payments
+
+        out, n = export_payments(sessions, args.study, args.out)
+        print(f"{n} participants -> {out}")
     elif args.command == "report":
         from evals.ab.report import build_report, write_report
 

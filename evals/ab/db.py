@@ -66,6 +66,11 @@ class Study(Base):
     # the column existed) means DEFAULT_MIN_SECONDS, 0 turns the check off
     min_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     cant_tell: Mapped[bool | None] = mapped_column(nullable=True)  # offer the "can't tell / broken image" answer
+    # crowd hand-off (evals/ab/crowd.py): the one entry link given to a platform, and what a finished participant
+    # gets back (a code to paste, or the platform's completion URL)
+    crowd_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    completion_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    completion_url: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     @property
     def aspect_list(self) -> list[str]:
@@ -154,6 +159,10 @@ class Annotator(Base):
     token: Mapped[str] = mapped_column(String(64), unique=True)
     label: Mapped[str] = mapped_column(String(LABEL_MAX))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # a crowd platform's ids of this participant (Prolific: PROLIFIC_PID, STUDY_ID, SESSION_ID), from the link
+    platform_pid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    platform_study: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    platform_session: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Assignment(Base):

@@ -82,6 +82,8 @@ class Created:
     pairs: int
     gold: int
     admin_token: str | None
+    crowd_token: str | None = None  # set: the study has a crowd entry link (evals/ab/crowd.py)
+    completion_code: str | None = None
 
 
 def _image_size(path: Path) -> int:
@@ -116,7 +118,8 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
                  aspects: list[str], votes_per_pair: int = 3, name_a: str | None = None, name_b: str | None = None,
                  gold_rate: float = 0.0, gold_threshold: float = 0.8, per_annotator: int | None = None,
                  lease_s: int = 1800, prompts_file: Path | None = None, seed: int | None = None,
-                 min_seconds: float = DEFAULT_MIN_SECONDS, cant_tell: bool = False) -> Created:
+                 min_seconds: float = DEFAULT_MIN_SECONDS, cant_tell: bool = False, crowd: bool = False,
+                 completion_code: str | None = None, completion_url: str | None = None) -> Created:
     """Pair A's and B's images of every prompt and seed into a (new or existing) study, in one transaction."""
     if votes_per_pair < 1:
         raise StudyError(f"--votes-per-pair must be >= 1, got {votes_per_pair}")
@@ -130,6 +133,12 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
         raise StudyError(f"--min-seconds must be in [0, 3600) seconds per pair, got {min_seconds}")
     if per_annotator is not None and per_annotator < 1:
         raise StudyError(f"--per-annotator must be >= 1, got {per_annotator}")
+    from evals.ab.crowd import check_completion, new_crowd_token
+
+    check_completion(completion_code, completion_url)
+    crowd = crowd or completion_code is not None or completion_url is not None
+    if crowd and completion_code is None and completion_url is None:
+        completion_code = secrets.token_hex(4).upper()  # what the participant pastes into the platform
     if cant_tell and not stores_cant_tell(sessions.kw["bind"]):
         raise StudyError("this database was made before the \"can't tell\" answer existed and cannot store it; "
                          "create the study in a new database, or without --cant-tell")
@@ -149,7 +158,8 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
             study = Study(name=name, layout=layout, aspects=",".join(aspects), votes_per_pair=votes_per_pair,
                           gold_rate=gold_rate, gold_threshold=gold_threshold, per_annotator=per_annotator,
                           lease_s=lease_s, admin_token_sha256=token_digest(admin_token), min_seconds=min_seconds,
-                          cant_tell=cant_tell)
+                          cant_tell=cant_tell, crowd_token=new_crowd_token() if crowd else None,
+                          completion_code=completion_code, completion_url=completion_url)
             s.add(study)
             s.flush()
         elif (study.layout, study.aspect_list, study.votes_per_pair, bool(study.cant_tell)) != (
@@ -157,6 +167,9 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
             raise StudyError(f"study {name!r} exists with layout {study.layout}, aspects {study.aspects}, "
                              f"{study.votes_per_pair} votes per pair, can't-tell answer "
                              f"{'on' if study.cant_tell else 'off'}; a new comparison in it must use the same")
+        elif crowd:
+            raise StudyError(f"study {name!r} exists: its crowd link and completion are set when it is first "
+                             "created (leave --crowd / --completion-code / --completion-url out)")
         systems = []
         for sys_name, folder in ((name_a, a_dir), (name_b, b_dir)):
             folder = str(Path(folder).resolve())
@@ -210,7 +223,7 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
                            right_image=worse if better_left else better,
                            source_image=Image(study_id=study.id, data=gold.source) if gold.source else None,
                            gold_answer="left" if better_left else "right"))
-        return Created(name, len(matched), n_gold, admin_token)
+        return Created(name, len(matched), n_gold, admin_token, study.crowd_token, study.completion_code)
 
 
 def close_study(sessions: sessionmaker, study_name: str) -> bool:
@@ -230,10 +243,15 @@ def add_annotators(sessions: sessionmaker, study_name: str, n: int) -> list[tupl
         raise StudyError(f"number of annotators must be >= 1, got {n}")
     with sessions.begin() as s:
         study = get_study(s, study_name)
-        labels = s.scalars(select(Annotator.label).where(Annotator.study_id == study.id,
-                                                          Annotator.label.like(f"{WEB_PREFIX}%"))).all()
-        # after the highest number in use (not the count: a gap or a foreign web-NNN would repeat a label)
-        have = max((int(m[1]) for m in map(re.compile(rf"{WEB_PREFIX}(\d+)$").match, labels) if m), default=0)
-        out = [(f"{WEB_PREFIX}{have + k + 1:03d}", secrets.token_urlsafe(16)) for k in range(n)]
+        out = [(label, secrets.token_urlsafe(16)) for label in new_web_labels(s, study, n)]
         s.add_all(Annotator(study_id=study.id, label=label, token=token) for label, token in out)
     return out
+
+
+def new_web_labels(s: Session, study: Study, n: int) -> list[str]:
+    """The next ``n`` free web labels of a study: after the highest number in use (not the count: a gap or a
+    foreign web-NNN would repeat a label)."""
+    labels = s.scalars(select(Annotator.label).where(Annotator.study_id == study.id,
+                                                      Annotator.label.like(f"{WEB_PREFIX}%"))).all()
+    have = max((int(m[1]) for m in map(re.compile(rf"{WEB_PREFIX}(\d+)$").match, labels) if m), default=0)
+    return [f"{WEB_PREFIX}{have + k + 1:03d}" for k in range(n)]

@@ -1,7 +1,10 @@
 """The study's web app (FastAPI, server-rendered Jinja templates, no build step).
 
 Annotator routes (the token in the path is the only credential; unknown or missing -> 403):
+    GET  /p/{crowd token}?PROLIFIC_PID=...&STUDY_ID=...&SESSION_ID=...   a crowd platform's entry link -> 303 to
+                                       the participant's own /a/{token} (evals/ab/crowd.py; bad ids -> 400)
     GET  /a/{token}                    the next pair (prompt, two images, one left/right/tie per aspect) or "done"
+                                       (with the completion code, or 303 to the study's completion URL)
     POST /a/{token}/vote               the answers for one pair -> 303 back to /a/{token} (``replace=1``: new
                                        answers for the last answered pair, from the back page)
     GET  /a/{token}/back               the last answered pair with its stored answers, to change them
@@ -31,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 
 from evals.ab.assign import AnnotatorError, Progress, last_answer, next_pair, pair_for, record_vote
 from evals.ab.blind import ImageChanged, image_png
+from evals.ab.crowd import BadPlatformIds, bind_ids, crowd_link, enter
 from evals.ab.db import CANT_TELL, Annotator, Assignment, Image, Pair, Study, make_engine, make_sessions
 from evals.ab.study import StudyError, add_annotators, admin_ok, get_study, question
 
@@ -92,11 +96,30 @@ def create_app(db: str | Engine) -> FastAPI:
             "n": progress.done if previous is not None else progress.done + 1, "previous": previous or {},
             "can_go_back": previous is None and progress.done > 0})
 
+    @app.get("/p/{crowd_token}")
+    def crowd_entry(request: Request, crowd_token: str) -> Response:
+        """A crowd platform's entry link: the participant's own annotator (made on the first visit)."""
+        try:
+            token = enter(sessions, crowd_token, request.query_params)
+        except BadPlatformIds as err:
+            raise AnnotatorError(400, f"This link is not complete: {err}.") from None
+        return RedirectResponse(f"/a/{token}", status_code=303)
+
     @app.get("/a/{token}", response_class=HTMLResponse)
-    def page(request: Request, token: str) -> HTMLResponse:
+    def page(request: Request, token: str) -> Response:
+        try:
+            if not bind_ids(sessions, token, request.query_params):
+                raise AnnotatorError(403, "This link belongs to another participant.")
+        except BadPlatformIds as err:
+            raise AnnotatorError(400, f"This link is not complete: {err}.") from None
         pair, study, progress = next_pair(sessions, token)
         if pair is None:
-            return TEMPLATES.TemplateResponse(request, "done.html", {"progress": progress, "token": token})
+            finished = progress.done > 0  # someone who got nothing to do has not earned a completion code
+            if finished and study.completion_url:
+                return RedirectResponse(study.completion_url, status_code=303)
+            return TEMPLATES.TemplateResponse(request, "done.html", {
+                "progress": progress, "token": token, "code": study.completion_code if finished else None,
+                "crowd": study.crowd_token is not None})
         return pair_page(request, token, pair, study, progress)
 
     @app.get("/a/{token}/back", response_class=HTMLResponse)
@@ -163,7 +186,7 @@ def create_app(db: str | Engine) -> FastAPI:
         base = str(request.base_url).rstrip("/")
         return TEMPLATES.TemplateResponse(request, "admin.html", {
             "study": study, "annotators": [(label, f"{base}/a/{tok}", n) for label, tok, n in rows],
-            "complete": complete, "n_pairs": n_pairs})
+            "complete": complete, "n_pairs": n_pairs, "crowd_link": crowd_link(study, base)})
 
     @app.post("/admin/{name}/annotators")
     def admin_links(request: Request, name: str, n: int = 1) -> JSONResponse:
