@@ -97,7 +97,8 @@ def test_completion_code_at_the_end_and_payments_csv(crowd, tmp_path: Path) -> N
     assert main(["export-payments", "--db", crowd["db"], "--study", "crowd", "--out", str(out)]) == 0
     rows = {r["platform_pid"]: r for r in csv.DictReader(open(out))}
     assert list(next(iter(rows.values()))) == ["platform_pid", "platform_study", "platform_session", "annotator",
-                                               "pairs", "votes", "gold_accuracy", "median_seconds", "flagged", "reason"]
+                                               "consented_at", "pairs", "votes", "gold_accuracy", "median_seconds",
+                                               "flagged", "reason"]
     a, b, late_row = rows[PID_A], rows[PID_B], rows["late0001"]
     assert (a["pairs"], a["votes"], float(a["gold_accuracy"]), a["flagged"], a["reason"]) == ("3", "3", 1.0,
                                                                                               "False", "")

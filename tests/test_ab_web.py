@@ -245,3 +245,50 @@ def test_cant_tell_and_changing_the_last_answer(tmp_path: Path) -> None:
         changed_at = s.scalars(select(Vote.changed_at).join(Pair, Pair.id == Vote.pair_id)
                                .where(Pair.public_id == first, Vote.aspect == "overall")).one()
         assert changed_at is not None
+
+
+def test_study_file_instructions_consent_and_questions(tmp_path: Path) -> None:
+    """A study file's instructions and consent are shown with their HTML escaped (Markdown subset rendered); no
+    pair is handed out, and no vote taken, before "I agree", whose time is recorded; custom questions replace the
+    built-in text; a bad study file is one error line."""
+    from evals.ab.__main__ import main
+    from evals.ab.db import Annotator, Assignment, utcnow
+
+    a = write_system(tmp_path, SYSTEMS[0], 2, 1)
+    b = write_system(tmp_path, SYSTEMS[1], 2, 1, shift=1)
+    db = str(tmp_path / "s.sqlite")
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text("instructions: |\n  # How to judge\n\n  Look at **both** images.<script>alert(1)</script>\n"
+                          "  <img src=x onerror=alert(2)>\n\n  - first point\n  - second point\n"
+                          "consent: |\n  You agree that your answers are stored. [Privacy](https://example.org/p)\n"
+                          "questions:\n  sharpness: Which image is sharper?\n")
+    assert main(["create", "--db", db, "--study", "s", "--a", str(a), "--b", str(b), "--layout", "geneval",
+                 "--aspects", "overall,sharpness", "--votes-per-pair", "1", "--study-file", str(study_file),
+                 "--annotators", "1"]) == 0
+    sessions = make_sessions(make_engine(db))
+    with sessions() as s:
+        token = s.scalar(select(Annotator.token))
+    with running_app(db) as url, httpx.Client(base_url=url, timeout=30) as c:
+        intro = c.get(f"/a/{token}")
+        assert intro.status_code == 200 and 'id="agree"' in intro.text and "pair" not in intro.text.lower()
+        assert "<h2>How to judge</h2>" in intro.text and "<strong>both</strong>" in intro.text
+        assert "<li>first point</li><li>second point</li>" in intro.text
+        assert "<script>alert" not in intro.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in intro.text
+        assert "<img src=x" not in intro.text and 'href="https://example.org/p"' in intro.text
+        with sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Assignment)) == 0  # nothing handed out yet
+            some_pair = s.scalar(select(Pair.public_id).limit(1))
+        assert _vote(c, token, some_pair, overall="left", sharpness="left").status_code == 404
+        before = utcnow()
+        assert c.post(f"/a/{token}/consent").status_code == 303
+        page = c.get(f"/a/{token}").text
+        assert re.search(PAIR_ID_PATTERN, page) and "Which image is sharper?" in page
+        assert "Overall, which image do you prefer?" in page and 'id="instructions"' in page
+    with sessions() as s:
+        consented = s.scalar(select(Annotator.consented_at))
+    assert consented is not None and before <= consented <= utcnow()
+    for body, why in (("colour: x\n", "unknown key(s) colour"), ("questions:\n  nope: Why?\n", "nope"),
+                      ("- a list\n", "expected a mapping"), ("consent: ''\n", "consent must be non-empty")):
+        study_file.write_text(body)
+        assert main(["create", "--db", db, "--study", "t", "--a", str(a), "--b", str(b), "--layout", "geneval",
+                     "--study-file", str(study_file)]) == 2, why

@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                                              "default: generated)")
     c.add_argument("--completion-url", help="send finished participants to this URL instead (implies --crowd), "
                                             "e.g. https://app.prolific.com/submissions/complete?cc=CODE")
+    c.add_argument("--study-file", type=Path,
+                   help="YAML or JSON with instructions (Markdown), consent (Markdown; annotators must agree first) "
+                        "and questions (aspect: question text); see docs/ab_studies.md")
     c.add_argument("--prompts", type=Path, help="prompts file for the genai / dpg layouts (default: the shipped one)")
     c.add_argument("--seed", type=int, help="seed of the left/right sides and gold pairs (default: random)")
     c.add_argument("--annotators", type=int, default=0, help="also make this many annotator links")
@@ -137,13 +140,15 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     sessions = make_sessions(engine)
     if args.command == "create":
-        from evals.ab.study import add_annotators, create_study, parse_aspects
+        from evals.ab.study import add_annotators, create_study, parse_aspects, read_study_file
 
-        made = create_study(sessions, args.study, args.a, args.b, args.layout, parse_aspects(args.aspects),
+        aspects = parse_aspects(args.aspects)
+        text = read_study_file(args.study_file, aspects) if args.study_file else None
+        made = create_study(sessions, args.study, args.a, args.b, args.layout, aspects,
                             args.votes_per_pair, args.name_a, args.name_b, args.gold_rate, args.gold_threshold,
                             args.per_annotator, round(args.lease_minutes * 60), args.prompts, args.seed,
                             args.min_seconds, args.cant_tell, args.crowd, args.completion_code,
-                            args.completion_url)
+                            args.completion_url, text)
         print(f"study {made.study}: {made.pairs} pairs + {made.gold} gold pairs")
         if made.admin_token:
             print(f"admin token (shown once): {made.admin_token}")

@@ -39,6 +39,23 @@ class AnnotatorError(Exception):
         self.status, self.message = status, message
 
 
+class ConsentRequired(AnnotatorError):
+    """The study has a consent step this annotator has not agreed to yet (the page shows it instead of a pair)."""
+
+    def __init__(self, study: Study) -> None:
+        super().__init__(403, "Please read the study information and agree before you start.")
+        # plain strings: the study row is gone with the transaction this is raised in
+        self.consent, self.instructions = study.consent, study.instructions
+
+
+def give_consent(sessions: sessionmaker, token: str | None) -> None:
+    """Record (once, with the server's time) that this annotator clicked "I agree"."""
+    with sessions.begin() as s:
+        ann, study = annotator_for(s, token, lock=True)
+        if study.consent and ann.consented_at is None:
+            ann.consented_at = utcnow()
+
+
 @dataclass(frozen=True)
 class Progress:
     """``done`` items answered of ``total`` (done + the open one + what is left for this person now)."""
@@ -176,6 +193,8 @@ def next_pair(sessions: sessionmaker, token: str | None,
                 # locked: under READ COMMITTED two loads of one link would both see no open pair and both assign
                 # one, past --per-annotator
                 ann, study = annotator_for(s, token, lock=True)
+                if study.consent and ann.consented_at is None:
+                    raise ConsentRequired(study)  # no pair is handed out (nor its clock started) before consent
                 clock = now or utcnow()
                 current = _open(s, ann.id) or _assign(s, study, ann, clock)
                 pair = s.get(Pair, current.pair_id) if current else None

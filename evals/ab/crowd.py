@@ -27,8 +27,8 @@ from evals.ab.study import StudyError, get_study, new_web_labels
 
 PLATFORM_PARAMS = {"PROLIFIC_PID": "platform_pid", "STUDY_ID": "platform_study", "SESSION_ID": "platform_session"}
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-PAYMENT_COLUMNS = ["platform_pid", "platform_study", "platform_session", "annotator", "pairs", "votes",
-                   "gold_accuracy", "median_seconds", "flagged", "reason"]
+PAYMENT_COLUMNS = ["platform_pid", "platform_study", "platform_session", "annotator", "consented_at", "pairs",
+                   "votes", "gold_accuracy", "median_seconds", "flagged", "reason"]
 
 
 class BadPlatformIds(StudyError):
@@ -125,8 +125,8 @@ def payments_table(sessions: sessionmaker, study_name: str) -> pd.DataFrame:
         study = get_study(s, study_name)
         aspects, threshold, speed = study.aspect_list, study.gold_threshold, study.speed_limit
         people = s.execute(select(Annotator.id, Annotator.label, Annotator.platform_pid, Annotator.platform_study,
-                                  Annotator.platform_session).where(Annotator.study_id == study.id)
-                           .order_by(Annotator.label)).all()
+                                  Annotator.platform_session, Annotator.consented_at)
+                           .where(Annotator.study_id == study.id).order_by(Annotator.label)).all()
         answered = dict(s.execute(select(Assignment.annotator_id, func.count(Assignment.id))
                                   .join(Annotator, Annotator.id == Assignment.annotator_id)
                                   .where(Annotator.study_id == study.id, Assignment.completed_at.is_not(None))
@@ -134,12 +134,14 @@ def payments_table(sessions: sessionmaker, study_name: str) -> pd.DataFrame:
     votes, pairs = load_votes(sessions, study_name)
     flags = annotator_flags(votes, pairs, aspects, threshold, speed).set_index("annotator")
     rows = []
-    for ann_id, label, pid, pstudy, psession in people:
+    for ann_id, label, pid, pstudy, psession, consented in people:
         if pid is None and label not in flags.index:
             continue
         f = flags.loc[label] if label in flags.index else None
         rows.append({"platform_pid": pid or "", "platform_study": pstudy or "", "platform_session": psession or "",
-                     "annotator": spreadsheet_safe(label), "pairs": answered.get(ann_id, 0),
+                     "annotator": spreadsheet_safe(label),
+                     "consented_at": consented.strftime("%Y-%m-%dT%H:%M:%SZ") if consented else "",
+                     "pairs": answered.get(ann_id, 0),
                      "votes": 0 if f is None else int(f.votes),
                      "gold_accuracy": None if f is None else f.gold_accuracy,
                      "median_seconds": None if f is None else f.median_seconds,

@@ -71,10 +71,22 @@ class Study(Base):
     crowd_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
     completion_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     completion_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # from the study file (evals/ab/study.py read_study_file): Markdown instructions and consent text, and the
+    # question asked per aspect as JSON {aspect: text}
+    instructions: Mapped[str | None] = mapped_column(Text, nullable=True)
+    consent: Mapped[str | None] = mapped_column(Text, nullable=True)
+    questions: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     @property
     def aspect_list(self) -> list[str]:
         return self.aspects.split(",")
+
+    @property
+    def question_map(self) -> dict[str, str]:
+        """{aspect: question} the study file set (aspects not in it keep the built-in question)."""
+        import json
+
+        return json.loads(self.questions) if self.questions else {}
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -163,6 +175,7 @@ class Annotator(Base):
     platform_pid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     platform_study: Mapped[str | None] = mapped_column(String(64), nullable=True)
     platform_session: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    consented_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # clicked "I agree"
 
 
 class Assignment(Base):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import random
 import re
@@ -45,8 +46,65 @@ class StudyError(ValueError):
     """A request the study cannot honour; the message says why (the CLI prints it as ``error: ...``)."""
 
 
-def question(aspect: str) -> str:
+def question(aspect: str, custom: dict[str, str] | None = None) -> str:
+    """The question asked for ``aspect``: the study file's (``custom``), else the built-in one."""
+    if custom and aspect in custom:
+        return custom[aspect]
     return ASPECT_QUESTIONS.get(aspect, f"Which image is better for {aspect.replace('_', ' ')}?")
+
+
+STUDY_FILE_KEYS = ("instructions", "consent", "questions")
+TEXT_MAX, QUESTION_MAX = 20_000, 300
+
+
+@dataclass(frozen=True)
+class StudyText:
+    """What a study file gives annotators: Markdown ``instructions`` and ``consent`` (None: not shown / no consent
+    step) and ``questions`` {aspect: question}."""
+
+    instructions: str | None = None
+    consent: str | None = None
+    questions: dict[str, str] | None = None
+
+
+def read_study_file(path: str | Path, aspects: list[str]) -> StudyText:
+    """Read and check a study file (YAML, or JSON, which YAML reads too): a mapping with any of ``instructions``
+    (Markdown), ``consent`` (Markdown; annotators must agree before their first pair) and ``questions`` (aspect ->
+    question text, for aspects of the study). Anything else is a ``StudyError`` naming the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise StudyError(f"{path}: not YAML or JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not data:
+        raise StudyError(f"{path}: expected a mapping with any of {', '.join(STUDY_FILE_KEYS)}")
+    unknown = sorted(set(map(str, data)) - set(STUDY_FILE_KEYS))
+    if unknown:
+        raise StudyError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(STUDY_FILE_KEYS)})")
+    texts = {}
+    for key in ("instructions", "consent"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > TEXT_MAX):
+            raise StudyError(f"{path}: {key} must be non-empty text of at most {TEXT_MAX} characters")
+        texts[key] = value
+    questions = data.get("questions")
+    if questions is not None:
+        if not isinstance(questions, dict):
+            raise StudyError(f"{path}: questions must map aspect names to question text")
+        extra = sorted(set(map(str, questions)) - set(aspects))
+        if extra:
+            raise StudyError(f"{path}: questions for aspect(s) the study does not ask: {', '.join(extra)} "
+                             f"(aspects: {', '.join(aspects)})")
+        bad = [k for k, v in questions.items() if not isinstance(v, str) or not v.strip() or len(v) > QUESTION_MAX]
+        if bad:
+            raise StudyError(f"{path}: question(s) for {', '.join(map(str, bad))} must be non-empty text of at most "
+                             f"{QUESTION_MAX} characters")
+        questions = {str(k): v.strip() for k, v in questions.items()}
+    return StudyText(texts["instructions"], texts["consent"], questions)
 
 
 def parse_aspects(text: str) -> list[str]:
@@ -119,7 +177,8 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
                  gold_rate: float = 0.0, gold_threshold: float = 0.8, per_annotator: int | None = None,
                  lease_s: int = 1800, prompts_file: Path | None = None, seed: int | None = None,
                  min_seconds: float = DEFAULT_MIN_SECONDS, cant_tell: bool = False, crowd: bool = False,
-                 completion_code: str | None = None, completion_url: str | None = None) -> Created:
+                 completion_code: str | None = None, completion_url: str | None = None,
+                 text: StudyText | None = None) -> Created:
     """Pair A's and B's images of every prompt and seed into a (new or existing) study, in one transaction."""
     if votes_per_pair < 1:
         raise StudyError(f"--votes-per-pair must be >= 1, got {votes_per_pair}")
@@ -159,7 +218,9 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
                           gold_rate=gold_rate, gold_threshold=gold_threshold, per_annotator=per_annotator,
                           lease_s=lease_s, admin_token_sha256=token_digest(admin_token), min_seconds=min_seconds,
                           cant_tell=cant_tell, crowd_token=new_crowd_token() if crowd else None,
-                          completion_code=completion_code, completion_url=completion_url)
+                          completion_code=completion_code, completion_url=completion_url,
+                          instructions=text.instructions if text else None, consent=text.consent if text else None,
+                          questions=json.dumps(text.questions) if text and text.questions else None)
             s.add(study)
             s.flush()
         elif (study.layout, study.aspect_list, study.votes_per_pair, bool(study.cant_tell)) != (
@@ -167,9 +228,9 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
             raise StudyError(f"study {name!r} exists with layout {study.layout}, aspects {study.aspects}, "
                              f"{study.votes_per_pair} votes per pair, can't-tell answer "
                              f"{'on' if study.cant_tell else 'off'}; a new comparison in it must use the same")
-        elif crowd:
-            raise StudyError(f"study {name!r} exists: its crowd link and completion are set when it is first "
-                             "created (leave --crowd / --completion-code / --completion-url out)")
+        elif crowd or text is not None:
+            raise StudyError(f"study {name!r} exists: its crowd link, completion and study file are set when it is "
+                             "first created (leave --crowd / --completion-code / --completion-url / --study-file out)")
         systems = []
         for sys_name, folder in ((name_a, a_dir), (name_b, b_dir)):
             folder = str(Path(folder).resolve())

@@ -7,6 +7,8 @@ Annotator routes (the token in the path is the only credential; unknown or missi
                                        (with the completion code, or 303 to the study's completion URL)
     POST /a/{token}/vote               the answers for one pair -> 303 back to /a/{token} (``replace=1``: new
                                        answers for the last answered pair, from the back page)
+    GET  /a/{token} (consent step)     a study with consent text shows it (and its instructions) until
+    POST /a/{token}/consent            "I agree" is clicked (recorded with the server's time)
     GET  /a/{token}/back               the last answered pair with its stored answers, to change them
     GET  /a/{token}/img/{pair}/{which} an image of a pair given to this annotator (which: left, right, source)
 Admin routes (``Authorization: Bearer <admin token>`` or ``?token=``; wrong or missing -> 403):
@@ -32,10 +34,20 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
-from evals.ab.assign import AnnotatorError, Progress, last_answer, next_pair, pair_for, record_vote
+from evals.ab.assign import (
+    AnnotatorError,
+    ConsentRequired,
+    Progress,
+    give_consent,
+    last_answer,
+    next_pair,
+    pair_for,
+    record_vote,
+)
 from evals.ab.blind import ImageChanged, image_png
 from evals.ab.crowd import BadPlatformIds, bind_ids, crowd_link, enter
 from evals.ab.db import CANT_TELL, Annotator, Assignment, Image, Pair, Study, make_engine, make_sessions
+from evals.ab.safe_markdown import render as markdown
 from evals.ab.study import StudyError, add_annotators, admin_ok, get_study, question
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -89,8 +101,9 @@ def create_app(db: str | Engine) -> FastAPI:
 
     def pair_page(request: Request, token: str, pair: Pair, study: Study, progress: Progress,
                   previous: dict[str, str] | None = None) -> HTMLResponse:
-        aspects = [(a, question(a)) for a in study.aspect_list]
+        aspects = [(a, question(a, study.question_map)) for a in study.aspect_list]
         return TEMPLATES.TemplateResponse(request, "pair.html", {
+            "instructions": markdown(study.instructions) if study.instructions else None,
             "token": token, "pair": pair, "aspects": aspects, "choices": _choice_labels(study),
             "progress": progress, "edit": pair.source_image_id is not None,
             "n": progress.done if previous is not None else progress.done + 1, "previous": previous or {},
@@ -112,7 +125,12 @@ def create_app(db: str | Engine) -> FastAPI:
                 raise AnnotatorError(403, "This link belongs to another participant.")
         except BadPlatformIds as err:
             raise AnnotatorError(400, f"This link is not complete: {err}.") from None
-        pair, study, progress = next_pair(sessions, token)
+        try:
+            pair, study, progress = next_pair(sessions, token)
+        except ConsentRequired as need:
+            return TEMPLATES.TemplateResponse(request, "consent.html", {
+                "token": token, "consent": markdown(need.consent),
+                "instructions": markdown(need.instructions) if need.instructions else None})
         if pair is None:
             finished = progress.done > 0  # someone who got nothing to do has not earned a completion code
             if finished and study.completion_url:
@@ -121,6 +139,11 @@ def create_app(db: str | Engine) -> FastAPI:
                 "progress": progress, "token": token, "code": study.completion_code if finished else None,
                 "crowd": study.crowd_token is not None})
         return pair_page(request, token, pair, study, progress)
+
+    @app.post("/a/{token}/consent")
+    def consent(token: str) -> Response:
+        give_consent(sessions, token)
+        return RedirectResponse(f"/a/{token}", status_code=303)
 
     @app.get("/a/{token}/back", response_class=HTMLResponse)
     def back(request: Request, token: str) -> Response:
