@@ -106,6 +106,23 @@ def test_completion_code_at_the_end_and_payments_csv(crowd, tmp_path: Path) -> N
     assert float(a["median_seconds"]) == pytest.approx(8.0, abs=1.0)
     assert float(b["median_seconds"]) == pytest.approx(1.0, abs=1.0) and float(b["median_seconds"]) < 3
     assert (late_row["pairs"], late_row["votes"], late_row["gold_accuracy"]) == ("0", "0", "")
+    # the admin dashboard: progress per aspect and the same per-participant numbers, and working download links
+    with running_app(crowd["db"]) as url, httpx.Client(base_url=url, timeout=30) as c:
+        page = c.get("/admin/crowd", params={"token": crowd["made"].admin_token})
+        assert page.status_code == 200
+        # 4 real pairs, 1 vote each, all answered by A and B (2 each): all 4 valid on overall
+        assert re.search(r"<td>overall</td><td>4 of 4</td><td>0</td>", page.text)
+        rows = [m.groups() for m in re.finditer(r"<tr><td>(web-\d+)</td><td>(\w*)</td><td>(\d+)</td>\s*"
+                                                  r"<td>([^<]*)</td>\s*<td>([^<]*)</td>\s*<td>([^<]*)</td>",
+                                                  page.text)]
+        by_pid = {g[1]: g[2:] for g in rows}  # platform id -> answered, gold accuracy, median s, flag reason
+        assert by_pid[PID_A][0] == "3" and by_pid[PID_A][1] == "1.000 (1/1)" and by_pid[PID_A][3] == ""
+        assert by_pid[PID_B][1] == "0.000 (0/1)" and by_pid[PID_B][3] == "gold+speed"
+        assert float(by_pid[PID_A][2]) == pytest.approx(8.0, abs=1.0)
+        links = re.findall(r'href="(/admin/crowd/[^"]+)"', page.text)
+        assert len(links) == 5
+        for link in links:
+            assert c.get(link.replace("&amp;", "&")).status_code == 200, link
 
 
 def test_a_completion_url_redirects_finished_participants(tmp_path: Path) -> None:

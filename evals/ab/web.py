@@ -12,9 +12,11 @@ Annotator routes (the token in the path is the only credential; unknown or missi
     GET  /a/{token}/back               the last answered pair with its stored answers, to change them
     GET  /a/{token}/img/{pair}/{which} an image of a pair given to this annotator (which: left, right, source)
 Admin routes (``Authorization: Bearer <admin token>`` or ``?token=``; wrong or missing -> 403):
-    GET  /admin/{study}                progress: pairs, valid pairs, annotators and their links
+    GET  /admin/{study}                dashboard: progress per aspect, per annotator (answered, gold accuracy, median
+                                       time, flag), crowd link, links, downloads
     POST /admin/{study}/annotators?n=K K new annotator links (JSON)
-    GET  /admin/{study}/pairs.csv      the pairs (export), GET /admin/{study}/votes.csv the votes
+    GET  /admin/{study}/pairs.csv      the pairs (export), GET /admin/{study}/votes.csv the votes,
+    GET  /admin/{study}/payments.csv   one row per participant (evals/ab/crowd.py)
     GET  /admin/{study}/report         the report as markdown; /admin/{study}/win_rates.csv its table
 
 Blinding: annotator pages and image URLs carry only random ids; images are re-encoded on the way out, so no
@@ -26,6 +28,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -194,7 +197,7 @@ def create_app(db: str | Engine) -> FastAPI:
         study = admin_study(request, name)
         with sessions() as s:
             done = func.count(Assignment.completed_at)
-            rows = s.execute(select(Annotator.label, Annotator.token, done)
+            rows = s.execute(select(Annotator.label, Annotator.token, Annotator.platform_pid, done)
                              .outerjoin(Assignment, Assignment.annotator_id == Annotator.id)
                              .where(Annotator.study_id == study.id).group_by(Annotator.id)
                              .order_by(Annotator.label)).all()
@@ -206,10 +209,23 @@ def create_app(db: str | Engine) -> FastAPI:
                 per_pair.c.n >= study.votes_per_pair))
             n_pairs = s.scalar(select(func.count()).select_from(Pair).where(
                 Pair.study_id == study.id, Pair.gold_answer.is_(None)))
+        from evals.ab.report import annotator_flags, load_votes, pair_outcomes
+
+        # the report's own definitions (one place): gold accuracy, speed, flags, and validity per aspect
+        votes, pairs = load_votes(sessions, study.name)
+        flags = annotator_flags(votes, pairs, study.aspect_list, study.gold_threshold, study.speed_limit)
+        flags = {r.annotator: r for r in flags.itertuples()}
+        outcomes = pair_outcomes(votes, pairs, study.votes_per_pair) if len(votes) else None
+        per_aspect = [(a, 0 if outcomes is None else int((outcomes.valid & (outcomes.aspect == a)).sum()),
+                       int(((votes.aspect == a) & (votes.choice == CANT_TELL)).sum())) for a in study.aspect_list]
         base = str(request.base_url).rstrip("/")
         return TEMPLATES.TemplateResponse(request, "admin.html", {
-            "study": study, "annotators": [(label, f"{base}/a/{tok}", n) for label, tok, n in rows],
-            "complete": complete, "n_pairs": n_pairs, "crowd_link": crowd_link(study, base)})
+            "study": study, "annotators": [(label, f"{base}/a/{tok}", pid, n, flags.get(label))
+                                           for label, tok, pid, n in rows],
+            "complete": complete, "n_pairs": n_pairs, "crowd_link": crowd_link(study, base),
+            "per_aspect": per_aspect,
+            # a page opened with ?token= passes it on to its download links (a header does not travel in a link)
+            "auth": f"?token={quote(request.query_params['token'])}" if "token" in request.query_params else ""})
 
     @app.post("/admin/{name}/annotators")
     def admin_links(request: Request, name: str, n: int = 1) -> JSONResponse:
@@ -235,6 +251,13 @@ def create_app(db: str | Engine) -> FastAPI:
         study = admin_study(request, name)
         votes, _ = load_votes(sessions, study.name)
         return PlainTextResponse(votes.to_csv(index=False), media_type="text/csv")
+
+    @app.get("/admin/{name}/payments.csv")
+    def admin_payments(request: Request, name: str) -> PlainTextResponse:
+        from evals.ab.crowd import payments_table
+
+        study = admin_study(request, name)
+        return PlainTextResponse(payments_table(sessions, study.name).to_csv(index=False), media_type="text/csv")
 
     @app.get("/admin/{name}/report")
     def admin_report(request: Request, name: str) -> PlainTextResponse:
