@@ -211,7 +211,7 @@ class Vote(Base):
     pair_id: Mapped[int] = mapped_column(ForeignKey("ab_pair.id"), index=True)
     annotator_id: Mapped[int] = mapped_column(ForeignKey("ab_annotator.id"))
     aspect: Mapped[str] = mapped_column(String(100))
-    choice: Mapped[str] = mapped_column(String(5))
+    choice: Mapped[str] = mapped_column(String(10))  # 10: room for cant_tell (an older database has 5)
     origin: Mapped[str] = mapped_column(String(300))  # "web" or "import:<file name>"
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)  # the server's clock at the answer
     # time-on-task: seconds from when the server handed the pair to this annotator (the assignment) to the
@@ -278,7 +278,8 @@ def add_missing_columns(engine: Engine) -> list[str]:
 
 def stores_cant_tell(engine: Engine) -> bool:
     """Whether ``ab_vote`` accepts ``cant_tell``: a database made before that answer existed keeps its older CHECK
-    constraint (``add_missing_columns`` adds columns, it does not rewrite constraints)."""
+    constraint and a 5-character ``choice`` column (``add_missing_columns`` adds columns, it does not rewrite
+    constraints or types)."""
     from sqlalchemy import inspect
 
     checks = [c.get("sqltext") or "" for c in inspect(engine).get_check_constraints("ab_vote")]
