@@ -311,3 +311,20 @@ def test_a_database_from_before_a_column_existed_gets_it_added(tmp_path: Path) -
 
         assert s.scalar(select(Study)).speed_limit == DEFAULT_MIN_SECONDS
         assert all(t is not None and t >= 0 for t in s.scalars(select(Vote.seconds)))
+
+
+def test_imported_cant_tell_needs_a_study_that_offers_it(tmp_path: Path, capsys) -> None:
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "ct").mkdir()
+    db, sessions, *_ = _study(tmp_path / "plain")
+    db_ct, sessions_ct, *_ = _study(tmp_path / "ct", cant_tell=True)
+    for path, sess in ((db, sessions), (db_ct, sessions_ct)):
+        with sess() as s:
+            pid = s.scalar(select(Pair.public_id).limit(1))
+        votes = tmp_path / "v.csv"
+        votes.write_text(f"annotator,pair_id,aspect,choice\nv1,{pid},overall,cant_tell\n")
+        assert main(["import-votes", "--db", path, "--study", "s", "--csv", str(votes)]) == (0 if sess is
+                                                                                             sessions_ct else 2)
+    assert "unknown choice 'cant_tell' (left, right, tie)" in capsys.readouterr().err
+    with sessions_ct() as s:
+        assert s.scalars(select(Vote.choice)).all() == ["cant_tell"]

@@ -4,6 +4,7 @@
         --aspects overall,prompt_adherence,visual_quality --votes-per-pair 3 --gold-rate 0.1 --annotators 20
     python -m evals.ab serve --db study.sqlite --host 127.0.0.1 --port 8000
     python -m evals.ab report --db study.sqlite --study NAME --out results/NAME
+    python -m evals.ab export-payments --db study.sqlite --study NAME --out payments.csv   # crowd (--crowd) studies
 
 ``--db`` is a SQLite file path or a database URL (``postgresql://user@host/db``).
 """
