@@ -37,9 +37,10 @@ def draw(kind: int, size: int = 64) -> Image.Image:
 
 
 def write_system(root: Path, system: str, n_prompts: int, n_seeds: int, layout: str = "geneval",
-                 shift: int = 0) -> Path:
-    """A system folder ``root/<system>_outputs`` in the geneval or edit layout; image file names and a PNG text
-    chunk name the system. Prompts are ``"prompt number i"`` (edits: ``"make number i blue"``)."""
+                 shift: int = 0, size: int = 64) -> Path:
+    """A system folder ``root/<system>_outputs`` in the geneval or edit layout of ``size`` x ``size`` images; image
+    file names and a PNG text chunk name the system. Prompts are ``"prompt number i"`` (edits: ``"make number i
+    blue"``)."""
     folder = root / f"{system}_outputs"
     for i in range(n_prompts):
         sub = folder / f"{i:05d}"
@@ -47,11 +48,11 @@ def write_system(root: Path, system: str, n_prompts: int, n_seeds: int, layout: 
         prompt = f"make number {i} blue" if layout == "edit" else f"prompt number {i}"
         (sub / "metadata.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
         if layout == "edit":
-            draw(i).save(sub / "source.png")
+            draw(i, size).save(sub / "source.png")
         for k in range(n_seeds):
             info = PngInfo()
             info.add_text("generator", f"{system} from {folder}")
-            draw(i + k + shift).save(sub / "samples" / f"{k:05d}.png", pnginfo=info)
+            draw(i + k + shift, size).save(sub / "samples" / f"{k:05d}.png", pnginfo=info)
     return folder
 
 

@@ -1,6 +1,6 @@
 """A real browser: headless Chromium (selenium) opens an annotator link on ``python -m evals.ab serve``, answers
-three pairs with the keyboard only, and the votes are in the database. The voting page's screenshot is kept as
-``test-artifacts/ab/voting_page.png``."""
+three pairs with the keyboard only, and the votes are in the database; and a Prolific participant goes from the
+crowd link to the completion code. Screenshots are kept in ``test-artifacts/ab/`` (ignored by git)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 from ab_helpers import ROOT, SYSTEMS, require, write_system
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from evals.ab.db import Annotator, Pair, Vote, make_engine, make_sessions
 from evals.ab.study import add_annotators, create_study
@@ -23,15 +25,9 @@ ARTIFACTS = ROOT / "test-artifacts" / "ab"
 KEYS = {"left": "1", "tie": "\ue015", "right": "\ue014"}  # 1, ArrowDown, ArrowRight (selenium's key codes)
 
 
-@pytest.fixture
-def server(tmp_path: Path):
-    a = write_system(tmp_path, SYSTEMS[0], 4, 1)
-    b = write_system(tmp_path, SYSTEMS[1], 4, 1, shift=1)
-    db = str(tmp_path / "s.sqlite")
-    sessions = make_sessions(make_engine(db))
-    create_study(sessions, "browser", a, b, "geneval", ["overall", "prompt_adherence", "visual_quality"], 1,
-                 "alpha", "beta", seed=0)
-    (_, token), = add_annotators(sessions, "browser", 1)
+@contextmanager
+def serving(db: str) -> Iterator[str]:
+    """``python -m evals.ab serve`` on a free loopback port until the block ends; yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -48,10 +44,23 @@ def server(tmp_path: Path):
                 time.sleep(0.1)
         else:
             pytest.fail(f"serve did not start: {proc.stdout.read1().decode()[-500:]}")
-        yield {"url": f"{base}/a/{token}", "sessions": sessions, "token": token}
+        yield base
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    a = write_system(tmp_path, SYSTEMS[0], 4, 1)
+    b = write_system(tmp_path, SYSTEMS[1], 4, 1, shift=1)
+    db = str(tmp_path / "s.sqlite")
+    sessions = make_sessions(make_engine(db))
+    create_study(sessions, "browser", a, b, "geneval", ["overall", "prompt_adherence", "visual_quality"], 1,
+                 "alpha", "beta", seed=0)
+    (_, token), = add_annotators(sessions, "browser", 1)
+    with serving(db) as base:
+        yield {"url": f"{base}/a/{token}", "sessions": sessions, "token": token}
 
 
 @pytest.fixture
@@ -113,3 +122,103 @@ def test_keyboard_voting_in_chromium(server, browser) -> None:
                 for aspect, pick in zip(("overall", "prompt_adherence", "visual_quality"), picks, strict=True)}
     assert set(stored) == expected and len(stored) == 9
     assert (ARTIFACTS / "voting_page.png").stat().st_size > 10_000
+
+
+def test_a_prolific_participant_from_entry_link_to_completion_code(tmp_path: Path, browser) -> None:
+    """A participant opens the crowd link with Prolific's ids, reads the instructions, agrees, zooms an image to
+    full resolution, answers "can't tell" once, goes back once to change an answer, finishes the quota and sees the
+    completion code. The database holds exactly those votes, each with its server time and time-on-task.
+    Screenshots: test-artifacts/ab/prolific_*.png."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from evals.ab.study import StudyText
+
+    a = write_system(tmp_path, SYSTEMS[0], 4, 1, size=512)
+    b = write_system(tmp_path, SYSTEMS[1], 4, 1, shift=1, size=512)
+    db = str(tmp_path / "s.sqlite")
+    sessions = make_sessions(make_engine(db))
+    text = StudyText("# How to judge\n\nLook at **both** images.", "Your answers are stored for research.",
+                     {"visual_quality": "Which image is sharper?"})
+    made = create_study(sessions, "prolific", a, b, "geneval", ["overall", "visual_quality"], 1, "alpha", "beta",
+                        seed=0, per_annotator=3, cant_tell=True, crowd=True, completion_code="DONE1234", text=text)
+    ids = {"PROLIFIC_PID": "5f1e2d3c4b5a69788796a5b4", "STUDY_ID": "st42", "SESSION_ID": "se7"}
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    def keys(*pressed: str) -> None:
+        chain = ActionChains(browser)
+        for k in pressed:
+            chain.send_keys(k)
+        chain.perform()
+
+    def pair_id() -> str:
+        return browser.find_element(By.NAME, "pair").get_attribute("value")
+
+    def wait_for(check) -> None:  # noqa: ANN001
+        WebDriverWait(browser, 30).until(lambda d: check())
+
+    def checked() -> list[str]:
+        return [browser.find_element(By.CSS_SELECTOR, f'input[name="choice_{x}"]:checked').get_attribute("value")
+                for x in ("overall", "visual_quality")]
+
+    with serving(db) as base:
+        browser.get(f"{base}/p/{made.crowd_token}?" + "&".join(f"{k}={v}" for k, v in ids.items()))
+        assert browser.find_element(By.CSS_SELECTOR, "#instructions h2").text == "How to judge"
+        assert "stored for research" in browser.find_element(By.ID, "consent").text
+        assert browser.save_screenshot(str(ARTIFACTS / "prolific_consent.png"))
+        browser.find_element(By.ID, "agree").click()
+        wait_for(lambda: browser.find_elements(By.NAME, "pair"))
+        assert "Which image is sharper?" in browser.page_source
+        # zoom: the pair fills the window (not capped at 440 px), no pixelation at this size; a click shows the
+        # 512 px original pixel for pixel
+        left = browser.find_element(By.CSS_SELECTOR, 'figure img[alt="left image"]')
+        wait_for(lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", left))
+        assert left.size["width"] > 440
+        assert browser.execute_script("return getComputedStyle(arguments[0]).imageRendering", left) != "pixelated"
+        left.click()
+        zoom_img = browser.find_element(By.ID, "zoom-img")
+        wait_for(lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
+                                                zoom_img) == 512)
+        assert "open" in browser.find_element(By.ID, "zoom").get_attribute("class")
+        assert zoom_img.size["width"] == 512
+        assert browser.save_screenshot(str(ARTIFACTS / "prolific_zoom.png"))
+        keys("\ue00c")  # Escape closes; keys typed while zoomed did not answer anything
+        assert "open" not in browser.find_element(By.ID, "zoom").get_attribute("class")
+        answers = {}
+        first = pair_id()
+        keys("1", "4")  # overall left, visual quality can't tell
+        assert checked() == ["left", "cant_tell"]
+        assert browser.save_screenshot(str(ARTIFACTS / "prolific_voting.png"))
+        keys("\ue007")
+        wait_for(lambda: browser.find_elements(By.NAME, "pair") and pair_id() != first)
+        answers[first] = ["left", "cant_tell"]
+        second = pair_id()
+        keys("3", "2", "\ue007")
+        wait_for(lambda: browser.find_elements(By.NAME, "pair") and pair_id() != second)
+        third = pair_id()
+        keys("\ue003")  # Backspace: back to the second pair, its stored answers selected
+        wait_for(lambda: "Change your last answer" in browser.page_source)
+        assert pair_id() == second and checked() == ["right", "tie"]
+        keys("1", "2", "\ue007")  # overall changed to left
+        wait_for(lambda: browser.find_elements(By.NAME, "pair") and pair_id() == third)
+        answers[second] = ["left", "tie"]
+        keys("2", "3", "\ue007")
+        answers[third] = ["tie", "right"]
+        wait_for(lambda: browser.find_elements(By.ID, "completion-code"))
+        assert browser.find_element(By.ID, "completion-code").text == "DONE1234"
+        assert browser.save_screenshot(str(ARTIFACTS / "prolific_done.png"))
+    with sessions() as s:
+        ann = s.scalar(select(Annotator).where(Annotator.platform_pid == ids["PROLIFIC_PID"]))
+        assert (ann.platform_study, ann.platform_session) == ("st42", "se7") and ann.consented_at is not None
+        stored = s.execute(select(Pair.public_id, Vote.aspect, Vote.choice, Vote.created_at, Vote.seconds,
+                                  Vote.changed_at).join(Pair, Pair.id == Vote.pair_id)
+                           .where(Vote.annotator_id == ann.id)).all()
+        assert s.scalar(select(func.count()).select_from(Vote)) == 6  # nobody else voted
+    assert sorted((p, asp, c) for p, asp, c, *_ in stored) == sorted(
+        (p, asp, c) for p, picks in answers.items() for asp, c in zip(("overall", "visual_quality"), picks,
+                                                                    strict=True))
+    assert all(created is not None and seconds is not None and seconds > 0 for _, _, _, created, seconds, _ in stored)
+    assert {p for p, _, _, _, _, changed in stored if changed is not None} == {second}
+    for name in ("consent", "zoom", "voting", "done"):
+        assert (ARTIFACTS / f"prolific_{name}.png").stat().st_size > 5_000

@@ -154,3 +154,58 @@ def test_one_links_concurrent_page_loads_get_one_pair(backend: str, tmp_path: Pa
     """A person who opens their link in many tabs at once holds one open pair, never more than --per-annotator."""
     db = str(tmp_path / "cap.sqlite") if backend == "sqlite" else request.getfixturevalue("postgres_url")
     assert concurrent_loads_of_one_link(db, tmp_path) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_crowd_entry_cant_tell_and_new_columns_on_both_backends(backend: str, tmp_path: Path, request) -> None:
+    """20 simultaneous first visits of one Prolific participant make one annotator; a "can't tell" answer and a
+    changed answer are stored; the columns added for timing, crowd and study files come back when an older
+    database (columns dropped) is opened."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import inspect, text
+
+    from evals.ab.assign import next_pair, record_vote
+    from evals.ab.crowd import enter
+    from evals.ab.db import stores_cant_tell
+
+    db = str(tmp_path / "crowd.sqlite") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    a = write_system(tmp_path, SYSTEMS[0], 2, 1)
+    b = write_system(tmp_path, SYSTEMS[1], 2, 1, shift=1)
+    engine = make_engine(db)
+    sessions = make_sessions(engine)
+    assert stores_cant_tell(engine)
+    made = create_study(sessions, "crowdrace", a, b, "geneval", ["overall"], 1, "alpha", "beta", seed=0,
+                        cant_tell=True, crowd=True)
+    barrier = threading.Barrier(20)
+    ids = {"PROLIFIC_PID": "pid0001", "STUDY_ID": "st", "SESSION_ID": "se"}
+
+    def visit(_: int) -> str:
+        barrier.wait(timeout=60)
+        return enter(sessions, made.crowd_token, ids)
+
+    with ThreadPoolExecutor(20) as pool:
+        tokens = set(pool.map(visit, range(20)))
+    assert len(tokens) == 1
+    (token,) = tokens
+    first, _, _ = next_pair(sessions, token)
+    record_vote(sessions, token, first.public_id, {"overall": "cant_tell"})
+    record_vote(sessions, token, first.public_id, {"overall": "left"}, replace=True)
+    with sessions() as s:
+        study_id = s.scalar(select(Pair.study_id).where(Pair.public_id == first.public_id))
+        assert s.scalar(select(func.count()).select_from(Annotator).where(Annotator.study_id == study_id)) == 1
+        assert s.execute(select(Vote.choice, Vote.changed_at.is_not(None)).where(Vote.pair_id == first.id)).all() \
+            == [("left", True)]
+    new = {"ab_study": ["min_seconds", "cant_tell", "crowd_token", "completion_code", "completion_url",
+                        "instructions", "consent", "questions"],
+           "ab_vote": ["seconds", "changed_at"],
+           "ab_annotator": ["platform_pid", "platform_study", "platform_session", "consented_at"]}
+    with engine.begin() as conn:
+        for table, columns in new.items():
+            for column in columns:
+                conn.execute(text(f'ALTER TABLE {table} DROP COLUMN "{column}"'))
+    engine.dispose()
+    engine = make_engine(db)
+    for table, columns in new.items():
+        assert set(columns) <= {c["name"] for c in inspect(engine).get_columns(table)}, table
+    engine.dispose()

@@ -208,3 +208,87 @@ def test_report_cli_on_imported_votes(tmp_path: Path, capsys) -> None:
     for name in ("report.md", "win_rates.png", "annotators.csv", "win_rates_all_annotators.csv"):
         assert (tmp_path / "rep" / name).stat().st_size > 0
     assert "| u4 | 6 | 1 | 0.000 | yes |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+# Speeders and gold failures, one flagged set. votes_per_pair 2, A always on the left, time per pair in seconds:
+#   overall   u1 (5 6 7 4)  u2 (8 9 10 8)  u3 (1 1 2 1)  u4 (6 6 - 6)
+#   p1          A             A              B              B
+#   p2          B             A              B              B
+#   p3          A             T              A              -
+#   g1 (left)   left          left           left           right
+# medians: u1 5.5, u2 8.5, u3 1.0 (< 3: speeder), u4 6.0; u4's gold accuracy 0 (< 0.8: flagged on gold).
+SPEED_VOTES = {"p1": "u1 A u2 A u3 B u4 B", "p2": "u1 B u2 A u3 B u4 B", "p3": "u1 A u2 T u3 A"}
+SPEED_SECONDS = {"u1": [5, 6, 7, 4], "u2": [8, 9, 10, 8], "u3": [1, 1, 2, 1], "u4": [6, 6, None, 6]}
+
+
+def speed_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    pairs = pd.DataFrame([{"pair_id": p, "prompt_key": p, "item_key": p, "prompt": p, "system_a": "alpha",
+                           "system_b": "beta", "a_on_left": True, "gold_answer": None} for p in SPEED_VOTES]
+                         + [{"pair_id": "g1", "prompt_key": "gold", "item_key": "g1", "prompt": "g", "system_a": None,
+                             "system_b": None, "a_on_left": None, "gold_answer": "left"}])
+    rows = []
+    for k, (p, text) in enumerate(SPEED_VOTES.items()):
+        words = text.split()
+        rows += [{"annotator": who, "pair_id": p, "aspect": "overall", "choice": shown(pick, True),
+                  "origin": "web", "seconds": SPEED_SECONDS[who][k]} for who, pick in zip(words[::2], words[1::2],
+                                                                                          strict=True)]
+    rows += [{"annotator": u, "pair_id": "g1", "aspect": "overall", "choice": "right" if u == "u4" else "left",
+              "origin": "web", "seconds": SPEED_SECONDS[u][3]} for u in ("u1", "u2", "u3", "u4")]
+    return pd.DataFrame(rows), pairs
+
+
+def test_speeders_and_gold_failures_are_one_flagged_set_hand_computed() -> None:
+    votes, pairs = speed_tables()
+    rep = compute_report(votes, pairs, "speed", ["overall"], 2, threshold=0.8, n_resamples=200, min_seconds=3.0)
+    ann = rep.annotators.set_index("annotator")
+    assert ann.median_seconds.tolist() == [5.5, 8.5, 1.0, 6.0]
+    assert ann.reason.tolist() == ["", "", "speed", "gold"] and ann.flagged.tolist() == [False, False, True, True]
+    # kept u1, u2: p1 A A -> A; p2 B A -> tie; p3 A T -> tie: alpha 1 win, 2 ties, 0 losses of 3
+    assert counts(rep.win_rates, "overall", "alpha") == (1, 2, 0, 3)
+    assert rep.win_rates.set_index("system").win_rate["alpha"] == pytest.approx(1 / 3)
+    # everyone: p1 A A B B -> tie; p2 B A B B -> B; p3 A T A -> A: 1 / 1 / 1
+    assert counts(rep.win_rates_all, "overall", "alpha") == (1, 1, 1, 3)
+    text = rep.markdown
+    assert "median time per pair < 3 s): 2 (left out of the main table)" in text
+    assert "## Win rates with the flagged annotators" in text and "| u3 | 4 | 1 | 1.000 | yes | speed | 1.0 |" in text
+    # the speed check off: only u4 (gold) is left out -> p1 A A B -> A; p2 B A B -> B; p3 A T A -> A: 2 / 0 / 1
+    gold_only = compute_report(votes, pairs, "speed", ["overall"], 2, threshold=0.8, n_resamples=200)
+    assert counts(gold_only.win_rates, "overall", "alpha") == (2, 0, 1, 3)
+    # the gold check off: only u3 (speed) is left out -> p1 A A B -> A; p2 B A B -> B; p3 A T -> tie: 1 / 1 / 1
+    speed_only = compute_report(votes, pairs, "speed", ["overall"], 2, threshold=0.0, n_resamples=200,
+                                min_seconds=3.0)
+    assert counts(speed_only.win_rates, "overall", "alpha") == (1, 1, 1, 3)
+    assert speed_only.annotators.reason.tolist() == ["", "", "speed", ""]
+
+
+def test_cant_tell_counts_for_no_side_and_is_reported() -> None:
+    """votes_per_pair 2, A on the left. p1: u1 A, u2 can't tell, u3 A -> 2 counted votes, valid, A wins.
+    p2: u1 B, u2 can't tell -> 1 counted vote, not valid. Can't tell: 2 on overall, both by u2."""
+    pairs = pd.DataFrame([{"pair_id": p, "prompt_key": p, "item_key": p, "prompt": p, "system_a": "alpha",
+                           "system_b": "beta", "a_on_left": True, "gold_answer": None} for p in ("p1", "p2")])
+    votes = pd.DataFrame([{"annotator": who, "pair_id": p, "aspect": "overall", "choice": choice, "origin": "web"}
+                          for p, who, choice in (("p1", "u1", "left"), ("p1", "u2", "cant_tell"), ("p1", "u3", "left"),
+                                                 ("p2", "u1", "right"), ("p2", "u2", "cant_tell"))])
+    rep = compute_report(votes, pairs, "ct", ["overall"], 2, n_resamples=100)
+    assert counts(rep.win_rates, "overall", "alpha") == (1, 0, 0, 1)
+    assert rep.agreement.set_index("aspect").cant_tell["overall"] == 2
+    assert rep.annotators.set_index("annotator").cant_tell.tolist() == [0, 2, 0]
+    assert "| overall | n/a | 1 | 2 |" in rep.markdown  # alpha undefined: one unit with >= 2 counted votes
+
+
+def test_a_database_whose_votes_cannot_hold_cant_tell_refuses_such_a_study(tmp_path: Path) -> None:
+    """A database made before the answer existed keeps the old CHECK on ab_vote.choice: `create --cant-tell`
+    says so instead of failing at the first vote."""
+    from sqlalchemy import text
+
+    db = str(tmp_path / "old.sqlite")
+    engine = make_engine(db)
+    with engine.begin() as conn:
+        ddl = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'ab_vote'")).scalar_one()
+        conn.execute(text("DROP TABLE ab_vote"))
+        conn.execute(text(ddl.replace(", 'cant_tell'", "")))
+    engine.dispose()
+    a, b = write_system(tmp_path, SYSTEMS[0], 2, 1), write_system(tmp_path, SYSTEMS[1], 2, 1, shift=1)
+    assert main(["create", "--db", db, "--study", "s", "--a", str(a), "--b", str(b), "--layout", "geneval",
+                 "--cant-tell"]) == 2
+    assert main(["create", "--db", db, "--study", "s", "--a", str(a), "--b", str(b), "--layout", "geneval"]) == 0

@@ -288,9 +288,43 @@ def test_a_database_from_before_a_column_existed_gets_it_added(tmp_path: Path) -
     with engine.begin() as conn:  # what a database made before these columns looks like
         conn.execute(text("ALTER TABLE ab_study DROP COLUMN closed_at"))
         conn.execute(text("ALTER TABLE ab_image DROP COLUMN sha256"))
+        conn.execute(text("ALTER TABLE ab_study DROP COLUMN min_seconds"))
+        conn.execute(text("ALTER TABLE ab_vote DROP COLUMN seconds"))
+        for table, column in (("ab_study", "cant_tell"), ("ab_study", "crowd_token"), ("ab_study", "completion_code"),
+                              ("ab_study", "completion_url"), ("ab_vote", "changed_at"),
+                              ("ab_annotator", "platform_pid"), ("ab_annotator", "platform_session")):
+            conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
     engine.dispose()
     engine = make_engine(db)
-    assert {"closed_at"} <= {c["name"] for c in inspect(engine).get_columns("ab_study")}
+    assert {"closed_at", "min_seconds"} <= {c["name"] for c in inspect(engine).get_columns("ab_study")}
     assert {"sha256"} <= {c["name"] for c in inspect(engine).get_columns("ab_image")}
+    assert {"seconds", "changed_at"} <= {c["name"] for c in inspect(engine).get_columns("ab_vote")}
+    assert {"cant_tell", "crowd_token", "completion_code", "completion_url"} <= {
+        c["name"] for c in inspect(engine).get_columns("ab_study")}
+    assert {"platform_pid", "platform_session"} <= {c["name"] for c in inspect(engine).get_columns("ab_annotator")}
     (_, token), = add_annotators(make_sessions(engine), "s", 1)
-    assert next_pair(make_sessions(engine), token)[0] is not None
+    pair = next_pair(make_sessions(engine), token)[0]
+    assert pair is not None
+    record_vote(make_sessions(engine), token, pair.public_id, {"overall": "left", "visual_quality": "tie"})
+    with make_sessions(engine)() as s:  # an older study takes the default minimum; new votes are timed
+        from evals.ab.db import DEFAULT_MIN_SECONDS, Study
+
+        assert s.scalar(select(Study)).speed_limit == DEFAULT_MIN_SECONDS
+        assert all(t is not None and t >= 0 for t in s.scalars(select(Vote.seconds)))
+
+
+def test_imported_cant_tell_needs_a_study_that_offers_it(tmp_path: Path, capsys) -> None:
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "ct").mkdir()
+    db, sessions, *_ = _study(tmp_path / "plain")
+    db_ct, sessions_ct, *_ = _study(tmp_path / "ct", cant_tell=True)
+    for path, sess in ((db, sessions), (db_ct, sessions_ct)):
+        with sess() as s:
+            pid = s.scalar(select(Pair.public_id).limit(1))
+        votes = tmp_path / "v.csv"
+        votes.write_text(f"annotator,pair_id,aspect,choice\nv1,{pid},overall,cant_tell\n")
+        assert main(["import-votes", "--db", path, "--study", "s", "--csv", str(votes)]) == (0 if sess is
+                                                                                             sessions_ct else 2)
+    assert "unknown choice 'cant_tell' (left, right, tie)" in capsys.readouterr().err
+    with sessions_ct() as s:
+        assert s.scalars(select(Vote.choice)).all() == ["cant_tell"]

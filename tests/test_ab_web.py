@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -159,3 +160,135 @@ def test_a_changed_image_is_refused_not_served_and_pixels_show_as_a_viewer_shows
     exif = tall.getexif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees on display
     assert shown(tall, exif=exif.tobytes()).shape[:2] == (8, 4)
+
+
+def test_time_on_task_is_measured_by_the_server_and_exported(study) -> None:
+    """votes.csv has each vote's server timestamp and its time-on-task: seconds from when the server handed the
+    pair out to the answer. A client cannot shorten or lengthen it (a posted "seconds" field is ignored)."""
+    import csv
+    import io
+    from datetime import timedelta
+
+    from evals.ab.db import Assignment, utcnow
+
+    token = study["tokens"][0]
+    with running_app(study["db"]) as url, httpx.Client(base_url=url, timeout=30) as c:
+        pair = re.search(PAIR_ID_PATTERN, c.get(f"/a/{token}").text).group(1)
+        with study["sessions"].begin() as s:  # the pair was handed out 7 s ago
+            p = s.scalar(select(Pair).where(Pair.public_id == pair))
+            a = s.scalar(select(Assignment).where(Assignment.pair_id == p.id))
+            a.assigned_at = utcnow() - timedelta(seconds=7)
+        before = utcnow()
+        resp = c.post(f"/a/{token}/vote", data={"pair": pair, "choice_overall": "left",
+                                                 "choice_identity_preservation": "tie", "seconds": "600"})
+        after = utcnow()
+        assert resp.status_code == 303
+        table = c.get(f"/admin/{study['name']}/votes.csv", headers={"Authorization": f"Bearer {study['admin']}"})
+    rows = list(csv.DictReader(io.StringIO(table.text)))
+    assert {"created_at", "seconds"} <= set(rows[0]) and len(rows) == 2
+    for r in rows:
+        assert 7.0 <= float(r["seconds"]) <= 7.0 + (after - before).total_seconds() + 0.01
+        stamp = datetime.fromisoformat(r["created_at"].removesuffix("Z"))
+        assert before - timedelta(milliseconds=1) <= stamp <= after + timedelta(milliseconds=1)
+
+
+def test_cant_tell_and_changing_the_last_answer(tmp_path: Path) -> None:
+    """A study with the "can't tell" answer takes it; the back page shows the last pair with its stored answers;
+    a change replaces the stored rows (no duplicate); only the last answered pair can be changed; a study without
+    the answer refuses it (422)."""
+    a = write_system(tmp_path, SYSTEMS[0], 3, 1)
+    b = write_system(tmp_path, SYSTEMS[1], 3, 1, shift=1)
+    db = str(tmp_path / "s.sqlite")
+    sessions = make_sessions(make_engine(db))
+    create_study(sessions, "ct", a, b, "geneval", ["overall", "visual_quality"], 1, "alpha", "beta", seed=0,
+                 cant_tell=True)
+    create_study(sessions, "plain", a, b, "geneval", ["overall"], 1, "alpha", "beta", seed=0)
+    (_, token), = add_annotators(sessions, "ct", 1)
+    (_, plain), = add_annotators(sessions, "plain", 1)
+
+    def stored(pair: str) -> list[tuple[str, str]]:
+        with sessions() as s:
+            return sorted(s.execute(select(Vote.aspect, Vote.choice).join(Pair, Pair.id == Vote.pair_id)
+                                    .where(Pair.public_id == pair)).all())
+
+    with running_app(db) as url, httpx.Client(base_url=url, timeout=30) as c:
+        page = c.get(f"/a/{plain}").text
+        assert 'value="cant_tell"' not in page
+        assert _vote(c, plain, re.search(PAIR_ID_PATTERN, page)[1], overall="cant_tell").status_code == 422
+        page = c.get(f"/a/{token}").text
+        assert 'value="cant_tell"' in page and "/back" not in page  # nothing to go back to yet
+        first = re.search(PAIR_ID_PATTERN, page)[1]
+        assert _vote(c, token, first, overall="cant_tell", visual_quality="left").status_code == 303
+        page = c.get(f"/a/{token}").text
+        second = re.search(PAIR_ID_PATTERN, page)[1]
+        assert second != first and f"/a/{token}/back" in page
+        back = c.get(f"/a/{token}/back").text
+        assert re.search(PAIR_ID_PATTERN, back)[1] == first and 'name="replace" value="1"' in back
+        assert re.search(r'value="cant_tell" required checked', back)  # the stored answer is preselected
+        changed = c.post(f"/a/{token}/vote", data={"pair": first, "replace": "1", "choice_overall": "right",
+                                                    "choice_visual_quality": "left"})
+        assert changed.status_code == 303
+        assert stored(first) == [("overall", "right"), ("visual_quality", "left")]
+        # without replace a second answer is still refused; the open pair cannot be "changed" before it is answered
+        assert _vote(c, token, first, overall="tie", visual_quality="tie").status_code == 409
+        assert c.post(f"/a/{token}/vote", data={"pair": second, "replace": "1", "choice_overall": "tie",
+                                                "choice_visual_quality": "tie"}).status_code == 409
+        assert _vote(c, token, second, overall="tie", visual_quality="cant_tell").status_code == 303
+        # now the first pair is no longer the last answered one
+        assert c.post(f"/a/{token}/vote", data={"pair": first, "replace": "1", "choice_overall": "left",
+                                                "choice_visual_quality": "left"}).status_code == 409
+    assert stored(first) == [("overall", "right"), ("visual_quality", "left")]
+    assert stored(second) == [("overall", "tie"), ("visual_quality", "cant_tell")]
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Vote).join(Pair, Pair.id == Vote.pair_id)
+                        .where(Pair.public_id.in_([first, second]))) == 4
+        changed_at = s.scalars(select(Vote.changed_at).join(Pair, Pair.id == Vote.pair_id)
+                               .where(Pair.public_id == first, Vote.aspect == "overall")).one()
+        assert changed_at is not None
+
+
+def test_study_file_instructions_consent_and_questions(tmp_path: Path) -> None:
+    """A study file's instructions and consent are shown with their HTML escaped (Markdown subset rendered); no
+    pair is handed out, and no vote taken, before "I agree", whose time is recorded; custom questions replace the
+    built-in text; a bad study file is one error line."""
+    from evals.ab.__main__ import main
+    from evals.ab.db import Annotator, Assignment, utcnow
+
+    a = write_system(tmp_path, SYSTEMS[0], 2, 1)
+    b = write_system(tmp_path, SYSTEMS[1], 2, 1, shift=1)
+    db = str(tmp_path / "s.sqlite")
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text("instructions: |\n  # How to judge\n\n  Look at **both** images.<script>alert(1)</script>\n"
+                          "  <img src=x onerror=alert(2)>\n\n  - first point\n  - second point\n"
+                          "consent: |\n  You agree that your answers are stored. [Privacy](https://example.org/p)\n"
+                          "questions:\n  sharpness: Which image is sharper?\n")
+    assert main(["create", "--db", db, "--study", "s", "--a", str(a), "--b", str(b), "--layout", "geneval",
+                 "--aspects", "overall,sharpness", "--votes-per-pair", "1", "--study-file", str(study_file),
+                 "--annotators", "1"]) == 0
+    sessions = make_sessions(make_engine(db))
+    with sessions() as s:
+        token = s.scalar(select(Annotator.token))
+    with running_app(db) as url, httpx.Client(base_url=url, timeout=30) as c:
+        intro = c.get(f"/a/{token}")
+        assert intro.status_code == 200 and 'id="agree"' in intro.text and "pair" not in intro.text.lower()
+        assert "<h2>How to judge</h2>" in intro.text and "<strong>both</strong>" in intro.text
+        assert "<li>first point</li><li>second point</li>" in intro.text
+        assert "<script>alert" not in intro.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in intro.text
+        assert "<img src=x" not in intro.text and 'href="https://example.org/p"' in intro.text
+        with sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Assignment)) == 0  # nothing handed out yet
+            some_pair = s.scalar(select(Pair.public_id).limit(1))
+        assert _vote(c, token, some_pair, overall="left", sharpness="left").status_code == 404
+        before = utcnow()
+        assert c.post(f"/a/{token}/consent").status_code == 303
+        page = c.get(f"/a/{token}").text
+        assert re.search(PAIR_ID_PATTERN, page) and "Which image is sharper?" in page
+        assert "Overall, which image do you prefer?" in page and 'id="instructions"' in page
+    with sessions() as s:
+        consented = s.scalar(select(Annotator.consented_at))
+    assert consented is not None and before <= consented <= utcnow()
+    for body, why in (("colour: x\n", "unknown key(s) colour"), ("questions:\n  nope: Why?\n", "nope"),
+                      ("- a list\n", "expected a mapping"), ("consent: ''\n", "consent must be non-empty")):
+        study_file.write_text(body)
+        assert main(["create", "--db", db, "--study", "t", "--a", str(a), "--b", str(b), "--layout", "geneval",
+                     "--study-file", str(study_file)]) == 2, why

@@ -7,7 +7,9 @@ annotators, collect votes in a database, and report win / tie / loss rates with 
 
 Modules, one concept each: ``db`` (tables and engine), ``layouts`` (benchmark folders -> items),
 ``study`` (pairing, blinding, gold pairs, annotator links), ``assign`` (who sees which pair; recording votes),
-``web`` (the annotator and admin pages), ``vendor`` (CSV export / import for outsourced studies), ``report``
+``web`` (the annotator and admin pages), ``crowd`` (crowd platforms such as Prolific: entry link, platform ids,
+completion, payments CSV), ``safe_markdown`` (instructions and consent text), ``vendor`` (CSV export / import for
+outsourced studies), ``report``
 (win rates, CIs, agreement, Bradley-Terry, figure), ``shapes_world`` (all that is taken from the synthetic world:
 gold renders and the demo's simulated annotators), ``demo`` (a study answered by simulated annotators).
 """

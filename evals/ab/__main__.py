@@ -4,6 +4,7 @@
         --aspects overall,prompt_adherence,visual_quality --votes-per-pair 3 --gold-rate 0.1 --annotators 20
     python -m evals.ab serve --db study.sqlite --host 127.0.0.1 --port 8000
     python -m evals.ab report --db study.sqlite --study NAME --out results/NAME
+    python -m evals.ab export-payments --db study.sqlite --study NAME --out payments.csv   # crowd (--crowd) studies
 
 ``--db`` is a SQLite file path or a database URL (``postgresql://user@host/db``).
 """
@@ -15,8 +16,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from evals.ab.db import DEFAULT_MIN_SECONDS
 from evals.ab.layouts import LAYOUTS, LayoutError
-from evals.ab.study import StudyError
+from evals.ab.study import StudyError, get_study
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +49,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--per-annotator", type=int, help="at most this many real pairs per annotator")
     c.add_argument("--lease-minutes", type=float, default=30.0,
                    help="an unanswered pair goes back to the pool after this long (default: 30)")
+    c.add_argument("--min-seconds", type=float, default=DEFAULT_MIN_SECONDS,
+                   help="annotators whose median time per pair (server-measured) is below this are flagged as "
+                        "speeders; 0 turns the check off (default: %(default)s)")
+    c.add_argument("--cant-tell", action="store_true",
+                   help="offer a \"can't tell / broken image\" answer (counted apart, not in win rates)")
+    c.add_argument("--crowd", action="store_true",
+                   help="make one entry link for a crowd platform (Prolific ids in its query string) and a "
+                        "completion code shown at the end (see docs/ab_studies.md)")
+    c.add_argument("--completion-code", help="the platform's completion code to show at the end (implies --crowd; "
+                                             "default: generated)")
+    c.add_argument("--completion-url", help="send finished participants to this URL instead (implies --crowd), "
+                                            "e.g. https://app.prolific.com/submissions/complete?cc=CODE")
+    c.add_argument("--study-file", type=Path,
+                   help="YAML or JSON with instructions (Markdown), consent (Markdown; annotators must agree first) "
+                        "and questions (aspect: question text); see docs/ab_studies.md")
     c.add_argument("--prompts", type=Path, help="prompts file for the genai / dpg layouts (default: the shipped one)")
     c.add_argument("--seed", type=int, help="seed of the left/right sides and gold pairs (default: random)")
     c.add_argument("--annotators", type=int, default=0, help="also make this many annotator links")
@@ -70,11 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("import-votes", "import a vendor's votes: annotator, pair_id, aspect, choice (all rows or none)")
     c.add_argument("--csv", required=True, type=Path)
 
+    c = cmd("export-payments", "write one row per crowd participant for approval and payment: platform ids, "
+                               "label, pairs, votes, gold accuracy, median time, flagged, reason")
+    c.add_argument("--out", required=True, type=Path, help="CSV to write")
+
     c = cmd("report", "win / tie / loss per aspect with CIs, agreement, figure")
     c.add_argument("--out", required=True, type=Path)
     c.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     c.add_argument("--gold-threshold", type=float, help="override the study's gold accuracy threshold")
+    c.add_argument("--min-seconds", type=float, help="override the study's minimum median seconds per pair")
     c.add_argument("--keep-flagged", action="store_true", help="keep flagged annotators in the main table")
     c.add_argument("--note", help="a line printed at the top of report.md")
 
@@ -119,14 +141,25 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     sessions = make_sessions(engine)
     if args.command == "create":
-        from evals.ab.study import add_annotators, create_study, parse_aspects
+        from evals.ab.study import add_annotators, create_study, parse_aspects, read_study_file
 
-        made = create_study(sessions, args.study, args.a, args.b, args.layout, parse_aspects(args.aspects),
+        aspects = parse_aspects(args.aspects)
+        text = read_study_file(args.study_file, aspects) if args.study_file else None
+        made = create_study(sessions, args.study, args.a, args.b, args.layout, aspects,
                             args.votes_per_pair, args.name_a, args.name_b, args.gold_rate, args.gold_threshold,
-                            args.per_annotator, round(args.lease_minutes * 60), args.prompts, args.seed)
+                            args.per_annotator, round(args.lease_minutes * 60), args.prompts, args.seed,
+                            args.min_seconds, args.cant_tell, args.crowd, args.completion_code,
+                            args.completion_url, text)
         print(f"study {made.study}: {made.pairs} pairs + {made.gold} gold pairs")
         if made.admin_token:
             print(f"admin token (shown once): {made.admin_token}")
+        if made.crowd_token:
+            from evals.ab.crowd import crowd_link
+
+            with sessions() as s:
+                print(f"crowd link (the platform's study URL): {crowd_link(get_study(s, args.study), args.base_url)}")
+            print(f"completion code: {made.completion_code}" if made.completion_code else
+                  f"finished participants go to: {args.completion_url}")
         if args.annotators:
             _links(add_annotators(sessions, args.study, args.annotators), args.base_url)
     elif args.command == "links":
@@ -147,13 +180,20 @@ def _run(args: argparse.Namespace) -> int:
 
         done = import_votes(sessions, args.study, args.csv)
         print(f"imported {done.votes} votes ({done.new_annotators} new annotators)")
+    elif args.command == "export-payments":
+        from evals.ab.crowd import export_payments
+
+        out, n = export_payments(sessions, args.study, args.out)
+        print(f"{n} participants -> {out}")
     elif args.command == "report":
         from evals.ab.report import build_report, write_report
 
         if args.resamples < 1:
             raise StudyError(f"--resamples must be >= 1, got {args.resamples}")
+        if args.min_seconds is not None and args.min_seconds < 0:
+            raise StudyError(f"--min-seconds must be >= 0, got {args.min_seconds}")
         report = build_report(sessions, args.study, args.resamples, args.seed, args.gold_threshold,
-                              args.keep_flagged, args.note)
+                              args.keep_flagged, args.note, args.min_seconds)
         for path in write_report(report, args.out):
             print(path)
     return 0

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from evals.ab.db import CHOICES, Annotator, Assignment, Pair, Study, Vote, utcnow
+from evals.ab.db import Annotator, Assignment, Pair, Study, Vote, utcnow
 
 MAX_TRIES = 20  # transactions retried after a lost race (PostgreSQL) before giving up with an error
 
@@ -37,6 +37,23 @@ class AnnotatorError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+
+
+class ConsentRequired(AnnotatorError):
+    """The study has a consent step this annotator has not agreed to yet (the page shows it instead of a pair)."""
+
+    def __init__(self, study: Study) -> None:
+        super().__init__(403, "Please read the study information and agree before you start.")
+        # plain strings: the study row is gone with the transaction this is raised in
+        self.consent, self.instructions = study.consent, study.instructions
+
+
+def give_consent(sessions: sessionmaker, token: str | None) -> None:
+    """Record (once, with the server's time) that this annotator clicked "I agree"."""
+    with sessions.begin() as s:
+        ann, study = annotator_for(s, token, lock=True)
+        if study.consent and ann.consented_at is None:
+            ann.consented_at = utcnow()
 
 
 @dataclass(frozen=True)
@@ -166,20 +183,24 @@ def _progress(s: Session, study: Study, ann: Annotator, now, has_open: bool) -> 
     return Progress(done, done + int(has_open) + coming)
 
 
-def next_pair(sessions: sessionmaker, token: str | None) -> tuple[Pair | None, Study, Progress]:
-    """The pair this annotator should answer now (their open one, or a newly assigned one); None when done."""
+def next_pair(sessions: sessionmaker, token: str | None,
+              now: datetime | None = None) -> tuple[Pair | None, Study, Progress]:
+    """The pair this annotator should answer now (their open one, or a newly assigned one); None when done.
+    ``now``: the server's clock (default); the demo's simulated annotators pass a simulated one."""
     for _ in range(MAX_TRIES):
         try:
             with sessions.begin() as s:
                 # locked: under READ COMMITTED two loads of one link would both see no open pair and both assign
                 # one, past --per-annotator
                 ann, study = annotator_for(s, token, lock=True)
-                now = utcnow()
-                current = _open(s, ann.id) or _assign(s, study, ann, now)
+                if study.consent and ann.consented_at is None:
+                    raise ConsentRequired(study)  # no pair is handed out (nor its clock started) before consent
+                clock = now or utcnow()
+                current = _open(s, ann.id) or _assign(s, study, ann, clock)
                 pair = s.get(Pair, current.pair_id) if current else None
                 if pair is not None:  # load what the page shows before the session closes
                     _ = (pair.left_image_id, pair.right_image_id, pair.source_image_id)
-                return pair, study, _progress(s, study, ann, now, current is not None)
+                return pair, study, _progress(s, study, ann, clock, current is not None)
         except (IntegrityError, OperationalError, _LostRace):
             continue  # a concurrent annotator won a race (or SQLite stayed locked): start over with fresh data
     raise AnnotatorError(503, "The server is busy. Please reload the page in a moment.")
@@ -197,11 +218,37 @@ def pair_for(sessions: sessionmaker, token: str | None, public_id: str) -> Pair:
         return pair
 
 
-def record_vote(sessions: sessionmaker, token: str | None, public_id: str, choices: dict[str, str]) -> None:
-    """Store one choice per aspect for this annotator's pair, all or nothing.
+def _last_answered(s: Session, ann_id: int) -> Assignment | None:
+    return s.scalar(select(Assignment).where(Assignment.annotator_id == ann_id, Assignment.completed_at.is_not(None))
+                    .order_by(Assignment.completed_at.desc(), Assignment.id.desc()).limit(1))
 
-    403: bad token; 404: a pair id this annotator was not given; 409: already answered, or released to someone
-    else after its lease; 422: an aspect missing or a choice outside left / right / tie.
+
+def last_answer(sessions: sessionmaker, token: str | None) -> tuple[Pair, Study, dict[str, str]] | None:
+    """The pair this annotator answered last and their stored answers {aspect: choice} (the "back" page), or
+    None before their first answer."""
+    with sessions.begin() as s:
+        ann, study = annotator_for(s, token)
+        last = _last_answered(s, ann.id)
+        if last is None:
+            return None
+        pair = s.get(Pair, last.pair_id)
+        _ = (pair.left_image_id, pair.right_image_id, pair.source_image_id)
+        stored = dict(s.execute(select(Vote.aspect, Vote.choice).where(
+            Vote.annotator_id == ann.id, Vote.pair_id == pair.id)).all())
+        return pair, study, stored
+
+
+def record_vote(sessions: sessionmaker, token: str | None, public_id: str, choices: dict[str, str],
+                now: datetime | None = None, replace: bool = False) -> None:
+    """Store one choice per aspect for this annotator's pair, all or nothing, with the server's time and the
+    time-on-task (seconds since the pair was handed out); ``now`` as in ``next_pair``.
+
+    ``replace``: change the answers of the annotator's LAST answered pair (the "back" button): the stored rows
+    are updated (``changed_at`` set; time-on-task stays that of the first answer), never duplicated.
+
+    403: bad token; 404: a pair id this annotator was not given; 409: already answered (without ``replace``), not
+    the last answered pair (with it), or released to someone else after its lease; 422: an aspect missing or a
+    choice the study does not offer.
     """
     with sessions.begin() as s:
         ann, study = annotator_for(s, token)
@@ -211,21 +258,34 @@ def record_vote(sessions: sessionmaker, token: str | None, public_id: str, choic
         if mine is None:
             raise AnnotatorError(404, "No such comparison.")
         missing = [a for a in study.aspect_list if a not in choices]
-        bad = {a: c for a, c in choices.items() if a in study.aspect_list and c not in CHOICES}
+        bad = {a: c for a, c in choices.items() if a in study.aspect_list and c not in study.choices}
         if missing or bad:
             raise AnnotatorError(422, f"Please answer every question (missing: {', '.join(missing) or 'none'}; "
                                       f"invalid: {', '.join(bad) or 'none'}).")
+        now = now or utcnow()
+        if replace:
+            last = _last_answered(s, ann.id)
+            if last is None or last.id != mine.id:
+                raise AnnotatorError(409, "Only your last answer can be changed.")
+            stored = {v.aspect: v for v in s.scalars(select(Vote).where(
+                Vote.annotator_id == ann.id, Vote.pair_id == pair.id).with_for_update())}
+            for a in study.aspect_list:
+                if stored[a].choice != choices[a]:
+                    stored[a].choice, stored[a].changed_at = choices[a], now
+            return
         done = s.execute(update(Assignment).where(
             Assignment.id == mine.id, Assignment.completed_at.is_(None), Assignment.released_at.is_(None),
-        ).values(completed_at=utcnow()))
+        ).values(completed_at=now))
         if done.rowcount != 1:
             s.refresh(mine)
             if mine.completed_at is not None:
                 raise AnnotatorError(409, "You have already answered this comparison.")
             raise AnnotatorError(409, "This comparison timed out and was given to someone else.")
         try:
-            s.add_all(Vote(pair_id=pair.id, annotator_id=ann.id, aspect=a, choice=choices[a], origin="web")
-                      for a in study.aspect_list)
+            # time-on-task from the server's own clock: when this pair was handed out to when it was answered
+            seconds = (now - mine.assigned_at).total_seconds()
+            s.add_all(Vote(pair_id=pair.id, annotator_id=ann.id, aspect=a, choice=choices[a], origin="web",
+                           created_at=now, seconds=seconds) for a in study.aspect_list)
             s.flush()
         except IntegrityError as err:
             raise AnnotatorError(409, "You have already answered this comparison.") from err

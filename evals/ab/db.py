@@ -33,6 +33,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 CHOICES: tuple[str, ...] = ("left", "right", "tie")
+CANT_TELL = "cant_tell"  # "can't tell / broken image": offered when the study asks for it; never a preference
+DEFAULT_MIN_SECONDS = 3.0  # median seconds per pair below which an annotator is flagged as a speeder
 
 
 def utcnow() -> datetime:
@@ -60,10 +62,41 @@ class Study(Base):
     admin_token_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # set: no more pairs or votes
+    # median time-on-task (seconds per pair) below which an annotator is flagged; NULL (a database from before
+    # the column existed) means DEFAULT_MIN_SECONDS, 0 turns the check off
+    min_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cant_tell: Mapped[bool | None] = mapped_column(nullable=True)  # offer the "can't tell / broken image" answer
+    # crowd hand-off (evals/ab/crowd.py): the one entry link given to a platform, and what a finished participant
+    # gets back (a code to paste, or the platform's completion URL)
+    crowd_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    completion_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    completion_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # from the study file (evals/ab/study.py read_study_file): Markdown instructions and consent text, and the
+    # question asked per aspect as JSON {aspect: text}
+    instructions: Mapped[str | None] = mapped_column(Text, nullable=True)
+    consent: Mapped[str | None] = mapped_column(Text, nullable=True)
+    questions: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     @property
     def aspect_list(self) -> list[str]:
         return self.aspects.split(",")
+
+    @property
+    def question_map(self) -> dict[str, str]:
+        """{aspect: question} the study file set (aspects not in it keep the built-in question)."""
+        import json
+
+        return json.loads(self.questions) if self.questions else {}
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The answers this study accepts per aspect."""
+        return CHOICES + ((CANT_TELL,) if self.cant_tell else ())
+
+    @property
+    def speed_limit(self) -> float:
+        """Seconds per pair: annotators whose median time-on-task is below it are flagged (0: no check)."""
+        return DEFAULT_MIN_SECONDS if self.min_seconds is None else self.min_seconds
 
 
 class System(Base):
@@ -138,6 +171,11 @@ class Annotator(Base):
     token: Mapped[str] = mapped_column(String(64), unique=True)
     label: Mapped[str] = mapped_column(String(LABEL_MAX))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # a crowd platform's ids of this participant (Prolific: PROLIFIC_PID, STUDY_ID, SESSION_ID), from the link
+    platform_pid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    platform_study: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    platform_session: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    consented_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # clicked "I agree"
 
 
 class Assignment(Base):
@@ -161,20 +199,25 @@ class Assignment(Base):
 
 
 class Vote(Base):
-    """One choice on one aspect of one pair, as the annotator saw it (``left`` / ``right`` / ``tie``)."""
+    """One choice on one aspect of one pair, as the annotator saw it (``left`` / ``right`` / ``tie``, or
+    ``cant_tell`` where the study offers it). Changing the last answer updates the row (``changed_at``)."""
 
     __tablename__ = "ab_vote"
     __table_args__ = (
         UniqueConstraint("annotator_id", "pair_id", "aspect", name="uq_vote"),
-        CheckConstraint("choice IN ('left', 'right', 'tie')", name="ck_vote_choice"),
+        CheckConstraint("choice IN ('left', 'right', 'tie', 'cant_tell')", name="ck_vote_choice"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     pair_id: Mapped[int] = mapped_column(ForeignKey("ab_pair.id"), index=True)
     annotator_id: Mapped[int] = mapped_column(ForeignKey("ab_annotator.id"))
     aspect: Mapped[str] = mapped_column(String(100))
-    choice: Mapped[str] = mapped_column(String(5))
+    choice: Mapped[str] = mapped_column(String(10))  # 10: room for cant_tell (an older database has 5)
     origin: Mapped[str] = mapped_column(String(300))  # "web" or "import:<file name>"
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)  # the server's clock at the answer
+    # time-on-task: seconds from when the server handed the pair to this annotator (the assignment) to the
+    # answer, measured on the server; NULL for imported votes
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    changed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # the annotator went back
 
 
 def database_url(db: str) -> str:
@@ -231,6 +274,16 @@ def add_missing_columns(engine: Engine) -> list[str]:
                     conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
                 added.append(f"{table.name}.{column.name}")
     return added
+
+
+def stores_cant_tell(engine: Engine) -> bool:
+    """Whether ``ab_vote`` accepts ``cant_tell``: a database made before that answer existed keeps its older CHECK
+    constraint and a 5-character ``choice`` column (``add_missing_columns`` adds columns, it does not rewrite
+    constraints or types)."""
+    from sqlalchemy import inspect
+
+    checks = [c.get("sqltext") or "" for c in inspect(engine).get_check_constraints("ab_vote")]
+    return all(CANT_TELL in text for text in checks if "choice" in text)
 
 
 def make_sessions(engine: Engine) -> sessionmaker:

@@ -7,7 +7,8 @@ call (``next_pair`` / ``record_vote``), one pair at a time, round robin:
 - a *careful* one answers, with probability 0.85, what the world's exact detector supports — the image where it
   finds more of the prompt's objects (``shapes_world.adherence``), a tie when both score the same; for a gold
   pair, the better image — and otherwise a uniformly random choice;
-- a *careless* one answers at random, and the gold pairs should flag them.
+- a *careless* one answers at random and fast (1 to 2.5 s per pair, careful ones take 4 to 14 s), and the gold
+  pairs and the speed check should flag them.
 The numbers say how the tool reports; they are not human judgements of the two systems.
 """
 
@@ -16,11 +17,12 @@ from __future__ import annotations
 import json
 import random
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 from common.files import atomic_write_text
 from evals.ab.assign import next_pair, record_vote
-from evals.ab.db import Pair, make_engine, make_sessions
+from evals.ab.db import Pair, make_engine, make_sessions, utcnow
 from evals.ab.report import build_report, write_report
 from evals.ab.study import add_annotators, create_study
 
@@ -29,9 +31,10 @@ IMAGES = ROOT / "results" / "conditioning_candidates" / "analysis" / "lap" / "la
 SYSTEMS = {"lap": IMAGES / "none", "lap_drop_first": IMAGES / "first"}
 ASPECTS = ["overall", "prompt_adherence"]
 CAREFUL, CARELESS, P_RIGHT = 6, 2, 0.85
+CAREFUL_SECONDS, CARELESS_SECONDS = (4.0, 6.5, 9.0, 14.0), (1.0, 1.5, 2.5)  # simulated time-on-task per pair
 NOTE = ("SIMULATED annotators, not people: 6 careful ones follow the exact shapes-world detector 85% of the time, "
-        "2 careless ones answer at random (see evals/ab/demo.py). The numbers show the tool's report, not a human "
-        "preference between the two systems.")
+        "2 careless ones answer at random and fast (see evals/ab/demo.py). The numbers show the tool's report, not "
+        "a human preference between the two systems.")
 
 README = f"""# A/B demo study — SIMULATED annotators
 
@@ -42,11 +45,12 @@ Regenerate (about 10 s, no model needed): `python -m evals.ab demo --out results
 - systems: `lap` = the committed LAP checkpoint's samples
   (`results/conditioning_candidates/analysis/lap/layer_dropout/images/none`), `lap_drop_first` = the same
   checkpoint with its first two pooled layers zeroed while sampling (`.../images/first`); 12 GenEval prompts x 2
-  seeds = 24 pairs, 3 votes per pair, 8 gold pairs (30%), gold threshold 0.7.
+  seeds = 24 pairs, 3 votes per pair, 8 gold pairs (30%), gold threshold 0.7, minimum median time per pair 3 s
+  (the default). Simulated time-on-task: careful annotators take 4 to 14 s per pair, careless ones 1 to 2.5 s.
 - reading: the exact detector finds the same objects in both systems' images for 23 of the 24 pairs (both
   variants fail GenEval on every prompt), so careful simulated annotators mostly answer "tie"; the two careless
-  ones are caught by the gold pairs (`annotators.csv`) and left out of `win_rates.csv`, which halves the valid
-  pairs (`win_rates_all_annotators.csv` keeps them).
+  ones are caught by the gold pairs and by their speed (`annotators.csv`, reason `gold+speed`) and left out of
+  `win_rates.csv`, which halves the valid pairs (`win_rates_all_annotators.csv` keeps them).
 
 Files: `report.md`, `win_rates.csv`, `win_rates_all_annotators.csv`, `win_rates.png`, `annotators.csv`,
 `agreement.csv`.
@@ -72,13 +76,15 @@ def run_demo(out: str | Path, db: str | None = None, seed: int = 0) -> Path:
         create_study(sessions, "ab_demo", dir_a, dir_b, "geneval", ASPECTS, votes_per_pair=3, name_a=name_a,
                      name_b=name_b, gold_rate=0.3, gold_threshold=0.7, seed=seed)
         people = add_annotators(sessions, "ab_demo", CAREFUL + CARELESS)
-        rng = random.Random(seed)
+        rng, pace = random.Random(seed), random.Random(seed + 1)  # pace: simulated seconds per pair
+        clock = utcnow()
         active = [(token, k < CAREFUL) for k, (_, token) in enumerate(people)]
         for _ in range(10_000):  # bounded: the study holds far fewer items than this
             if not active:
                 break
             token, careful = active.pop(0)
-            pair, _, _ = next_pair(sessions, token)
+            clock += timedelta(seconds=1)
+            pair, _, _ = next_pair(sessions, token, now=clock)
             if pair is None:
                 continue  # this one is done; it leaves the round
             with sessions() as s:
@@ -86,7 +92,8 @@ def run_demo(out: str | Path, db: str | None = None, seed: int = 0) -> Path:
                 truth = pair.gold_answer or _truth(pair, dir_a)
             choices = {a: truth if careful and rng.random() < P_RIGHT else rng.choice(["left", "right", "tie"])
                        for a in ASPECTS}
-            record_vote(sessions, token, pair.public_id, choices)
+            seconds = pace.choice(CAREFUL_SECONDS if careful else CARELESS_SECONDS)
+            record_vote(sessions, token, pair.public_id, choices, now=clock + timedelta(seconds=seconds))
             active.append((token, careful))
         report = build_report(sessions, "ab_demo", note=NOTE)
         engine.dispose()

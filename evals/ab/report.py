@@ -5,9 +5,12 @@ Rules (paper App. A.4 "at least 3 votes"), per aspect and per compared pair of s
 - A wins it when A's votes exceed both B's votes and the tie votes; B likewise; otherwise it is a tie;
 - ``win_rate = wins / valid_pairs`` (ties and losses beside it), with a 95% percentile bootstrap CI that resamples
   prompts (all seeds of a prompt move together; only prompts with a valid pair take part).
-Annotators whose gold accuracy is below the threshold are *flagged* and left out by default; the report gives the
-numbers with them too. Gold accuracy counts the aspects where the gold pair's better image is known to be better
-(``overall`` and ``prompt_adherence``; else the study's first aspect); a tie counts as wrong.
+Annotators whose gold accuracy is below the threshold, or whose median time-on-task per pair is below the study's
+minimum (speeders), are *flagged* and left out by default; the report gives the numbers with them too. Gold
+accuracy counts the aspects where the gold pair's better image is known to be better (``overall`` and
+``prompt_adherence``; else the study's first aspect); a tie counts as wrong.
+"Can't tell" answers count for no side and not toward validity; they are counted per aspect (agreement table) and
+per annotator; a gold pair answered "can't tell" counts as wrong, like a tie.
 Agreement: Krippendorff's alpha (nominal: left / tie / right) per aspect over the real pairs. With more than two
 systems, a Bradley-Terry ranking per aspect from the pairs' outcomes (a tie = half a win each).
 """
@@ -25,11 +28,14 @@ from sqlalchemy.orm import aliased, sessionmaker
 
 from common.files import atomic_write_text
 from common.stats import bootstrap_ci
-from evals.ab.db import Annotator, Pair, System, Vote
+from evals.ab.db import CANT_TELL, Annotator, Pair, System, Vote
 from evals.ab.study import get_study
 
 WIN_RATE_COLUMNS = ["aspect", "system", "wins", "ties", "losses", "valid_pairs", "win_rate", "ci_low", "ci_high"]
 GOLD_ASPECTS = ("overall", "prompt_adherence")
+VOTE_COLUMNS = ["annotator", "pair_id", "aspect", "choice", "origin", "created_at", "seconds"]
+ANNOTATOR_COLUMNS = ["annotator", "gold_votes", "gold_correct", "gold_accuracy", "flagged", "votes",
+                     "median_seconds", "speeder", "reason", "cant_tell"]
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -38,7 +44,9 @@ def load_votes(sessions: sessionmaker, study_name: str) -> tuple[pd.DataFrame, p
 
     pairs: ``pair_id`` (public), ``prompt_key``, ``item_key``, ``prompt``, ``system_a``, ``system_b``,
     ``a_on_left`` (None for gold), ``gold_answer`` (None for real pairs).
-    votes: ``annotator`` (label), ``pair_id``, ``aspect``, ``choice`` (left / right / tie as shown), ``origin``.
+    votes: ``annotator`` (label), ``pair_id``, ``aspect``, ``choice`` (left / right / tie as shown), ``origin``,
+    ``created_at`` (the server's UTC time of the answer, ISO 8601), ``seconds`` (time-on-task, server-measured
+    from when the pair was handed to the annotator; empty for imported votes).
     """
     with sessions() as s:
         study = get_study(s, study_name)
@@ -51,28 +59,46 @@ def load_votes(sessions: sessionmaker, study_name: str) -> tuple[pd.DataFrame, p
             columns=["pair_id", "prompt_key", "item_key", "prompt", "system_a", "system_b", "a_on_left",
                      "gold_answer"])
         votes = pd.DataFrame(s.execute(
-            select(Annotator.label, Pair.public_id, Vote.aspect, Vote.choice, Vote.origin)
+            select(Annotator.label, Pair.public_id, Vote.aspect, Vote.choice, Vote.origin, Vote.created_at,
+                   Vote.seconds)
             .join(Pair, Pair.id == Vote.pair_id).join(Annotator, Annotator.id == Vote.annotator_id)
             .where(Pair.study_id == study.id).order_by(Vote.id)).all(),
-            columns=["annotator", "pair_id", "aspect", "choice", "origin"])
+            columns=VOTE_COLUMNS)
+    votes["created_at"] = pd.to_datetime(votes.created_at).dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    votes["seconds"] = votes.seconds.astype(float).round(3)
     return votes, pairs
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def gold_accuracy(votes: pd.DataFrame, pairs: pd.DataFrame, aspects: list[str], threshold: float) -> pd.DataFrame:
-    """Per annotator: ``annotator, gold_votes, gold_correct, gold_accuracy, flagged, votes``. Annotators without
-    gold answers have accuracy NaN and are not flagged (there is nothing to judge them by)."""
+def annotator_flags(votes: pd.DataFrame, pairs: pd.DataFrame, aspects: list[str], threshold: float,
+                    min_seconds: float = 0.0) -> pd.DataFrame:
+    """Per annotator (``ANNOTATOR_COLUMNS``): gold accuracy, median time-on-task, and whether they are *flagged*,
+    the one set of annotators the report leaves out (``reason``: ``gold``, ``speed`` or ``gold+speed``).
+
+    Gold: accuracy on the gold pairs below ``threshold``; annotators without gold answers have accuracy NaN and
+    are not flagged on it (there is nothing to judge them by). Speed: the median over the annotator's answered
+    pairs of ``seconds`` (one time per pair, the same on each of its aspects) below ``min_seconds`` (0: no
+    check); annotators without timed votes (imported) have NaN and are not flagged on it."""
     checked = [a for a in aspects if a in GOLD_ASPECTS] or aspects[:1]
     gold = votes.merge(pairs[pairs.gold_answer.notna()][["pair_id", "gold_answer"]], on="pair_id")
     gold = gold[gold.aspect.isin(checked)]
+    seconds = votes.seconds if "seconds" in votes else pd.Series(math.nan, index=votes.index)
+    per_pair = votes.assign(seconds=seconds.astype(float)).groupby(["annotator", "pair_id"]).seconds.first()
     rows = []
     for who in sorted(votes.annotator.unique()):
         mine = gold[gold.annotator == who]
         n, ok = len(mine), int((mine.choice == mine.gold_answer).sum())
         acc = ok / n if n else math.nan
+        times = per_pair.loc[who].dropna()
+        median = float(times.median()) if len(times) else math.nan
+        bad_gold = bool(n and acc < threshold)
+        speeder = bool(min_seconds > 0 and len(times) and median < min_seconds)
+        reason = "+".join(r for r, hit in (("gold", bad_gold), ("speed", speeder)) if hit)
         rows.append({"annotator": who, "gold_votes": n, "gold_correct": ok, "gold_accuracy": acc,
-                     "flagged": bool(n and acc < threshold), "votes": int((votes.annotator == who).sum())})
-    return pd.DataFrame(rows, columns=["annotator", "gold_votes", "gold_correct", "gold_accuracy", "flagged", "votes"])
+                     "flagged": bad_gold or speeder, "votes": int((votes.annotator == who).sum()),
+                     "median_seconds": median, "speeder": speeder, "reason": reason,
+                     "cant_tell": int(((votes.annotator == who) & (votes.choice == CANT_TELL)).sum())})
+    return pd.DataFrame(rows, columns=ANNOTATOR_COLUMNS)
 
 
 def pair_outcomes(votes: pd.DataFrame, pairs: pd.DataFrame, votes_per_pair: int) -> pd.DataFrame:
@@ -204,6 +230,7 @@ class Report:
     n_resamples: int
     seed: int
     note: str | None = None
+    min_seconds: float = 0.0
 
     def win_rates_csv(self, table: pd.DataFrame | None = None) -> str:
         """The CSV: exactly ``WIN_RATE_COLUMNS``; a study of more than two systems adds ``opponent``."""
@@ -222,15 +249,17 @@ class Report:
         lines += [f"- systems: {', '.join(self.systems)}; aspects: {', '.join(self.aspects)}",
                   f"- {self.n_pairs} pairs (+ {self.n_gold} gold); a pair is valid on an aspect with at least "
                   f"{self.votes_per_pair} votes",
-                  f"- annotators: {len(ann)}; flagged (gold accuracy < {self.threshold:.2f}): {flagged}"
+                  f"- annotators: {len(ann)}; flagged (gold accuracy < {self.threshold:.2f}"
+                  + (f", or median time per pair < {self.min_seconds:g} s" if self.min_seconds > 0 else "")
+                  + f"): {flagged}"
                   f"{' (kept in the main table)' if self.keep_flagged else ' (left out of the main table)'}; "
                   f"without gold answers: {no_gold}",
                   f"- CIs: 95% percentile bootstrap over prompts ({self.n_resamples} resamples, seed {self.seed})",
                   "", "## Win rates" + ("" if self.keep_flagged or not flagged else " (flagged annotators left out)"),
                   "", _table(self.win_rates, len(self.systems) > 2), ""]
-        lines += ["## Agreement", "", "| aspect | Krippendorff's α (nominal) | pairs with ≥ 2 votes |",
-                  "|---|---:|---:|"]
-        lines += [f"| {r.aspect} | {_num(r.alpha)} | {r.units} |" for r in self.agreement.itertuples()]
+        lines += ["## Agreement", "", "| aspect | Krippendorff's α (nominal) | pairs with ≥ 2 votes | can't tell |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {r.aspect} | {_num(r.alpha)} | {r.units} | {r.cant_tell} |" for r in self.agreement.itertuples()]
         if self.bt is not None:
             lines += ["", "## Bradley–Terry ranking (log-strength, mean 0; ties = half a win)", "",
                       "| aspect | rank | system | score |", "|---|---:|---|---:|"]
@@ -240,10 +269,13 @@ class Report:
             other = "with" if not self.keep_flagged else "without"
             lines += ["", f"## Win rates {other} the flagged annotators", "",
                       _table(self.win_rates_all, len(self.systems) > 2)]
-        lines += ["", "## Annotators", "", "| annotator | votes | gold answers | gold accuracy | flagged |",
-                  "|---|---:|---:|---:|---|"]
+        lines += ["", "## Annotators", "",
+                  "| annotator | votes | gold answers | gold accuracy | flagged | why | median s per pair "
+                  "| can't tell |",
+                  "|---|---:|---:|---:|---|---|---:|---:|"]
         lines += [f"| {r.annotator} | {r.votes} | {r.gold_votes} | {_num(r.gold_accuracy)} | "
-                  f"{'yes' if r.flagged else ''} |" for r in ann.itertuples()]
+                  f"{'yes' if r.flagged else ''} | {r.reason} | {_num(r.median_seconds, '.1f')} | {r.cant_tell} |"
+                  for r in ann.itertuples()]
         return "\n".join(lines) + "\n"
 
 
@@ -263,21 +295,24 @@ def _table(wr: pd.DataFrame, with_opponent: bool) -> str:
 
 
 def build_report(sessions: sessionmaker, study_name: str, n_resamples: int = 1000, seed: int = 0,
-                 gold_threshold: float | None = None, keep_flagged: bool = False, note: str | None = None) -> Report:
-    """The report of a study, from its database."""
+                 gold_threshold: float | None = None, keep_flagged: bool = False, note: str | None = None,
+                 min_seconds: float | None = None) -> Report:
+    """The report of a study, from its database (``gold_threshold`` / ``min_seconds``: override the study's)."""
     with sessions() as s:
         study = get_study(s, study_name)
         aspects, vpp = study.aspect_list, study.votes_per_pair
         threshold = study.gold_threshold if gold_threshold is None else gold_threshold
+        speed = study.speed_limit if min_seconds is None else min_seconds
     votes, pairs = load_votes(sessions, study_name)
-    return compute_report(votes, pairs, study_name, aspects, vpp, threshold, keep_flagged, n_resamples, seed, note)
+    return compute_report(votes, pairs, study_name, aspects, vpp, threshold, keep_flagged, n_resamples, seed, note,
+                          speed)
 
 
 def compute_report(votes: pd.DataFrame, pairs: pd.DataFrame, study: str, aspects: list[str], votes_per_pair: int,
                    threshold: float = 0.8, keep_flagged: bool = False, n_resamples: int = 1000, seed: int = 0,
-                   note: str | None = None) -> Report:
-    """The report from vote and pair tables (``load_votes``' format)."""
-    annotators = gold_accuracy(votes, pairs, aspects, threshold)
+                   note: str | None = None, min_seconds: float = 0.0) -> Report:
+    """The report from vote and pair tables (``load_votes``' format; ``seconds`` may be absent: no speed check)."""
+    annotators = annotator_flags(votes, pairs, aspects, threshold, min_seconds)
     kept = votes[~votes.annotator.isin(set(annotators.annotator[annotators.flagged]))]
     real = pairs[pairs.gold_answer.isna()]
     systems = list(dict.fromkeys([*real.system_a, *real.system_b]))
@@ -285,12 +320,14 @@ def compute_report(votes: pd.DataFrame, pairs: pd.DataFrame, study: str, aspects
     all_rates = win_rates(pair_outcomes(votes, pairs, votes_per_pair), comparisons, aspects, n_resamples, seed)
     kept_rates = win_rates(pair_outcomes(kept, pairs, votes_per_pair), comparisons, aspects, n_resamples, seed)
     main = votes if keep_flagged else kept
-    agreement = pd.DataFrame([(a, *krippendorff_alpha(main, pairs, a)) for a in aspects],
-                             columns=["aspect", "alpha", "units"])
+    real_votes = main[main.pair_id.isin(set(real.pair_id))]
+    agreement = pd.DataFrame([(a, *krippendorff_alpha(main, pairs, a),
+                               int(((real_votes.aspect == a) & (real_votes.choice == CANT_TELL)).sum()))
+                              for a in aspects], columns=["aspect", "alpha", "units", "cant_tell"])
     bt = bt_table(pair_outcomes(main, pairs, votes_per_pair), systems, aspects) if len(systems) > 2 else None
     return Report(study, aspects, votes_per_pair, systems, all_rates if keep_flagged else kept_rates,
                   kept_rates if keep_flagged else all_rates, agreement, bt, annotators, len(real),
-                  len(pairs) - len(real), threshold, keep_flagged, n_resamples, seed, note)
+                  len(pairs) - len(real), threshold, keep_flagged, n_resamples, seed, note, min_seconds)
 
 
 def plot_win_rates(report: Report, path: Path) -> Path:

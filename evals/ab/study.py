@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import random
 import re
@@ -18,7 +19,17 @@ from pathlib import Path
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from evals.ab.db import WEB_PREFIX, Annotator, Image, Pair, Study, System, utcnow
+from evals.ab.db import (
+    DEFAULT_MIN_SECONDS,
+    WEB_PREFIX,
+    Annotator,
+    Image,
+    Pair,
+    Study,
+    System,
+    stores_cant_tell,
+    utcnow,
+)
 from evals.ab.layouts import pair_items, read_folder
 
 ASPECT_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
@@ -35,8 +46,65 @@ class StudyError(ValueError):
     """A request the study cannot honour; the message says why (the CLI prints it as ``error: ...``)."""
 
 
-def question(aspect: str) -> str:
+def question(aspect: str, custom: dict[str, str] | None = None) -> str:
+    """The question asked for ``aspect``: the study file's (``custom``), else the built-in one."""
+    if custom and aspect in custom:
+        return custom[aspect]
     return ASPECT_QUESTIONS.get(aspect, f"Which image is better for {aspect.replace('_', ' ')}?")
+
+
+STUDY_FILE_KEYS = ("instructions", "consent", "questions")
+TEXT_MAX, QUESTION_MAX = 20_000, 300
+
+
+@dataclass(frozen=True)
+class StudyText:
+    """What a study file gives annotators: Markdown ``instructions`` and ``consent`` (None: not shown / no consent
+    step) and ``questions`` {aspect: question}."""
+
+    instructions: str | None = None
+    consent: str | None = None
+    questions: dict[str, str] | None = None
+
+
+def read_study_file(path: str | Path, aspects: list[str]) -> StudyText:
+    """Read and check a study file (YAML, or JSON, which YAML reads too): a mapping with any of ``instructions``
+    (Markdown), ``consent`` (Markdown; annotators must agree before their first pair) and ``questions`` (aspect ->
+    question text, for aspects of the study). Anything else is a ``StudyError`` naming the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise StudyError(f"{path}: not YAML or JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not data:
+        raise StudyError(f"{path}: expected a mapping with any of {', '.join(STUDY_FILE_KEYS)}")
+    unknown = sorted(set(map(str, data)) - set(STUDY_FILE_KEYS))
+    if unknown:
+        raise StudyError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(STUDY_FILE_KEYS)})")
+    texts = {}
+    for key in ("instructions", "consent"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > TEXT_MAX):
+            raise StudyError(f"{path}: {key} must be non-empty text of at most {TEXT_MAX} characters")
+        texts[key] = value
+    questions = data.get("questions")
+    if questions is not None:
+        if not isinstance(questions, dict):
+            raise StudyError(f"{path}: questions must map aspect names to question text")
+        extra = sorted(set(map(str, questions)) - set(aspects))
+        if extra:
+            raise StudyError(f"{path}: questions for aspect(s) the study does not ask: {', '.join(extra)} "
+                             f"(aspects: {', '.join(aspects)})")
+        bad = [k for k, v in questions.items() if not isinstance(v, str) or not v.strip() or len(v) > QUESTION_MAX]
+        if bad:
+            raise StudyError(f"{path}: question(s) for {', '.join(map(str, bad))} must be non-empty text of at most "
+                             f"{QUESTION_MAX} characters")
+        questions = {str(k): v.strip() for k, v in questions.items()}
+    return StudyText(texts["instructions"], texts["consent"], questions)
 
 
 def parse_aspects(text: str) -> list[str]:
@@ -72,6 +140,8 @@ class Created:
     pairs: int
     gold: int
     admin_token: str | None
+    crowd_token: str | None = None  # set: the study has a crowd entry link (evals/ab/crowd.py)
+    completion_code: str | None = None
 
 
 def _image_size(path: Path) -> int:
@@ -105,7 +175,10 @@ def pin_images(paths: list[Path]) -> dict[Path, str]:
 def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: str | Path, layout: str,
                  aspects: list[str], votes_per_pair: int = 3, name_a: str | None = None, name_b: str | None = None,
                  gold_rate: float = 0.0, gold_threshold: float = 0.8, per_annotator: int | None = None,
-                 lease_s: int = 1800, prompts_file: Path | None = None, seed: int | None = None) -> Created:
+                 lease_s: int = 1800, prompts_file: Path | None = None, seed: int | None = None,
+                 min_seconds: float = DEFAULT_MIN_SECONDS, cant_tell: bool = False, crowd: bool = False,
+                 completion_code: str | None = None, completion_url: str | None = None,
+                 text: StudyText | None = None) -> Created:
     """Pair A's and B's images of every prompt and seed into a (new or existing) study, in one transaction."""
     if votes_per_pair < 1:
         raise StudyError(f"--votes-per-pair must be >= 1, got {votes_per_pair}")
@@ -115,8 +188,19 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
         raise StudyError(f"--gold-threshold must be in [0, 1], got {gold_threshold}")
     if lease_s < 1:
         raise StudyError(f"--lease-minutes must be positive (a lease of {lease_s} s would release every pair at once)")
+    if not 0.0 <= min_seconds < 3600:
+        raise StudyError(f"--min-seconds must be in [0, 3600) seconds per pair, got {min_seconds}")
     if per_annotator is not None and per_annotator < 1:
         raise StudyError(f"--per-annotator must be >= 1, got {per_annotator}")
+    from evals.ab.crowd import check_completion, new_crowd_token
+
+    check_completion(completion_code, completion_url)
+    crowd = crowd or completion_code is not None or completion_url is not None
+    if crowd and completion_code is None and completion_url is None:
+        completion_code = secrets.token_hex(4).upper()  # what the participant pastes into the platform
+    if cant_tell and not stores_cant_tell(sessions.kw["bind"]):
+        raise StudyError("this database was made before the \"can't tell\" answer existed and cannot store it; "
+                         "create the study in a new database, or without --cant-tell")
     name_a = name_a or Path(a_dir).resolve().name
     name_b = name_b or Path(b_dir).resolve().name
     if name_a == name_b:
@@ -132,12 +216,21 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
             admin_token = secrets.token_urlsafe(24)
             study = Study(name=name, layout=layout, aspects=",".join(aspects), votes_per_pair=votes_per_pair,
                           gold_rate=gold_rate, gold_threshold=gold_threshold, per_annotator=per_annotator,
-                          lease_s=lease_s, admin_token_sha256=token_digest(admin_token))
+                          lease_s=lease_s, admin_token_sha256=token_digest(admin_token), min_seconds=min_seconds,
+                          cant_tell=cant_tell, crowd_token=new_crowd_token() if crowd else None,
+                          completion_code=completion_code, completion_url=completion_url,
+                          instructions=text.instructions if text else None, consent=text.consent if text else None,
+                          questions=json.dumps(text.questions) if text and text.questions else None)
             s.add(study)
             s.flush()
-        elif (study.layout, study.aspect_list, study.votes_per_pair) != (layout, aspects, votes_per_pair):
+        elif (study.layout, study.aspect_list, study.votes_per_pair, bool(study.cant_tell)) != (
+                layout, aspects, votes_per_pair, cant_tell):
             raise StudyError(f"study {name!r} exists with layout {study.layout}, aspects {study.aspects}, "
-                             f"{study.votes_per_pair} votes per pair; a new comparison in it must use the same")
+                             f"{study.votes_per_pair} votes per pair, can't-tell answer "
+                             f"{'on' if study.cant_tell else 'off'}; a new comparison in it must use the same")
+        elif crowd or text is not None:
+            raise StudyError(f"study {name!r} exists: its crowd link, completion and study file are set when it is "
+                             "first created (leave --crowd / --completion-code / --completion-url / --study-file out)")
         systems = []
         for sys_name, folder in ((name_a, a_dir), (name_b, b_dir)):
             folder = str(Path(folder).resolve())
@@ -191,7 +284,7 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
                            right_image=worse if better_left else better,
                            source_image=Image(study_id=study.id, data=gold.source) if gold.source else None,
                            gold_answer="left" if better_left else "right"))
-        return Created(name, len(matched), n_gold, admin_token)
+        return Created(name, len(matched), n_gold, admin_token, study.crowd_token, study.completion_code)
 
 
 def close_study(sessions: sessionmaker, study_name: str) -> bool:
@@ -211,10 +304,15 @@ def add_annotators(sessions: sessionmaker, study_name: str, n: int) -> list[tupl
         raise StudyError(f"number of annotators must be >= 1, got {n}")
     with sessions.begin() as s:
         study = get_study(s, study_name)
-        labels = s.scalars(select(Annotator.label).where(Annotator.study_id == study.id,
-                                                          Annotator.label.like(f"{WEB_PREFIX}%"))).all()
-        # after the highest number in use (not the count: a gap or a foreign web-NNN would repeat a label)
-        have = max((int(m[1]) for m in map(re.compile(rf"{WEB_PREFIX}(\d+)$").match, labels) if m), default=0)
-        out = [(f"{WEB_PREFIX}{have + k + 1:03d}", secrets.token_urlsafe(16)) for k in range(n)]
+        out = [(label, secrets.token_urlsafe(16)) for label in new_web_labels(s, study, n)]
         s.add_all(Annotator(study_id=study.id, label=label, token=token) for label, token in out)
     return out
+
+
+def new_web_labels(s: Session, study: Study, n: int) -> list[str]:
+    """The next ``n`` free web labels of a study: after the highest number in use (not the count: a gap or a
+    foreign web-NNN would repeat a label)."""
+    labels = s.scalars(select(Annotator.label).where(Annotator.study_id == study.id,
+                                                      Annotator.label.like(f"{WEB_PREFIX}%"))).all()
+    have = max((int(m[1]) for m in map(re.compile(rf"{WEB_PREFIX}(\d+)$").match, labels) if m), default=0)
+    return [f"{WEB_PREFIX}{have + k + 1:03d}" for k in range(n)]

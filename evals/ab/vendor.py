@@ -5,7 +5,8 @@ By default every image is copied, metadata stripped, to ``<images>/<pair_id>_<le
 vendor sees no system name, folder or file name either; ``--original-paths`` writes the original paths instead
 (gold images, which live in the database, are still written out).
 
-``import-votes`` reads ``annotator, pair_id, aspect, choice`` (choice: left / right / tie as the pair was shown;
+``import-votes`` reads ``annotator, pair_id, aspect, choice`` (choice: left / right / tie as the pair was shown,
+or cant_tell where the study offers it;
 other columns are ignored). Every row is checked first; any bad row (unknown pair, aspect or choice, an empty
 annotator, a vote repeated in the file or already in the database) rejects the whole file, naming each bad line.
 The good file is written in one transaction.
@@ -24,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from evals.ab.blind import image_png
-from evals.ab.db import CHOICES, LABEL_MAX, WEB_PREFIX, Annotator, Pair, Vote
+from evals.ab.db import LABEL_MAX, WEB_PREFIX, Annotator, Pair, Vote
 from evals.ab.study import StudyError, get_study
 
 IMPORT_COLUMNS = ("annotator", "pair_id", "aspect", "choice")
@@ -133,8 +134,8 @@ def import_votes(sessions: sessionmaker, study_name: str, path: str | Path) -> I
                     why.append(f"unknown pair_id {pid!r}")
                 if aspect not in study.aspect_list:
                     why.append(f"unknown aspect {aspect!r} (study asks {study.aspects})")
-                if choice not in CHOICES:
-                    why.append(f"unknown choice {choice!r} (left, right or tie)")
+                if choice not in study.choices:
+                    why.append(f"unknown choice {choice!r} ({', '.join(study.choices)})")
                 key = (who, pid, aspect)
                 if not why and key in first_line:
                     why.append(f"repeats the vote of line {first_line[key]}")

@@ -1,13 +1,22 @@
 """The study's web app (FastAPI, server-rendered Jinja templates, no build step).
 
 Annotator routes (the token in the path is the only credential; unknown or missing -> 403):
+    GET  /p/{crowd token}?PROLIFIC_PID=...&STUDY_ID=...&SESSION_ID=...   a crowd platform's entry link -> 303 to
+                                       the participant's own /a/{token} (evals/ab/crowd.py; bad ids -> 400)
     GET  /a/{token}                    the next pair (prompt, two images, one left/right/tie per aspect) or "done"
-    POST /a/{token}/vote               the answers for one pair -> 303 back to /a/{token}
+                                       (with the completion code, or 303 to the study's completion URL)
+    POST /a/{token}/vote               the answers for one pair -> 303 back to /a/{token} (``replace=1``: new
+                                       answers for the last answered pair, from the back page)
+    GET  /a/{token} (consent step)     a study with consent text shows it (and its instructions) until
+    POST /a/{token}/consent            "I agree" is clicked (recorded with the server's time)
+    GET  /a/{token}/back               the last answered pair with its stored answers, to change them
     GET  /a/{token}/img/{pair}/{which} an image of a pair given to this annotator (which: left, right, source)
 Admin routes (``Authorization: Bearer <admin token>`` or ``?token=``; wrong or missing -> 403):
-    GET  /admin/{study}                progress: pairs, valid pairs, annotators and their links
+    GET  /admin/{study}                dashboard: progress per aspect, per annotator (answered, gold accuracy, median
+                                       time, flag), crowd link, links, downloads
     POST /admin/{study}/annotators?n=K K new annotator links (JSON)
-    GET  /admin/{study}/pairs.csv      the pairs (export), GET /admin/{study}/votes.csv the votes
+    GET  /admin/{study}/pairs.csv      the pairs (export), GET /admin/{study}/votes.csv the votes,
+    GET  /admin/{study}/payments.csv   one row per participant (evals/ab/crowd.py)
     GET  /admin/{study}/report         the report as markdown; /admin/{study}/win_rates.csv its table
 
 Blinding: annotator pages and image URLs carry only random ids; images are re-encoded on the way out, so no
@@ -19,6 +28,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -27,14 +37,29 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
-from evals.ab.assign import AnnotatorError, next_pair, pair_for, record_vote
+from evals.ab.assign import (
+    AnnotatorError,
+    ConsentRequired,
+    Progress,
+    give_consent,
+    last_answer,
+    next_pair,
+    pair_for,
+    record_vote,
+)
 from evals.ab.blind import ImageChanged, image_png
-from evals.ab.db import Annotator, Assignment, Image, Pair, make_engine, make_sessions
+from evals.ab.crowd import BadPlatformIds, bind_ids, crowd_link, enter
+from evals.ab.db import CANT_TELL, Annotator, Assignment, Image, Pair, Study, make_engine, make_sessions
+from evals.ab.safe_markdown import render as markdown
 from evals.ab.study import StudyError, add_annotators, admin_ok, get_study, question
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 CHOICE_LABELS = (("left", "Left is better", "1 or ←"), ("tie", "About the same", "2 or ↓"),
-                 ("right", "Right is better", "3 or →"))
+                 ("right", "Right is better", "3 or →"), (CANT_TELL, "Can't tell / broken image", "4"))
+
+
+def _choice_labels(study: Study) -> list[tuple[str, str, str]]:
+    return [c for c in CHOICE_LABELS if c[0] in study.choices]
 
 
 class _ImageCache:
@@ -77,21 +102,68 @@ def create_app(db: str | Engine) -> FastAPI:
     def no_token(request: Request) -> HTMLResponse:
         return _message(request, 403, "Please use the personal link you were given.")
 
-    @app.get("/a/{token}", response_class=HTMLResponse)
-    def page(request: Request, token: str) -> HTMLResponse:
-        pair, study, progress = next_pair(sessions, token)
-        if pair is None:
-            return TEMPLATES.TemplateResponse(request, "done.html", {"progress": progress})
-        aspects = [(a, question(a)) for a in study.aspect_list]
+    def pair_page(request: Request, token: str, pair: Pair, study: Study, progress: Progress,
+                  previous: dict[str, str] | None = None) -> HTMLResponse:
+        aspects = [(a, question(a, study.question_map)) for a in study.aspect_list]
         return TEMPLATES.TemplateResponse(request, "pair.html", {
-            "token": token, "pair": pair, "aspects": aspects, "choices": CHOICE_LABELS, "progress": progress,
-            "edit": pair.source_image_id is not None, "n": progress.done + 1})
+            "instructions": markdown(study.instructions) if study.instructions else None,
+            "token": token, "pair": pair, "aspects": aspects, "choices": _choice_labels(study),
+            "progress": progress, "edit": pair.source_image_id is not None,
+            "n": progress.done if previous is not None else progress.done + 1, "previous": previous or {},
+            "can_go_back": previous is None and progress.done > 0})
+
+    @app.get("/p/{crowd_token}")
+    def crowd_entry(request: Request, crowd_token: str) -> Response:
+        """A crowd platform's entry link: the participant's own annotator (made on the first visit)."""
+        try:
+            token = enter(sessions, crowd_token, request.query_params)
+        except BadPlatformIds as err:
+            raise AnnotatorError(400, f"This link is not complete: {err}.") from None
+        return RedirectResponse(f"/a/{token}", status_code=303)
+
+    @app.get("/a/{token}", response_class=HTMLResponse)
+    def page(request: Request, token: str) -> Response:
+        try:
+            if not bind_ids(sessions, token, request.query_params):
+                raise AnnotatorError(403, "This link belongs to another participant.")
+        except BadPlatformIds as err:
+            raise AnnotatorError(400, f"This link is not complete: {err}.") from None
+        try:
+            pair, study, progress = next_pair(sessions, token)
+        except ConsentRequired as need:
+            return TEMPLATES.TemplateResponse(request, "consent.html", {
+                "token": token, "consent": markdown(need.consent),
+                "instructions": markdown(need.instructions) if need.instructions else None})
+        if pair is None:
+            finished = progress.done > 0  # someone who got nothing to do has not earned a completion code
+            if finished and study.completion_url:
+                return RedirectResponse(study.completion_url, status_code=303)
+            return TEMPLATES.TemplateResponse(request, "done.html", {
+                "progress": progress, "token": token, "code": study.completion_code if finished else None,
+                "crowd": study.crowd_token is not None})
+        return pair_page(request, token, pair, study, progress)
+
+    @app.post("/a/{token}/consent")
+    def consent(token: str) -> Response:
+        give_consent(sessions, token)
+        return RedirectResponse(f"/a/{token}", status_code=303)
+
+    @app.get("/a/{token}/back", response_class=HTMLResponse)
+    def back(request: Request, token: str) -> Response:
+        """The annotator's last answered pair with their answers, to change them (one step back only)."""
+        last = last_answer(sessions, token)
+        if last is None:
+            return RedirectResponse(f"/a/{token}", status_code=303)
+        pair, study, stored = last
+        _, _, progress = next_pair(sessions, token)
+        return pair_page(request, token, pair, study, progress, previous=stored)
 
     @app.post("/a/{token}/vote")
     async def vote(request: Request, token: str) -> Response:
         form = await request.form()
         choices = {k[len("choice_"):]: str(v) for k, v in form.items() if k.startswith("choice_")}
-        await run_in_threadpool(record_vote, sessions, token, str(form.get("pair", "")), choices)
+        await run_in_threadpool(record_vote, sessions, token, str(form.get("pair", "")), choices,
+                                replace=form.get("replace") == "1")
         return RedirectResponse(f"/a/{token}", status_code=303)
 
     @app.get("/a/{token}/img/{public_id}/{which}")
@@ -125,7 +197,7 @@ def create_app(db: str | Engine) -> FastAPI:
         study = admin_study(request, name)
         with sessions() as s:
             done = func.count(Assignment.completed_at)
-            rows = s.execute(select(Annotator.label, Annotator.token, done)
+            rows = s.execute(select(Annotator.label, Annotator.token, Annotator.platform_pid, done)
                              .outerjoin(Assignment, Assignment.annotator_id == Annotator.id)
                              .where(Annotator.study_id == study.id).group_by(Annotator.id)
                              .order_by(Annotator.label)).all()
@@ -137,10 +209,23 @@ def create_app(db: str | Engine) -> FastAPI:
                 per_pair.c.n >= study.votes_per_pair))
             n_pairs = s.scalar(select(func.count()).select_from(Pair).where(
                 Pair.study_id == study.id, Pair.gold_answer.is_(None)))
+        from evals.ab.report import annotator_flags, load_votes, pair_outcomes
+
+        # the report's own definitions (one place): gold accuracy, speed, flags, and validity per aspect
+        votes, pairs = load_votes(sessions, study.name)
+        flags = annotator_flags(votes, pairs, study.aspect_list, study.gold_threshold, study.speed_limit)
+        flags = {r.annotator: r for r in flags.itertuples()}
+        outcomes = pair_outcomes(votes, pairs, study.votes_per_pair) if len(votes) else None
+        per_aspect = [(a, 0 if outcomes is None else int((outcomes.valid & (outcomes.aspect == a)).sum()),
+                       int(((votes.aspect == a) & (votes.choice == CANT_TELL)).sum())) for a in study.aspect_list]
         base = str(request.base_url).rstrip("/")
         return TEMPLATES.TemplateResponse(request, "admin.html", {
-            "study": study, "annotators": [(label, f"{base}/a/{tok}", n) for label, tok, n in rows],
-            "complete": complete, "n_pairs": n_pairs})
+            "study": study, "annotators": [(label, f"{base}/a/{tok}", pid, n, flags.get(label))
+                                           for label, tok, pid, n in rows],
+            "complete": complete, "n_pairs": n_pairs, "crowd_link": crowd_link(study, base),
+            "per_aspect": per_aspect,
+            # a page opened with ?token= passes it on to its download links (a header does not travel in a link)
+            "auth": f"?token={quote(request.query_params['token'])}" if "token" in request.query_params else ""})
 
     @app.post("/admin/{name}/annotators")
     def admin_links(request: Request, name: str, n: int = 1) -> JSONResponse:
@@ -166,6 +251,13 @@ def create_app(db: str | Engine) -> FastAPI:
         study = admin_study(request, name)
         votes, _ = load_votes(sessions, study.name)
         return PlainTextResponse(votes.to_csv(index=False), media_type="text/csv")
+
+    @app.get("/admin/{name}/payments.csv")
+    def admin_payments(request: Request, name: str) -> PlainTextResponse:
+        from evals.ab.crowd import payments_table
+
+        study = admin_study(request, name)
+        return PlainTextResponse(payments_table(sessions, study.name).to_csv(index=False), media_type="text/csv")
 
     @app.get("/admin/{name}/report")
     def admin_report(request: Request, name: str) -> PlainTextResponse:
