@@ -8,7 +8,7 @@ the hub or a local folder (so a missing download is one clear message, and tests
   layer by layer, spilling to CPU when they are full. A model id that is neither a local folder nor in the hub
   cache, with the hub unreachable, raises ``WeightsNotFound`` saying how to get the weights;
 - ``parameter_count(model_id)``: a model's parameters from its config alone (no weights read), for the memory a
-  judge needs: ``python -m evals.runtime google/gemma-3-27b-it`` prints parameters and GiB per dtype.
+  judge needs (``python -m evals.judge_memory google/gemma-3-27b-it`` prints parameters and GiB per dtype).
 """
 
 from __future__ import annotations
@@ -170,23 +170,3 @@ def parameter_count(model_id: str | Any) -> int:
 def weights_gib(n_params: int, dtype: torch.dtype) -> float:
     """GiB the weights take in ``dtype`` (activations, KV cache and the CUDA context come on top)."""
     return n_params * torch.empty(0, dtype=dtype).element_size() / 2**30
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m evals.runtime MODEL_ID ...``: parameters and weight memory of each model (config only)."""
-    from evals import cli
-
-    p = cli.Parser(prog="python -m evals.runtime", description=main.__doc__)
-    p.add_argument("models", nargs="+", help="hub ids or local folders holding a config.json")
-    a = p.parse_args(argv)
-    print(f"{'model':<48} {'params':>10} {'bf16 GiB':>9} {'fp32 GiB':>9}")
-    for model_id in a.models:
-        n = parameter_count(model_id)
-        print(f"{model_id:<48} {n / 1e9:>9.3f}B {weights_gib(n, torch.bfloat16):>9.1f} "
-              f"{weights_gib(n, torch.float32):>9.1f}")
-
-
-if __name__ == "__main__":
-    from evals.cli import entry
-
-    entry(main)()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from evals import runtime
+from evals import judge_memory, runtime
 
 
 def test_pick_device_and_dtype(monkeypatch) -> None:
@@ -73,5 +73,5 @@ def test_parameter_count_from_the_config_alone(gemma_folder, capsys) -> None:
     n = sum(p.numel() for p in model.parameters())
     assert runtime.parameter_count(folder) == n
     assert runtime.weights_gib(n, torch.bfloat16) == pytest.approx(2 * n / 2**30)
-    runtime.main([folder])
+    judge_memory.main([folder])
     assert f"{n / 1e9:.3f}B" in capsys.readouterr().out

@@ -12,7 +12,6 @@ with 400, so nothing unchecked reaches the database, the pages or the payments C
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,10 +22,9 @@ from sqlalchemy.orm import sessionmaker
 
 from common.files import atomic_write_text
 from evals.ab.db import Annotator, Assignment, Study
-from evals.ab.study import StudyError, get_study, new_web_labels
+from evals.ab.study import ID_RE, StudyError, get_study, new_web_labels
 
 PLATFORM_PARAMS = {"PROLIFIC_PID": "platform_pid", "STUDY_ID": "platform_study", "SESSION_ID": "platform_session"}
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PAYMENT_COLUMNS = ["platform_pid", "platform_study", "platform_session", "annotator", "consented_at", "pairs",
                    "votes", "gold_accuracy", "median_seconds", "flagged", "reason"]
 
@@ -50,24 +48,12 @@ def platform_ids(query: Mapping[str, str], require_pid: bool = False) -> dict[st
     return out
 
 
-def check_completion(code: str | None, url: str | None) -> None:
-    """Refuse a completion code or URL that a participant's page could not show safely."""
-    if code is not None and not ID_RE.match(code):
-        raise StudyError(f"--completion-code must be 1 to 64 letters, digits, '_' or '-', got {code!r}")
-    if url is not None and not re.match(r"^https?://[^\s<>\"']+$", url):
-        raise StudyError(f"--completion-url must be an http(s) URL without spaces or quotes, got {url!r}")
-
-
 def crowd_link(study: Study, base_url: str) -> str | None:
     """The entry link to give the platform (Prolific's placeholders in it), or None for a study without one."""
     if not study.crowd_token:
         return None
     query = "&".join(f"{p}={{{{%{p}%}}}}" for p in PLATFORM_PARAMS)
     return f"{base_url.rstrip('/')}/p/{study.crowd_token}?{query}"
-
-
-def new_crowd_token() -> str:
-    return secrets.token_urlsafe(12)
 
 
 def enter(sessions: sessionmaker, crowd_token: str, query: Mapping[str, str]) -> str:

@@ -172,6 +172,23 @@ def pin_images(paths: list[Path]) -> dict[Path, str]:
     return pinned
 
 
+# what a platform id or a completion code may hold: safe in a page, a URL and a spreadsheet cell
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_completion(code: str | None, url: str | None) -> None:
+    """Refuse a completion code or URL that a participant's page could not show safely."""
+    if code is not None and not ID_RE.match(code):
+        raise StudyError(f"--completion-code must be 1 to 64 letters, digits, '_' or '-', got {code!r}")
+    if url is not None and not re.match(r"^https?://[^\s<>\"']+$", url):
+        raise StudyError(f"--completion-url must be an http(s) URL without spaces or quotes, got {url!r}")
+
+
+def new_crowd_token() -> str:
+    """The secret part of a crowd study's entry link."""
+    return secrets.token_urlsafe(12)
+
+
 def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: str | Path, layout: str,
                  aspects: list[str], votes_per_pair: int = 3, name_a: str | None = None, name_b: str | None = None,
                  gold_rate: float = 0.0, gold_threshold: float = 0.8, per_annotator: int | None = None,
@@ -192,8 +209,6 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
         raise StudyError(f"--min-seconds must be in [0, 3600) seconds per pair, got {min_seconds}")
     if per_annotator is not None and per_annotator < 1:
         raise StudyError(f"--per-annotator must be >= 1, got {per_annotator}")
-    from evals.ab.crowd import check_completion, new_crowd_token
-
     check_completion(completion_code, completion_url)
     crowd = crowd or completion_code is not None or completion_url is not None
     if crowd and completion_code is None and completion_url is None:
