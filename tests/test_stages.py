@@ -64,7 +64,8 @@ def test_init_references_are_checked_before_anything_runs() -> None:
     ("edit_finetune", "edit.correct", {"base", "t2i_continue", "edit_finetune"}),
     ("zero_shot_edit", "zero_shot_edit.correct@0.2", {"t2i_recon"}),
 ])
-def test_staged_and_edit_sweeps_run_end_to_end_and_report_their_metric(tmp_path: Path, exp: str, metric: str, runs: set[str]) -> None:
+def test_staged_and_edit_sweeps_run_end_to_end_and_report_their_metric(
+        tmp_path: Path, exp: str, metric: str, runs: set[str]) -> None:
     df = run_sweep(exp, cluster="debug", smoke=True, runs_dir=tmp_path / "runs", results_dir=tmp_path / "res")
     got = df[df.metric == metric]
     assert set(got.run) == runs
