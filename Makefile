@@ -15,10 +15,11 @@ SET ?=
 SEEDS ?=
 # SEEDS=0,1,2: every run once per training seed (--set seeds=[0,1,2]); empty = base.yaml's (one run, seed 0)
 SEED_SET = $(if $(SEEDS),--set seeds=[$(SEEDS)])
+RUN ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help venv test test-fast lint sweep status collect figures bench plan
+.PHONY: help venv test test-fast lint sweep config status collect figures bench plan
 
 # make help: every target with one line
 help:
@@ -52,6 +53,10 @@ lint: $(STAMP)
 #            [PAPER=1 SET="data.hf.path=parquet data.hf.data_files=/data/*.parquet"]  (the YAML's paper variant)
 sweep: $(STAMP)
 	$(PY) -m experiments.launch $(EXP) --cluster $(CLUSTER) $(if $(PROFILE),--profile $(PROFILE)) $(if $(SMOKE),--smoke) $(if $(PAPER),--paper) $(foreach kv,$(SET),--set $(kv)) $(SEED_SET)
+
+# make config EXP=<name> [RUN=<run>] [PAPER=1] [SMOKE=1] [SET=...]: each run's resolved config and run folder
+config: $(STAMP)
+	$(PY) -m experiments.config $(EXP) $(if $(RUN),--run $(RUN)) $(if $(SMOKE),--smoke) $(if $(PAPER),--paper) $(foreach kv,$(SET),--set $(kv)) $(SEED_SET)
 
 # make plan EXP=<name> PAPER=1 [PROFILE=...]: compute plan (params, FLOPs, memory, GPU-hours) -> results/plan/
 # Every run of the paper variant is built and stepped on meta tensors: parameters, FLOPs, memory per GPU, fits,

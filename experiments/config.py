@@ -7,9 +7,10 @@ An ablation YAML:
     runs:                       # named grid points, each an override dict
       lap: {candidate: lap, conditioner: {refiner_blocks: 2}}
     grid: {dit.depth: [4, 8]}   # optional cartesian product applied on top of every run
-    smoke: {...}                # overrides for `--smoke` (tiny, for tests)
+    smoke: {...}                # overrides for `--smoke` (tiny, for tests), after configs/_smoke.yaml
     smoke_runs: {name: {...}}   # per-run smoke overrides, after the run's own (e.g. stage lengths)
-    paper: {overrides: {...}, runs: {name: {...}}}   # `--paper`: real encoders + data, paper hyper-parameters
+    paper: {overrides: {...}, runs: {name: {...}}}   # `--paper`: real encoders + data, paper hyper-parameters;
+                                # overrides after configs/_paper.yaml (the shared paper recipe)
     figure: fig4                # which analysis.figures drawer to use
 
 Loading checks what needs no weights (``check_model_config``: KV fusion's DiT shape, every conditioner option and
@@ -36,22 +37,25 @@ from typing import Any
 
 import yaml
 
+from experiments.schema import FREE_FORM, HASH_IGNORE, HASH_OMIT_NULL, NULL_SECTIONS, check_values
+
 CONFIG_DIR = Path(__file__).parent / "configs"
-FREE_FORM = ("conditioner",)  # validated by the candidate, not against base.yaml
-# Sections that are null in base.yaml until set; a dict set there merges onto (and is checked against) the keys
-# and defaults of another section, so `--set data.hf_edit.path=...` builds a full data.hf-like dict.
-NULL_SECTIONS = {"data.hf_edit": "data.hf"}
-# Keys added after runs were made: left out of the hash while null, so existing run directories keep their names.
-HASH_OMIT_NULL = (("data", "hf_edit"), ("encoder", "cache"), ("trainer", "accumulate_grad_batches"),
-                  ("eval", "val_every"), ("data", "hf", "max_skip_rate"), ("data", "hf_edit", "max_skip_rate"),
-                  ("dit", "kv_heads"), ("dit", "head_dim"),
-                  ("flow", "prediction"), ("seeds",))
-# Keys that never change what a run computes (where it reports to): always left out of the hash.
-HASH_IGNORE = (("train", "logger"),)
+
+
+class UnknownKeyError(KeyError):
+    """A config key that base.yaml does not have; prints as its message (a plain KeyError prints quoted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def available_experiments() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base" and not p.stem.startswith("_"))
+
+
+def shared_layer(variant: str) -> dict[str, Any]:
+    """The overrides every ablation's ``variant`` (``paper`` | ``smoke``) starts from: ``configs/_<variant>.yaml``."""
+    return yaml.safe_load((CONFIG_DIR / f"_{variant}.yaml").read_text()) or {}
 
 
 def load_base() -> dict[str, Any]:
@@ -66,7 +70,7 @@ def merge(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dic
         if isinstance(value, dict) and where in NULL_SECTIONS and key in out and out[key] is None:
             out[key] = _section(load_base(), NULL_SECTIONS[where])
         if key not in out and path.rstrip(".") not in FREE_FORM:
-            raise KeyError(f"unknown config key {where!r}; valid keys here: {sorted(out)}")
+            raise UnknownKeyError(f"unknown config key {where!r}; valid keys here: {sorted(out)}")
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in FREE_FORM:
             out[key] = merge(out[key], value, f"{where}.")
         elif isinstance(value, dict) and key in FREE_FORM:
@@ -156,9 +160,9 @@ def load_experiment(exp: str, smoke: bool = False, paper: bool = False,
     if paper:
         if not spec.get("paper"):
             raise ValueError(f"experiment {exp!r} has no paper variant")
-        base = merge(base, spec["paper"].get("overrides") or {})
+        base = merge(merge(base, shared_layer("paper")), spec["paper"].get("overrides") or {})
     if smoke:
-        base = merge(base, spec.get("smoke") or {})
+        base = merge(merge(base, shared_layer("smoke")), spec.get("smoke") or {})
     paper_runs = (spec.get("paper") or {}).get("runs") or {} if paper else {}
     # runs that exist only in the shapes world (the oracle control reads shapes-world captions word by word)
     dropped = set((spec.get("paper") or {}).get("drop_runs") or []) if paper else set()
@@ -189,6 +193,7 @@ def load_experiment(exp: str, smoke: bool = False, paper: bool = False,
 
     for r in runs:
         try:
+            check_values(r.config, load_base())
             check_model_config(r.config)
             val_every(r.config)  # held-out validation needs the shapes world (a paper variant must turn it off)
         except ValueError as err:
@@ -258,3 +263,35 @@ def set_dotted(key: str, value: Any) -> dict[str, Any]:
     for part in reversed(key.split(".")):
         out = {part: out}
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m experiments.config EXP [--run NAME] [--paper] [--smoke] [--set K=V]``: each run's resolved
+    config as a YAML document headed by its run folder (``<run>[-seed<s>]-<hash>``), nothing trained."""
+    import argparse
+
+    from common.cli import fail
+
+    p = argparse.ArgumentParser(prog="python -m experiments.config", description=main.__doc__)
+    p.add_argument("exp", help=f"one of: {', '.join(available_experiments())}")
+    p.add_argument("--run", action="append", dest="only", metavar="NAME", help="only this run (repeatable)")
+    p.add_argument("--paper", action="store_true", help="the paper variant")
+    p.add_argument("--smoke", action="store_true", help="the smoke variant (tests)")
+    p.add_argument("--set", action="append", dest="sets", default=[], metavar="KEY=VALUE")
+    a = p.parse_args(argv)
+    try:
+        _, runs = load_experiment(a.exp, smoke=a.smoke, paper=a.paper, sets=a.sets)
+    except (ValueError, KeyError) as err:
+        fail(str(err))
+    names = sorted({r.name for r in runs})
+    unknown = sorted(set(a.only or []) - set(names))
+    if unknown:
+        fail(f"unknown run(s) {', '.join(unknown)} of {a.exp}; valid: {', '.join(names)}")
+    chosen = [r for r in runs if not a.only or r.name in a.only]
+    print("\n---\n".join(f"# {a.exp} run {r.label}: {r.dirname}\n"
+                         + yaml.safe_dump(r.config, sort_keys=False, default_flow_style=None, width=116).rstrip()
+                         for r in chosen))
+
+
+if __name__ == "__main__":
+    main()

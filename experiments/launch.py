@@ -133,7 +133,7 @@ def check_runs_fit_profile(runs: list[RunSpec], profile: str) -> None:
     only once the job has waited in the queue and started; here the mismatch is an error at once, with the
     settings that fit the profile and keep each run's global batch (through ``accumulate_grad_batches``).
     """
-    from experiments.train import trainer_settings
+    from experiments.schema import trainer_settings
 
     prof = load_profile(profile)
     tasks, nodes = max(1, int(prof.get("gpus_per_node") or 0)), int(prof.get("nodes") or 1)

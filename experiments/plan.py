@@ -185,7 +185,7 @@ def step_cost(config: dict[str, Any], shape: Any) -> Any:
 def plan_run(run: RunSpec, assume: Assumptions, debug: bool = False) -> dict[str, Any]:
     """One row of the plan (``COLUMNS`` first, then the details); never raises for a bad run: status says
     (``debug``: and its traceback is printed)."""
-    from experiments.train import trainer_settings
+    from experiments.schema import trainer_settings
 
     row: dict[str, Any] = {"exp": run.exp, "run": run.name, "status": "ok", "error": ""}
     try:

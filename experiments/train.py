@@ -28,6 +28,7 @@ from common.paths import RUNS_DIR
 from experiments.evaluation import BENCHMARKS, headline_metrics
 from experiments.loggers import extra_loggers, finish, log_image, logger_kind
 from experiments.run_dir import RunDir
+from experiments.schema import trainer_settings
 from models.checkpoints import (
     atomic_checkpoint_io,
     load_module,
@@ -54,38 +55,6 @@ def config_columns(config: dict[str, Any]) -> dict[str, Any]:
         "train_steps": config["train"]["steps"],
         "batch_size": config["train"]["batch_size"],
     }
-
-
-STRATEGIES = ("auto", "ddp", "fsdp")
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
-TRAINER_DEFAULTS: dict[str, Any] = {  # = base.yaml's trainer section; configs saved before it existed get these
-    "strategy": "auto", "precision": "auto", "devices": 1, "num_nodes": 1, "accumulate_grad_batches": None,
-    "activation_checkpointing": False, "compile": False,
-}
-
-
-def trainer_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The validated ``trainer`` section (defaults filled in); bad values raise ValueError naming valid ones."""
-    t = {**TRAINER_DEFAULTS, **(config.get("trainer") or {})}
-    unknown = sorted(set(t) - set(TRAINER_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown trainer option(s) {unknown}; valid: {sorted(TRAINER_DEFAULTS)}")
-    if t["strategy"] not in STRATEGIES:
-        raise ValueError(f"unknown trainer.strategy {t['strategy']!r}; valid: {', '.join(STRATEGIES)}")
-    if t["precision"] not in PRECISIONS:
-        raise ValueError(f"unknown trainer.precision {t['precision']!r}; valid: {', '.join(PRECISIONS)}")
-    if t["devices"] != "auto" and (isinstance(t["devices"], bool) or not isinstance(t["devices"], int)
-                                   or t["devices"] < 1):
-        raise ValueError(f"trainer.devices must be a positive int or 'auto', got {t['devices']!r}")
-    if isinstance(t["num_nodes"], bool) or not isinstance(t["num_nodes"], int) or t["num_nodes"] < 1:
-        raise ValueError(f"trainer.num_nodes must be a positive int, got {t['num_nodes']!r}")
-    acc = t["accumulate_grad_batches"]
-    if acc is not None and (isinstance(acc, bool) or not isinstance(acc, int) or acc < 1):
-        raise ValueError(f"trainer.accumulate_grad_batches must be a positive int or null, got {acc!r}")
-    for flag in ("activation_checkpointing", "compile"):
-        if not isinstance(t[flag], bool):
-            raise ValueError(f"trainer.{flag} must be true or false, got {t[flag]!r}")
-    return t
 
 
 def trainer_kwargs(config: dict[str, Any], gpu: bool) -> dict[str, Any]:

@@ -201,3 +201,99 @@ def test_every_variant_passes_the_checks_a_job_makes_when_it_starts(exp: str) ->
     if exp == "injection":
         with pytest.raises(ValueError, match="injection run 'input': eval.val_every needs data.source: shapes"):
             load_experiment(exp, paper=True, sets=["eval.val_every=130"])
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and k != "conditioner":
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _get(config: dict, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+@pytest.mark.parametrize("variant", ["paper", "smoke"])
+def test_every_variant_starts_from_the_shared_layer_and_states_only_its_deviations(variant: str) -> None:
+    """configs/_<variant>.yaml reaches every run of every ablation's variant, except where the ablation's own
+    variant section or that run's own entry sets the key; an ablation that repeats a shared value is refused."""
+    import yaml
+
+    from experiments.config import CONFIG_DIR
+
+    shared = _leaves(yaml.safe_load((CONFIG_DIR / f"_{variant}.yaml").read_text()))
+    assert shared and "_paper" not in available_experiments() and "_smoke" not in available_experiments()
+    for exp in available_experiments():
+        spec = yaml.safe_load((CONFIG_DIR / f"{exp}.yaml").read_text())
+        own = (spec.get("paper") or {}).get("overrides") if variant == "paper" else spec.get("smoke")
+        own = _leaves(own)
+        repeated = {k for k, v in own.items() if k in shared and shared[k] == v}
+        assert not repeated, f"{exp}: its {variant} section repeats the shared layer's {sorted(repeated)}"
+        run_entries = (spec.get("paper") or {}).get("runs") if variant == "paper" else spec.get("smoke_runs")
+        for run in load_experiment(exp, **{variant: True})[1]:
+            later = {**own, **_leaves((run_entries or {}).get(run.name)), **_leaves(spec["runs"].get(run.name))}
+            for key, value in shared.items():
+                if key not in later:
+                    assert _get(run.config, key) == value, (exp, run.name, key)
+
+
+def test_typos_in_values_are_refused_before_anything_is_submitted(tmp_path) -> None:
+    """`make sweep ... SET=...` with a bad value exits 2 with one line naming the key and what it takes, before a
+    run folder exists or a job is started."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "UNIFUSION_RUNS": str(tmp_path / "runs")}
+    cases = {
+        "trainer.precision=bf16": "unknown trainer.precision 'bf16'; valid: auto, 32-true, bf16-mixed, 16-mixed",
+        "dit.dimm=4": "unknown config key 'dit.dimm'; valid keys here: ['depth', 'dim',",
+        "dit.dim=ninety": "dit.dim must be an int, got 'ninety'",
+        "train.steps=null": "train.steps must be an int, not null",
+        "latent=pixels": "unknown latent 'pixels'; valid: flux-vae, pixel,",
+        "trainer.devices=0": "trainer.devices must be a positive int or 'auto', got 0",
+    }
+    for item, message in cases.items():
+        out = subprocess.run([sys.executable, "-m", "experiments.launch", "injection", "--set", item], cwd=root,
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, (item, out.stderr[-500:])
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (item, lines)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_config_command_prints_each_run_as_it_is_hashed(tmp_path) -> None:
+    """`make config` prints every run's resolved config; each document hashes to the folder its header names."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "experiments.config", "injection", "--paper", "--set",
+                          "train.steps=7"], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "UNIFUSION_RUNS": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-500:]
+    docs = out.stdout.split("\n---\n")
+    assert len(docs) == 2
+    for doc in docs:
+        header = doc.splitlines()[0]
+        config = yaml.safe_load(doc)
+        name, folder = header.removeprefix("# injection run ").split(": ")
+        assert folder == f"{name}-{config_hash(config)}"
+        assert config["train"]["steps"] == 7 and config["dit"]["dim"] == 2944  # the --set; the shared paper DiT
+    per_layer = yaml.safe_load(docs[1])
+    assert per_layer["conditioner"]["lap_dim"] == 48 and per_layer["trainer"]["accumulate_grad_batches"] == 4
+    bad = subprocess.run([sys.executable, "-m", "experiments.config", "injection", "--run", "nope"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown run(s) nope of injection; valid: input, per_layer" in bad.stderr

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from experiments.config import available_experiments, load_experiment
-from experiments.train import trainer_settings
+from experiments.schema import trainer_settings
 from models.conditioning import encoder_features
 from models.encoders import ENCODER_PRESETS, select_layers
 from models.encoders.hub import HUB_SPECS

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from experiments.config import load_base, merge
-from experiments.train import PRECISIONS, STRATEGIES, apply_model_settings, train, trainer_kwargs
+from experiments.schema import PRECISIONS, STRATEGIES
+from experiments.train import apply_model_settings, train, trainer_kwargs
 from models.conditioning.base import Conditioning
 from models.dit import DiT, DiTBlock
 
