@@ -1,20 +1,43 @@
-"""Atomic file writes: every result another tool reads is written to a temporary file and renamed into place,
-so an interrupted job never leaves a truncated file behind."""
+"""Atomic file writes: every file another tool reads is written to a temporary file and renamed into place,
+so an interrupted job never leaves a truncated file behind (``atomic_write``; every writer of the repository goes
+through it)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through ``<path>.tmp`` + ``os.replace``; creates parent folders."""
+def atomic_write(path: str | Path, write: Callable[[Path], object], durable: bool = False) -> Path:
+    """``write(tmp)`` fills a temporary file private to this process in ``path``'s folder, which is then renamed
+    over ``path``: readers see the old file or the whole new one, never a part, and concurrent writers never share
+    a temporary file. ``durable``: fsync the file before and the folder after the rename, so that the new file
+    also survives a crash of the machine (checkpoints). Creates parent folders; the temporary file is removed when
+    ``write`` fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself
+        finally:
+            os.close(fd)
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``atomic_write``)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def open_rgb(path: str | Path, what: str = "image", exif_transpose: bool = False, data: bytes | None = None):

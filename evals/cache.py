@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from common.files import atomic_write_text
+
 JUDGE_FILE = "judge.json"
 LOCK_FILE = ".lock"
 _HELD: dict[Path, list[Any]] = {}  # folder -> [open lock file, depth]: nested locks of one process are one lock
@@ -141,7 +143,8 @@ def check_judge(out_dir: str | Path, identity: Mapping[str, Any], rows: Iterable
                              "--out (or delete it)")
     if record and (old is None or old.get("fingerprint") != fp):
         out.mkdir(parents=True, exist_ok=True)
-        _write(path, json.dumps({"fingerprint": fp, "identity": dict(identity)}, indent=1, default=str) + "\n")
+        atomic_write_text(path, json.dumps({"fingerprint": fp, "identity": dict(identity)}, indent=1,
+                                           default=str) + "\n")
 
 
 def confirm_revision(out_dir: str | Path, identity: Mapping[str, Any]) -> None:
@@ -158,7 +161,7 @@ def confirm_revision(out_dir: str | Path, identity: Mapping[str, Any]) -> None:
                          f"{revision}: use another --out")
     if old is None:
         data["identity"]["revision"] = revision
-        _write(path, json.dumps(data, indent=1, default=str) + "\n")
+        atomic_write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def drop_stale(path: str | Path, rows: list[dict[str, Any]], digest_of: Callable[[Mapping[str, Any]], str | None]
@@ -168,11 +171,7 @@ def drop_stale(path: str | Path, rows: list[dict[str, Any]], digest_of: Callable
     kept = [r for r in rows if r.get("image") is not None and r.get("image") == digest_of(r)]
     dropped = len(rows) - len(kept)
     if dropped:
-        _write(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     return kept, dropped
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

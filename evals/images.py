@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.files import atomic_write, atomic_write_text
 from models.checkpoints import load_module
 
 GenerateFn = Callable[[list[str], list[int]], Sequence[Any]]
@@ -69,19 +70,8 @@ def to_rgb_array(image: Any, where: str = "generator") -> np.ndarray:
 
 def save_png(image: Any, path: str | Path) -> Path:
     """Atomic PNG write: a temporary file private to this process, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(to_rgb_array(image)).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    array = to_rgb_array(image)
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def grid_2x2(tiles: Sequence[np.ndarray]) -> np.ndarray:
@@ -164,7 +154,7 @@ def geneval_units(metadata: Sequence[dict], out: Path, n_samples: int, seed: int
 
         def finish(meta_path: Path = meta_path, meta: dict = meta) -> None:
             if not meta_path.is_file():
-                _write_text(meta_path, json.dumps(meta))
+                atomic_write_text(meta_path, json.dumps(meta))
 
         units.append(Unit(meta["prompt"], paths, [seed + SEED_STRIDE * i + k for k in range(n_samples)], finish,
                           final=[*paths, meta_path]))
@@ -221,7 +211,7 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
             now = ", ".join(f"{k}: {manifest.get(k)!r}" for k in diff)
             raise ValueError(f"{out} was generated with other settings ({was}; now {now}): write into a new --out")
     else:
-        _write_text(path, json.dumps(manifest, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def run_units(units: Sequence[Unit], generate: GenerateFn, batch_size: int = 16, rank: int | None = None,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -194,6 +193,7 @@ def resumable_csv_logger(run_dir: Path, resume_at: int | None, flush_every: int 
     ``flush_every``: steps between writes of the file (the sweep's live progress reads it).
     """
     import csv
+    import io
 
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -208,12 +208,11 @@ def resumable_csv_logger(run_dir: Path, resume_at: int | None, flush_every: int 
                 reader = csv.DictReader(f)
                 keys = list(reader.fieldnames or [])
                 rows = [r for r in reader if r.get("step") and int(float(r["step"])) < resume_at]
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=keys)
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(tmp, path)
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write_text(path, buf.getvalue())
             self.metrics_keys = sorted(keys)
 
     class ResumableCSVLogger(CSVLogger):

@@ -14,7 +14,6 @@ newest intact checkpoint instead and says so.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import warnings
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from common.files import atomic_write
 
 if TYPE_CHECKING:
     from models.module import UniFusionModule
@@ -46,25 +47,9 @@ def save_final(module: UniFusionModule, path: Path) -> Path:
 
 
 def write_atomic(obj: Any, path: Path) -> Path:
-    """``torch.save(obj)`` to ``path`` so that ``path`` is always either its old file or the whole new one: written
-    to a temporary file in the same folder, fsynced, renamed over ``path``, the folder fsynced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash of the node
-    finally:
-        os.close(dir_fd)
-    return path
+    """``torch.save(obj)`` to ``path`` so that ``path`` is always either its old file or the whole new one, and the
+    new one survives a crash of the node (``common.files.atomic_write``, durable)."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), durable=True)
 
 
 def atomic_checkpoint_io() -> Any:

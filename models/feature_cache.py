@@ -65,6 +65,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from common.files import atomic_write
 from common.prompt import Prompt, as_prompt, image_digest
 from models.encoders import EncoderOutput, encoder_fingerprint
 
@@ -103,11 +104,9 @@ class _Writer:
             if ids is not None:
                 tensors[key + _IDS] = ids.contiguous()
             prompts[key] = prompt
-        self.folder.mkdir(parents=True, exist_ok=True)
         name = f"shard-{uuid.uuid4().hex}.safetensors"  # unique: writers never collide, shards never change
-        tmp = self.folder / f".tmp-{name}"
-        save_file(tensors, str(tmp), metadata={**self.meta, "prompts": json.dumps(prompts)})
-        os.replace(tmp, self.folder / name)
+        meta = {**self.meta, "prompts": json.dumps(prompts)}
+        atomic_write(self.folder / name, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         self.written.append((self.folder / name, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
         return self.folder / name

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.files import atomic_write
 from common.paths import REPO_ROOT, cache_dir
 
 CHAT_PREFIX = "<|im_start|> user "
@@ -307,10 +307,9 @@ def pretrained_tiny_vlm(cfg: dict[str, Any] | None = None, progress: bool = True
                     losses = pretrain(model, tiny_vlm_processor(), cfg, progress=progress)
                 finally:
                     torch.set_num_threads(caller_threads)
-                tmp = path.with_suffix(".tmp")
-                torch.save({"model": model.state_dict(), "config": cfg, "losses": losses,
-                            "seconds": time.time() - t0, "threads": PRETRAIN_THREADS}, tmp)
-                os.replace(tmp, path)
+                record = {"model": model.state_dict(), "config": cfg, "losses": losses,
+                          "seconds": time.time() - t0, "threads": PRETRAIN_THREADS}
+                atomic_write(path, lambda tmp: torch.save(record, tmp))
     if found is not None:
         model.load_state_dict(found[0])
     model.eval()
@@ -341,12 +340,9 @@ def ship(cfg: dict[str, Any] | None = None) -> Path:
     state, rec = found
     meta = {"config": json.dumps(cfg, sort_keys=True), "losses": json.dumps(rec["losses"]),
             "seconds": f"{rec['seconds']:.1f}", "threads": str(rec["threads"])}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
     # untied copies: safetensors refuses tensors that share storage (the tied embedding / lm_head)
-    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, out)
-    return out
+    tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    return atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 if __name__ == "__main__":

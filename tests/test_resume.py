@@ -98,7 +98,8 @@ def test_checkpoint_writes_are_all_or_nothing(tmp_path: Path, monkeypatch) -> No
     checkpoints.write_atomic({"global_step": 1, "w": torch.arange(1000)}, path)
 
     def dies_half_way(obj, f) -> None:
-        f.write(b"PK\x03\x04 partial")
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoints.torch, "save", dies_half_way)
