@@ -50,6 +50,8 @@ class Conditioner(nn.Module):
     feeds_tokens: bool = True
     #: How the DiT blocks read ``Conditioning.kv`` (models/dit.py: "hidden" | "encoder"); None = no kv channel.
     kv_context: str | None = None
+    #: True when encoder layer i feeds DiT block i, so the number of tapped layers must equal the DiT's depth.
+    layer_per_block: bool = False
 
     @classmethod
     def encoder_features(cls, options: dict) -> str:

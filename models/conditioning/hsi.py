@@ -25,6 +25,8 @@ from models.conditioning.refiner import Refiner
 class HiddenStateInjection(Conditioner):
     """Input tokens from layer 0; zero-init per-block injections from layers 1..depth-1."""
 
+    layer_per_block = True
+
     def __init__(
         self,
         enc_dim: int,

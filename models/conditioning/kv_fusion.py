@@ -36,6 +36,8 @@ KV_SOURCES = ("encoder", "hidden")
 class KVFusion(Conditioner):
     """Per encoder layer i: ``kv[i]`` for DiT block i (the encoder's packed K/V, or a projected hidden state)."""
 
+    layer_per_block = True
+
     feeds_tokens = False
 
     def __init__(self, enc_dim: int, num_layers: int, dit_dim: int, dit_depth: int, *, heads: int = 4,
