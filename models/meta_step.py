@@ -42,7 +42,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 from models import hub_configs
 from models.conditioning import LayerwiseAttentionPooling
-from models.encoders.taps import find_blocks
+from models.encoders.taps import find_blocks, tap_hidden_states
 from models.flow import flow_matching_loss
 from models.parts import build_parts
 
@@ -212,38 +212,12 @@ def _image_features(model: nn.Module, config: Any, images: int) -> Tensor:
     return out if isinstance(out, Tensor) else out.pooler_output
 
 
-class _Stop(Exception):
-    """Raised after the deepest tapped block: deeper blocks never run (as in FrozenEncoder)."""
-
-
 def _taps(lm: nn.Module, x: Tensor, layer_ids: tuple[int, ...], deepest_only: bool = True) -> list[Tensor]:
-    """Hidden states ``layer_ids`` of ``lm`` on inputs_embeds ``x`` (B, L, D); blocks past the deepest tap are skipped
-    unless ``deepest_only`` is False (then the whole stack runs)."""
-    blocks = find_blocks(lm, None)
-    last, deepest, got = len(blocks), max(layer_ids), {}
-
-    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        got[0] = args[0] if args else kwargs["hidden_states"]
-        if deepest == 0 and deepest_only:
-            raise _Stop
-
-    def post(i: int):
-        def hook(module: nn.Module, args: tuple, out: Any) -> None:
-            got[i] = out[0] if isinstance(out, (tuple, list)) else out
-            if i == deepest and deepest_only:
-                raise _Stop
-        return hook
-
-    handles = [blocks[0].register_forward_pre_hook(pre, with_kwargs=True)] if 0 in layer_ids else []
-    handles += [blocks[i - 1].register_forward_hook(post(i)) for i in set(layer_ids) - {0, last}]
-    try:
-        out = lm(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long), use_cache=False)
-        got[last] = out.last_hidden_state
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    """Hidden states ``layer_ids`` of ``lm`` on inputs_embeds ``x`` (B, L, D), tapped as the frozen encoder taps
+    them; blocks past the deepest tap are skipped unless ``deepest_only`` is False (then the whole stack runs)."""
+    got = tap_hidden_states(find_blocks(lm, None), layer_ids, lambda: lm(
+        inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long), use_cache=False),
+        stop_early=deepest_only)
     return [got[i] for i in layer_ids]
 
 

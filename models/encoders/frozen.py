@@ -15,7 +15,7 @@ skipped.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from common.prompt import Prompt, as_prompt, decode_image
 from models.encoders.kv import attention_shape, check_kv_capable, encoder_kv
 from models.encoders.rewrites import Rewrite
 from models.encoders.spec import VerifiSpec, VisionSpec
-from models.encoders.taps import find_blocks, select_layers
+from models.encoders.taps import find_blocks, select_layers, tap_hidden_states
 
 
 @dataclass
@@ -39,10 +39,6 @@ class EncoderOutput:
     token_ids: Tensor | None = None  # (B, T) long, the kept token ids, pad id where mask is False
     positions: Tensor | None = None  # (B, T) long, where each kept token sits in the encoded sequence; -1 = pad
     rewrites: list[str | None] | None = None  # VERIFI: the decoded rewrite of each prompt, for people to read
-
-
-class _StopForward(Exception):
-    """Raised by the hook of the deepest selected block so that deeper blocks never run."""
 
 
 @dataclass
@@ -398,40 +394,10 @@ class FrozenEncoder(nn.Module):
         model_inputs = {k: v.to(device) for k, v in model_inputs.items()}
         if self.features == "kv":
             return encoder_kv(self.model, input_ids, attention_mask, **model_inputs)
-        wanted, deepest, last = set(self._layer_ids), max(self._layer_ids), self.num_layers
-        captured: dict[int, Tensor] = {}
-
-        def first_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured[0] = args[0] if args else kwargs["hidden_states"]
-            if deepest == 0:
-                raise _StopForward
-
-        def block_output(layer: int) -> Callable:
-            def hook(module: nn.Module, args: tuple, output: Any) -> None:
-                captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
-                if layer == deepest:
-                    raise _StopForward
-
-            return hook
-
-        handles = []
-        if 0 in wanted:
-            handles.append(self._blocks[0].register_forward_pre_hook(first_input, with_kwargs=True))
-        for layer in wanted - {0, last}:
-            handles.append(self._blocks[layer - 1].register_forward_hook(block_output(layer)))
         base = self.model.base_model  # features come from the base model: no LM head, no logits
-        try:
-            out = base(input_ids=input_ids, attention_mask=attention_mask.long(), return_dict=True,
-                       use_cache=False, **model_inputs)
-            if last in wanted:
-                if getattr(out, "last_hidden_state", None) is None:
-                    raise ValueError(f"{type(base).__name__} returns no last_hidden_state; wrap a base model")
-                captured[last] = out.last_hidden_state
-        except _StopForward:
-            pass  # the deepest selected block has run; nothing deeper is needed
-        finally:
-            for h in handles:
-                h.remove()
+        captured = tap_hidden_states(self._blocks, self._layer_ids, lambda: base(
+            input_ids=input_ids, attention_mask=attention_mask.long(), return_dict=True, use_cache=False,
+            **model_inputs))
         feats = torch.stack([captured[i] for i in self._layer_ids], dim=2).float()
         return feats.masked_fill(~attention_mask[:, :, None, None].bool(), 0.0)
 

@@ -7,10 +7,10 @@ block i-1 ... i.e. of the i-th block, and ``num_layers`` = the model's final-nor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 
 def select_layers(
@@ -97,3 +97,45 @@ def find_blocks(model: nn.Module, path: str | None) -> nn.ModuleList:
         f"cannot find the transformer blocks of {type(model).__name__}: tried attribute paths {list(paths)}; "
         "pass blocks_path='dotted.path.to.ModuleList'"
     )
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the deepest tapped block so that deeper blocks never run."""
+
+
+def tap_hidden_states(blocks: Sequence[nn.Module], layer_ids: Sequence[int], forward: Callable[[], Any],
+                      stop_early: bool = True) -> dict[int, Tensor]:
+    """Hidden states ``layer_ids`` of one ``forward()`` of the model that holds ``blocks``, taken with hooks:
+    layer 0 is the first block's input, layer i block i's output (the first of a tuple output), and layer
+    ``len(blocks)`` the forward's final-normed ``last_hidden_state``. ``stop_early``: the deepest tapped block ends
+    the forward (no deeper block runs); otherwise the whole forward runs. Id -> (B, L, D) tensor."""
+    wanted, last, got = set(layer_ids), len(blocks), {}
+    deepest = max(wanted)
+
+    def first_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        got[0] = args[0] if args else kwargs["hidden_states"]
+        if deepest == 0 and stop_early:
+            raise _StopForward
+
+    def block_output(layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            got[layer] = output[0] if isinstance(output, (tuple, list)) else output
+            if layer == deepest and stop_early:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[0].register_forward_pre_hook(first_input, with_kwargs=True)] if 0 in wanted else []
+    handles += [blocks[layer - 1].register_forward_hook(block_output(layer)) for layer in wanted - {0, last}]
+    try:
+        out = forward()
+        if last in wanted:
+            if getattr(out, "last_hidden_state", None) is None:
+                raise ValueError(f"{type(out).__name__} holds no last_hidden_state; wrap a base model")
+            got[last] = out.last_hidden_state
+    except _StopForward:
+        pass  # the deepest tapped block has run; nothing deeper is needed
+    finally:
+        for h in handles:
+            h.remove()
+    return got
