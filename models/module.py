@@ -153,7 +153,10 @@ class UniFusionModule(L.LightningModule):
         """Encoder features of captions/prompts; with VERIFI, of their (cached) rewrites.
 
         Plain encodings go through the disk feature cache when ``encoder.cache`` is set; VERIFI encodings never
-        do (the cache keys prompts, not rewrites: the rewrites are cached in memory in ``self._rewrites``).
+        do (the cache keys prompts, not rewrites: the rewrites are cached in memory in ``self._rewrites``). A batch
+        of distinct prompts none of which has a cached rewrite is encoded in its generation's own passes (the
+        paper's single pass); a batch with cached or repeated prompts generates the missing rewrites once each and
+        encodes every row's ids again.
         """
         verifi = self.verifi if verifi is None else verifi
         if not verifi:
@@ -163,6 +166,11 @@ class UniFusionModule(L.LightningModule):
         keys = [self._key(p) for p in items]
         by_key, tok = dict(zip(keys, items, strict=True)), self.encoder.tokenizer
         todo = self._rewrites.missing(keys)
+        if 0 < len(todo) == len(keys) <= 64:  # all new and distinct: features from the generating passes themselves
+            out = self.encoder(items, verifi=True)
+            for k, rewrite in zip(keys, out.generated, strict=True):
+                self._rewrites.put(k, rewrite, tok)
+            return out
         for i in range(0, len(todo), 64):  # greedy rewrites are deterministic: generate each distinct one once
             chunk = todo[i: i + 64]
             for k, rewrite in zip(chunk, self.encoder.generate_rewrites([by_key[k] for k in chunk]), strict=True):

@@ -441,5 +441,8 @@ def test_verifi_conditions_on_exactly_the_generated_and_image_positions(name: st
         assert positions == image_pos + list(range(n_head, n_head + len(new)))
         assert kept_ids(out)[len(image_pos):] == new
         assert out.rewrites == [enc.tokenizer.decode(new, skip_special_tokens=True).strip()]
+        # the features came from the generation's passes; encoding the same ids again gives them too
+        again = enc([Prompt(TEXT, images)], verifi=True, rewrites=[new])
+        torch.testing.assert_close(out.features, again.features, atol=1e-4, rtol=1e-4)
     finally:
         enc.verifi = full

@@ -124,3 +124,50 @@ def test_rewrite_cache_fingerprint() -> None:
     with pytest.raises(ValueError, match="empty rewrite"):
         cache.put("j", Rewrite((), ""), a)
     assert tokenizer_fingerprint(build_encoder("tiny-llama").tokenizer) == tokenizer_fingerprint(shapes_tokenizer())
+
+
+def test_rewrite_features_come_from_the_generation_and_equal_encoding_it_again(bpe, monkeypatch) -> None:
+    """Generating, the encoder keeps the hidden states of the passes that generated (the paper's "same forward
+    pass"): no second pass runs, and the features equal those of encoding the same ids again, for rows of different
+    lengths in one left-padded batch, rewrites cut at max_new_tokens included."""
+    import dataclasses
+
+    enc, _ = bpe
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("encoded again")
+
+    prompts = [PROMPT, "two green triangles", "a picture of three objects on a plain gray background"]
+    for limit in (VERIFI.max_new_tokens, 2):
+        e = FrozenEncoder(enc.model, enc.tokenizer, [0, 1, -1], template=TEMPLATE, name="bpe-llama",
+                          verifi=dataclasses.replace(VERIFI, max_new_tokens=limit))
+        again = e(prompts, verifi=True, rewrites=[r.ids for r in e.generate_rewrites(prompts)])
+        with monkeypatch.context() as m:
+            m.setattr(e, "encode_ids", no_second_pass)
+            live = e(prompts, verifi=True)
+        assert torch.equal(live.mask, again.mask) and torch.equal(live.token_ids, again.token_ids)
+        assert live.features.shape[2] == 3 and int(live.mask.sum(1).max()) <= limit
+        torch.testing.assert_close(live.features, again.features, atol=1e-5, rtol=1e-5)
+
+
+def test_module_encodes_new_prompts_in_their_generating_pass_and_caches_the_ids(monkeypatch) -> None:
+    """A batch of new distinct prompts: one generation, no second encoding, rewrites cached; the same batch again
+    is encoded from the cached ids, with the same features."""
+    preset = EncoderPreset(builder=lambda seed: bpe_llama(), template=TEMPLATE, layers=(-1,), max_length=64,
+                           verifi=VERIFI)
+    monkeypatch.setitem(ENCODER_PRESETS, "bpe-llama", preset)
+    cfg = merge(load_base(), {"candidate": "last_layer", "encoder": {"preset": "bpe-llama", "layers": [-1],
+                                                                     "stride": None, "start": None, "verifi": True},
+                              "dit": {"dim": 32, "depth": 2, "heads": 2, "patch": 8}, "conditioner": {"heads": 2}})
+    module = UniFusionModule(cfg)
+    prompts = [PROMPT, "two green triangles"]
+    real = module.encoder.encode_ids
+    with monkeypatch.context() as m:
+        m.setattr(module.encoder, "encode_ids", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
+        first = module.encode(prompts)
+    assert len(module._rewrites) == 2 and kept(first, 0) == generated_directly(*bpe_llama())
+    calls = []
+    monkeypatch.setattr(module.encoder, "encode_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = module.encode(prompts)
+    assert calls == [1] and torch.equal(first.token_ids, second.token_ids)
+    torch.testing.assert_close(first.features, second.features, atol=1e-5, rtol=1e-5)

@@ -39,6 +39,7 @@ class EncoderOutput:
     token_ids: Tensor | None = None  # (B, T) long, the kept token ids, pad id where mask is False
     positions: Tensor | None = None  # (B, T) long, where each kept token sits in the encoded sequence; -1 = pad
     rewrites: list[str | None] | None = None  # VERIFI: the decoded rewrite of each prompt, for people to read
+    generated: list[Rewrite] | None = None  # VERIFI: each prompt's rewrite: its generated ids and their text
 
 
 @dataclass
@@ -48,6 +49,7 @@ class _Row:
     vision: dict[str, Tensor]  # processor outputs other than ids/mask (pixel_values, image_grid_thw, ...)
     seq_keys: tuple[str, ...] = ()  # vision entries aligned with ids (token_type_ids...), padded like ids
     rewrite: Rewrite | None = None
+    features: Tensor | None = None  # (len(ids), N, D): the tapped hidden states, taken while generating (VERIFI)
 
 
 class FrozenEncoder(nn.Module):
@@ -311,7 +313,11 @@ class FrozenEncoder(nn.Module):
         return input_ids, mask, {k: torch.cat(v) for k, v in merged.items()}
 
     # -------------------------------------------------------------------------------------- VERIFI
-    def _verifi_rows(self, prompts: list[Prompt], rewrites: Sequence[Sequence[int]] | None, seed: int) -> list[_Row]:
+    def _verifi_rows(self, prompts: list[Prompt], rewrites: Sequence[Sequence[int]] | None, seed: int,
+                     features: bool = False) -> list[_Row]:
+        """The rows of VERIFI's conditioning: each prompt's head + its rewrite (generated, or ``rewrites``); with
+        ``features`` (generating only), each row also holds the tapped hidden states of its ids, taken in the
+        generation's own forward passes where they cover the whole rewrite."""
         if self.verifi is None:
             raise ValueError(f"encoder preset {self.name!r} has no VERIFI prompt (a generative VLM preset does)")
         prefix, suffix = self.verifi.template.split("{}")
@@ -321,8 +327,9 @@ class FrozenEncoder(nn.Module):
             ids, vision, seq = self._tokenize_row(prefix + user + suffix, images)
             ids = self._wrap(ids, vision, seq, eos=False)
             heads.append(_Row(ids, [], vision, seq))
+        states: list[Tensor | None] = [None] * len(heads)
         if rewrites is None:
-            new_ids = self._generate(heads, seed)
+            new_ids, states = self._generate(heads, seed, features=features)
         else:
             if len(rewrites) != len(prompts):
                 raise ValueError(f"{len(rewrites)} rewrites for {len(prompts)} prompts")
@@ -342,12 +349,19 @@ class FrozenEncoder(nn.Module):
             for k, v in h.vision.items():
                 vision[k] = torch.nn.functional.pad(v, (*(0, 0) * (v.dim() - 2), 0, len(gen))) if k in h.seq_keys else v
             text = self.tokenizer.decode(gen, skip_special_tokens=True).strip()  # for people only
-            rows.append(_Row(ids, keep, vision, h.seq_keys, rewrite=Rewrite(tuple(gen), text)))
+            rows.append(_Row(ids, keep, vision, h.seq_keys, rewrite=Rewrite(tuple(gen), text), features=states[i]))
         return rows
 
     @torch.no_grad()
-    def _generate(self, heads: list[_Row], seed: int) -> list[list[int]]:
-        """Generated token ids per row (stop token and everything after it removed), batched with left padding."""
+    def _generate(self, heads: list[_Row], seed: int,
+                  features: bool = False) -> tuple[list[list[int]], list[Tensor | None]]:
+        """Generated token ids per row (stop token and everything after it removed), batched with left padding.
+
+        ``features``: also each row's tapped hidden states over its head + rewrite, (len, N, D) float32, from the
+        generation's forward passes (the paper's "same forward pass used for feature extraction"): the head's from
+        the first pass, rewrite token j's from the pass that read it to generate token j + 1. So that a rewrite cut
+        at ``max_new_tokens`` has a pass over its last token too, one token more is generated and dropped (the
+        kept ids are the same: generation is sequential)."""
         assert self.verifi is not None
         input_ids, mask, vision = self._pad(heads, left=True)
         device = self.model.get_input_embeddings().weight.device
@@ -358,7 +372,7 @@ class FrozenEncoder(nn.Module):
                 input_ids=input_ids.to(device),
                 attention_mask=mask.long().to(device),
                 **{k: t.to(device) for k, t in vision.items()},
-                max_new_tokens=v.max_new_tokens,
+                max_new_tokens=v.max_new_tokens + int(features),
                 do_sample=v.do_sample,
                 temperature=v.temperature if v.do_sample else None,
                 top_p=None,
@@ -366,12 +380,22 @@ class FrozenEncoder(nn.Module):
                 eos_token_id=self._stop_id,
                 pad_token_id=self._pad_id,
                 use_cache=True,
+                output_hidden_states=features,
+                return_dict_in_generate=True,
             )
-        new = out[:, input_ids.shape[1]:].tolist()
-        result = []
-        for row in new:
-            result.append(row[: row.index(self._stop_id)] if self._stop_id in row else row)
-        return result
+        prompt_len = input_ids.shape[1]
+        new = [row[: v.max_new_tokens] for row in out.sequences[:, prompt_len:].tolist()]
+        result = [row[: row.index(self._stop_id)] if self._stop_id in row else row for row in new]
+        if not features or self.features != "hidden":
+            return result, [None] * len(heads)
+        steps = out.hidden_states  # per generation step: one (B, L_step, D) tensor per hidden-state id
+        taps = [torch.stack([step[i] for i in self._layer_ids], dim=2).float() for step in steps]  # (B, L, N, D)
+        generated = torch.cat(taps[1:], dim=1) if len(taps) > 1 else taps[0][:, :0]
+        states: list[Tensor | None] = []
+        for b, (head, gen) in enumerate(zip(heads, result, strict=True)):
+            start = prompt_len - len(head.ids)  # left padding
+            states.append(torch.cat([taps[0][b, start:], generated[b, : len(gen)]]))
+        return result, states
 
     def generate_rewrites(self, prompts: Sequence[str | Prompt], seed: int = 0) -> list[Rewrite]:
         """The VERIFI rewrites of prompts (generated token ids + decoded text), without encoding them."""
@@ -413,14 +437,21 @@ class FrozenEncoder(nn.Module):
         Plain: the kept tokens are the user content (image tokens, then text; plus EOS if added), the template
         dropped. ``verifi=True``: the VLM rewrites each prompt (or ``rewrites`` are given: the token ids an earlier
         generation produced, e.g. cached ones, used as they are) and the kept tokens are the image tokens + the
-        rewrite's tokens only; the user's text is not kept.
+        rewrite's tokens only; the user's text is not kept. Rewrites generated here bring their hidden states from
+        the generation's own passes (``_generate``); given rewrites are encoded (equal up to float round-off).
         """
         items = self._prompts(prompts)
         if rewrites is not None and not verifi:
             raise ValueError("rewrites= only applies with verifi=True")
-        rows = self._verifi_rows(items, rewrites, seed) if verifi else [self._row(p, i) for i, p in enumerate(items)]
+        rows = (self._verifi_rows(items, rewrites, seed, features=True) if verifi
+                else [self._row(p, i) for i, p in enumerate(items)])
         input_ids, mask, vision = self._pad(rows)
-        feats = self.encode_ids(input_ids, mask, **vision)
+        if all(r.features is not None for r in rows):  # VERIFI: taken while generating, no second pass
+            feats = torch.zeros(*input_ids.shape, *rows[0].features.shape[1:], device=rows[0].features.device)
+            for i, r in enumerate(rows):
+                feats[i, : len(r.ids)] = r.features
+        else:
+            feats = self.encode_ids(input_ids, mask, **vision)
         t = max(len(r.keep) for r in rows)
         b, d = len(rows), feats.device
         positions = torch.full((b, t), -1, dtype=torch.long)
@@ -438,6 +469,7 @@ class FrozenEncoder(nn.Module):
             token_ids=token_ids.to(d),
             positions=positions.to(d),
             rewrites=[r.rewrite.text for r in rows] if verifi else None,
+            generated=[r.rewrite for r in rows] if verifi else None,
         )
 
 
