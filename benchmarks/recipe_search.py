@@ -9,10 +9,10 @@ The run is ``conditioning_candidates``'s ``--run`` with the overrides applied la
 --set``), trained and evaluated in this process with one torch thread, in ``--runs-dir/<trial>/``. One row per
 trial is appended to ``results/recipe_search/trials.csv``: the overrides, GenEval-shapes overall and per task,
 and the train / eval wall times. ``--radius LO,HI`` trains and evaluates in a world whose shapes have radii
-LO..HI at 32 px instead of the default ``world.scene.radius_range`` (a world-spec change, tried here before it is
-made in code). ``--from-trial SRC`` trains nothing: it re-samples and re-scores SRC's final weights with SRC's
-config updated by the ``sample.*`` / ``eval.*`` overrides (sampler and CFG settings cost no training); its
-``train_s`` is SRC's.
+LO..HI at 32 px instead of the default ``world.scene.radius_range``; ``--radius grid:R`` in one whose shapes have
+radius R and sit on a grid of (2R + 2)-pixel cells (world-spec changes, tried here before they are made in code).
+``--from-trial SRC`` trains nothing: it re-samples and re-scores SRC's final weights with SRC's config updated
+by the ``sample.*`` / ``eval.*`` overrides (sampler and CFG settings cost no training); its ``train_s`` is SRC's.
 """
 
 from __future__ import annotations
@@ -50,11 +50,43 @@ def patch_radius(radius: str) -> None:
     scene.radius_range = lambda size: (lo, hi)
 
 
+def patch_grid(r: int) -> None:
+    """A world whose shapes all have radius ``r`` and sit on a grid: cells of 2r + 2 px, one object per cell.
+
+    Centres are ``(pitch * i + r, pitch * j + r)``, so every box keeps the world's one-pixel gap and, when the
+    pitch is a multiple of the DiT's patch, every shape covers whole patches. Placement is the only change:
+    prompts, captions, colours and the detector are the world's own.
+    """
+    pitch = 2 * r + 2
+
+    def place_on_grid(rng, size: int, specs: list[tuple[str, str]]):
+        n = size // pitch
+        if len(specs) > n * n:
+            return None
+        cells = rng.permutation(n * n)[: len(specs)]
+        return tuple(scene.Obj(cls, color, int(c % n) * pitch + r, int(c // n) * pitch + r, r)
+                     for (cls, color), c in zip(specs, cells, strict=True))
+
+    import world.edits
+    import world.prompts
+    scene.radius_range = lambda size: (r, r)
+    for module in (scene, world.prompts, world.edits):
+        module.place = place_on_grid
+
+
+def patch_world(radius: str) -> None:
+    """``--radius``: ``LO,HI`` radii at random places, or ``grid:R`` (``patch_grid``)."""
+    if radius.startswith("grid:"):
+        patch_grid(int(radius.removeprefix("grid:")))
+    else:
+        patch_radius(radius)
+
+
 def trial(name: str, exp: str, run_name: str, sets: list[str], radius: str, runs_dir: Path, note: str) -> dict:
     from experiments.train import run
 
     if radius:
-        patch_radius(radius)
+        patch_world(radius)
     _, runs = load_experiment(exp, sets=sets)
     by_name = {r.name: r for r in runs}
     if run_name not in by_name:
@@ -85,7 +117,7 @@ def resample(name: str, src: str, sets: list[str], runs_dir: Path, note: str) ->
         fail(f"no trial {src!r} in {CSV}")
     base = rows[-1]
     if base["radius"]:
-        patch_radius(base["radius"])
+        patch_world(base["radius"])
     (ckpt,) = (runs_dir / src).glob("*/final.ckpt")
     module = load_module(ckpt)
     config = module.config
@@ -126,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--exp", default="conditioning_candidates")
     p.add_argument("--run", default="lap")
     p.add_argument("--set", action="append", dest="sets", default=[], metavar="KEY=VALUE")
-    p.add_argument("--radius", default="", help="LO,HI shape radii at 32 px (default: the world's own)")
+    p.add_argument("--radius", default="", help="LO,HI shape radii at 32 px, or grid:R (radius R on a grid "
+                   "of 2R + 2 px cells); default: the world's own")
     p.add_argument("--from-trial", default="", help="re-sample this trial's weights; train nothing")
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR / "recipe_search",
                    help="where the trial runs go (default: $UNIFUSION_RUNS/recipe_search, or runs/recipe_search)")
