@@ -23,8 +23,8 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_em
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.blocks import MLP, Attention
 from models.conditioning.base import Conditioning
-from models.layers import MLP, Attention
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,11 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from experiments.config import load_experiment
+from models.blocks import Attention
 from models.conditioning import build_conditioner
 from models.dit import DiT
 from models.encoders import ENCODER_PRESETS, Prompt, build_encoder
 from models.encoders.kv import attention_shape
-from models.layers import Attention
 
 PROMPTS = ["a photo of a red circle", "two blue squares left of a green triangle ."]
 

@@ -23,7 +23,7 @@ Analysis hooks (paper Figs. 7, 8, 18):
 
 Relation to diffusers ``Krea2TextFusion`` (checked by tests/test_lap_krea2.py): identical data flow -- reshape to
 (B*T, N, D), unmasked layer-axis blocks, ``Linear(N, 1, bias=False)`` over the layer axis, refiner blocks over
-tokens with the key padding mask. Differences by design: our blocks are ``models.layers.TransformerBlock``
+tokens with the key padding mask. Differences by design: our blocks are ``models.blocks.TransformerBlock``
 (RMSNorm with plain gain and eps 1e-6, fused biased QKV, QK-RMSNorm, GELU-tanh MLP) where Krea2's have
 ``1 + w`` RMSNorms, GQA projections without bias, a sigmoid output gate and a SwiGLU FFN; the pooling weights
 start at 1/N (mean over layers) rather than PyTorch's random Linear init; padded outputs are zeroed; and our
@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.blocks import TransformerBlock
 from models.conditioning.base import Conditioner, Conditioning
 from models.conditioning.last_layer import TokenProjection, check_features
 from models.conditioning.refiner import Refiner
-from models.layers import TransformerBlock
 
 INJECTIONS = ("input", "per_layer")
 

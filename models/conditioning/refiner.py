@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import TransformerBlock
+from models.blocks import TransformerBlock
 
 
 class Refiner(nn.Module):
