@@ -292,3 +292,89 @@ def test_study_file_instructions_consent_and_questions(tmp_path: Path) -> None:
         study_file.write_text(body)
         assert main(["create", "--db", db, "--study", "t", "--a", str(a), "--b", str(b), "--layout", "geneval",
                      "--study-file", str(study_file)]) == 2, why
+
+
+def test_practice_round_with_feedback_comes_between_consent_and_pairs_and_is_never_a_vote(tmp_path: Path,
+                                                                                           capsys) -> None:
+    """A study file's practice pairs are shown after consent and before any real pair is handed out; each answer
+    gets feedback (matched or not, the expected answer, the explanation); the answers are stored apart from the
+    votes (not in votes.csv, not in win rates) and the report and admin page show each annotator's practice
+    accuracy (here 1 of 2 = 0.500). Bad practice entries stop create with one error line naming the entry."""
+    from evals.ab.__main__ import main
+    from evals.ab.db import Annotator, Assignment, PracticeAnswer
+
+    a = write_system(tmp_path, SYSTEMS[0], 2, 1)
+    b = write_system(tmp_path, SYSTEMS[1], 2, 1, shift=1)
+    db = str(tmp_path / "s.sqlite")
+    study_file = tmp_path / "study.yaml"
+    practice = ("practice:\n"
+                f"  - left: {a.name}/00000/samples/00000.png\n    right: {b.name}/00000/samples/00000.png\n"
+                "    prompt: a red square\n    answer: left\n"
+                f"  - left: {a.name}/00001/samples/00000.png\n    right: {b.name}/00001/samples/00000.png\n"
+                "    prompt: a green circle\n    answer: right\n    aspect: sharpness\n"
+                "    explanation: The right one is **sharper** at the edges.\n")
+    study_file.write_text("consent: |\n  You agree that your answers are stored.\n" + practice)
+    assert main(["create", "--db", db, "--study", "s", "--a", str(a), "--b", str(b), "--layout", "geneval",
+                 "--aspects", "overall,sharpness", "--votes-per-pair", "1", "--study-file", str(study_file),
+                 "--annotators", "1"]) == 0
+    admin = re.search(r"admin token \(shown once\): (\S+)", capsys.readouterr().out).group(1)
+    sessions = make_sessions(make_engine(db))
+    with sessions() as s:
+        token = s.scalar(select(Annotator.token))
+    with running_app(db) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert 'id="agree"' in c.get(f"/a/{token}").text  # consent comes first
+        assert c.post(f"/a/{token}/practice", data={"practice": "1", "choice_overall": "left"}).status_code == 403
+        assert c.post(f"/a/{token}/consent").status_code == 303
+        first = c.get(f"/a/{token}").text
+        assert "Practice 1 of 2" in first and 'name="practice" value="1"' in first
+        assert not re.search(PAIR_ID_PATTERN, first) and "a red square" in first
+        assert "Overall, which image do you prefer?" in first and "choice_sharpness" not in first
+        assert c.get(f"/a/{token}/practice/1/img/left").headers["content-type"] == "image/png"
+        assert SYSTEMS[0].encode() not in c.get(f"/a/{token}/practice/1/img/left").content
+        answer = c.post(f"/a/{token}/practice", data={"practice": "1", "choice_overall": "left"})
+        assert answer.status_code == 303 and answer.headers["location"] == f"/a/{token}/practice/1"
+        feedback = c.get(f"/a/{token}/practice/1").text
+        assert "That matches." in feedback and 'id="explanation"' not in feedback
+        assert re.search(r'id="expected-answer">Left is better<', feedback)
+        assert c.post(f"/a/{token}/practice", data={"practice": "1", "choice_overall": "right"}).status_code == 409
+        second = c.get(f"/a/{token}/practice/2", follow_redirects=True)  # not answered yet: the page shows it
+        assert second.status_code == 200 and "Practice 2 of 2" in second.text and "a green circle" in second.text
+        assert c.post(f"/a/{token}/practice", data={"practice": "2", "choice_sharpness": "tie"}).status_code == 303
+        feedback = c.get(f"/a/{token}/practice/2").text
+        assert "That does not match." in feedback and re.search(r'id="your-answer">About the same<', feedback)
+        assert re.search(r'id="expected-answer">Right is better<', feedback)
+        assert "<strong>sharper</strong>" in feedback and "the real comparisons start now" in feedback
+        assert c.post(f"/a/{token}/practice", data={"practice": "3", "choice_overall": "left"}).status_code == 404
+        with sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Assignment)) == 0  # no real pair handed out yet
+            assert s.scalar(select(func.count()).select_from(Vote)) == 0
+            assert sorted(s.execute(select(PracticeAnswer.choice, PracticeAnswer.correct)).all()) == [
+                ("left", True), ("tie", False)]
+        page = c.get(f"/a/{token}").text
+        pair = re.search(PAIR_ID_PATTERN, page).group(1)
+        assert "Practice" not in page and "1 of 2" in page
+        assert _vote(c, token, pair, overall="right", sharpness="right").status_code == 303
+        auth = {"Authorization": f"Bearer {admin}"}
+        votes_csv = c.get("/admin/s/votes.csv", headers=auth).text.strip().splitlines()
+        assert len(votes_csv) == 3 and all(pair in row for row in votes_csv[1:])  # header + the 2 real answers
+        assert "0.500 (1/2)" in c.get("/admin/s", headers=auth).text
+        assert "| web-001 | 2 | 1 | 0.500 |" in c.get("/admin/s/report", headers=auth).text
+    from evals.ab.report import build_report
+
+    rates = build_report(sessions, "s", n_resamples=10, min_seconds=0).win_rates  # a fast test is no speeder
+    assert rates.valid_pairs.tolist() == [1, 1, 1, 1]  # per aspect and side: the one real pair only
+    # bad practice sections: one error line naming the entry, exit 2
+    for entry, why in ((f"  - left: {a.name}/00000/samples/00000.png\n    right: nope.png\n    prompt: p\n"
+                        "    answer: left\n", "practice entry 1: right image not found"),
+                       (f"  - left: {a.name}/00000/samples/00000.png\n    right: {a.name}/00000/samples/00000.png\n"
+                        "    prompt: p\n    answer: up\n", "practice entry 1: answer must be one of left, right, tie"),
+                       ("  - {left: a.png, colour: red}\n", "practice entry 1: unknown key(s) colour"),
+                       (f"  - left: {a.name}/00000/samples/00000.png\n    right: {a.name}/00000/samples/00000.png\n"
+                        "    prompt: p\n    answer: left\n    aspect: colour\n", "aspect 'colour' is not asked"),
+                       ("  - left: study.yaml\n    right: study.yaml\n    prompt: p\n    answer: left\n",
+                        "practice entry 1: left:")):
+        study_file.write_text("practice:\n" + entry)
+        assert main(["create", "--db", db, "--study", "t", "--a", str(a), "--b", str(b), "--layout", "geneval",
+                     "--aspects", "overall,sharpness", "--study-file", str(study_file)]) == 2, why
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err

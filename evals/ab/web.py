@@ -9,6 +9,10 @@ Annotator routes (the token in the path is the only credential; unknown or missi
                                        answers for the last answered pair, from the back page)
     GET  /a/{token} (consent step)     a study with consent text shows it (and its instructions) until
     POST /a/{token}/consent            "I agree" is clicked (recorded with the server's time)
+    GET  /a/{token} (practice step)    after consent, a study file's practice pairs one by one (before any real pair)
+    POST /a/{token}/practice           a practice answer (stored apart from votes) -> 303 to its feedback page
+    GET  /a/{token}/practice/{k}       whether practice answer k matched the expected one, and its explanation
+    GET  /a/{token}/practice/{k}/img/{which}  an image of practice pair k
     GET  /a/{token}/back               the last answered pair with its stored answers, to change them
     GET  /a/{token}/img/{pair}/{which} an image of a pair given to this annotator (which: left, right, source)
 Admin routes (``Authorization: Bearer <admin token>`` or ``?token=``; wrong or missing -> 403):
@@ -40,11 +44,15 @@ from starlette.concurrency import run_in_threadpool
 from evals.ab.assign import (
     AnnotatorError,
     ConsentRequired,
+    PracticeStep,
     Progress,
     give_consent,
     last_answer,
     next_pair,
+    next_practice,
     pair_for,
+    practice_step,
+    record_practice,
     record_vote,
 )
 from evals.ab.blind import ImageChanged, image_png
@@ -105,12 +113,31 @@ def create_app(db: str | Engine) -> FastAPI:
     def pair_page(request: Request, token: str, pair: Pair, study: Study, progress: Progress,
                   previous: dict[str, str] | None = None) -> HTMLResponse:
         aspects = [(a, question(a, study.question_map)) for a in study.aspect_list]
+        n = progress.done if previous is not None else progress.done + 1
         return TEMPLATES.TemplateResponse(request, "pair.html", {
             "instructions": markdown(study.instructions) if study.instructions else None,
             "token": token, "pair": pair, "aspects": aspects, "choices": _choice_labels(study),
-            "progress": progress, "edit": pair.source_image_id is not None,
-            "n": progress.done if previous is not None else progress.done + 1, "previous": previous or {},
+            "progress": progress, "edit": pair.source_image_id is not None, "practice": False,
+            "progress_text": f"{n} of {progress.total}", "previous": previous or {},
+            "img_base": f"/a/{token}/img/{pair.public_id}", "action": f"/a/{token}/vote",
             "can_go_back": previous is None and progress.done > 0})
+
+    def practice_page(request: Request, token: str, step: PracticeStep, study: Study) -> HTMLResponse:
+        """A practice pair: the same page as a real pair, asking only the item's aspect."""
+        item = step.item
+        return TEMPLATES.TemplateResponse(request, "pair.html", {
+            "instructions": markdown(study.instructions) if study.instructions else None,
+            "token": token, "pair": item, "aspects": [(item.aspect, question(item.aspect, study.question_map))],
+            "choices": _choice_labels(study), "progress": Progress(item.position - 1, step.total),
+            "edit": item.source_image_id is not None, "practice": True,
+            "progress_text": f"Practice {item.position} of {step.total}", "previous": {},
+            "img_base": f"/a/{token}/practice/{item.position}/img", "action": f"/a/{token}/practice",
+            "can_go_back": False})
+
+    def consent_page(request: Request, token: str, need: ConsentRequired) -> HTMLResponse:
+        return TEMPLATES.TemplateResponse(request, "consent.html", {
+            "token": token, "consent": markdown(need.consent),
+            "instructions": markdown(need.instructions) if need.instructions else None})
 
     @app.get("/p/{crowd_token}")
     def crowd_entry(request: Request, crowd_token: str) -> Response:
@@ -129,11 +156,15 @@ def create_app(db: str | Engine) -> FastAPI:
         except BadPlatformIds as err:
             raise AnnotatorError(400, f"This link is not complete: {err}.") from None
         try:
+            # consent first, then the practice round (if the study file has one), then the real pairs
+            step = next_practice(sessions, token)
+            if step is not None:
+                with sessions() as s:
+                    study = s.get(Study, step.item.study_id)
+                return practice_page(request, token, step, study)
             pair, study, progress = next_pair(sessions, token)
         except ConsentRequired as need:
-            return TEMPLATES.TemplateResponse(request, "consent.html", {
-                "token": token, "consent": markdown(need.consent),
-                "instructions": markdown(need.instructions) if need.instructions else None})
+            return consent_page(request, token, need)
         if pair is None:
             finished = progress.done > 0  # someone who got nothing to do has not earned a completion code
             if finished and study.completion_url:
@@ -147,6 +178,41 @@ def create_app(db: str | Engine) -> FastAPI:
     def consent(token: str) -> Response:
         give_consent(sessions, token)
         return RedirectResponse(f"/a/{token}", status_code=303)
+
+    @app.post("/a/{token}/practice")
+    async def practice_answer(request: Request, token: str) -> Response:
+        """A practice answer: stored apart from the votes, then the feedback page."""
+        form = await request.form()
+        try:
+            position = int(str(form.get("practice", "")))
+        except ValueError:
+            raise AnnotatorError(404, "No such practice pair.") from None
+        choice = next((str(v) for k, v in form.items() if k.startswith("choice_")), "")
+        await run_in_threadpool(record_practice, sessions, token, position, choice)
+        return RedirectResponse(f"/a/{token}/practice/{position}", status_code=303)
+
+    @app.get("/a/{token}/practice/{position}", response_class=HTMLResponse)
+    def practice_feedback(request: Request, token: str, position: int) -> Response:
+        """Whether the annotator's practice answer matched the expected one, and the item's explanation."""
+        step = practice_step(sessions, token, position)
+        if step.choice is None:  # not answered yet: the annotator's page shows it
+            return RedirectResponse(f"/a/{token}", status_code=303)
+        with sessions() as s:
+            study = s.get(Study, step.item.study_id)
+        labels = {value: label for value, label, _ in CHOICE_LABELS}
+        return TEMPLATES.TemplateResponse(request, "practice_feedback.html", {
+            "token": token, "step": step, "labels": labels,
+            "question": question(step.item.aspect, study.question_map),
+            "explanation": markdown(step.item.explanation) if step.item.explanation else None,
+            "img_base": f"/a/{token}/practice/{position}/img"})
+
+    @app.get("/a/{token}/practice/{position}/img/{which}")
+    def practice_image(token: str, position: int, which: str) -> Response:
+        item = practice_step(sessions, token, position).item
+        chosen = {"left": item.left_image, "right": item.right_image, "source": item.source_image}.get(which)
+        if chosen is None:
+            raise AnnotatorError(404, "No such image.")
+        return _image_response(chosen)
 
     @app.get("/a/{token}/back", response_class=HTMLResponse)
     def back(request: Request, token: str) -> Response:
@@ -172,6 +238,9 @@ def create_app(db: str | Engine) -> FastAPI:
         chosen = {"left": pair.left_image, "right": pair.right_image, "source": pair.source_image}.get(which)
         if chosen is None:
             raise AnnotatorError(404, "No such image.")
+        return _image_response(chosen)
+
+    def _image_response(chosen: Image) -> Response:
         try:
             data = images.get(chosen)
         except ImageChanged as err:  # the organisers see the file in the server log; the annotator sees no path
@@ -218,10 +287,13 @@ def create_app(db: str | Engine) -> FastAPI:
         outcomes = pair_outcomes(votes, pairs, study.votes_per_pair) if len(votes) else None
         per_aspect = [(a, 0 if outcomes is None else int((outcomes.valid & (outcomes.aspect == a)).sum()),
                        int(((votes.aspect == a) & (votes.choice == CANT_TELL)).sum())) for a in study.aspect_list]
+        from evals.ab.report import practice_table
+
+        practice = {r.annotator: r for r in practice_table(sessions, study.name).itertuples()}
         base = str(request.base_url).rstrip("/")
         return TEMPLATES.TemplateResponse(request, "admin.html", {
-            "study": study, "annotators": [(label, f"{base}/a/{tok}", pid, n, flags.get(label))
-                                           for label, tok, pid, n in rows],
+            "study": study, "annotators": [(label, f"{base}/a/{tok}", pid, n, flags.get(label), practice.get(label))
+                                           for label, tok, pid, n in rows], "has_practice": bool(practice),
             "complete": complete, "n_pairs": n_pairs, "crowd_link": crowd_link(study, base),
             "per_aspect": per_aspect,
             # a page opened with ?token= passes it on to its download links (a header does not travel in a link)
