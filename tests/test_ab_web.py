@@ -358,7 +358,7 @@ def test_practice_round_with_feedback_comes_between_consent_and_pairs_and_is_nev
         votes_csv = c.get("/admin/s/votes.csv", headers=auth).text.strip().splitlines()
         assert len(votes_csv) == 3 and all(pair in row for row in votes_csv[1:])  # header + the 2 real answers
         assert "0.500 (1/2)" in c.get("/admin/s", headers=auth).text
-        assert "| web-001 | 2 | 1 | 0.500 |" in c.get("/admin/s/report", headers=auth).text
+        assert "| web-001 | 2 | 1 | 0.500 |" in c.get("/admin/s/report.md", headers=auth).text
     from evals.ab.report import build_report
 
     rates = build_report(sessions, "s", n_resamples=10, min_seconds=0).win_rates  # a fast test is no speeder
@@ -378,3 +378,58 @@ def test_practice_round_with_feedback_comes_between_consent_and_pairs_and_is_nev
                      "--aspects", "overall,sharpness", "--study-file", str(study_file)]) == 2, why
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1, err
+
+
+def test_report_page_renders_the_markdown_and_embeds_the_figure(tmp_path: Path) -> None:
+    """/admin/<study>/report is an HTML page: every table row of report.md is a row of the page, text (a system
+    name with markup) is escaped, and the embedded figure is the PNG that win_rates.png serves; report.md is the
+    Markdown. All three need the admin token."""
+    import base64
+    import io
+
+    from PIL import Image as PILImage
+
+    from evals.ab.assign import next_pair, record_vote
+    from evals.ab.report import build_report
+
+    a = write_system(tmp_path, SYSTEMS[0], 3, 1)
+    b = write_system(tmp_path, SYSTEMS[1], 3, 1, shift=1)
+    db = str(tmp_path / "s.sqlite")
+    sessions = make_sessions(make_engine(db))
+    made = create_study(sessions, "rep", a, b, "geneval", ["overall"], 1, "<i>alpha</i>", "beta", seed=0)
+    (_, token), = add_annotators(sessions, "rep", 1)
+    for choice in ("left", "right", "tie"):
+        pair, _, _ = next_pair(sessions, token)
+        record_vote(sessions, token, pair.public_id, {"overall": choice})
+    markdown = build_report(sessions, "rep").markdown
+    table_rows = [ln for ln in markdown.splitlines() if ln.startswith("|") and not set(ln) <= set("|-: ")]
+    auth = {"Authorization": f"Bearer {made.admin_token}"}
+    with running_app(db) as url, httpx.Client(base_url=url, timeout=60) as c:
+        for route in ("report", "report.md", "win_rates.png"):
+            assert c.get(f"/admin/rep/{route}").status_code == 403
+        page = c.get("/admin/rep/report", headers=auth)
+        assert c.get("/admin/rep/report.md", headers=auth).text == markdown
+        served_png = c.get("/admin/rep/win_rates.png", headers=auth)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text.count("<tr>") == len(table_rows) > 5
+    assert "<i>alpha</i>" not in page.text and "&lt;i&gt;alpha&lt;/i&gt;" in page.text
+    assert "<h2>A/B study <code>rep</code></h2>" in page.text
+    embedded = base64.b64decode(re.search(r'id="figure" src="data:image/png;base64,([^"]+)"', page.text).group(1))
+    assert served_png.headers["content-type"] == "image/png"
+    with PILImage.open(io.BytesIO(embedded)) as fig, PILImage.open(io.BytesIO(served_png.content)) as served:
+        assert fig.format == "PNG" and fig.size == served.size and fig.size[0] > 500
+
+
+def test_the_root_page_says_what_the_server_is_and_serve_help_shows_defaults(study, capsys) -> None:
+    from evals.ab.__main__ import main
+
+    with running_app(study["db"]) as url, httpx.Client(base_url=url, timeout=30) as c:
+        home = c.get("/")
+    assert home.status_code == 200 and "blind A/B studies" in home.text
+    assert not any(secret in home.text for secret in [*study["tokens"], study["admin"], *study["secrets"]])
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--help"])
+    assert done.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 127.0.0.1, this machine only)" in help_text and "(default: 8000)" in help_text
+    assert "database URL (required)" in help_text

@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def cmd(name: str, text: str, study: bool = True) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=text, description=text)
-        c.add_argument("--db", required=name != "demo", help="SQLite file path or database URL")
+        c.add_argument("--db", required=name != "demo",
+                       help="SQLite file path or database URL" + (" (required)" if name != "demo" else
+                                                                   " (default: a temporary SQLite file)"))
         if study:
             c.add_argument("--study", required=True, help="study name")
         return c
@@ -76,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd("close", "close a study: no more pairs or votes (410 on every link); the votes stay for the report")
 
     c = cmd("serve", "serve every study of the database to annotators", study=False)
-    c.add_argument("--host", default="127.0.0.1")
-    c.add_argument("--port", type=int, default=8000)
+    c.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: %(default)s, this machine only)")
+    c.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
 
     c = cmd("export-pairs", "write the pairs for a vendor: pair_id, prompt, left, right (+ source)")
     c.add_argument("--out", required=True, type=Path, help="CSV to write")

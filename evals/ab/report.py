@@ -397,6 +397,14 @@ def plot_win_rates(report: Report, path: Path) -> Path:
     return path
 
 
+def figure_png(report: Report) -> bytes:
+    """``win_rates.png`` of the report as bytes (the report page embeds it)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ab-figure-") as tmp:
+        return plot_win_rates(report, Path(tmp) / "win_rates.png").read_bytes()
+
+
 def write_report(report: Report, out: str | Path) -> list[Path]:
     """``win_rates.csv``, ``win_rates_all_annotators.csv`` (or ``..._without_flagged`` with --keep-flagged),
     ``report.md``, ``win_rates.png``, ``annotators.csv``, ``agreement.csv``, ``bradley_terry.csv`` with more

@@ -21,7 +21,9 @@ Admin routes (``Authorization: Bearer <admin token>`` or ``?token=``; wrong or m
     POST /admin/{study}/annotators?n=K K new annotator links (JSON)
     GET  /admin/{study}/pairs.csv      the pairs (export), GET /admin/{study}/votes.csv the votes,
     GET  /admin/{study}/payments.csv   one row per participant (evals/ab/crowd.py)
-    GET  /admin/{study}/report         the report as markdown; /admin/{study}/win_rates.csv its table
+    GET  /admin/{study}/report         the report as a page (Markdown rendered, figure embedded); report.md the
+                                       Markdown, win_rates.png the figure, /admin/{study}/win_rates.csv its table
+Other: GET / says what the server is (200; no study data or tokens on it).
 
 Blinding: annotator pages and image URLs carry only random ids; images are re-encoded on the way out, so no
 file name, folder or embedded metadata (e.g. a generator's PNG text chunks) reaches the browser.
@@ -89,6 +91,11 @@ class _ImageCache:
         return data
 
 
+def _auth_query(request: Request) -> str:
+    """A page opened with ``?token=`` passes it on to its links (a header does not travel in a link)."""
+    return f"?token={quote(request.query_params['token'])}" if "token" in request.query_params else ""
+
+
 def _message(request: Request, status: int, text: str) -> HTMLResponse:
     return TEMPLATES.TemplateResponse(request, "message.html", {"text": text}, status_code=status)
 
@@ -105,6 +112,10 @@ def create_app(db: str | Engine) -> FastAPI:
         return _message(request, err.status, err.message)
 
     @app.get("/", response_class=HTMLResponse)
+    def home(request: Request) -> HTMLResponse:
+        """What this server is, for someone who opens its address: no study, name or token on it."""
+        return TEMPLATES.TemplateResponse(request, "home.html", {})
+
     @app.get("/a", response_class=HTMLResponse)
     @app.get("/a/", response_class=HTMLResponse)
     def no_token(request: Request) -> HTMLResponse:
@@ -296,8 +307,7 @@ def create_app(db: str | Engine) -> FastAPI:
                                            for label, tok, pid, n in rows], "has_practice": bool(practice),
             "complete": complete, "n_pairs": n_pairs, "crowd_link": crowd_link(study, base),
             "per_aspect": per_aspect,
-            # a page opened with ?token= passes it on to its download links (a header does not travel in a link)
-            "auth": f"?token={quote(request.query_params['token'])}" if "token" in request.query_params else ""})
+            "auth": _auth_query(request)})
 
     @app.post("/admin/{name}/annotators")
     def admin_links(request: Request, name: str, n: int = 1) -> JSONResponse:
@@ -331,12 +341,33 @@ def create_app(db: str | Engine) -> FastAPI:
         study = admin_study(request, name)
         return PlainTextResponse(payments_table(sessions, study.name).to_csv(index=False), media_type="text/csv")
 
-    @app.get("/admin/{name}/report")
-    def admin_report(request: Request, name: str) -> PlainTextResponse:
+    @app.get("/admin/{name}/report", response_class=HTMLResponse)
+    def admin_report(request: Request, name: str) -> HTMLResponse:
+        """The report as a page: its Markdown rendered with the safe subset (all text escaped) and the figure
+        embedded (a data URL: no second request, so no token in an image URL)."""
+        import base64
+
+        from evals.ab.report import build_report, figure_png
+
+        study = admin_study(request, name)
+        report = build_report(sessions, study.name)
+        figure = base64.b64encode(figure_png(report)).decode() if len(report.win_rates) else None
+        return TEMPLATES.TemplateResponse(request, "report.html", {
+            "study": study, "body": markdown(report.markdown), "figure": figure, "auth": _auth_query(request)})
+
+    @app.get("/admin/{name}/report.md")
+    def admin_report_md(request: Request, name: str) -> PlainTextResponse:
         from evals.ab.report import build_report
 
         study = admin_study(request, name)
         return PlainTextResponse(build_report(sessions, study.name).markdown, media_type="text/markdown")
+
+    @app.get("/admin/{name}/win_rates.png")
+    def admin_figure(request: Request, name: str) -> Response:
+        from evals.ab.report import build_report, figure_png
+
+        study = admin_study(request, name)
+        return Response(figure_png(build_report(sessions, study.name)), media_type="image/png")
 
     @app.get("/admin/{name}/win_rates.csv")
     def admin_win_rates(request: Request, name: str) -> PlainTextResponse:
