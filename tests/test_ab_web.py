@@ -433,3 +433,43 @@ def test_the_root_page_says_what_the_server_is_and_serve_help_shows_defaults(stu
     help_text = " ".join(capsys.readouterr().out.split())
     assert "(default: 127.0.0.1, this machine only)" in help_text and "(default: 8000)" in help_text
     assert "database URL (required)" in help_text
+
+
+def test_posts_from_another_site_are_refused(study) -> None:
+    """A vote or consent POST whose Origin (or, without one, Referer) is another site gets 403 and stores nothing;
+    the server's own origin, and a client that sends neither header (scripts, tests), are accepted; Origin "null"
+    is refused; an origin named with --allowed-origin (a proxy that rewrites Host) is accepted."""
+    from fastapi.testclient import TestClient
+
+    from evals.ab.web import create_app
+
+    token = study["tokens"][0]
+    choices = {"choice_overall": "left", "choice_identity_preservation": "tie"}
+    with running_app(study["db"]) as url, httpx.Client(base_url=url, timeout=30) as c:
+        pair = re.search(PAIR_ID_PATTERN, c.get(f"/a/{token}").text).group(1)
+        refused = [{"Origin": "http://evil.example"}, {"Origin": "null"},
+                   {"Origin": url.replace("127.0.0.1", "localhost")},  # same machine, another origin
+                   {"Referer": "http://evil.example/page"}, {"Origin": "https://evil.example", "Referer": url + "/"}]
+        for headers in refused:
+            resp = c.post(f"/a/{token}/vote", data={"pair": pair, **choices}, headers=headers)
+            assert resp.status_code == 403 and "another site" in resp.text, headers
+            assert c.post(f"/a/{token}/consent", headers=headers).status_code == 403
+            assert c.post(f"/admin/{study['name']}/annotators", params={"token": study["admin"]},
+                          headers=headers).status_code == 403
+        with study["sessions"]() as s:
+            assert s.scalar(select(func.count()).select_from(Vote)) == 0
+        assert c.post(f"/a/{token}/vote", data={"pair": pair, **choices}, headers={"Origin": url}).status_code == 303
+        pair = re.search(PAIR_ID_PATTERN, c.get(f"/a/{token}").text).group(1)
+        assert c.post(f"/a/{token}/vote", data={"pair": pair, **choices},
+                      headers={"Referer": f"{url}/a/{token}"}).status_code == 303
+        pair = re.search(PAIR_ID_PATTERN, c.get(f"/a/{token}").text).group(1)
+        assert c.post(f"/a/{token}/vote", data={"pair": pair, **choices}).status_code == 303  # no header at all
+    with study["sessions"]() as s:
+        assert s.scalar(select(func.count()).select_from(Vote)) == 6
+    behind_proxy = TestClient(create_app(study["db"], ["https://ab.my-lab.org"]))
+    other = study["tokens"][1]
+    pair = re.search(PAIR_ID_PATTERN, behind_proxy.get(f"/a/{other}").text).group(1)
+    for origin, status in (("https://evil.example", 403), ("https://ab.my-lab.org", 303)):
+        resp = behind_proxy.post(f"/a/{other}/vote", data={"pair": pair, **choices}, headers={"Origin": origin},
+                                 follow_redirects=False)
+        assert resp.status_code == status, origin

@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 for every interface (default: %(default)s, this machine only)")
     c.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    c.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
+                   help="also accept form posts from pages of this origin, e.g. https://ab.my-lab.org, when a proxy "
+                        "in front rewrites the Host header (repeatable; default: none, only the address the "
+                        "request was sent to)")
 
     c = cmd("export-pairs", "write the pairs for a vendor: pair_id, prompt, left, right (+ source)")
     c.add_argument("--out", required=True, type=Path, help="CSV to write")
@@ -137,10 +141,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     engine = make_engine(args.db)
     if args.command == "serve":
-        from evals.ab.web import serve
+        from evals.ab.web import origin_list, serve
 
+        try:
+            origin_list(args.allowed_origin)
+        except ValueError as err:
+            raise StudyError(f"--allowed-origin: {err}") from None
         print(f"serving on http://{args.host}:{args.port}/a/<token>  (Ctrl-C stops)", flush=True)
-        serve(engine, args.host, args.port)
+        serve(engine, args.host, args.port, args.allowed_origin)
         return 0
     sessions = make_sessions(engine)
     if args.command == "create":

@@ -24,6 +24,7 @@ Admin routes (``Authorization: Bearer <admin token>`` or ``?token=``; wrong or m
     GET  /admin/{study}/report         the report as a page (Markdown rendered, figure embedded); report.md the
                                        Markdown, win_rates.png the figure, /admin/{study}/win_rates.csv its table
 Other: GET / says what the server is (200; no study data or tokens on it).
+Every POST whose Origin (or Referer) is another site is refused with 403 before its body is read (``same_origin``).
 
 Blinding: annotator pages and image URLs carry only random ids; images are re-encoded on the way out, so no
 file name, folder or embedded metadata (e.g. a generator's PNG text chunks) reaches the browser.
@@ -33,8 +34,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -96,16 +98,55 @@ def _auth_query(request: Request) -> str:
     return f"?token={quote(request.query_params['token'])}" if "token" in request.query_params else ""
 
 
+def same_origin(request: Request, allowed: frozenset[str] = frozenset()) -> bool:
+    """Whether a POST comes from this server's own pages: its ``Origin`` (else its ``Referer``) names the host and
+    port the request was sent to (``Host``), or one of ``allowed`` (``serve --allowed-origin``, for a proxy that
+    rewrites ``Host``). The scheme is not compared: behind an HTTPS proxy the page is https and the app sees http.
+    A request with neither header passes: browsers send ``Origin`` on every POST, cross-site ones included, so a
+    missing one is a script, a test client or a vendor tool, which a forged form cannot be. ``Origin: null`` (a
+    sandboxed frame, a privacy-stripped redirect) is refused."""
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if origin is None:
+        return True
+    parts = urlsplit(origin.strip())
+    if not parts.scheme or not parts.netloc:
+        return False
+    netloc = parts.netloc.lower()
+    if f"{parts.scheme}://{netloc}" in allowed:
+        return True
+    return netloc == request.headers.get("host", "").strip().lower()
+
+
 def _message(request: Request, status: int, text: str) -> HTMLResponse:
     return TEMPLATES.TemplateResponse(request, "message.html", {"text": text}, status_code=status)
 
 
-def create_app(db: str | Engine) -> FastAPI:
-    """The app for a database URL (or an engine); every study in the database is served."""
+def origin_list(origins: Iterable[str]) -> frozenset[str]:
+    """``scheme://host[:port]`` of each allowed origin, lower-case, without a path or a trailing slash."""
+    out = set()
+    for origin in origins:
+        parts = urlsplit(origin.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"an allowed origin must look like https://host[:port], got {origin!r}")
+        out.add(f"{parts.scheme}://{parts.netloc.lower()}")
+    return frozenset(out)
+
+
+def create_app(db: str | Engine, allowed_origins: Iterable[str] = ()) -> FastAPI:
+    """The app for a database URL (or an engine); every study in the database is served. ``allowed_origins``:
+    origins besides the request's own host whose pages may POST (see ``same_origin``)."""
     engine = make_engine(db) if isinstance(db, str) else db
     sessions = make_sessions(engine)
     images = _ImageCache()
+    allowed = origin_list(allowed_origins)
     app = FastAPI(title="A/B study", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def refuse_cross_origin_posts(request: Request, call_next):  # noqa: ANN001, ANN202
+        # before any route reads a body: another site's page cannot make an annotator's browser vote or agree
+        if request.method == "POST" and not same_origin(request, allowed):
+            return _message(request, 403, "This form was sent from another site and was refused.")
+        return await call_next(request)
 
     @app.exception_handler(AnnotatorError)
     async def annotator_error(request: Request, err: AnnotatorError) -> HTMLResponse:
@@ -379,8 +420,8 @@ def create_app(db: str | Engine) -> FastAPI:
     return app
 
 
-def serve(db: str | Engine, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(db: str | Engine, host: str = "127.0.0.1", port: int = 8000, allowed_origins: Iterable[str] = ()) -> None:
     """Run the app with uvicorn until interrupted (access log off: URLs carry annotators' tokens)."""
     import uvicorn
 
-    uvicorn.run(create_app(db), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(db, allowed_origins), host=host, port=port, log_level="warning", access_log=False)
