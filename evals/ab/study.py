@@ -406,7 +406,10 @@ def add_annotators(sessions: sessionmaker, study_name: str, n: int) -> list[tupl
 
 def new_web_labels(s: Session, study: Study, n: int) -> list[str]:
     """The next ``n`` free web labels of a study: after the highest number in use (not the count: a gap or a
-    foreign web-NNN would repeat a label)."""
+    foreign web-NNN would repeat a label). The study's row is locked until the transaction ends (PostgreSQL
+    ``SELECT ... FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` serialises writers already), so concurrent callers
+    (admin "new links", crowd entries) number one after the other instead of picking the same label."""
+    s.execute(select(Study.id).where(Study.id == study.id).with_for_update())
     labels = s.scalars(select(Annotator.label).where(Annotator.study_id == study.id,
                                                       Annotator.label.like(f"{WEB_PREFIX}%"))).all()
     have = max((int(m[1]) for m in map(re.compile(rf"{WEB_PREFIX}(\d+)$").match, labels) if m), default=0)
