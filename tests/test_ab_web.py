@@ -473,3 +473,31 @@ def test_posts_from_another_site_are_refused(study) -> None:
         resp = behind_proxy.post(f"/a/{other}/vote", data={"pair": pair, **choices}, headers={"Origin": origin},
                                  follow_redirects=False)
         assert resp.status_code == status, origin
+
+
+def test_an_upload_to_a_bad_link_is_refused_before_its_body_is_spooled(study, monkeypatch) -> None:
+    """A multipart POST (a 3 MB file part) to the vote or practice route of an unknown token gets 403 and no
+    temporary file is made for it; the same upload with a valid token is spooled (the probe sees it) and the vote
+    is stored, so the probe is watching the right place."""
+    import starlette.formparsers
+
+    spooled = []
+    real = starlette.formparsers.SpooledTemporaryFile
+
+    def probe(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        spooled.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", probe)
+    upload = {"junk": ("big.bin", b"\0" * 3_000_000, "application/octet-stream")}
+    fields = {"pair": "x", "choice_overall": "left", "choice_identity_preservation": "tie"}
+    with running_app(study["db"]) as url, httpx.Client(base_url=url, timeout=60) as c:
+        for route in ("vote", "practice"):
+            resp = c.post(f"/a/not-a-token/{route}", data=fields, files=upload)
+            assert spooled == [] and resp.status_code == 403, route
+        token = study["tokens"][0]
+        fields["pair"] = re.search(PAIR_ID_PATTERN, c.get(f"/a/{token}").text).group(1)
+        assert c.post(f"/a/{token}/vote", data=fields, files=upload).status_code == 303
+    assert spooled
+    with study["sessions"]() as s:
+        assert s.scalar(select(func.count()).select_from(Vote)) == 2

@@ -50,6 +50,7 @@ from evals.ab.assign import (
     ConsentRequired,
     PracticeStep,
     Progress,
+    check_token,
     give_consent,
     last_answer,
     next_pair,
@@ -234,6 +235,7 @@ def create_app(db: str | Engine, allowed_origins: Iterable[str] = ()) -> FastAPI
     @app.post("/a/{token}/practice")
     async def practice_answer(request: Request, token: str) -> Response:
         """A practice answer: stored apart from the votes, then the feedback page."""
+        await run_in_threadpool(check_token, sessions, token)  # before the body is read (and spooled)
         form = await request.form()
         try:
             position = int(str(form.get("practice", "")))
@@ -278,6 +280,7 @@ def create_app(db: str | Engine, allowed_origins: Iterable[str] = ()) -> FastAPI
 
     @app.post("/a/{token}/vote")
     async def vote(request: Request, token: str) -> Response:
+        await run_in_threadpool(check_token, sessions, token)  # a bad link's upload is never read nor spooled
         form = await request.form()
         choices = {k[len("choice_"):]: str(v) for k, v in form.items() if k.startswith("choice_")}
         await run_in_threadpool(record_vote, sessions, token, str(form.get("pair", "")), choices,
