@@ -325,6 +325,8 @@ def test_practice_round_with_feedback_comes_between_consent_and_pairs_and_is_nev
         assert 'id="agree"' in c.get(f"/a/{token}").text  # consent comes first
         assert c.post(f"/a/{token}/practice", data={"practice": "1", "choice_overall": "left"}).status_code == 403
         assert c.post(f"/a/{token}/consent").status_code == 303
+        dashboard = c.get("/admin/s", headers={"Authorization": f"Bearer {admin}"}).text
+        assert "practice (matched / answered)" in dashboard  # the column is there before anyone practised
         first = c.get(f"/a/{token}").text
         assert "Practice 1 of 2" in first and 'name="practice" value="1"' in first
         assert not re.search(PAIR_ID_PATTERN, first) and "a red square" in first

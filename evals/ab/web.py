@@ -62,7 +62,17 @@ from evals.ab.assign import (
 )
 from evals.ab.blind import ImageChanged, image_png
 from evals.ab.crowd import BadPlatformIds, bind_ids, crowd_link, enter
-from evals.ab.db import CANT_TELL, Annotator, Assignment, Image, Pair, Study, make_engine, make_sessions
+from evals.ab.db import (
+    CANT_TELL,
+    Annotator,
+    Assignment,
+    Image,
+    Pair,
+    PracticeItem,
+    Study,
+    make_engine,
+    make_sessions,
+)
 from evals.ab.safe_markdown import render as markdown
 from evals.ab.study import StudyError, add_annotators, admin_ok, get_study, question
 
@@ -333,6 +343,8 @@ def create_app(db: str | Engine, allowed_origins: Iterable[str] = ()) -> FastAPI
                 per_pair.c.n >= study.votes_per_pair))
             n_pairs = s.scalar(select(func.count()).select_from(Pair).where(
                 Pair.study_id == study.id, Pair.gold_answer.is_(None)))
+            n_practice = s.scalar(select(func.count()).select_from(PracticeItem).where(
+                PracticeItem.study_id == study.id))
         from evals.ab.report import annotator_flags, load_votes, pair_outcomes
 
         # the report's own definitions (one place): gold accuracy, speed, flags, and validity per aspect
@@ -348,7 +360,8 @@ def create_app(db: str | Engine, allowed_origins: Iterable[str] = ()) -> FastAPI
         base = str(request.base_url).rstrip("/")
         return TEMPLATES.TemplateResponse(request, "admin.html", {
             "study": study, "annotators": [(label, f"{base}/a/{tok}", pid, n, flags.get(label), practice.get(label))
-                                           for label, tok, pid, n in rows], "has_practice": bool(practice),
+                                           for label, tok, pid, n in rows],
+            "has_practice": bool(practice) or n_practice > 0,
             "complete": complete, "n_pairs": n_pairs, "crowd_link": crowd_link(study, base),
             "per_aspect": per_aspect,
             "auth": _auth_query(request)})
