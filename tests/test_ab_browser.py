@@ -1,6 +1,7 @@
 """A real browser: headless Chromium (selenium) opens an annotator link on ``python -m evals.ab serve``, answers
 three pairs with the keyboard only, and the votes are in the database; and a Prolific participant goes from the
-crowd link to the completion code. Screenshots are kept in ``test-artifacts/ab/`` (ignored by git)."""
+crowd link through consent and the practice round to the completion code. Screenshots are kept in
+``test-artifacts/ab/`` (ignored by git)."""
 
 from __future__ import annotations
 
@@ -125,22 +126,29 @@ def test_keyboard_voting_in_chromium(server, browser) -> None:
 
 
 def test_a_prolific_participant_from_entry_link_to_completion_code(tmp_path: Path, browser) -> None:
-    """A participant opens the crowd link with Prolific's ids, reads the instructions, agrees, zooms an image to
-    full resolution, answers "can't tell" once, goes back once to change an answer, finishes the quota and sees the
-    completion code. The database holds exactly those votes, each with its server time and time-on-task.
+    """A participant opens the crowd link with Prolific's ids, reads the instructions, agrees, does the practice
+    round (one answer that matches the expected one, one that does not, each with its feedback and the second with
+    its explanation), zooms an image to full resolution, answers "can't tell" once, goes back once to change an
+    answer, finishes the quota and sees the completion code. The database holds exactly those votes, each with its
+    server time and time-on-task, and the two practice answers apart from them.
     Screenshots: test-artifacts/ab/prolific_*.png."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from evals.ab.study import StudyText
+    from evals.ab.db import PracticeAnswer
+    from evals.ab.study import PracticeEntry, StudyText
 
     a = write_system(tmp_path, SYSTEMS[0], 4, 1, size=512)
     b = write_system(tmp_path, SYSTEMS[1], 4, 1, shift=1, size=512)
     db = str(tmp_path / "s.sqlite")
     sessions = make_sessions(make_engine(db))
+    practice = (PracticeEntry(a / "00000/samples/00000.png", b / "00000/samples/00000.png", "left", "a red square",
+                              "overall"),
+                PracticeEntry(a / "00001/samples/00000.png", b / "00001/samples/00000.png", "right", "a green circle",
+                              "visual_quality", "The right one has **cleaner** edges."))
     text = StudyText("# How to judge\n\nLook at **both** images.", "Your answers are stored for research.",
-                     {"visual_quality": "Which image is sharper?"})
+                     {"visual_quality": "Which image is sharper?"}, practice)
     made = create_study(sessions, "prolific", a, b, "geneval", ["overall", "visual_quality"], 1, "alpha", "beta",
                         seed=0, per_annotator=3, cant_tell=True, crowd=True, completion_code="DONE1234", text=text)
     ids = {"PROLIFIC_PID": "5f1e2d3c4b5a69788796a5b4", "STUDY_ID": "st42", "SESSION_ID": "se7"}
@@ -168,7 +176,29 @@ def test_a_prolific_participant_from_entry_link_to_completion_code(tmp_path: Pat
         assert "stored for research" in browser.find_element(By.ID, "consent").text
         assert browser.save_screenshot(str(ARTIFACTS / "prolific_consent.png"))
         browser.find_element(By.ID, "agree").click()
+        # the practice round: two pairs with feedback before any real pair
+        wait_for(lambda: browser.find_elements(By.NAME, "practice"))
+        assert browser.find_element(By.ID, "progress").text == "Practice 1 of 2" and not browser.find_elements(
+            By.NAME, "pair")
+        assert "a red square" in browser.page_source
+        assert browser.save_screenshot(str(ARTIFACTS / "prolific_practice.png"))
+        keys("1", "\ue007")  # left (the expected answer), Enter
+        wait_for(lambda: browser.find_elements(By.ID, "feedback"))
+        assert "That matches." in browser.find_element(By.ID, "feedback").text
+        assert not browser.find_elements(By.ID, "explanation")
+        browser.find_element(By.ID, "continue").click()
+        wait_for(lambda: browser.find_elements(By.ID, "progress")
+                 and browser.find_element(By.ID, "progress").text == "Practice 2 of 2")
+        assert "Which image is sharper?" in browser.page_source
+        keys("2", "\ue007")  # about the same; the expected answer is right
+        wait_for(lambda: browser.find_elements(By.ID, "feedback"))
+        feedback = browser.find_element(By.ID, "feedback").text
+        assert "That does not match." in feedback and "Expected answer: Right is better" in feedback
+        assert browser.find_element(By.CSS_SELECTOR, "#explanation strong").text == "cleaner"
+        assert browser.save_screenshot(str(ARTIFACTS / "prolific_practice_feedback.png"))
+        browser.find_element(By.ID, "continue").click()
         wait_for(lambda: browser.find_elements(By.NAME, "pair"))
+        assert browser.find_element(By.ID, "progress").text == "1 of 3"
         assert "Which image is sharper?" in browser.page_source
         # zoom: the pair fills the window (not capped at 440 px), no pixelation at this size; a click shows the
         # 512 px original pixel for pixel
@@ -214,11 +244,14 @@ def test_a_prolific_participant_from_entry_link_to_completion_code(tmp_path: Pat
         stored = s.execute(select(Pair.public_id, Vote.aspect, Vote.choice, Vote.created_at, Vote.seconds,
                                   Vote.changed_at).join(Pair, Pair.id == Vote.pair_id)
                            .where(Vote.annotator_id == ann.id)).all()
-        assert s.scalar(select(func.count()).select_from(Vote)) == 6  # nobody else voted
+        assert s.scalar(select(func.count()).select_from(Vote)) == 6  # nobody else voted, practice is no vote
+        assert s.execute(select(PracticeAnswer.choice, PracticeAnswer.correct).where(
+            PracticeAnswer.annotator_id == ann.id).order_by(PracticeAnswer.id)).all() == [("left", True),
+                                                                                       ("tie", False)]
     assert sorted((p, asp, c) for p, asp, c, *_ in stored) == sorted(
         (p, asp, c) for p, picks in answers.items() for asp, c in zip(("overall", "visual_quality"), picks,
                                                                     strict=True))
     assert all(created is not None and seconds is not None and seconds > 0 for _, _, _, created, seconds, _ in stored)
     assert {p for p, _, _, _, _, changed in stored if changed is not None} == {second}
-    for name in ("consent", "zoom", "voting", "done"):
+    for name in ("consent", "practice", "practice_feedback", "zoom", "voting", "done"):
         assert (ARTIFACTS / f"prolific_{name}.png").stat().st_size > 5_000

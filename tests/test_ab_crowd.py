@@ -120,7 +120,7 @@ def test_completion_code_at_the_end_and_payments_csv(crowd, tmp_path: Path) -> N
         assert by_pid[PID_B][1] == "0.000 (0/1)" and by_pid[PID_B][3] == "gold+speed"
         assert float(by_pid[PID_A][2]) == pytest.approx(8.0, abs=1.0)
         links = re.findall(r'href="(/admin/crowd/[^"]+)"', page.text)
-        assert len(links) == 5
+        assert len(links) == 6  # pairs, votes, payments, report page, report.md, win rates
         for link in links:
             assert c.get(link.replace("&amp;", "&")).status_code == 200, link
 

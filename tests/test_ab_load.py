@@ -209,3 +209,40 @@ def test_crowd_entry_cant_tell_and_new_columns_on_both_backends(backend: str, tm
     for table, columns in new.items():
         assert set(columns) <= {c["name"] for c in inspect(engine).get_columns(table)}, table
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_concurrent_admin_link_requests_all_succeed_with_distinct_labels(backend: str, tmp_path: Path,
+                                                                          request) -> None:
+    """10 simultaneous POSTs to the admin "new links" route (2 links each) all answer 200, and the 20 links carry
+    the labels web-001 .. web-020, each once, each a working link."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    db = str(tmp_path / "links.sqlite") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    a = write_system(tmp_path, SYSTEMS[0], 2, 1)
+    b = write_system(tmp_path, SYSTEMS[1], 2, 1, shift=1)
+    engine = make_engine(db)
+    sessions = make_sessions(engine)
+    made = create_study(sessions, f"links_{backend}", a, b, "geneval", ["overall"], 1, "alpha", "beta", seed=0)
+    barrier = threading.Barrier(10)
+    with running_app(db) as base:
+        def post(_: int) -> httpx.Response:
+            with httpx.Client(base_url=base, timeout=120) as c:
+                barrier.wait(timeout=60)
+                return c.post(f"/admin/{made.study}/annotators", params={"n": 2},
+                              headers={"Authorization": f"Bearer {made.admin_token}"})
+
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(post, range(10)))
+        assert [r.status_code for r in answers] == [200] * 10, [r.text[:200] for r in answers]
+        links = [link for r in answers for link in r.json()["links"]]
+        assert sorted(link["label"] for link in links) == [f"web-{k:03d}" for k in range(1, 21)]
+        with httpx.Client(timeout=60) as c:
+            assert all(c.get(link["url"]).status_code == 200 for link in links[:3])
+    from evals.ab.db import Study
+
+    with sessions() as s:
+        labels = s.scalars(select(Annotator.label).join(Study, Study.id == Annotator.study_id)
+                           .where(Study.name == made.study)).all()
+    engine.dispose()
+    assert sorted(labels) == [f"web-{k:03d}" for k in range(1, 21)]  # stored once each, nothing extra

@@ -328,3 +328,27 @@ def test_imported_cant_tell_needs_a_study_that_offers_it(tmp_path: Path, capsys)
     assert "unknown choice 'cant_tell' (left, right, tie)" in capsys.readouterr().err
     with sessions_ct() as s:
         assert s.scalars(select(Vote.choice)).all() == ["cant_tell"]
+
+
+def test_a_vendor_csv_not_in_utf8_or_with_a_huge_field_is_one_error_line(tmp_path: Path, capsys) -> None:
+    """A votes file in Windows-1252 (an "é" in line 3, the 2nd data row) and one whose 4th line (3rd data row)
+    holds a field past the CSV reader's 131,072-character limit each stop import-votes with one error line that
+    names the file, line and row (exit 2, no traceback); nothing is imported."""
+    db, sessions, _, _ = _study(tmp_path)
+    with sessions() as s:
+        ids = s.scalars(select(Pair.public_id).order_by(Pair.id)).all()
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes("annotator,pair_id,aspect,choice\n"
+                      f"v1,{ids[0]},overall,left\nRen\u00e9,{ids[1]},overall,left\n".encode("cp1252"))
+    huge = tmp_path / "huge.csv"
+    huge.write_text("annotator,pair_id,aspect,choice\n"
+                    f"v1,{ids[0]},overall,left\nv1,{ids[1]},overall,left\n"
+                    f'v1,"{"x" * 140_000}",overall,left\nv1,{ids[2]},overall,left\n')
+    capsys.readouterr()
+    for path, where in ((latin, "line 3, data row 2: byte 0xe9 is not UTF-8"),
+                        (huge, "line 4, data row 3: a field is longer than 131072 characters")):
+        assert main(["import-votes", "--db", db, "--study", "s", "--csv", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: {where}") and err.count("\n") == 1, err
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Vote)) == 0

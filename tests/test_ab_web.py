@@ -292,3 +292,214 @@ def test_study_file_instructions_consent_and_questions(tmp_path: Path) -> None:
         study_file.write_text(body)
         assert main(["create", "--db", db, "--study", "t", "--a", str(a), "--b", str(b), "--layout", "geneval",
                      "--study-file", str(study_file)]) == 2, why
+
+
+def test_practice_round_with_feedback_comes_between_consent_and_pairs_and_is_never_a_vote(tmp_path: Path,
+                                                                                           capsys) -> None:
+    """A study file's practice pairs are shown after consent and before any real pair is handed out; each answer
+    gets feedback (matched or not, the expected answer, the explanation); the answers are stored apart from the
+    votes (not in votes.csv, not in win rates) and the report and admin page show each annotator's practice
+    accuracy (here 1 of 2 = 0.500). Bad practice entries stop create with one error line naming the entry."""
+    from evals.ab.__main__ import main
+    from evals.ab.db import Annotator, Assignment, PracticeAnswer
+
+    a = write_system(tmp_path, SYSTEMS[0], 2, 1)
+    b = write_system(tmp_path, SYSTEMS[1], 2, 1, shift=1)
+    db = str(tmp_path / "s.sqlite")
+    study_file = tmp_path / "study.yaml"
+    practice = ("practice:\n"
+                f"  - left: {a.name}/00000/samples/00000.png\n    right: {b.name}/00000/samples/00000.png\n"
+                "    prompt: a red square\n    answer: left\n"
+                f"  - left: {a.name}/00001/samples/00000.png\n    right: {b.name}/00001/samples/00000.png\n"
+                "    prompt: a green circle\n    answer: right\n    aspect: sharpness\n"
+                "    explanation: The right one is **sharper** at the edges.\n")
+    study_file.write_text("consent: |\n  You agree that your answers are stored.\n" + practice)
+    assert main(["create", "--db", db, "--study", "s", "--a", str(a), "--b", str(b), "--layout", "geneval",
+                 "--aspects", "overall,sharpness", "--votes-per-pair", "1", "--study-file", str(study_file),
+                 "--annotators", "1"]) == 0
+    admin = re.search(r"admin token \(shown once\): (\S+)", capsys.readouterr().out).group(1)
+    sessions = make_sessions(make_engine(db))
+    with sessions() as s:
+        token = s.scalar(select(Annotator.token))
+    with running_app(db) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert 'id="agree"' in c.get(f"/a/{token}").text  # consent comes first
+        assert c.post(f"/a/{token}/practice", data={"practice": "1", "choice_overall": "left"}).status_code == 403
+        assert c.post(f"/a/{token}/consent").status_code == 303
+        dashboard = c.get("/admin/s", headers={"Authorization": f"Bearer {admin}"}).text
+        assert "practice (matched / answered)" in dashboard  # the column is there before anyone practised
+        first = c.get(f"/a/{token}").text
+        assert "Practice 1 of 2" in first and 'name="practice" value="1"' in first
+        assert not re.search(PAIR_ID_PATTERN, first) and "a red square" in first
+        assert "Overall, which image do you prefer?" in first and "choice_sharpness" not in first
+        assert c.get(f"/a/{token}/practice/1/img/left").headers["content-type"] == "image/png"
+        assert SYSTEMS[0].encode() not in c.get(f"/a/{token}/practice/1/img/left").content
+        answer = c.post(f"/a/{token}/practice", data={"practice": "1", "choice_overall": "left"})
+        assert answer.status_code == 303 and answer.headers["location"] == f"/a/{token}/practice/1"
+        feedback = c.get(f"/a/{token}/practice/1").text
+        assert "That matches." in feedback and 'id="explanation"' not in feedback
+        assert re.search(r'id="expected-answer">Left is better<', feedback)
+        assert c.post(f"/a/{token}/practice", data={"practice": "1", "choice_overall": "right"}).status_code == 409
+        second = c.get(f"/a/{token}/practice/2", follow_redirects=True)  # not answered yet: the page shows it
+        assert second.status_code == 200 and "Practice 2 of 2" in second.text and "a green circle" in second.text
+        assert c.post(f"/a/{token}/practice", data={"practice": "2", "choice_sharpness": "tie"}).status_code == 303
+        feedback = c.get(f"/a/{token}/practice/2").text
+        assert "That does not match." in feedback and re.search(r'id="your-answer">About the same<', feedback)
+        assert re.search(r'id="expected-answer">Right is better<', feedback)
+        assert "<strong>sharper</strong>" in feedback and "the real comparisons start now" in feedback
+        assert c.post(f"/a/{token}/practice", data={"practice": "3", "choice_overall": "left"}).status_code == 404
+        with sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Assignment)) == 0  # no real pair handed out yet
+            assert s.scalar(select(func.count()).select_from(Vote)) == 0
+            assert sorted(s.execute(select(PracticeAnswer.choice, PracticeAnswer.correct)).all()) == [
+                ("left", True), ("tie", False)]
+        page = c.get(f"/a/{token}").text
+        pair = re.search(PAIR_ID_PATTERN, page).group(1)
+        assert "Practice" not in page and "1 of 2" in page
+        assert _vote(c, token, pair, overall="right", sharpness="right").status_code == 303
+        auth = {"Authorization": f"Bearer {admin}"}
+        votes_csv = c.get("/admin/s/votes.csv", headers=auth).text.strip().splitlines()
+        assert len(votes_csv) == 3 and all(pair in row for row in votes_csv[1:])  # header + the 2 real answers
+        assert "0.500 (1/2)" in c.get("/admin/s", headers=auth).text
+        assert "| web-001 | 2 | 1 | 0.500 |" in c.get("/admin/s/report.md", headers=auth).text
+    from evals.ab.report import build_report
+
+    rates = build_report(sessions, "s", n_resamples=10, min_seconds=0).win_rates  # a fast test is no speeder
+    assert rates.valid_pairs.tolist() == [1, 1, 1, 1]  # per aspect and side: the one real pair only
+    # bad practice sections: one error line naming the entry, exit 2
+    for entry, why in ((f"  - left: {a.name}/00000/samples/00000.png\n    right: nope.png\n    prompt: p\n"
+                        "    answer: left\n", "practice entry 1: right image not found"),
+                       (f"  - left: {a.name}/00000/samples/00000.png\n    right: {a.name}/00000/samples/00000.png\n"
+                        "    prompt: p\n    answer: up\n", "practice entry 1: answer must be one of left, right, tie"),
+                       ("  - {left: a.png, colour: red}\n", "practice entry 1: unknown key(s) colour"),
+                       (f"  - left: {a.name}/00000/samples/00000.png\n    right: {a.name}/00000/samples/00000.png\n"
+                        "    prompt: p\n    answer: left\n    aspect: colour\n", "aspect 'colour' is not asked"),
+                       ("  - left: study.yaml\n    right: study.yaml\n    prompt: p\n    answer: left\n",
+                        "practice entry 1: left:")):
+        study_file.write_text("practice:\n" + entry)
+        assert main(["create", "--db", db, "--study", "t", "--a", str(a), "--b", str(b), "--layout", "geneval",
+                     "--aspects", "overall,sharpness", "--study-file", str(study_file)]) == 2, why
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+
+
+def test_report_page_renders_the_markdown_and_embeds_the_figure(tmp_path: Path) -> None:
+    """/admin/<study>/report is an HTML page: every table row of report.md is a row of the page, text (a system
+    name with markup) is escaped, and the embedded figure is the PNG that win_rates.png serves; report.md is the
+    Markdown. All three need the admin token."""
+    import base64
+    import io
+
+    from PIL import Image as PILImage
+
+    from evals.ab.assign import next_pair, record_vote
+    from evals.ab.report import build_report
+
+    a = write_system(tmp_path, SYSTEMS[0], 3, 1)
+    b = write_system(tmp_path, SYSTEMS[1], 3, 1, shift=1)
+    db = str(tmp_path / "s.sqlite")
+    sessions = make_sessions(make_engine(db))
+    made = create_study(sessions, "rep", a, b, "geneval", ["overall"], 1, "<i>alpha</i>", "beta", seed=0)
+    (_, token), = add_annotators(sessions, "rep", 1)
+    for choice in ("left", "right", "tie"):
+        pair, _, _ = next_pair(sessions, token)
+        record_vote(sessions, token, pair.public_id, {"overall": choice})
+    markdown = build_report(sessions, "rep").markdown
+    table_rows = [ln for ln in markdown.splitlines() if ln.startswith("|") and not set(ln) <= set("|-: ")]
+    auth = {"Authorization": f"Bearer {made.admin_token}"}
+    with running_app(db) as url, httpx.Client(base_url=url, timeout=60) as c:
+        for route in ("report", "report.md", "win_rates.png"):
+            assert c.get(f"/admin/rep/{route}").status_code == 403
+        page = c.get("/admin/rep/report", headers=auth)
+        assert c.get("/admin/rep/report.md", headers=auth).text == markdown
+        served_png = c.get("/admin/rep/win_rates.png", headers=auth)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text.count("<tr>") == len(table_rows) > 5
+    assert "<i>alpha</i>" not in page.text and "&lt;i&gt;alpha&lt;/i&gt;" in page.text
+    assert "<h2>A/B study <code>rep</code></h2>" in page.text
+    embedded = base64.b64decode(re.search(r'id="figure" src="data:image/png;base64,([^"]+)"', page.text).group(1))
+    assert served_png.headers["content-type"] == "image/png"
+    with PILImage.open(io.BytesIO(embedded)) as fig, PILImage.open(io.BytesIO(served_png.content)) as served:
+        assert fig.format == "PNG" and fig.size == served.size and fig.size[0] > 500
+
+
+def test_the_root_page_says_what_the_server_is_and_serve_help_shows_defaults(study, capsys) -> None:
+    from evals.ab.__main__ import main
+
+    with running_app(study["db"]) as url, httpx.Client(base_url=url, timeout=30) as c:
+        home = c.get("/")
+    assert home.status_code == 200 and "blind A/B studies" in home.text
+    assert not any(secret in home.text for secret in [*study["tokens"], study["admin"], *study["secrets"]])
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--help"])
+    assert done.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 127.0.0.1, this machine only)" in help_text and "(default: 8000)" in help_text
+    assert "database URL (required)" in help_text
+
+
+def test_posts_from_another_site_are_refused(study) -> None:
+    """A vote or consent POST whose Origin (or, without one, Referer) is another site gets 403 and stores nothing;
+    the server's own origin, and a client that sends neither header (scripts, tests), are accepted; Origin "null"
+    is refused; an origin named with --allowed-origin (a proxy that rewrites Host) is accepted."""
+    from fastapi.testclient import TestClient
+
+    from evals.ab.web import create_app
+
+    token = study["tokens"][0]
+    choices = {"choice_overall": "left", "choice_identity_preservation": "tie"}
+    with running_app(study["db"]) as url, httpx.Client(base_url=url, timeout=30) as c:
+        pair = re.search(PAIR_ID_PATTERN, c.get(f"/a/{token}").text).group(1)
+        refused = [{"Origin": "http://evil.example"}, {"Origin": "null"},
+                   {"Origin": url.replace("127.0.0.1", "localhost")},  # same machine, another origin
+                   {"Referer": "http://evil.example/page"}, {"Origin": "https://evil.example", "Referer": url + "/"}]
+        for headers in refused:
+            resp = c.post(f"/a/{token}/vote", data={"pair": pair, **choices}, headers=headers)
+            assert resp.status_code == 403 and "another site" in resp.text, headers
+            assert c.post(f"/a/{token}/consent", headers=headers).status_code == 403
+            assert c.post(f"/admin/{study['name']}/annotators", params={"token": study["admin"]},
+                          headers=headers).status_code == 403
+        with study["sessions"]() as s:
+            assert s.scalar(select(func.count()).select_from(Vote)) == 0
+        assert c.post(f"/a/{token}/vote", data={"pair": pair, **choices}, headers={"Origin": url}).status_code == 303
+        pair = re.search(PAIR_ID_PATTERN, c.get(f"/a/{token}").text).group(1)
+        assert c.post(f"/a/{token}/vote", data={"pair": pair, **choices},
+                      headers={"Referer": f"{url}/a/{token}"}).status_code == 303
+        pair = re.search(PAIR_ID_PATTERN, c.get(f"/a/{token}").text).group(1)
+        assert c.post(f"/a/{token}/vote", data={"pair": pair, **choices}).status_code == 303  # no header at all
+    with study["sessions"]() as s:
+        assert s.scalar(select(func.count()).select_from(Vote)) == 6
+    behind_proxy = TestClient(create_app(study["db"], ["https://ab.my-lab.org"]))
+    other = study["tokens"][1]
+    pair = re.search(PAIR_ID_PATTERN, behind_proxy.get(f"/a/{other}").text).group(1)
+    for origin, status in (("https://evil.example", 403), ("https://ab.my-lab.org", 303)):
+        resp = behind_proxy.post(f"/a/{other}/vote", data={"pair": pair, **choices}, headers={"Origin": origin},
+                                 follow_redirects=False)
+        assert resp.status_code == status, origin
+
+
+def test_an_upload_to_a_bad_link_is_refused_before_its_body_is_spooled(study, monkeypatch) -> None:
+    """A multipart POST (a 3 MB file part) to the vote or practice route of an unknown token gets 403 and no
+    temporary file is made for it; the same upload with a valid token is spooled (the probe sees it) and the vote
+    is stored, so the probe is watching the right place."""
+    import starlette.formparsers
+
+    spooled = []
+    real = starlette.formparsers.SpooledTemporaryFile
+
+    def probe(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        spooled.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", probe)
+    upload = {"junk": ("big.bin", b"\0" * 3_000_000, "application/octet-stream")}
+    fields = {"pair": "x", "choice_overall": "left", "choice_identity_preservation": "tie"}
+    with running_app(study["db"]) as url, httpx.Client(base_url=url, timeout=60) as c:
+        for route in ("vote", "practice"):
+            resp = c.post(f"/a/not-a-token/{route}", data=fields, files=upload)
+            assert spooled == [] and resp.status_code == 403, route
+        token = study["tokens"][0]
+        fields["pair"] = re.search(PAIR_ID_PATTERN, c.get(f"/a/{token}").text).group(1)
+        assert c.post(f"/a/{token}/vote", data=fields, files=upload).status_code == 303
+    assert spooled
+    with study["sessions"]() as s:
+        assert s.scalar(select(func.count()).select_from(Vote)) == 2

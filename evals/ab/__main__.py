@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def cmd(name: str, text: str, study: bool = True) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=text, description=text)
-        c.add_argument("--db", required=name != "demo", help="SQLite file path or database URL")
+        c.add_argument("--db", required=name != "demo",
+                       help="SQLite file path or database URL" + (" (required)" if name != "demo" else
+                                                                   " (default: a temporary SQLite file)"))
         if study:
             c.add_argument("--study", required=True, help="study name")
         return c
@@ -76,8 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     cmd("close", "close a study: no more pairs or votes (410 on every link); the votes stay for the report")
 
     c = cmd("serve", "serve every study of the database to annotators", study=False)
-    c.add_argument("--host", default="127.0.0.1")
-    c.add_argument("--port", type=int, default=8000)
+    c.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: %(default)s, this machine only)")
+    c.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    c.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
+                   help="also accept form posts from pages of this origin, e.g. https://ab.my-lab.org, when a proxy "
+                        "in front rewrites the Host header (repeatable; default: none, only the address the "
+                        "request was sent to)")
 
     c = cmd("export-pairs", "write the pairs for a vendor: pair_id, prompt, left, right (+ source)")
     c.add_argument("--out", required=True, type=Path, help="CSV to write")
@@ -134,10 +141,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     engine = make_engine(args.db)
     if args.command == "serve":
-        from evals.ab.web import serve
+        from evals.ab.web import origin_list, serve
 
+        try:
+            origin_list(args.allowed_origin)
+        except ValueError as err:
+            raise StudyError(f"--allowed-origin: {err}") from None
         print(f"serving on http://{args.host}:{args.port}/a/<token>  (Ctrl-C stops)", flush=True)
-        serve(engine, args.host, args.port)
+        serve(engine, args.host, args.port, args.allowed_origin)
         return 0
     sessions = make_sessions(engine)
     if args.command == "create":

@@ -22,7 +22,7 @@ from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from evals.ab.db import Annotator, Assignment, Pair, Study, Vote, utcnow
+from evals.ab.db import Annotator, Assignment, Pair, PracticeAnswer, PracticeItem, Study, Vote, utcnow
 
 MAX_TRIES = 20  # transactions retried after a lost race (PostgreSQL) before giving up with an error
 
@@ -76,6 +76,13 @@ def annotator_for(s: Session, token: str | None, lock: bool = False) -> tuple[An
     if study.closed_at is not None:
         raise AnnotatorError(410, "This study is closed. Thank you for your help.")
     return ann, study
+
+
+def check_token(sessions: sessionmaker, token: str | None) -> None:
+    """Refuse (403 unknown token, 410 closed study) before anything else is done for a request: a POST's body is
+    not read, let alone spooled to disk, for a link that is not valid."""
+    with sessions() as s:
+        annotator_for(s, token)
 
 
 def _open(s: Session, ann_id: int) -> Assignment | None:
@@ -289,3 +296,77 @@ def record_vote(sessions: sessionmaker, token: str | None, public_id: str, choic
             s.flush()
         except IntegrityError as err:
             raise AnnotatorError(409, "You have already answered this comparison.") from err
+
+
+# ------------------------------------------------------------------------------------------------ practice round
+@dataclass(frozen=True)
+class PracticeStep:
+    """A practice pair to show (``item``, number ``position`` of ``total``) and, once answered, the annotator's
+    ``choice`` and whether it matched the expected answer."""
+
+    item: PracticeItem
+    total: int
+    choice: str | None = None
+    correct: bool | None = None
+
+
+def _practice_items(s: Session, study: Study) -> list[PracticeItem]:
+    items = s.scalars(select(PracticeItem).where(PracticeItem.study_id == study.id)
+                      .order_by(PracticeItem.position)).all()
+    for item in items:  # load what the page shows before the session closes
+        _ = (item.left_image, item.right_image, item.source_image)
+    return list(items)
+
+
+def next_practice(sessions: sessionmaker, token: str | None) -> PracticeStep | None:
+    """The first practice pair this annotator has not answered yet, or None when the study has none left for
+    them. Raises ``ConsentRequired`` before consent: practice comes after it, like every pair."""
+    with sessions.begin() as s:
+        ann, study = annotator_for(s, token)
+        if study.consent and ann.consented_at is None:
+            raise ConsentRequired(study)
+        items = _practice_items(s, study)
+        if not items:
+            return None
+        answered = set(s.scalars(select(PracticeAnswer.practice_id).where(PracticeAnswer.annotator_id == ann.id)))
+        todo = [item for item in items if item.id not in answered]
+        return PracticeStep(todo[0], len(items)) if todo else None
+
+
+def practice_step(sessions: sessionmaker, token: str | None, position: int) -> PracticeStep:
+    """Practice pair number ``position`` of this annotator's study with their answer (if given); 404 if none."""
+    with sessions.begin() as s:
+        ann, study = annotator_for(s, token)
+        items = _practice_items(s, study)
+        item = next((i for i in items if i.position == position), None)
+        if item is None:
+            raise AnnotatorError(404, "No such practice pair.")
+        answer = s.scalar(select(PracticeAnswer).where(PracticeAnswer.practice_id == item.id,
+                                                      PracticeAnswer.annotator_id == ann.id))
+        return PracticeStep(item, len(items), answer.choice if answer else None, answer.correct if answer else None)
+
+
+def record_practice(sessions: sessionmaker, token: str | None, position: int, choice: str,
+                    now: datetime | None = None) -> PracticeStep:
+    """Store this annotator's answer to practice pair ``position`` (once) and return it with its feedback.
+    Practice answers go to their own table, never to the votes. 404: no such practice pair; 409: answered
+    already; 422: a choice the study does not offer; 403 before consent."""
+    with sessions.begin() as s:
+        ann, study = annotator_for(s, token)
+        if study.consent and ann.consented_at is None:
+            raise ConsentRequired(study)
+        items = _practice_items(s, study)
+        item = next((i for i in items if i.position == position), None)
+        if item is None:
+            raise AnnotatorError(404, "No such practice pair.")
+        if choice not in study.choices:
+            raise AnnotatorError(422, "Please answer the question.")
+        correct = choice == item.answer
+        try:
+            with s.begin_nested():
+                s.add(PracticeAnswer(practice_id=item.id, annotator_id=ann.id, choice=choice, correct=correct,
+                                     created_at=now or utcnow()))
+                s.flush()
+        except IntegrityError:
+            raise AnnotatorError(409, "You have already answered this practice pair.") from None
+        return PracticeStep(item, len(items), choice, correct)

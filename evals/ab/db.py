@@ -220,6 +220,44 @@ class Vote(Base):
     changed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # the annotator went back
 
 
+class PracticeItem(Base):
+    """A practice pair from the study file: shown after consent and before the real pairs, with a known
+    ``answer`` on one ``aspect`` and an optional Markdown ``explanation`` shown after the annotator answers.
+    Practice lives in its own tables: it never takes a slot, never becomes a vote and never enters a win rate."""
+
+    __tablename__ = "ab_practice"
+    __table_args__ = (
+        UniqueConstraint("study_id", "position", name="uq_practice_position"),
+        CheckConstraint("answer IN ('left', 'right', 'tie')", name="ck_practice_answer"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("ab_study.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)  # 1, 2, ... in the order of the study file
+    prompt: Mapped[str] = mapped_column(Text)
+    aspect: Mapped[str] = mapped_column(String(100))
+    answer: Mapped[str] = mapped_column(String(5))
+    explanation: Mapped[str | None] = mapped_column(Text, nullable=True)
+    left_image_id: Mapped[int] = mapped_column(ForeignKey("ab_image.id"))
+    right_image_id: Mapped[int] = mapped_column(ForeignKey("ab_image.id"))
+    source_image_id: Mapped[int | None] = mapped_column(ForeignKey("ab_image.id"), nullable=True)
+    left_image: Mapped[Image] = relationship(foreign_keys=[left_image_id])
+    right_image: Mapped[Image] = relationship(foreign_keys=[right_image_id])
+    source_image: Mapped[Image | None] = relationship(foreign_keys=[source_image_id])
+
+
+class PracticeAnswer(Base):
+    """An annotator's answer to a practice pair (one per person and item) and whether it matched."""
+
+    __tablename__ = "ab_practice_answer"
+    __table_args__ = (UniqueConstraint("annotator_id", "practice_id", name="uq_practice_answer"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    practice_id: Mapped[int] = mapped_column(ForeignKey("ab_practice.id"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("ab_annotator.id"), index=True)
+    choice: Mapped[str] = mapped_column(String(10))
+    correct: Mapped[bool] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 def database_url(db: str) -> str:
     """A SQLAlchemy URL from ``--db``: a plain path is a SQLite file; ``postgresql://`` uses psycopg 3."""
     if "://" not in db:

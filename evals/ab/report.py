@@ -28,12 +28,13 @@ from sqlalchemy.orm import aliased, sessionmaker
 
 from common.files import atomic_write_text
 from common.stats import bootstrap_ci
-from evals.ab.db import CANT_TELL, Annotator, Pair, System, Vote
+from evals.ab.db import CANT_TELL, Annotator, Pair, PracticeAnswer, PracticeItem, System, Vote
 from evals.ab.study import get_study
 
 WIN_RATE_COLUMNS = ["aspect", "system", "wins", "ties", "losses", "valid_pairs", "win_rate", "ci_low", "ci_high"]
 GOLD_ASPECTS = ("overall", "prompt_adherence")
 VOTE_COLUMNS = ["annotator", "pair_id", "aspect", "choice", "origin", "created_at", "seconds"]
+PRACTICE_COLUMNS = ["annotator", "practice_answered", "practice_correct", "practice_accuracy"]
 ANNOTATOR_COLUMNS = ["annotator", "gold_votes", "gold_correct", "gold_accuracy", "flagged", "votes",
                      "median_seconds", "speeder", "reason", "cant_tell"]
 
@@ -67,6 +68,22 @@ def load_votes(sessions: sessionmaker, study_name: str) -> tuple[pd.DataFrame, p
     votes["created_at"] = pd.to_datetime(votes.created_at).dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     votes["seconds"] = votes.seconds.astype(float).round(3)
     return votes, pairs
+
+
+def practice_table(sessions: sessionmaker, study_name: str) -> pd.DataFrame:
+    """Per annotator who answered practice pairs (``PRACTICE_COLUMNS``): how many, how many matched the expected
+    answer, and the share. Practice answers live in their own table; they are never votes."""
+    with sessions() as s:
+        study = get_study(s, study_name)
+        rows = s.execute(select(Annotator.label, PracticeAnswer.correct)
+                         .join(PracticeAnswer, PracticeAnswer.annotator_id == Annotator.id)
+                         .join(PracticeItem, PracticeItem.id == PracticeAnswer.practice_id)
+                         .where(PracticeItem.study_id == study.id)).all()
+    answers = pd.DataFrame(rows, columns=["annotator", "correct"])
+    out = [{"annotator": who, "practice_answered": len(g), "practice_correct": int(g.correct.astype(bool).sum()),
+            "practice_accuracy": float(g.correct.astype(bool).mean())}
+           for who, g in sorted(answers.groupby("annotator"), key=lambda kv: kv[0])]
+    return pd.DataFrame(out, columns=PRACTICE_COLUMNS)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -231,6 +248,7 @@ class Report:
     seed: int
     note: str | None = None
     min_seconds: float = 0.0
+    practice: pd.DataFrame | None = None  # PRACTICE_COLUMNS; None or empty: no practice answers
 
     def win_rates_csv(self, table: pd.DataFrame | None = None) -> str:
         """The CSV: exactly ``WIN_RATE_COLUMNS``; a study of more than two systems adds ``opponent``."""
@@ -276,6 +294,12 @@ class Report:
         lines += [f"| {r.annotator} | {r.votes} | {r.gold_votes} | {_num(r.gold_accuracy)} | "
                   f"{'yes' if r.flagged else ''} | {r.reason} | {_num(r.median_seconds, '.1f')} | {r.cant_tell} |"
                   for r in ann.itertuples()]
+        if self.practice is not None and len(self.practice):
+            lines += ["", "## Practice round (not counted in any number above)", "",
+                      "| annotator | practice answers | matched the expected answer | practice accuracy |",
+                      "|---|---:|---:|---:|"]
+            lines += [f"| {r.annotator} | {r.practice_answered} | {r.practice_correct} | "
+                      f"{_num(r.practice_accuracy)} |" for r in self.practice.itertuples()]
         return "\n".join(lines) + "\n"
 
 
@@ -304,8 +328,10 @@ def build_report(sessions: sessionmaker, study_name: str, n_resamples: int = 100
         threshold = study.gold_threshold if gold_threshold is None else gold_threshold
         speed = study.speed_limit if min_seconds is None else min_seconds
     votes, pairs = load_votes(sessions, study_name)
-    return compute_report(votes, pairs, study_name, aspects, vpp, threshold, keep_flagged, n_resamples, seed, note,
-                          speed)
+    report = compute_report(votes, pairs, study_name, aspects, vpp, threshold, keep_flagged, n_resamples, seed,
+                            note, speed)
+    report.practice = practice_table(sessions, study_name)
+    return report
 
 
 def compute_report(votes: pd.DataFrame, pairs: pd.DataFrame, study: str, aspects: list[str], votes_per_pair: int,
@@ -371,10 +397,18 @@ def plot_win_rates(report: Report, path: Path) -> Path:
     return path
 
 
+def figure_png(report: Report) -> bytes:
+    """``win_rates.png`` of the report as bytes (the report page embeds it)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ab-figure-") as tmp:
+        return plot_win_rates(report, Path(tmp) / "win_rates.png").read_bytes()
+
+
 def write_report(report: Report, out: str | Path) -> list[Path]:
     """``win_rates.csv``, ``win_rates_all_annotators.csv`` (or ``..._without_flagged`` with --keep-flagged),
-    ``report.md``, ``win_rates.png``, ``annotators.csv``, ``agreement.csv``, and ``bradley_terry.csv`` with more
-    than two systems."""
+    ``report.md``, ``win_rates.png``, ``annotators.csv``, ``agreement.csv``, ``bradley_terry.csv`` with more
+    than two systems, and ``practice.csv`` when annotators answered practice pairs."""
     out = Path(out)
     other = "win_rates_without_flagged.csv" if report.keep_flagged else "win_rates_all_annotators.csv"
     written = [atomic_write_text(out / "win_rates.csv", report.win_rates_csv()),
@@ -384,5 +418,7 @@ def write_report(report: Report, out: str | Path) -> list[Path]:
                atomic_write_text(out / "agreement.csv", report.agreement.to_csv(index=False))]
     if report.bt is not None:
         written.append(atomic_write_text(out / "bradley_terry.csv", report.bt.to_csv(index=False)))
+    if report.practice is not None and len(report.practice):
+        written.append(atomic_write_text(out / "practice.csv", report.practice.to_csv(index=False)))
     written.append(plot_win_rates(report, out / "win_rates.png"))
     return written

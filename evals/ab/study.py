@@ -25,6 +25,7 @@ from evals.ab.db import (
     Annotator,
     Image,
     Pair,
+    PracticeItem,
     Study,
     System,
     stores_cant_tell,
@@ -53,24 +54,95 @@ def question(aspect: str, custom: dict[str, str] | None = None) -> str:
     return ASPECT_QUESTIONS.get(aspect, f"Which image is better for {aspect.replace('_', ' ')}?")
 
 
-STUDY_FILE_KEYS = ("instructions", "consent", "questions")
-TEXT_MAX, QUESTION_MAX = 20_000, 300
+STUDY_FILE_KEYS = ("instructions", "consent", "questions", "practice")
+TEXT_MAX, QUESTION_MAX, PROMPT_MAX = 20_000, 300, 2_000
+PRACTICE_KEYS = ("left", "right", "source", "answer", "prompt", "aspect", "explanation")
+PRACTICE_ANSWERS = ("left", "right", "tie")
+PRACTICE_MAX = 20  # a practice round is a warm-up; a longer one is a study of its own
+
+
+@dataclass(frozen=True)
+class PracticeEntry:
+    """One practice pair of a study file: two image files (and a source image for edits), the expected ``answer``
+    (left / right / tie) on ``aspect``, the ``prompt`` shown and an optional Markdown ``explanation``."""
+
+    left: Path
+    right: Path
+    answer: str
+    prompt: str
+    aspect: str
+    explanation: str | None = None
+    source: Path | None = None
 
 
 @dataclass(frozen=True)
 class StudyText:
     """What a study file gives annotators: Markdown ``instructions`` and ``consent`` (None: not shown / no consent
-    step) and ``questions`` {aspect: question}."""
+    step), ``questions`` {aspect: question} and the ``practice`` pairs shown before the real ones."""
 
     instructions: str | None = None
     consent: str | None = None
     questions: dict[str, str] | None = None
+    practice: tuple[PracticeEntry, ...] = ()
+
+
+def _practice_entries(path: Path, value: object, aspects: list[str]) -> tuple[PracticeEntry, ...]:
+    """Check a study file's ``practice`` list; any problem is a ``StudyError`` naming the file and the entry.
+    Image paths are relative to the study file's folder (or absolute); each must decode as an image."""
+    from evals.ab.blind import png_of
+
+    if not isinstance(value, list) or not value or len(value) > PRACTICE_MAX:
+        raise StudyError(f"{path}: practice must be a list of 1 to {PRACTICE_MAX} pairs (each with left, right, "
+                         "answer, prompt)")
+    out = []
+    for k, entry in enumerate(value, 1):
+        where = f"{path}: practice entry {k}"
+        if not isinstance(entry, dict):
+            raise StudyError(f"{where}: expected a mapping with left, right, answer, prompt (and optionally "
+                             "aspect, explanation, source)")
+        unknown = sorted(set(map(str, entry)) - set(PRACTICE_KEYS))
+        if unknown:
+            raise StudyError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(PRACTICE_KEYS)})")
+        files: dict[str, Path | None] = {}
+        for key in ("left", "right", "source"):
+            name = entry.get(key)
+            if name is None and key == "source":
+                files[key] = None
+                continue
+            if not isinstance(name, str) or not name.strip():
+                raise StudyError(f"{where}: {key} must be the path of an image file")
+            file = Path(name).expanduser()
+            file = (file if file.is_absolute() else path.parent / file).resolve()
+            if not file.is_file():
+                raise StudyError(f"{where}: {key} image not found: {file}")
+            try:
+                png_of(file.read_bytes(), file)
+            except ValueError as err:
+                raise StudyError(f"{where}: {key}: {err}") from None
+            files[key] = file
+        answer = entry.get("answer")
+        if answer not in PRACTICE_ANSWERS:
+            raise StudyError(f"{where}: answer must be one of {', '.join(PRACTICE_ANSWERS)}, got {answer!r}")
+        prompt = entry.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > PROMPT_MAX:
+            raise StudyError(f"{where}: prompt must be non-empty text of at most {PROMPT_MAX} characters")
+        aspect = entry.get("aspect", aspects[0])
+        if aspect not in aspects:
+            raise StudyError(f"{where}: aspect {aspect!r} is not asked in this study (aspects: {', '.join(aspects)})")
+        explanation = entry.get("explanation")
+        if explanation is not None and (not isinstance(explanation, str) or not explanation.strip()
+                                        or len(explanation) > TEXT_MAX):
+            raise StudyError(f"{where}: explanation must be non-empty text of at most {TEXT_MAX} characters")
+        out.append(PracticeEntry(files["left"], files["right"], answer, prompt.strip(), aspect, explanation,
+                                 files["source"]))
+    return tuple(out)
 
 
 def read_study_file(path: str | Path, aspects: list[str]) -> StudyText:
     """Read and check a study file (YAML, or JSON, which YAML reads too): a mapping with any of ``instructions``
-    (Markdown), ``consent`` (Markdown; annotators must agree before their first pair) and ``questions`` (aspect ->
-    question text, for aspects of the study). Anything else is a ``StudyError`` naming the file."""
+    (Markdown), ``consent`` (Markdown; annotators must agree before their first pair), ``questions`` (aspect ->
+    question text, for aspects of the study) and ``practice`` (pairs with a known answer, shown first with
+    feedback). Anything else is a ``StudyError`` naming the file (and the practice entry)."""
     import yaml
 
     path = Path(path)
@@ -104,7 +176,8 @@ def read_study_file(path: str | Path, aspects: list[str]) -> StudyText:
             raise StudyError(f"{path}: question(s) for {', '.join(map(str, bad))} must be non-empty text of at most "
                              f"{QUESTION_MAX} characters")
         questions = {str(k): v.strip() for k, v in questions.items()}
-    return StudyText(texts["instructions"], texts["consent"], questions)
+    practice = _practice_entries(path, data["practice"], aspects) if "practice" in data else ()
+    return StudyText(texts["instructions"], texts["consent"], questions, practice)
 
 
 def parse_aspects(text: str) -> list[str]:
@@ -222,7 +295,9 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
         raise StudyError(f"the two systems need different names (both {name_a!r}); pass --name-a / --name-b")
     matched = pair_items(read_folder(a_dir, layout, prompts_file), read_folder(b_dir, layout, prompts_file),
                          name_a, name_b)
-    pinned = pin_images([p for ia, ib in matched for p in (ia.image, ib.image, ia.source) if p is not None])
+    practice = text.practice if text else ()
+    pinned = pin_images([p for ia, ib in matched for p in (ia.image, ib.image, ia.source) if p is not None]
+                        + [p for e in practice for p in (e.left, e.right, e.source) if p is not None])
     rng = random.Random(seed) if seed is not None else random.SystemRandom()
     admin_token = None
     with sessions.begin() as s:
@@ -274,6 +349,11 @@ def create_study(sessions: sessionmaker, name: str, a_dir: str | Path, b_dir: st
                 s.add(images[path])
             return images[path]
 
+        for position, entry in enumerate(practice, 1):
+            s.add(PracticeItem(study_id=study.id, position=position, prompt=entry.prompt, aspect=entry.aspect,
+                               answer=entry.answer, explanation=entry.explanation, left_image=image(entry.left),
+                               right_image=image(entry.right),
+                               source_image=image(entry.source) if entry.source else None))
         for (ia, ib), a_left in zip(matched, sides, strict=True):
             left, right = (ia, ib) if a_left else (ib, ia)
             s.add(Pair(public_id=secrets.token_urlsafe(9), study_id=study.id, prompt_key=ia.prompt_key,
@@ -326,7 +406,10 @@ def add_annotators(sessions: sessionmaker, study_name: str, n: int) -> list[tupl
 
 def new_web_labels(s: Session, study: Study, n: int) -> list[str]:
     """The next ``n`` free web labels of a study: after the highest number in use (not the count: a gap or a
-    foreign web-NNN would repeat a label)."""
+    foreign web-NNN would repeat a label). The study's row is locked until the transaction ends (PostgreSQL
+    ``SELECT ... FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` serialises writers already), so concurrent callers
+    (admin "new links", crowd entries) number one after the other instead of picking the same label."""
+    s.execute(select(Study.id).where(Study.id == study.id).with_for_update())
     labels = s.scalars(select(Annotator.label).where(Annotator.study_id == study.id,
                                                       Annotator.label.like(f"{WEB_PREFIX}%"))).all()
     have = max((int(m[1]) for m in map(re.compile(rf"{WEB_PREFIX}(\d+)$").match, labels) if m), default=0)

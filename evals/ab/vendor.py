@@ -15,7 +15,9 @@ The good file is written in one transaction.
 from __future__ import annotations
 
 import csv
+import io
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +91,63 @@ def spreadsheet_safe(text: str) -> str:
     return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
+def read_csv_text(path: Path) -> str:
+    """A CSV file's text (UTF-8, with or without a byte-order mark). A file in another encoding (Excel's "CSV"
+    in Windows-1252, say) is a ``StudyError`` naming the file, the line and the data row of the first bad byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        row = ""
+        try:  # the data row the bad byte is in: the records before it, minus the header
+            before = list(csv.reader(io.StringIO(raw[:err.start].decode("utf-8-sig"), newline="")))
+            record = len(before) + (1 if raw[:err.start].endswith(b"\n") or not before else 0)
+            row = f", data row {record - 1}" if record > 1 else ", the header"
+        except csv.Error:
+            pass
+        raise StudyError(f"{path}: line {line}{row}: byte 0x{raw[err.start]:02x} is not UTF-8; save the file as "
+                         "UTF-8 (in Excel: \"CSV UTF-8\")") from None
+
+
+def csv_problem(path: Path, line: int, row: int, err: csv.Error) -> str:
+    """One line on a CSV the reader cannot parse: the file, the line, the data row (0: the header) and why."""
+    where = f"line {line}, " + (f"data row {row}" if row else "the header")
+    if "field larger than field limit" in str(err):
+        return (f"{path}: {where}: a field is longer than {csv.field_size_limit()} characters (the CSV reader's "
+                "limit); a votes file has short fields, so this is likely an unclosed quote or the wrong file")
+    return f"{path}: {where}: not valid CSV ({err})"
+
+
+def _line_at(stream: io.StringIO) -> int:
+    """The number of the line the reader read last: the reader's own count skips the line it failed on."""
+    text, pos = stream.getvalue(), stream.tell()
+    return text.count("\n", 0, pos) + (0 if pos and text[pos - 1] == "\n" else 1)
+
+
+def csv_rows(path: Path, stream: io.StringIO) -> Iterator[dict[str, str]]:
+    """The rows of a CSV text as dicts (header first); a line the CSV reader cannot parse is a ``StudyError``
+    (``csv_problem``) naming the file, line and data row."""
+    reader = csv.DictReader(stream)
+    try:
+        header = reader.fieldnames
+    except csv.Error as err:
+        raise StudyError(csv_problem(path, _line_at(stream), 0, err)) from None
+    missing = [c for c in IMPORT_COLUMNS if c not in (header or [])]
+    if missing:
+        raise StudyError(f"{path}: missing column(s) {', '.join(missing)} (need {', '.join(IMPORT_COLUMNS)})")
+    row = 0
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise StudyError(csv_problem(path, _line_at(stream), row + 1, err)) from None
+        row += 1
+        yield record
+
+
 @dataclass(frozen=True)
 class Imported:
     votes: int
@@ -100,6 +159,7 @@ def import_votes(sessions: sessionmaker, study_name: str, path: str | Path) -> I
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"votes file not found: {path}")
+    text = read_csv_text(path)
     with sessions.begin() as s:
         study = get_study(s, study_name)
         pair_ids = dict(s.execute(select(Pair.public_id, Pair.id).where(Pair.study_id == study.id)).all())
@@ -111,41 +171,37 @@ def import_votes(sessions: sessionmaker, study_name: str, path: str | Path) -> I
         bad: list[tuple[int, str]] = []
         rows: list[tuple[str, str, str, str]] = []
         first_line: dict[tuple[str, str, str], int] = {}
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in IMPORT_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise StudyError(f"{path}: missing column(s) {', '.join(missing)} (need {', '.join(IMPORT_COLUMNS)})")
-            n_rows = 0
-            for row in reader:
-                n_rows += 1
-                line = reader.line_num
-                who, pid, aspect, choice = ((row.get(c) or "").strip() for c in IMPORT_COLUMNS)
-                choice = choice.lower()
-                why = []
-                if not who:
-                    why.append("empty annotator")
-                elif who.startswith(WEB_PREFIX):
-                    why.append(f"annotator {who!r}: labels starting with {WEB_PREFIX!r} belong to web links; "
-                               "rename the vendor's ids")
-                elif len(who) > LABEL_MAX:
-                    why.append(f"annotator label longer than {LABEL_MAX} characters")
-                if pid not in pair_ids:
-                    why.append(f"unknown pair_id {pid!r}")
-                if aspect not in study.aspect_list:
-                    why.append(f"unknown aspect {aspect!r} (study asks {study.aspects})")
-                if choice not in study.choices:
-                    why.append(f"unknown choice {choice!r} ({', '.join(study.choices)})")
-                key = (who, pid, aspect)
-                if not why and key in first_line:
-                    why.append(f"repeats the vote of line {first_line[key]}")
-                if not why and key in stored:
-                    why.append("this annotator's vote on this pair and aspect is already in the database")
-                if why:
-                    bad.append((line, "; ".join(why)))
-                else:
-                    first_line[key] = line
-                    rows.append((who, pid, aspect, choice))
+        stream = io.StringIO(text, newline="")
+        n_rows = 0
+        for row in csv_rows(path, stream):
+            n_rows += 1
+            line = _line_at(stream)
+            who, pid, aspect, choice = ((row.get(c) or "").strip() for c in IMPORT_COLUMNS)
+            choice = choice.lower()
+            why = []
+            if not who:
+                why.append("empty annotator")
+            elif who.startswith(WEB_PREFIX):
+                why.append(f"annotator {who!r}: labels starting with {WEB_PREFIX!r} belong to web links; "
+                           "rename the vendor's ids")
+            elif len(who) > LABEL_MAX:
+                why.append(f"annotator label longer than {LABEL_MAX} characters")
+            if pid not in pair_ids:
+                why.append(f"unknown pair_id {pid!r}")
+            if aspect not in study.aspect_list:
+                why.append(f"unknown aspect {aspect!r} (study asks {study.aspects})")
+            if choice not in study.choices:
+                why.append(f"unknown choice {choice!r} ({', '.join(study.choices)})")
+            key = (who, pid, aspect)
+            if not why and key in first_line:
+                why.append(f"repeats the vote of line {first_line[key]}")
+            if not why and key in stored:
+                why.append("this annotator's vote on this pair and aspect is already in the database")
+            if why:
+                bad.append((line, "; ".join(why)))
+            else:
+                first_line[key] = line
+                rows.append((who, pid, aspect, choice))
         if bad:
             raise VoteFileError(path, bad, n_rows)
         if not rows:
