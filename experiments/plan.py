@@ -84,6 +84,10 @@ class Assumptions:
     gpu: str = DEFAULT_GPU
     hfu: float = 0.40  # hardware FLOPs utilisation: executed FLOPs (recompute included) / bf16 peak
     text_tokens: int = 256
+    # VERIFI's rewrite as HF `generate` decodes it: one token of the whole batch per step, at a latency that the
+    # weight reads only bound from below (kernel launches, sampling and the cache add to it); an assumed range for
+    # an 8B VLM at small batch, not a measurement: replace it with one from your cluster (--decode-ms)
+    decode_ms: tuple[float, float] = (15.0, 35.0)
 
 
 # ------------------------------------------------------------------------------------------------ shapes
@@ -212,8 +216,14 @@ def plan_run(run: RunSpec, assume: Assumptions, debug: bool = False) -> dict[str
     # FLOPs at any utilisation miss. The rewrite takes the longer of the two.
     rewrite_tokens = max(shape.rewrite_tokens for _, shape in shapes.values())
     decode_s = rewrite_tokens * 2 * first.params["encoder"] / (gpu.hbm_tbs * 1e12)
-    step_s = ((micro - mix["rewrite"] + recompute) / rate + max(mix["rewrite"] / rate, decode_s if mix["rewrite"]
-                                                                  else 0.0)) * acc
+    rest_s = (micro - mix["rewrite"] + recompute) / rate
+
+    def step_with_rewrite(decode: float) -> float:
+        return (rest_s + (max(mix["rewrite"] / rate, decode) if mix["rewrite"] else 0.0)) * acc
+
+    step_s = step_with_rewrite(decode_s)
+    # the same step with the rewrite decoded at the assumed per-token latencies (the floor when it is slower)
+    step_lo, step_hi = (step_with_rewrite(max(decode_s, rewrite_tokens * ms / 1000)) for ms in assume.decode_ms)
     steps = run.config["train"]["steps"]
     mem = {s_ac: max((memory_bytes(c, s_ac[0], s_ac[1], world) for _, c in costs.values()),
                      key=lambda m: sum(m.values()))
@@ -234,6 +244,8 @@ def plan_run(run: RunSpec, assume: Assumptions, debug: bool = False) -> dict[str
         "est_step_s": round(step_s, 3),
         "mfu_pct": round(100 * micro * acc / (step_s * gpu.tflops * 1e12), 1),
         "gpu_hours": round(steps * step_s * world / 3600),
+        "gpu_hours_decode_lo": round(steps * step_lo * world / 3600),
+        "gpu_hours_decode_hi": round(steps * step_hi * world / 3600),
         "encoder": run.config["encoder"]["preset"], "gpu": assume.gpu, "gpus": world,
         "batch_per_gpu": run.config["train"]["batch_size"],
         "accumulate": acc, "global_batch": run.config["train"]["batch_size"] * world * acc, "steps": steps,
@@ -249,6 +261,8 @@ def plan_run(run: RunSpec, assume: Assumptions, debug: bool = False) -> dict[str
            for (s, a), m in mem.items() if s in ("ddp", "fsdp")},
         "params_latent": first.params["latent"],
         "rewrite_decode_s": round(decode_s * acc, 3) if mix["rewrite"] else 0.0,
+        "rewrite_tokens": rewrite_tokens if mix["rewrite"] else 0,
+        "decode_ms": "-".join(f"{ms:g}" for ms in assume.decode_ms),
     })
     if fits == "no":
         options = [f"{s}{' + activation checkpointing' if a else ''} ({sum(m.values()) / GIB:.0f} GiB)"
@@ -304,29 +318,38 @@ def markdown(df: pd.DataFrame, exp: str, assume: Assumptions) -> str:
             f"context, NCCL and workspaces; `fits` is `tight` below {MIN_HEADROOM:.0%} headroom), {gpu.hbm_tbs} "
             f"TB/s; step time at {assume.hfu:.0%} hardware FLOPs utilisation (every executed FLOP, activation "
             f"checkpointing's recomputed forward included; `MFU %` counts the model's FLOPs only; VERIFI's "
-            f"token-by-token rewrite at least its weight reads at full bandwidth). User text {assume.text_tokens} "
+            f"token-by-token rewrite at least its weight reads at full bandwidth; `GPU-hours, decode` prices it at "
+            f"{assume.decode_ms[0]:g}-{assume.decode_ms[1]:g} ms per generated token, an assumed range for HF "
+            f"`generate`, `--decode-ms` to replace it). User text {assume.text_tokens} "
             f"tokens per prompt (padded), chat templates at "
             f"{CHARS_PER_TOKEN} characters per token, VERIFI rewrites at the preset's max_new_tokens, one square "
             f"image per image task; a task mix's FLOPs are weighted by `data.tasks`, its memory is the largest "
             f"task's. FLOPs per optimizer step (global batch) in PFLOP; memory per GPU in GiB.\n\n")
     cols = ["run", "status", "encoder", "params_encoder", "params_conditioner", "params_dit", "gpus", "strategy",
             "flops_step", "flops_conditioner", "flops_dit", "conditioner_share_pct", "mem_gib_per_gpu",
-            "mem_gib_activations", "headroom_pct", "fits", "est_step_s", "mfu_pct", "steps", "gpu_hours"]
+            "mem_gib_activations", "headroom_pct", "fits", "est_step_s", "mfu_pct", "steps", "gpu_hours",
+            "gpu_hours_decode"]
     kinds = {"params_encoder": "B", "params_conditioner": "B", "params_dit": "B", "flops_step": "P",
              "flops_conditioner": "P", "flops_dit": "P", "gpu_hours": "H", "gpus": "I", "steps": "I"}
     names = {"params_encoder": "encoder (frozen)", "params_conditioner": "conditioner", "params_dit": "DiT",
              "flops_step": "PFLOP/step", "flops_conditioner": "cond. PFLOP", "flops_dit": "DiT PFLOP",
              "conditioner_share_pct": "cond./DiT %", "mem_gib_per_gpu": "GiB/GPU", "mem_gib_activations": "act. GiB",
-             "est_step_s": "s/step", "gpu_hours": "GPU-hours", "headroom_pct": "headroom %", "mfu_pct": "MFU %"}
+             "est_step_s": "s/step", "gpu_hours": "GPU-hours", "headroom_pct": "headroom %", "mfu_pct": "MFU %",
+             "gpu_hours_decode": "GPU-hours, decode"}
     lines = ["| " + " | ".join(names.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
-        vals = {**r.to_dict(), "encoder": r.get("encoder", "")}
+        vals = {**r.to_dict(), "encoder": r.get("encoder", ""), "gpu_hours_decode": hour_range(r)}
         if r["status"] == "error":
             vals = {c: (vals[c] if c in ("run", "status") else "") for c in cols}
         lines.append("| " + " | ".join(_fmt(vals.get(c), kinds.get(c, "")) for c in cols) + " |")
     errors = [f"- `{r['run']}` ({r['status']}): {r['error']}" for _, r in df.iterrows() if r["status"] != "ok"]
     total = df["gpu_hours"].fillna(0).sum() if "gpu_hours" in df else 0
-    tail = f"\nTotal: {total:,.0f} GPU-hours for the sweep's {len(df)} runs.\n"
+    tail = f"\nTotal: {total:,.0f} GPU-hours for the sweep's {len(df)} runs"
+    if "gpu_hours_decode_hi" in df and (df["gpu_hours_decode_hi"].fillna(0) != df["gpu_hours"].fillna(0)).any():
+        lo, hi = (df[c].fillna(0).sum() for c in ("gpu_hours_decode_lo", "gpu_hours_decode_hi"))
+        tail += (f"; {lo:,.0f} - {hi:,.0f} with VERIFI decoded at {assume.decode_ms[0]:g}-{assume.decode_ms[1]:g} "
+                 "ms/token")
+    tail += ".\n"
     if errors:
         tail += "\nNot ok:\n" + "\n".join(errors) + "\n"
     tight = [r for _, r in df.iterrows() if r.get("fits") == "tight"]
@@ -355,35 +378,64 @@ def run_identities(exp: str) -> dict[str, str]:
     return {r.name: r.dirname[len(r.name):] for r in runs}
 
 
+def hour_range(row: Any) -> str:
+    """``lo - hi`` GPU-hours of a run whose VERIFI rewrite is priced at the assumed decode latencies; the plain
+    GPU-hours for a run without a rewrite (or a plan written before the columns existed)."""
+    lo, hi, plain = (row.get(k) for k in ("gpu_hours_decode_lo", "gpu_hours_decode_hi", "gpu_hours"))
+    if lo is None or pd.isna(lo) or pd.isna(hi):
+        return "" if plain is None or pd.isna(plain) else f"{plain:,.0f}"
+    return f"{lo:,.0f}" if lo == hi else f"{lo:,.0f} - {hi:,.0f}"
+
+
 def summary(out: Path = PLAN_DIR) -> str:
     """Markdown: GPU-hours and status of every planned sweep (from the committed ``<exp>.csv`` files), and the total
     over unique runs: a run that another sweep also configures identically (same seed and config hash) trains once,
-    so it counts once; the shared ones are listed with who shares them."""
-    lines = ["| sweep | runs | ok | GPUs per run | GPU | GPU-hours |", "|---|---|---|---|---|---|"]
-    total = 0.0
+    so it counts once; the shared ones are listed with who shares them. Beside each number, the range with VERIFI's
+    rewrite decoded at the plan's assumed per-token latencies (``Assumptions.decode_ms``)."""
     from experiments.config import available_experiments
 
-    owners: dict[str, list[tuple[str, str, float]]] = {}  # identity -> [(sweep, run, GPU-hours)]
+    def hours(df: pd.DataFrame, col: str) -> float:
+        col = col if col in df else "gpu_hours"  # a plan written before the decode columns: no rewrite range
+        return float(df[col].fillna(0).sum()) if col in df else 0.0
+
+    def span(lo: float, hi: float) -> str:
+        return f"{lo:,.0f}" if round(lo) == round(hi) else f"{lo:,.0f} - {hi:,.0f}"
+
+    ms = ""
+    lines = []
+    rows, total = [], [0.0, 0.0, 0.0]
+    owners: dict[str, list[tuple[str, str, tuple[float, float, float]]]] = {}  # identity -> [(sweep, run, hours)]
     for path in [out / f"{exp}.csv" for exp in available_experiments() if (out / f"{exp}.csv").is_file()]:
         df = pd.read_csv(path)
-        hours = float(df["gpu_hours"].fillna(0).sum()) if "gpu_hours" in df else 0.0
-        total += hours
+        h = (hours(df, "gpu_hours"), hours(df, "gpu_hours_decode_lo"), hours(df, "gpu_hours_decode_hi"))
+        total = [t + x for t, x in zip(total, h, strict=True)]
+        ms = ms or (str(df["decode_ms"].dropna().iloc[0]) if "decode_ms" in df and df["decode_ms"].notna().any()
+                    else "")
         gpus = ", ".join(str(int(g)) for g in sorted(df["gpus"].dropna().unique())) if "gpus" in df else ""
         gpu = ", ".join(sorted(df["gpu"].dropna().unique())) if "gpu" in df else ""
-        lines.append(f"| `{path.stem}` | {len(df)} | {int((df['status'] == 'ok').sum())} | {gpus} | {gpu} | "
-                     f"{hours:,.0f} |")
+        rows.append(f"| `{path.stem}` | {len(df)} | {int((df['status'] == 'ok').sum())} | {gpus} | {gpu} | "
+                    f"{h[0]:,.0f} | {span(h[1], h[2])} |")
         ids = run_identities(path.stem)
-        for row in df.itertuples():
-            key = ids.get(row.run, f"{path.stem}/{row.run}")  # a run the YAML no longer has: its own identity
-            owners.setdefault(key, []).append((path.stem, row.run, float(getattr(row, "gpu_hours", 0) or 0)))
-    unique = sum(group[0][2] for group in owners.values())
-    lines.append(f"| all, as configured | | | | | {total:,.0f} |")
-    lines.append(f"| all, unique runs | | | | | {unique:,.0f} |")
+        for row in df.to_dict("records"):
+            key = ids.get(row["run"], f"{path.stem}/{row['run']}")  # a run the YAML no longer has: its own identity
+            plain = float(row.get("gpu_hours") or 0)
+            lo, hi = (float(row[c]) if c in row and pd.notna(row[c]) else plain
+                      for c in ("gpu_hours_decode_lo", "gpu_hours_decode_hi"))
+            owners.setdefault(key, []).append((path.stem, row["run"], (plain, lo, hi)))
+    unique = [sum(group[0][2][i] for group in owners.values()) for i in range(3)]
+    decode = f"GPU-hours, VERIFI decoded at {ms} ms/token" if ms else "GPU-hours, decode"
+    lines += [f"| sweep | runs | ok | GPUs per run | GPU | GPU-hours | {decode} |", "|---|---|---|---|---|---|---|"]
+    lines += rows
+    lines.append(f"| all, as configured | | | | | {total[0]:,.0f} | {span(total[1], total[2])} |")
+    lines.append(f"| all, unique runs | | | | | {unique[0]:,.0f} | {span(unique[1], unique[2])} |")
     shared = [group for group in owners.values() if len(group) > 1]
     if shared:
         lines += ["", "Runs configured identically in more than one sweep (trained once, counted once above):", ""]
-        lines += [f"- {' = '.join(f'`{e}/{r}`' for e, r, _ in group)}: {group[0][2]:,.0f} GPU-hours"
-                  for group in sorted(shared, key=lambda g: -g[0][2])]
+        lines += [f"- {' = '.join(f'`{e}/{r}`' for e, r, _ in group)}: {group[0][2][0]:,.0f} GPU-hours"
+                  + (f" ({span(*group[0][2][1:])} with VERIFI decoded at {ms} ms/token)"
+                     if round(group[0][2][1]) != round(group[0][2][0]) or round(group[0][2][2]) != round(group[0][2][0])
+                     else "")
+                  for group in sorted(shared, key=lambda g: -g[0][2][0])]
     return "\n".join(lines) + "\n"
 
 
@@ -469,6 +521,17 @@ def profile_gpu(profile: str | None) -> str:
     return gpu
 
 
+def parse_decode_ms(text: str) -> tuple[float, float]:
+    """``"15-35"`` -> (15.0, 35.0); ValueError unless 0 < LO <= HI."""
+    try:
+        lo, hi = (float(v) for v in text.split("-"))
+    except ValueError:
+        raise ValueError(f"--decode-ms takes LO-HI milliseconds per token, e.g. 15-35; got {text!r}") from None
+    if not 0 < lo <= hi:
+        raise ValueError(f"--decode-ms needs 0 < LO <= HI, got {text!r}")
+    return lo, hi
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("exp", nargs="?")
@@ -480,6 +543,9 @@ def main(argv: list[str] | None = None) -> None:
                         "(default 0.40); the plan reports the MFU it implies")
     p.add_argument("--text-tokens", type=int, default=Assumptions.text_tokens,
                    help="user text tokens per prompt, padded (default 256)")
+    p.add_argument("--decode-ms", default="-".join(f"{v:g}" for v in Assumptions.decode_ms), metavar="LO-HI",
+                   help="VERIFI's rewrite at LO to HI ms per generated token, the GPU-hours range beside the "
+                        "bandwidth floor (default %(default)s, assumed; measure yours)")
     p.add_argument("--set", action="append", dest="sets", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=PLAN_DIR)
     p.add_argument("--summary", action="store_true", help="write <out>/summary.md from the plan CSVs")
@@ -506,7 +572,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(make plan ... PAPER=1)")
         if a.text_tokens < 1:
             raise ValueError(f"--text-tokens must be >= 1, got {a.text_tokens}")
-        assume = Assumptions(gpu=a.gpu or profile_gpu(a.profile), hfu=a.hfu, text_tokens=a.text_tokens)
+        assume = Assumptions(gpu=a.gpu or profile_gpu(a.profile), hfu=a.hfu, text_tokens=a.text_tokens,
+                             decode_ms=parse_decode_ms(a.decode_ms))
         t0 = time.time()
         df = plan_experiment(a.exp, paper=a.paper, sets=a.sets, assume=assume, debug=a.debug)
         path = write_plan(a.exp, df, assume, a.out)

@@ -26,5 +26,9 @@ def test_readme_plan_totals_are_the_committed_summarys() -> None:
     configured = re.search(r"\| all, as configured \| \| \| \| \| ([\d,]+) \|", summary).group(1)
     readme = (ROOT / "README.md").read_text()
     assert f"{unique} H100 GPU-hours of unique runs, {configured} as configured" in readme
+    decoded = re.search(r"\| all, unique runs \| \| \| \| \| [\d,]+ \| ([\d,]+ - [\d,]+) \|", summary).group(1)
+    base = re.search(r"`final/base`: [\d,]+ GPU-hours \(([\d,]+ - [\d,]+) with VERIFI", summary).group(1)
+    flat = " ".join(readme.split())
+    assert f"the unique runs need {decoded} GPU-hours (the final base alone {base})" in flat
     plans = pd.concat([pd.read_csv(p) for p in (ROOT / "results" / "plan").glob("*.csv") if p.stem != "lap_overhead"])
     assert int(configured.replace(",", "")) == round(plans.gpu_hours.fillna(0).sum())

@@ -246,6 +246,8 @@ def test_plan_cli_bad_input() -> None:
     assert out.returncode == 2 and "error: the plan costs a sweep's paper variant" in out.stderr
     out = run("tiles", "--paper", "--gpu", "v100")
     assert out.returncode == 2 and "error: unknown GPU 'v100'" in out.stderr
+    out = run("tiles", "--paper", "--decode-ms", "35-15")
+    assert out.returncode == 2 and "error: --decode-ms needs 0 < LO <= HI, got '35-15'" in out.stderr
 
 
 def test_paper_sweep_refuses_with_the_plans_message(tmp_path: Path) -> None:
@@ -271,9 +273,46 @@ def test_summary_counts_a_run_shared_by_two_sweeps_once(tmp_path) -> None:
     pd.DataFrame({"run": ["base", "t2i_continue", "edit_finetune"], "status": "ok", "gpu_hours": [1000.0, 20.0, 5.0],
                   "gpus": 256, "gpu": "h100-80gb"}).to_csv(tmp_path / "edit_finetune.csv", index=False)
     text = summary(tmp_path)
-    assert "| all, as configured | | | | | 2,035 |" in text
-    assert "| all, unique runs | | | | | 1,035 |" in text  # 1000 + 10 + 20 + 5
-    assert "- `edit_finetune/base` = `final/base`: 1,000 GPU-hours" in text
+    assert "| all, as configured | | | | | 2,035 | 2,035 |" in text  # no VERIFI decode columns: no range
+    assert "| all, unique runs | | | | | 1,035 | 1,035 |" in text  # 1000 + 10 + 20 + 5
+    assert "- `edit_finetune/base` = `final/base`: 1,000 GPU-hours\n" in text
+    for name in ("final", "edit_finetune"):  # the base's rewrite priced at the decode latencies: 1500 - 2500
+        df = pd.read_csv(tmp_path / f"{name}.csv")
+        df["gpu_hours_decode_lo"] = df.gpu_hours.where(df.run != "base", 1500.0)
+        df["gpu_hours_decode_hi"] = df.gpu_hours.where(df.run != "base", 2500.0)
+        df["decode_ms"] = "15-35"
+        df.to_csv(tmp_path / f"{name}.csv", index=False)
+    text = summary(tmp_path)
+    assert "| all, as configured | | | | | 2,035 | 3,035 - 5,035 |" in text
+    assert "| all, unique runs | | | | | 1,035 | 1,535 - 2,535 |" in text
+    assert "`final/base`: 1,000 GPU-hours (1,500 - 2,500 with VERIFI decoded at 15-35 ms/token)" in text
+    assert "GPU-hours, VERIFI decoded at 15-35 ms/token |" in text
+
+
+def test_committed_plans_price_the_verifi_rewrite_at_the_assumed_decode_latencies() -> None:
+    """Each VERIFI run's GPU-hour range: the rewrite's `max_new_tokens` decoded one token per step at 15 and 35 ms
+    (the plan's assumption), so hi - lo = steps x GPUs x accumulation x tokens x 20 ms exactly (both above the
+    bandwidth floor); runs without a rewrite have one number. The final base spans ~300k-480k GPU-hours."""
+    import pandas as pd
+
+    from models.encoders import ENCODER_PRESETS
+
+    rows = pd.concat([pd.read_csv(p) for p in sorted((ROOT / "results" / "plan").glob("*.csv"))
+                      if p.stem != "lap_overhead"])
+    rows = rows[rows.status == "ok"]
+    plain = rows[rows.rewrite_tokens == 0]
+    assert len(plain) > 20 and (plain.gpu_hours_decode_lo == plain.gpu_hours).all()
+    assert (plain.gpu_hours_decode_hi == plain.gpu_hours).all()
+    verifi = rows[rows.rewrite_tokens > 0]
+    assert len(verifi) >= 4 and (verifi.decode_ms == "15-35").all()
+    for r in verifi.itertuples():
+        assert r.rewrite_tokens == ENCODER_PRESETS[r.encoder].verifi.max_new_tokens
+        spread = r.steps * r.gpus * r.accumulate * r.rewrite_tokens * 0.020 / 3600
+        assert abs((r.gpu_hours_decode_hi - r.gpu_hours_decode_lo) - spread) <= 1.0, r.run
+        assert r.gpu_hours <= r.gpu_hours_decode_lo <= r.gpu_hours_decode_hi
+        assert r.steps == 0 or r.gpu_hours_decode_lo < r.gpu_hours_decode_hi  # an untrained run costs nothing
+    base = rows[(rows.run == "base") & (rows.rewrite_tokens > 0)].iloc[0]
+    assert 290_000 < base.gpu_hours_decode_lo < 310_000 and 470_000 < base.gpu_hours_decode_hi < 490_000
 
 
 def test_committed_plans_flag_thin_headroom_and_state_the_mfu_they_imply() -> None:
