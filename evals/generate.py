@@ -22,7 +22,7 @@ official GenEval script instead reseeds 42 before every prompt and draws its sam
 every prompt starts from the same noise; batch-size dependent); DPG-Bench states no seed policy; GenAI-Bench's
 generate.py seeds 42 once and draws in sequence.
 
-Prompts: --metadata FILE (geneval: an evaluation_metadata.jsonl; dpg: a questions CSV or a prompts.jsonl of
+Prompts: --prompt-file FILE (geneval: an evaluation_metadata.jsonl; dpg: a questions CSV or a prompts.jsonl of
 {"item_id", "prompt"}; genai: a genai_image.json); default: the official prompt set shipped with this package
 (553 / 1065 / 1600 prompts). --limit N keeps the first N prompts (a quick look before the full run).
 --prompts shapes: a small shapes-world set instead (18 / 20 / 18 prompts), written into --out in the benchmark's
@@ -167,9 +167,9 @@ def parser() -> cli.Parser:
                      help="your generator, fn(prompts: list[str], seeds: list[int]) -> list[PIL.Image]")
     src.add_argument("--pipeline", help="a diffusers pipeline: hub id or local folder")
     src.add_argument("--ckpt", help="a checkpoint of this harness")
-    p.add_argument("--metadata", help="the benchmark's prompt file (see above); default: the shipped official set")
+    p.add_argument(cli.PROMPT_FILE, help="the benchmark's prompt file (see above); default: the shipped official set")
     p.add_argument("--prompts", choices=("official", "shapes"), default="official",
-                   help="official: the shipped prompt set (or --metadata); shapes: a small shapes-world set in the "
+                   help="official: the shipped prompt set (or --prompt-file); shapes: a small shapes-world set in the "
                         "benchmark's format, written into --out, for an offline check with the exact judges")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="only the first N prompts")
     p.add_argument("--n-samples", type=cli.positive_int, default=None,
@@ -182,13 +182,14 @@ def parser() -> cli.Parser:
     cli.add_placement(p)
     cli.add_out(p, help="the image folder to write (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    cli.alias(p, "--metadata", cli.PROMPT_FILE)
     return p
 
 
 def check_args(args: Any) -> None:
     """Everything that can be checked before a model loads."""
-    if args.prompts == "shapes" and args.metadata is not None:
-        raise ValueError("--prompts shapes writes its own prompt file into --out: drop --metadata")
+    if args.prompts == "shapes" and args.prompt_file is not None:
+        raise ValueError("--prompts shapes writes its own prompt file into --out: drop --prompt-file")
     if args.gen_kwargs and not args.pipeline:
         raise ValueError("--gen-kwargs only applies with --pipeline")
     if args.device_map is not None and not args.pipeline:
@@ -232,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry; returns ``{"out", "generated", "kept", "prompts", "rank", "world"}`` of this process."""
     args = parser().parse_args(argv)
     check_args(args)
-    metadata = args.metadata
+    metadata = args.prompt_file
     if args.prompts == "shapes":
         from evals.shapes_prompts import write_shapes_prompts
 

@@ -89,7 +89,7 @@ BAD = [
     ("generate", ["--benchmark", "genai", "--callable", "m:f", "--gen-kwargs", "steps=2", "--out", "{out}"],
      "--gen-kwargs only applies with --pipeline"),
     ("generate", ["--benchmark", "genai", "--ckpt", "{root}/missing.ckpt", "--out", "{out}"], "checkpoint not found"),
-    ("generate", ["--benchmark", "geneval", "--ckpt", "{ckpt}", "--metadata", "{root}/none.jsonl", "--out", "{out}"],
+    ("generate", ["--benchmark", "geneval", "--ckpt", "{ckpt}", "--prompt-file", "{root}/none.jsonl", "--out", "{out}"],
      "prompt file not found"),
     ("generate", ["--benchmark", "geneval", "--callable", "m:f", "--device-map", "auto", "--out", "{out}"],
      "--device-map applies to --pipeline only"),
@@ -262,7 +262,7 @@ def test_old_flag_names_still_work(files, tmp_path, capsys) -> None:
                          "--out", str(tmp_path / "g")]) == 0
     err = capsys.readouterr().err
     assert "note: --detector is an old name of --judge" in err and "--ci-resamples" in err
-    assert json.loads((tmp_path / "g" / "summary.json").read_text())["detector"] == "shapes"
+    assert json.loads((tmp_path / "g" / "summary.json").read_text())["judge"]["judge"] == "shapes"
     # genai_bench: --model / --model-id / --url / --api-key-env land on the judge flags
     a = genai_bench.parser().parse_args(["--images", "d", "--model", "openai", "--model-id", "m", "--url",
                                          "http://h/v1", "--api-key-env", "K", "--out", "o"])
@@ -292,7 +292,7 @@ def test_errors_from_your_generator_keep_their_traceback_and_debug_keeps_ours(fi
         assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr, out.stderr
         assert f"mygen.py\", line {3 if fn == 'broken' else 6}" in out.stderr
         assert out.stderr.strip().splitlines()[-1].startswith(last), out.stderr
-    ours = ["--ckpt", str(files["ckpt"]), "--metadata", str(tmp_path / "none.jsonl")]
+    ours = ["--ckpt", str(files["ckpt"]), "--prompt-file", str(tmp_path / "none.jsonl")]
     plain = run(*ours)
     assert plain.returncode == 2 and plain.stderr.strip().splitlines() == [
         line for line in plain.stderr.strip().splitlines() if line.startswith("error: ")] != []

@@ -90,8 +90,8 @@ def test_a_folder_of_other_prompts_is_refused(tmp_path: Path, capsys) -> None:
         _gen("dpg", edited)
     assert exit_.value.code == 2 and "holds another prompt set" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
-        _gen("dpg", tmp_path / "m", EXAMPLE, "--metadata", str(edited / "dpg_bench.csv"))
-    assert exit_.value.code == 2 and "drop --metadata" in capsys.readouterr().err
+        _gen("dpg", tmp_path / "m", EXAMPLE, "--prompt-file", str(edited / "dpg_bench.csv"))
+    assert exit_.value.code == 2 and "drop --prompt-file" in capsys.readouterr().err
 
 
 def test_genai_oracle_scores_the_pairing_of_image_and_prompt(tmp_path: Path) -> None:

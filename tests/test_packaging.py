@@ -87,7 +87,7 @@ def test_scoring_needs_no_training_stack(tmp_path: Path) -> None:
 
     write_geneval_metadata(tmp_path / "m.jsonl", n_per_task=1, seed=0)
     steps = [
-        ("evals.generate", "--benchmark", "geneval", "--callable", "tests.shapes_generator:generate", "--metadata",
+        ("evals.generate", "--benchmark", "geneval", "--callable", "tests.shapes_generator:generate", "--prompt-file",
          str(tmp_path / "m.jsonl"), "--n-samples", "1", "--quiet", "--out", str(tmp_path / "g")),
         ("evals.geneval", "--images", str(tmp_path / "g"), "--judge", "shapes", "--n-resamples", "10", "--out",
          str(tmp_path / "gs")),
@@ -95,7 +95,7 @@ def test_scoring_needs_no_training_stack(tmp_path: Path) -> None:
     items = make_dpg_prompt_set(2, seed=0)
     write_dpg_questions_csv(tmp_path / "q.csv", items)
     steps.append(("evals.generate", "--benchmark", "dpg", "--callable", "tests/shapes_generator.py:seed_colour",
-                  "--metadata", str(tmp_path / "q.csv"), "--quiet", "--out", str(tmp_path / "d")))
+                  "--prompt-file", str(tmp_path / "q.csv"), "--quiet", "--out", str(tmp_path / "d")))
     steps.append(("evals.dpg_refined", "--images", str(tmp_path / "d"), "--questions", str(tmp_path / "q.csv"),
                   "--judge", "oracle", "--n-resamples", "10", "--out", str(tmp_path / "ds")))
     for module, *args in steps:
