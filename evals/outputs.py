@@ -92,16 +92,17 @@ def check_summary(summary: Mapping[str, Any]) -> None:
 
 
 def write_outputs(out_dir: str | Path, summary: Mapping[str, Any], items: Iterable[Mapping[str, Any]],
-                  detail: str = "", retire: Sequence[str] = ()) -> Path:
+                  detail: str = "", retire: Sequence[str] = (), record_judge: bool = True) -> Path:
     """Write ``summary.json``, ``items.jsonl``, ``table.md`` and ``judge.json`` into ``out_dir`` (each atomically),
     then remove the old-named outputs ``retire`` a folder of an earlier layout may hold (with a note). Returns the
-    folder."""
+    folder. Without ``record_judge`` an existing ``judge.json`` is left as it is."""
     check_summary(summary)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # judge.json: recorded for a judge without a cache (GenEval's detector) as for those with one; a cache of
     # another judge has already been refused by then, so this only (re)writes this run's identity
-    check_judge(out, summary["judge"], (), record=True)
+    if record_judge:
+        check_judge(out, summary["judge"], (), record=True)
     atomic_write_text(out / ITEMS, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in items))
     atomic_write_text(out / TABLE, render_table(summary, detail))
     atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2, default=str) + "\n")

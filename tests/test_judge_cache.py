@@ -68,7 +68,7 @@ def test_dpg_resume_under_another_judge_is_refused_before_it_loads(dpg_bench, tm
                                                                    monkeypatch) -> None:
     csv_path, folder, _ = dpg_bench
     out = tmp_path / "out"
-    base = ["--images", str(folder), "--questions", str(csv_path), "--out", str(out), "--n-resamples", "10"]
+    base = ["--images", str(folder), "--prompt-file", str(csv_path), "--out", str(out), "--n-resamples", "10"]
     dpg_refined.main([*base, "--judge", "oracle"])
     before = (out / "judgments.jsonl").read_bytes()
     capsys.readouterr()

@@ -145,7 +145,7 @@ def test_missing_weights_name_the_offline_judge(tmp_path: Path, capsys, module: 
         generate.main(["--benchmark", "geneval", "--callable", BLANK, "--limit", "1", "--quiet", "--out", str(images)])
     else:
         _gen(benchmark, images, BLANK)
-    data = {"geneval": [], "dpg": ["--questions", str(images / "dpg_bench.csv")], "genai": ["--data", str(images)]}
+    data = {"geneval": [], "dpg": ["--prompt-file", str(images / "dpg_bench.csv")], "genai": ["--data", str(images)]}
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module(module).main(["--images", str(images), *data[benchmark], *args, "--out",
@@ -188,7 +188,7 @@ def test_readme_offline_commands_run_outside_the_checkout(tmp_path: Path) -> Non
 
     def scores(cwd: Path) -> tuple[dict, dict, dict]:
         return (json.loads((cwd / "scores/geneval/summary.json").read_text()),
-                json.loads((cwd / "scores/dpg/scores.json").read_text()),
+                json.loads((cwd / "scores/dpg/summary.json").read_text()),
                 json.loads((cwd / "scores/genai/results.json").read_text()))
 
     run_all(tmp_path / "exact", commands)
