@@ -127,3 +127,28 @@ def read_summary(out_dir: str | Path) -> dict[str, Any]:
     if "headline" not in summary:
         raise ValueError(f"{path} is of an earlier layout (no headline): re-score into a new --out")
     return summary
+
+
+def render_combined_table(combined: Mapping[str, Any]) -> str:
+    """The combined ``table.md`` of ``evals.all``: one row per benchmark scored (headline, CI, n, judge)."""
+    from evals.cache import describe
+
+    lines = ["# All benchmarks", "", "| benchmark | score | value | 95% CI | n | judge |",
+             "|---|---|---:|---|---:|---|"]
+    for r in combined["rows"]:
+        lines.append(f"| {r['benchmark']} | {r['score']} | {fmt(r['value'])} | [{fmt(r['ci95'][0])}, "
+                     f"{fmt(r['ci95'][1])}] | {r['n']} | `{describe(r['judge'])}` |")
+    if combined.get("absent"):
+        lines += ["", f"not scored (no image folder): {', '.join(combined['absent'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_combined(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], absent: Sequence[str] = ()
+                   ) -> dict[str, Any]:
+    """``OUT/summary.json`` (``{"benchmark": "all", "rows": [...], "absent": [...]}``) and ``OUT/table.md`` of
+    ``evals.all``, atomically. Returns the combined summary."""
+    out = Path(out_dir)
+    combined = {"benchmark": "all", "rows": [dict(r) for r in rows], "absent": list(absent)}
+    atomic_write_text(out / TABLE, render_combined_table(combined))
+    atomic_write_text(out / SUMMARY, json.dumps(combined, indent=2, default=str) + "\n")
+    return combined
