@@ -175,7 +175,7 @@ def test_readme_offline_commands_run_outside_the_checkout(tmp_path: Path) -> Non
     PYTHONPATH stands in for an installed package beside its examples/); then the same commands with the example's
     ``blank`` generator. Every command exits 0 and writes its summary; the exact generator scores 1, blank 0."""
     commands = readme_commands()
-    assert len(commands) == 6 and all(c.startswith("python -m evals.") for c in commands)
+    assert len(commands) == 7 and all(c.startswith("python -m evals.") for c in commands)
     assert not tmp_path.resolve().is_relative_to(ROOT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -188,9 +188,12 @@ def test_readme_offline_commands_run_outside_the_checkout(tmp_path: Path) -> Non
             assert out.returncode == 0, f"{cmd}\n{out.stderr[-3000:]}"
 
     def scores(cwd: Path) -> tuple[dict, dict, dict]:
-        return (json.loads((cwd / "scores/geneval/summary.json").read_text()),
-                json.loads((cwd / "scores/dpg/summary.json").read_text()),
-                json.loads((cwd / "scores/genai/summary.json").read_text()))
+        own = [json.loads((cwd / f"scores/{b}/summary.json").read_text()) for b in ("geneval", "dpg", "genai")]
+        # the combined command's rows are each benchmark's own headline, re-scored from the same folders
+        combined = json.loads((cwd / "scores/all/summary.json").read_text())
+        assert [(r["benchmark"], r["value"]) for r in combined["rows"]] == [
+            (s["benchmark"], s["headline"]["value"]) for s in own]
+        return tuple(own)
 
     run_all(tmp_path / "exact", commands)
     geneval, dpg, genai = scores(tmp_path / "exact")
