@@ -99,7 +99,8 @@ def combined_row(bench: str, summary: dict[str, Any]) -> dict[str, Any]:
     """One row of the combined table: the benchmark's headline, as its own summary.json holds it."""
     head = summary["headline"]
     return {"benchmark": bench, "score": head["name"], "value": head["value"], "ci95": head["ci95"], "n": head["n"],
-            "judge": summary["judge"], "counts": {k: summary["counts"][k] for k in outputs.COUNT_KEYS}}
+            "judge": summary["judge"], "generator": summary.get("generator"),
+            "counts": {k: summary["counts"][k] for k in outputs.COUNT_KEYS}}
 
 
 def _main(argv: Sequence[str] | None = None) -> dict[str, Any]:

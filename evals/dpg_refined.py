@@ -799,6 +799,9 @@ def run(images_dir: str | Path | ImageSet, questions_csv: str | Path | Sequence[
     path = judge_images(images, questions, judge, out_dir, n_images, resolution, progress, stats)
     scores, rows = aggregate(questions, read_judgments(path), n_images, n_resamples, seed)
     scores["judge"] = identity_of(judge)
+    from evals.outputs import generator_of
+
+    scores["generator"] = generator_of(images.root)
     scores["counts"]["rejudged_changed_images"] = stats.get("rejudged", 0)
     scores["counts"]["duplicate_judgments_dropped"] = stats.get("duplicates", 0)
     if "retries" in getattr(judge, "counts", {}):

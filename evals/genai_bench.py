@@ -249,7 +249,8 @@ def run(images_dir: Path, scorer: Any, out_dir: Path, data_dir: Path = DATA, n_r
     # every prompt's image must exist and decode (find_images / open_rgb raise), so none fails or is partial
     counts = {**getattr(scorer, "counts", {}), "rescored_changed_images": stats["rescored"], "scored": len(scores),
               "failed": 0, "partial": 0}
-    results = contract_summary({"judge": identity_of(scorer), "prompts": len(prompts), "counts": counts,
+    results = contract_summary({"judge": identity_of(scorer), "generator": outputs.generator_of(images_dir),
+                                "prompts": len(prompts), "counts": counts,
                                 **aggregate(scores, skills, n_resamples, seed)})
     if scorer.name == "oracle":
         results["note"] = ORACLE_NOTE

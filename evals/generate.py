@@ -182,6 +182,9 @@ def parser() -> cli.Parser:
     cli.add_placement(p)
     cli.add_out(p, help="the image folder to write (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--generator-id", default=None, metavar="TEXT",
+                   help="your name for the generator (e.g. mymodel-v2@step40k), recorded in --out's generation.json "
+                        "and carried into every score of the folder; a resume with another id is refused")
     cli.alias(p, "--metadata", cli.PROMPT_FILE)
     return p
 
@@ -199,6 +202,8 @@ def check_args(args: Any) -> None:
         raise ValueError(f"the DPG-Bench layout is a 2x2 grid, so --n-samples must be 4, got {n}")
     if args.benchmark == "genai" and n not in (None, 1):
         raise ValueError(f"the GenAI-Bench layout holds one image per prompt, so --n-samples must be 1, got {n}")
+    if args.generator_id is not None and not args.generator_id.strip():
+        raise ValueError("--generator-id must not be empty")
     if args.ckpt is not None and not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
     if args.device_map is not None:
@@ -248,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         generate = checkpoint_generator(args.ckpt, args.device)
     stats = write_folder(args.benchmark, generate, prompts, args.out, args.n_samples, args.seed, args.batch_size,
-                         generator=generator_label(args), rank=rank, world=world, progress=not args.quiet)
+                         generator=generator_label(args), rank=rank, world=world, progress=not args.quiet,
+                         generator_id=args.generator_id)
     share = f" (rank {rank} of {world})" if world > 1 else ""
     print(f"{args.benchmark}: {stats.generated} images generated, {stats.kept} kept, {stats.prompts} prompts"
           f"{share} -> {args.out}")

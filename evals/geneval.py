@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from common.files import atomic_write_text, open_rgb
 from common.geneval_spec import POSITION_THRESHOLD, RELATIONS, TASKS, relative_position
@@ -505,10 +506,11 @@ def check_entry(path: Path) -> None:
 
 def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "shapes",
                     out_dir: str | Path | None = None, ci_resamples: int = 1000, ci_seed: int = 0,
-                    **options: Any) -> tuple[list[dict], dict]:
+                    progress: bool = False, **options: Any) -> tuple[list[dict], dict]:
     """Score a GenEval image folder (``<dir>/<NNNNN>/metadata.jsonl`` + ``samples/<k>.png``).
 
-    ``options``: GenEval overrides (``threshold=0.5``, ...). Returns ``(rows, summary)``; with ``out_dir`` also
+    ``options``: GenEval overrides (``threshold=0.5``, ...); ``progress``: a progress bar over the samples on
+    stderr (the CLI shows it). Returns ``(rows, summary)``; with ``out_dir`` also
     writes ``results.jsonl`` (official per-image rows) and the ``evals.outputs`` contract: ``summary.json``,
     ``items.jsonl`` (one row per image, with its ``component_outcomes``), ``table.md``, ``judge.json``.
     """
@@ -521,6 +523,11 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
               "misnamed_samples": 0, "non_digit_folders": 0}
     problems: list[str] = []
     rows: list[dict] = []
+    # the bar's total: every candidate sample, counted before the detector runs (a listing, no image is read)
+    total = sum(1 for sub in images_dir.iterdir() if sub.is_dir() and sub.name.isdigit()
+                for p in ((sub / "samples").iterdir() if (sub / "samples").is_dir() else ())
+                if _SAMPLE_NAME.fullmatch(p.name))
+    bar = tqdm(total=total, desc=f"GenEval ({backend.name})", unit="img", disable=not progress or not total)
     for sub in sorted(images_dir.iterdir()):
         check_entry(sub)
         if not sub.is_dir():
@@ -552,9 +559,11 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
             rows.append({"filename": str(path), "tag": meta["tag"], "prompt": meta["prompt"], "correct": correct,
                          "reason": reason, "metadata": json.dumps(meta), "details": json.dumps(details),
                          "components": component_outcomes(detections, meta, opts, colors)})
+            bar.update(1)
         if len(rows) == n_before:
             counts["prompts_without_samples"] += 1
             problems.append(f"prompt folder without PNG samples: {sub}")
+    bar.close()
     for line in problems:
         print(f"geneval: {line}", file=sys.stderr)
     if not rows:
@@ -571,7 +580,8 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
                                   int((per_prompt["tag"] == t).sum())) for t, acc in summary["tasks"].items()}
     summary = {"benchmark": "geneval",
                "headline": {"name": "overall", **outputs.score(summary["overall"], (lo, hi), counts["prompts"])},
-               "breakdown": breakdown, "judge": identity, "items_are": "images", **summary}
+               "breakdown": breakdown, "judge": identity, "generator": outputs.generator_of(images_dir),
+               "items_are": "images", **summary}
     summary["ci95"] = {"overall": [lo, hi]}
     parts = component_shares(rows)
     summary["components"] = {r.component: {"value": float(r.value), "n": int(r.n)}
@@ -779,7 +789,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"{images} is partly generated; missing: {shown}. Finish the generation (python -m "
                          "evals.generate resumes it), or pass --allow-partial to score what is there")
     rows, summary = evaluate_folder(images, build_detector(args), out, ci_resamples=args.n_resamples,
-                                    ci_seed=args.seed, **options)
+                                    ci_seed=args.seed, progress=True, **options)
     print(format_summary(summary, rows))
     return 0
 

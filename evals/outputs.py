@@ -70,8 +70,11 @@ def render_table(summary: Mapping[str, Any], detail: str = "") -> str:
     from evals.cache import describe
 
     title = BENCHMARK_TITLES.get(summary["benchmark"], summary["benchmark"])
-    lines = [f"# {title}", "", f"judge: `{describe(summary['judge'])}`", "",
-             "| score | value | 95% CI | n |", "|---|---:|---|---:|"]
+    lines = [f"# {title}", "", f"judge: `{describe(summary['judge'])}`"]
+    gen = summary.get("generator")
+    if gen:  # the folder's generation.json: the user's --generator-id, else the label evals.generate recorded
+        lines.append(f"generator: `{gen['id'] or gen['generator']}`")
+    lines += ["", "| score | value | 95% CI | n |", "|---|---:|---|---:|"]
     for i, (name, s) in enumerate(headline_rows(summary)):
         shown = f"**{name}**" if i == 0 else name
         lines.append(f"| {shown} | {fmt(s['value'])} | [{fmt(s['ci95'][0])}, {fmt(s['ci95'][1])}] | {s['n']} |")
@@ -133,11 +136,13 @@ def render_combined_table(combined: Mapping[str, Any]) -> str:
     """The combined ``table.md`` of ``evals.all``: one row per benchmark scored (headline, CI, n, judge)."""
     from evals.cache import describe
 
-    lines = ["# All benchmarks", "", "| benchmark | score | value | 95% CI | n | judge |",
-             "|---|---|---:|---|---:|---|"]
+    lines = ["# All benchmarks", "", "| benchmark | score | value | 95% CI | n | judge | generator |",
+             "|---|---|---:|---|---:|---|---|"]
     for r in combined["rows"]:
+        gen = r.get("generator") or {}
         lines.append(f"| {r['benchmark']} | {r['score']} | {fmt(r['value'])} | [{fmt(r['ci95'][0])}, "
-                     f"{fmt(r['ci95'][1])}] | {r['n']} | `{describe(r['judge'])}` |")
+                     f"{fmt(r['ci95'][1])}] | {r['n']} | `{describe(r['judge'])}` | "
+                     f"{gen.get('id') or gen.get('generator') or '–'} |")
     if combined.get("absent"):
         lines += ["", f"not scored (no image folder): {', '.join(combined['absent'])}"]
     return "\n".join(lines) + "\n"
@@ -152,3 +157,19 @@ def write_combined(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], absen
     atomic_write_text(out / TABLE, render_combined_table(combined))
     atomic_write_text(out / SUMMARY, json.dumps(combined, indent=2, default=str) + "\n")
     return combined
+
+
+def generator_of(images_dir: str | Path) -> dict[str, Any] | None:
+    """What made an image folder, from its ``generation.json`` (``evals.generate``): ``{"generator", "id"}``, the
+    label the tool recorded and the user's ``--generator-id`` (None when not given); None for a folder made
+    elsewhere."""
+    from evals.images import MANIFEST
+
+    path = Path(images_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not readable JSON ({err}): regenerate the folder or remove the file") from None
+    return {"generator": manifest.get("generator"), "id": manifest.get("generator_id")}

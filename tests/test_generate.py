@@ -182,3 +182,18 @@ def test_mixing_another_run_into_a_folder_is_refused(metadata, tmp_path: Path, c
     with pytest.raises(SystemExit):
         generate.main([*base[:5], str(other), *base[6:]])
     assert "holds another prompt" in capsys.readouterr().err
+
+
+def test_generator_id_is_recorded_and_a_resume_under_another_is_refused(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "g"
+    base = ["--benchmark", "genai", "--prompts", "shapes", "--callable", SHAPES, "--limit", "3", "--quiet",
+            "--out", str(out)]
+    generate.main([*base, "--generator-id", "model-a@step10"])
+    assert json.loads((out / "generation.json").read_text())["generator_id"] == "model-a@step10"
+    assert generate.main([*base, "--generator-id", "model-a@step10"])["kept"] == 3  # same id: resumes
+    capsys.readouterr()
+    for other in (["--generator-id", "model-b"], []):  # another id, or none where one was recorded
+        with pytest.raises(SystemExit) as exit_:
+            generate.main([*base, *other])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and "generator_id: 'model-a@step10'" in err[0], err

@@ -43,8 +43,12 @@ def test_clean_renders_score_one(clean):
 def test_cli_images_end_to_end(clean, tmp_path, capsys):
     images, metadata = clean
     assert main(["--images", str(images), "--detector", "shapes", "--out", str(tmp_path / "out")]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "overall" in printed and "1.000" in printed
+    # a progress bar on stderr, over every sample of the folder
+    n_samples = len(list(images.glob("*/samples/*.png")))
+    assert "GenEval (shapes)" in captured.err and f"{n_samples}/{n_samples}" in captured.err
     lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert len(rows) == 2 * len(metadata)

@@ -40,7 +40,7 @@ def scored(tmp_path_factory) -> tuple[Path, Path, dict]:
     root, out = base / "images", base / "out"
     for bench in ("geneval", "dpg", "genai"):
         generate.main(["--benchmark", bench, "--prompts", "shapes", "--callable", "examples.shapes_generator:generate",
-                       "--quiet", "--out", str(root / bench)])
+                       "--generator-id", "example-exact", "--quiet", "--out", str(root / bench)])
     for k in (0, 1, 2):  # 3 of 4 samples of the first (single-object) prompt
         _blank(root / "geneval" / "00000" / "samples" / f"{k:05d}.png")
     _blank(root / "dpg" / "shapes0.png")  # every tile of one prompt
@@ -79,6 +79,11 @@ def test_the_three_scorers_write_the_same_file_set(scored) -> None:
         # judge.json holds the identity summary.json names
         assert json.loads((out / bench / "judge.json").read_text())["identity"] == summary["judge"]
     assert _summary(out, "geneval")["judge"] == {"judge": "shapes"}
+    # what made the images, from each image folder's generation.json
+    for bench in OWN_FILES:
+        assert _summary(out, bench)["generator"] == {"generator": "callable:examples.shapes_generator:generate",
+                                                    "id": "example-exact"}
+        assert "generator: `example-exact`" in (out / bench / "table.md").read_text()
     assert _summary(out, "dpg")["judge"]["judge"] == _summary(out, "genai")["judge"]["judge"] == "oracle"
 
 
@@ -133,6 +138,7 @@ def test_combined_table_has_one_row_per_benchmark_with_its_own_headline(scored) 
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[:5] == [row["benchmark"], own["name"], outputs.fmt(own["value"]),
                              f"[{outputs.fmt(own['ci95'][0])}, {outputs.fmt(own['ci95'][1])}]", str(own["n"])]
+        assert cells[6] == "example-exact" and row["generator"]["id"] == "example-exact"
 
 
 def test_combined_scores_what_is_there_and_refuses_bad_input_first(scored, tmp_path: Path, capsys) -> None:
