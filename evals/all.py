@@ -9,9 +9,10 @@ files: summary.json, items.jsonl, table.md, judge.json, plus the benchmark's own
 alone would; then ``OUT/summary.json`` and ``OUT/table.md`` hold one row per benchmark scored: its headline score,
 95% CI, n and judge, read back from that benchmark's own summary.json.
 
-Prompt sets: a GenEval folder carries its own metadata; a DPG folder's ``dpg_bench.csv`` and a GenAI-Bench folder's
-``genai_image.json`` (what ``--prompts shapes`` writes there) are used when present, else ``--dpg-prompt-file`` /
-``--genai-prompt-file``, else each tool's default (DPG: the hub dataset; GenAI-Bench: the shipped 1600 prompts).
+Prompt sets: a GenEval folder carries its own metadata; DPG and GenAI-Bench take ``--dpg-prompt-file`` /
+``--genai-prompt-file`` when given, else the folder's own ``dpg_bench.csv`` / ``genai_image.json`` (what
+``--prompts shapes`` writes there), else each tool's default (DPG: the hub dataset; GenAI-Bench: the shipped 1600
+prompts).
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ def parser() -> cli.Parser:
         p.add_argument(f"--{bench}-judge", default=None, metavar="NAME",
                        help=f"{bench}: this judge instead (a name its own --judge takes)")
     p.add_argument("--dpg-prompt-file", type=Path, default=None,
-                   help="dpg: the questions CSV when DIR/dpg/ holds no dpg_bench.csv")
+                   help="dpg: the questions CSV (default: DIR/dpg/dpg_bench.csv when there, else the hub dataset)")
     p.add_argument("--genai-prompt-file", type=Path, default=None,
-                   help="genai: a genai_image.json (or its folder) when DIR/genai/ holds none")
+                   help="genai: a genai_image.json or its folder (default: DIR/genai/genai_image.json when there, "
+                        "else the shipped prompts)")
     cli.add_placement(p)
     cli.add_n_resamples(p)
     return p
@@ -86,11 +88,11 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
             argv += ["--judge", judge]
         prompt_file = {"dpg": folder / "dpg_bench.csv", "genai": folder / "genai_image.json"}.get(bench)
         if prompt_file is not None:
-            given = getattr(args, f"{bench}_prompt_file")
-            if prompt_file.is_file():
-                argv += [cli.PROMPT_FILE, str(prompt_file)]
-            elif given is not None:
+            given = getattr(args, f"{bench}_prompt_file")  # an explicit flag wins over the folder's own file
+            if given is not None:
                 argv += [cli.PROMPT_FILE, str(given)]
+            elif prompt_file.is_file():
+                argv += [cli.PROMPT_FILE, str(prompt_file)]
         runs.append((bench, argv))
     return runs
 

@@ -201,3 +201,21 @@ def test_the_old_prompt_flag_names_are_aliases_of_prompt_file(capsys) -> None:
         assert p.parse_args(new).prompt_file == expected
     notes = capsys.readouterr().err.splitlines()
     assert len(notes) == 5 and all(n.endswith("is an old name of --prompt-file") for n in notes)
+
+
+def test_combined_prompt_files_an_explicit_flag_then_the_folders_own(tmp_path: Path) -> None:
+    from evals import all as evals_all
+
+    root = tmp_path / "images"
+    for bench in ("dpg", "genai"):
+        (root / bench).mkdir(parents=True)
+    (root / "dpg" / "dpg_bench.csv").write_text("item_id\n")
+
+    def prompt_files(*extra: str) -> dict[str, str | None]:
+        args = evals_all.parser().parse_args(["--images-root", str(root), "--out", str(tmp_path / "o"), *extra])
+        runs = dict(evals_all.plan(args))
+        return {b: argv[argv.index("--prompt-file") + 1] if "--prompt-file" in argv else None
+                for b, argv in runs.items()}
+
+    assert prompt_files() == {"dpg": str(root / "dpg" / "dpg_bench.csv"), "genai": None}  # genai: the shipped set
+    assert prompt_files("--dpg-prompt-file", "q.csv", "--genai-prompt-file", "g") == {"dpg": "q.csv", "genai": "g"}
