@@ -237,5 +237,8 @@ def add_n_resamples(parser: argparse.ArgumentParser, default: int = 1000) -> Non
                         help="bootstrap resamples of the 95%% confidence intervals")
 
 
+PROMPT_FILE = "--prompt-file"  # every scorer's prompt set flag (old names stay as aliases: --metadata, ...)
+
+
 def add_out(parser: argparse.ArgumentParser, help: str, required: bool = True) -> None:
     parser.add_argument("--out", required=required, type=out_folder, help=help)

@@ -56,6 +56,11 @@ class DetectorBackend(ABC):
     classes: tuple[str, ...]  # object classes the backend can report (prompts must use these)
     colors: tuple[str, ...]  # colour vocabulary of ``classify_colors``
 
+    @property
+    def identity(self) -> dict[str, Any]:
+        """Who scored: the backend and its weights (recorded in the output folder's ``judge.json``)."""
+        return {"judge": self.name, **getattr(self, "_identity", {})}
+
     @abstractmethod
     def detect(self, image: Image.Image) -> list[Detection]:
         """All detections in ``image`` (RGB PIL image), any order, no thresholding."""
@@ -234,6 +239,8 @@ class HFMask2FormerDetector(DetectorBackend):
         self.processor = processor or processor_from_pretrained(Mask2FormerImageProcessor, model_id,
                                                                 offline="--judge shapes")
         self._color_args = {"model_id": color_model or CLIP_ID, "device": device, "device_map": device_map}
+        self._identity = {"model": model_id if model is None else type(model).__name__,
+                          "color_model": self._color_args["model_id"]}
         self.classes = coco_object_names()
         n_labels = self.model.config.num_labels
         if n_labels != len(self.classes):
@@ -386,6 +393,7 @@ class MMDetDetector(DetectorBackend):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.classes, self.colors = coco_object_names(), GENEVAL_COLORS
         self.color_min_score = color_min_score
+        self._identity = {"model": str(checkpoint), "clip_model": clip_model}
         self.args = ["--checkpoint", str(checkpoint), "--device", device, "--min-score", str(min_score),
                      "--color-min-score", str(color_min_score), "--clip-model", clip_model,
                      "--class-names", str(GENEVAL_DATA / "object_names.txt")]

@@ -3,11 +3,12 @@ and, side by side, an exact emulation of the official ELLA ``compute_dpg_bench.p
 not its judge (mPLUG-large), so legacy numbers from another judge do not reproduce published DPG-Bench tables.
 
 Pipeline: questions CSV (official header) + an image folder -> ``OUT/judgments.jsonl`` (one row per (item_id,
-image_index, proposition_id); the unit of resume) -> ``OUT/scores.json``, ``OUT/table.md``, ``OUT/per_prompt.csv``.
+image_index, proposition_id); the unit of resume) -> the ``evals.outputs`` files ``OUT/summary.json``,
+``OUT/items.jsonl`` (one row per prompt), ``OUT/table.md``, ``OUT/judge.json``.
 
-    python -m evals.dpg_refined --images DIR --questions Q.csv --judge oracle|hf|openai --out OUT
-    python -m evals.dpg_refined --ckpt CKPT --questions Q.csv --judge ... --out OUT   (generates OUT/images first)
-    python -m evals.dpg_refined aggregate --questions Q.csv --judgments J.jsonl --out DIR
+    python -m evals.dpg_refined --images DIR --prompt-file Q.csv --judge oracle|hf|openai --out OUT
+    python -m evals.dpg_refined --ckpt CKPT --prompt-file Q.csv --judge ... --out OUT   (generates OUT/images first)
+    python -m evals.dpg_refined aggregate --prompt-file Q.csv --judgments J.jsonl --out DIR
 
 Score definitions (all in [0, 1]) are in ``aggregate`` (refined) and ``legacy_scores`` (official). Image layouts:
 one ``<item_id>.<ext>`` 2x2 grid per prompt (tiles TL, TR, BL, BR = image 0..3, the official crop order) or
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import math
 import os
@@ -128,7 +128,7 @@ def load_questions_hf(prompts_path: str | Path = DEFAULT_PROMPTS) -> list[Questi
     try:
         import datasets
     except ImportError:
-        raise ValueError("no --questions given and the `datasets` package is not installed; pass --questions "
+        raise ValueError("no --prompt-file given and the `datasets` package is not installed; pass --prompt-file "
                          "dpg_bench.csv (official format) or install `datasets` and run online") from None
     texts = {}
     if Path(prompts_path).is_file():
@@ -138,7 +138,7 @@ def load_questions_hf(prompts_path: str | Path = DEFAULT_PROMPTS) -> list[Questi
         dataset = datasets.load_dataset(HF_DATASET, split="train")
     except Exception as err:  # offline, a firewall, a moved dataset: all end in the same advice
         raise ValueError(f"could not load the DPG-Bench questions from the hub ({HF_DATASET}: "
-                         f"{type(err).__name__}); pass --questions dpg_bench.csv (the official CSV)") from None
+                         f"{type(err).__name__}); pass --prompt-file dpg_bench.csv (the official CSV)") from None
     rows = []
     for ex in dataset:
         for q in ex["questions"]:
@@ -389,6 +389,7 @@ def aggregate(questions: Sequence[Question], judgments: Iterable[dict[str, Any]]
     l1_names += sorted({q.l1 for q in questions} - set(l1_names))
     counts = {"prompts": len(items), "images": len(items) * n, "judgments": len(answers),
               "unparsed": sum(a is None for a in answers.values()), "missing_images": 0, "missing_judgments": 0}
+    partial = 0
     rows, complete = [], set()
     # per prompt: [mean_i s, best s, then (sum, count) per L1 for all images, then for image i*]
     boot = np.zeros((len(items), 2 + 4 * len(l1_names)))
@@ -400,12 +401,14 @@ def aggregate(questions: Sequence[Question], judgments: Iterable[dict[str, Any]]
         for k in range(n):
             if (item_id, k) not in judged_images:
                 missing += 1
-            raw = {}
+            raw, incomplete = {}, False
             for q in qs:
                 ans = answers.get((item_id, k, q.proposition_id), "absent")
-                if ans == "absent" and (item_id, k) in judged_images:
-                    counts["missing_judgments"] += 1
+                if (item_id, k) in judged_images and ans in ("absent", None):
+                    incomplete = True  # scored, but a question counts 0 for want of a usable answer
+                    counts["missing_judgments"] += ans == "absent"
                 raw[q.proposition_id] = 1.0 if ans == "yes" else 0.0
+            partial += incomplete
             post = post_dependency(raw, order)
             post_per_image.append(post)
             s.append(sum(post.values()) / len(post))
@@ -438,8 +441,14 @@ def aggregate(questions: Sequence[Question], judgments: Iterable[dict[str, Any]]
         cats = _category_table(sums[mode], cnts[mode])
         scores[key] = {"micro_avg": float(boot[:, col].mean()), "macro_avg": _macro(cats), "categories": cats}
     scores["legacy"] = legacy
+    # the contract's counts (evals.outputs), over images: judged, missing (scored 0), judged with a question
+    # unanswered or unparsed
+    counts.update(scored=counts["images"] - counts["missing_images"], failed=counts["missing_images"],
+                  partial=partial)
     scores["counts"] = counts
+    scores["category_prompts"] = {l1: int((boot[:, 3 + 4 * ci] > 0).sum()) for ci, l1 in enumerate(l1_names)}
     scores["n_images"] = n
+    scores["legacy_prompts"] = len(legacy_items)  # the prompts the official script scores (see legacy_scores)
     scores["ci95"] = _bootstrap(boot, l1_names, np.array(list(legacy_items.values())), n_resamples, seed)
     return scores, rows
 
@@ -478,39 +487,71 @@ def _fmt(v: float | None) -> str:
     return s[1:] if s.startswith("0.") else s  # the paper's ".786"
 
 
-def render_table(scores: dict[str, Any]) -> str:
-    """Markdown in the layout of the paper's Table 1 (Avg. / Top-n per row), then L2 detail and the legacy score."""
+def detail_table(scores: dict[str, Any]) -> str:
+    """Markdown in the layout of the paper's Table 1 (its "Avg." column is ``fixed``, its "Top-n" column
+    ``best_of_n``), then the L2 detail, the legacy score and the counts."""
     n, f, b = scores["n_images"], scores["fixed"], scores["best_of_n"]
-    lines = [f"| Category | Avg. | Top-{n} |", "|---|---|---|",
-             f"| Macro Avg | {_fmt(f['macro_avg'])} | {_fmt(b['macro_avg'])} |",
-             f"| Micro Avg | {_fmt(f['micro_avg'])} | {_fmt(b['micro_avg'])} |"]
+    lines = [f"Paper Table 1 layout (Avg. = fixed, Top-{n} = best_of_n):", "",
+             "| category | fixed | best_of_n |", "|---|---|---|",
+             f"| macro_avg | {_fmt(f['macro_avg'])} | {_fmt(b['macro_avg'])} |",
+             f"| micro_avg | {_fmt(f['micro_avg'])} | {_fmt(b['micro_avg'])} |"]
     for l1 in L1_ORDER:
-        lines.append(f"| {l1.capitalize()} | {_fmt(f['categories'].get(l1))} | {_fmt(b['categories'].get(l1))} |")
+        lines.append(f"| {l1} | {_fmt(f['categories'].get(l1))} | {_fmt(b['categories'].get(l1))} |")
     l2s = [c for c in f["categories"] if "-" in c]
-    lines += ["", f"| Subcategory | Avg. | Top-{n} | Legacy |", "|---|---|---|---|"]
+    lines += ["", "| subcategory | fixed | best_of_n | legacy |", "|---|---|---|---|"]
     lines += [f"| {c} | {_fmt(f['categories'][c])} | {_fmt(b['categories'][c])} | "
               f"{_fmt(scores['legacy']['categories'].get(c))} |" for c in l2s]
-    c, ci = scores["counts"], scores["ci95"]
-    lines += ["", f"Legacy (official script) overall: {_fmt(scores['legacy']['overall'])}.",
-              f"95% CI (bootstrap over prompts): Micro Avg {_fmt(ci['fixed.micro_avg'][0])}–"
-              f"{_fmt(ci['fixed.micro_avg'][1])}, Macro Avg {_fmt(ci['fixed.macro_avg'][0])}–"
-              f"{_fmt(ci['fixed.macro_avg'][1])}.",
+    c = scores["counts"]
+    lines += ["", f"legacy.overall (the official script's aggregation): {_fmt(scores['legacy']['overall'])}.",
               f"Counts: {c['prompts']} prompts, {c['images']} images ({c['missing_images']} missing, scored 0), "
               f"{c['judgments']} judgments ({c['unparsed']} unparsed, scored 0).", ""]
     return "\n".join(lines)
 
 
-def write_reports(scores: dict[str, Any], rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
-    """``scores.json``, ``table.md`` and ``per_prompt.csv`` in ``out_dir``, each written atomically."""
-    out = Path(out_dir)
-    atomic_write_text(out / "scores.json", json.dumps(scores, indent=2) + "\n")
-    atomic_write_text(out / "table.md", render_table(scores))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["item_id"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "per_prompt.csv", buf.getvalue())
-    return out
+def contract_summary(scores: dict[str, Any], judge: dict[str, Any]) -> dict[str, Any]:
+    """``aggregate``'s scores as the ``evals.outputs`` summary: headline ``fixed.micro_avg``; breakdown keys are
+    the paths of ``scores`` (and of its ``ci95``): ``fixed.macro_avg``, ``best_of_n.micro_avg``, ...,
+    ``fixed.categories.entity``, ..., ``legacy.overall``; ``n`` = the prompts each CI resamples."""
+    from evals import outputs
+
+    ci, n_prompts = scores["ci95"], scores["counts"]["prompts"]
+
+    def entry(path: str, n: int) -> dict[str, Any]:
+        mode, *rest = path.split(".")
+        value: Any = scores[mode]
+        for part in rest:
+            value = value.get(part) if isinstance(value, dict) else None
+        return outputs.score(value, ci.get(path), n)
+
+    breakdown = {p: entry(p, n_prompts) for p in ("fixed.macro_avg", "best_of_n.micro_avg", "best_of_n.macro_avg")}
+    for mode in ("fixed", "best_of_n"):
+        for l1, n in scores.get("category_prompts", {}).items():
+            breakdown[f"{mode}.categories.{l1}"] = entry(f"{mode}.categories.{l1}", n)
+    if "legacy.overall" in ci:
+        breakdown["legacy.overall"] = entry("legacy.overall", scores.get("legacy_prompts", 0))
+    head = {"name": "fixed.micro_avg", **entry("fixed.micro_avg", n_prompts)}
+    rest = {k: v for k, v in scores.items() if k not in ("headline", "breakdown", "judge", "benchmark")}
+    return {"benchmark": "dpg", "headline": head, "breakdown": breakdown, "judge": judge, "items_are": "images",
+            **rest}
+
+
+def render_table(scores: dict[str, Any]) -> str:
+    """``table.md`` of a contract summary (``contract_summary``): the contract rows, then ``detail_table``."""
+    from evals import outputs
+
+    return outputs.render_table(scores, detail_table(scores))
+
+
+def write_reports(scores: dict[str, Any], rows: list[dict[str, Any]], out_dir: str | Path,
+                  judge: dict[str, Any] | None = None, record_judge: bool = True) -> dict[str, Any]:
+    """The ``evals.outputs`` files in ``out_dir`` (``items.jsonl``: one row per prompt), each written atomically;
+    a folder's earlier ``scores.json`` / ``per_prompt.csv`` are removed. Returns the contract summary."""
+    from evals import outputs
+
+    summary = contract_summary(scores, judge if judge is not None else scores.get("judge", {"judge": "unrecorded"}))
+    outputs.write_outputs(out_dir, summary, rows, detail=detail_table(summary),
+                          retire=("scores.json", "per_prompt.csv"), record_judge=record_judge)
+    return summary
 
 
 def aggregate_files(questions_csv: str | Path, judgments_path: str | Path, out_dir: str | Path,
@@ -522,8 +563,22 @@ def aggregate_files(questions_csv: str | Path, judgments_path: str | Path, out_d
               "scoring one of each", file=sys.stderr)
     scores, rows = aggregate(load_questions(questions_csv), judgments, n_images, n_resamples, seed)
     scores["counts"]["duplicate_judgments_dropped"] = duplicates
-    write_reports(scores, rows, out_dir)
-    return scores
+    identity = _recorded_judge(Path(judgments_path).parent, judgments)
+    # judge.json is only written from a recorded identity: an "unrecorded" one would block the cache's resume
+    return write_reports(scores, rows, out_dir, identity, record_judge=identity.get("judge") != "unrecorded")
+
+
+def _recorded_judge(folder: Path, judgments: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The identity in ``folder/judge.json`` when it is the judge of ``judgments`` (its fingerprint), else
+    ``{"judge": "unrecorded"}``: the aggregate says who judged only where the folder records it."""
+    from evals.cache import JUDGE_FILE
+
+    path = folder / JUDGE_FILE
+    if path.is_file() and judgments:
+        data = json.loads(path.read_text())
+        if all(r.get("judge") == data.get("fingerprint") for r in judgments):
+            return dict(data.get("identity", {}))
+    return {"judge": "unrecorded"}
 
 
 # ----------------------------------------------------------------------------------------------------- images
@@ -735,7 +790,7 @@ def run(images_dir: str | Path | ImageSet, questions_csv: str | Path | Sequence[
         out_dir: str | Path, n_images: int = 4, resolution: int | None = None, n_resamples: int = 1000,
         seed: int = 0, progress: bool = True, **judge_kwargs: Any) -> dict[str, Any]:
     """Judge a folder of images (resumable), then aggregate into ``out_dir``. ``judge``: a ``Judge`` or a registry
-    name (oracle, hf, openai) built with ``judge_kwargs``. Returns the scores dict (as in scores.json)."""
+    name (oracle, hf, openai) built with ``judge_kwargs``. Returns the summary (as in summary.json)."""
     questions = (load_questions(questions_csv) if isinstance(questions_csv, (str, Path)) else list(questions_csv))
     images = images_dir if isinstance(images_dir, ImageSet) else scan_images(images_dir, group_items(questions),
                                                                              n_images, resolution)
@@ -744,12 +799,14 @@ def run(images_dir: str | Path | ImageSet, questions_csv: str | Path | Sequence[
     path = judge_images(images, questions, judge, out_dir, n_images, resolution, progress, stats)
     scores, rows = aggregate(questions, read_judgments(path), n_images, n_resamples, seed)
     scores["judge"] = identity_of(judge)
+    from evals.outputs import generator_of
+
+    scores["generator"] = generator_of(images.root)
     scores["counts"]["rejudged_changed_images"] = stats.get("rejudged", 0)
     scores["counts"]["duplicate_judgments_dropped"] = stats.get("duplicates", 0)
     if "retries" in getattr(judge, "counts", {}):
         scores["counts"]["judge_retries"] = judge.counts["retries"]
-    write_reports(scores, rows, out_dir)
-    return scores
+    return write_reports(scores, rows, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -768,7 +825,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--images", help="folder: <item_id>.png 2x2 grids or <item_id>/<k>.png")
     src.add_argument("--ckpt", help="a checkpoint of this harness: generate 4 seeds per prompt into OUT/images "
                      "(2x2 grids, resumable), then judge them")
-    j.add_argument("--questions", help="DPG-Bench questions CSV (official header); default: the HF dataset "
+    j.add_argument(cli.PROMPT_FILE, help="DPG-Bench questions CSV (official header); default: the HF dataset "
                    f"{HF_DATASET} (needs the hub)")
     j.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompts.jsonl used with the HF dataset")
     cli.add_judge(j, JUDGE_CHOICES, "gemma-3-27b-it",
@@ -784,12 +841,14 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_batch_size(j, None, help="questions per judge call (default: the judge's own: oracle 256, hf 8, "
                                      "openai 16 concurrent requests)")
     j.add_argument("--resolution", type=int, default=None, help="tile size in pixels (default: inferred)")
-    cli.add_out(j, help="judgments.jsonl (the resumable cache), scores.json, table.md, per_prompt.csv")
+    cli.add_out(j, help="judgments.jsonl (the resumable cache), summary.json, items.jsonl, table.md, judge.json")
     a = sub.add_parser("aggregate", help="scores from a judgments file", formatter_class=p.formatter_class,
                        description="Scores, table and per-prompt rows from an existing judgments file.")
-    a.add_argument("--questions", required=True, help="DPG-Bench questions CSV")
+    # not required= here: its old name --questions (an alias) must satisfy it too; checked in _main
+    a.add_argument(cli.PROMPT_FILE, help="DPG-Bench questions CSV (required)")
     a.add_argument("--judgments", required=True, help="a judgments.jsonl")
-    cli.add_out(a, help="scores.json, table.md, per_prompt.csv")
+    cli.add_out(a, help="summary.json, items.jsonl, table.md, judge.json (when the judgments' folder records "
+                        "the judge)")
     for s in (j, a):
         s.add_argument("--n-samples", type=cli.positive_int, default=None,
                        help="images per prompt (default: judge 4, aggregate: as many as judged)")
@@ -797,6 +856,7 @@ def _parser() -> argparse.ArgumentParser:
         cli.add_seed(s, 0, help="bootstrap seed; with --ckpt also the generation seed (image k of item i: "
                                 "seed + 1000 i + k)")
         cli.alias(s, "--n-images", "--n-samples", type=cli.positive_int)
+        cli.alias(s, "--questions", cli.PROMPT_FILE)
     cli.alias(j, "--gen-seed", "--seed", type=int)
     return p
 
@@ -840,11 +900,13 @@ def _main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         argv = ["judge", *argv]
     args = _parser().parse_args(argv)
     if args.command == "aggregate":
-        scores = aggregate_files(args.questions, args.judgments, args.out, args.n_samples, args.n_resamples,
+        if args.prompt_file is None:
+            raise ValueError("aggregate needs --prompt-file Q.csv (the questions the judgments answer)")
+        scores = aggregate_files(args.prompt_file, args.judgments, args.out, args.n_samples, args.n_resamples,
                                  args.seed)
     else:
         _check_judge_args(args)
-        questions = load_questions(args.questions) if args.questions else load_questions_hf(args.prompts)
+        questions = load_questions(args.prompt_file) if args.prompt_file else load_questions_hf(args.prompts)
         with lock_folder(args.out):  # before anything is generated or loaded: one run per --out
             scores = _judge_command(args, questions)
     print(render_table(scores))

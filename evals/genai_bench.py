@@ -7,8 +7,9 @@ Images: ``DIR/<00000>.(png|jpeg|jpg)``, one per prompt index (the official layou
 image is an error naming it (the official script asserts every file exists). Scores are cached per image in
 ``OUT/scores.jsonl`` (``{"index", "score", "judge", "image"}``: the judge's fingerprint and the image's content
 hash, ``evals.cache``): a restarted run scores only what is missing, a cache of another judge is refused, and an
-image that changed since is scored again. Outputs ``OUT/results.json`` and ``OUT/table.md``, both labelled with
-the judge that produced the numbers.
+image that changed since is scored again. Outputs the ``evals.outputs`` files (``OUT/summary.json``,
+``OUT/items.jsonl``: one row per prompt, ``OUT/table.md``, ``OUT/judge.json``), labelled with the judge that produced
+the numbers.
 
 Aggregation (``aggregate``), as the official ``show_performance_per_skill``: per prompt the score (mean over its
 images); per skill tag of ``genai_skills.json`` the mean over its prompt list; ``basic`` and ``advanced`` are plain
@@ -49,11 +50,16 @@ IMAGE_EXTS = (".png", ".jpeg", ".jpg")
 
 
 def load_benchmark(data_dir: Path = DATA) -> tuple[dict[int, str], dict[str, list[int]]]:
-    """({prompt index: prompt}, {skill tag: [prompt indices]}) from genai_image.json + genai_skills.json."""
+    """({prompt index: prompt}, {skill tag: [prompt indices]}) from genai_image.json + genai_skills.json.
+
+    ``data_dir``: the folder holding both, or its ``genai_image.json`` (the skills are read beside it)."""
+    data_dir = Path(data_dir)
+    if data_dir.is_file() and data_dir.name == "genai_image.json":
+        data_dir = data_dir.parent
     for name in ("genai_image.json", "genai_skills.json"):
-        if not (Path(data_dir) / name).is_file():
-            raise FileNotFoundError(f"--data {data_dir} has no {name} (a folder holding genai_image.json and "
-                                    "genai_skills.json)")
+        if not (data_dir / name).is_file():
+            raise FileNotFoundError(f"--prompt-file {data_dir} has no {name} (pass a folder holding "
+                                    "genai_image.json and genai_skills.json, or its genai_image.json)")
     images = json.loads((Path(data_dir) / "genai_image.json").read_text())
     skills = json.loads((Path(data_dir) / "genai_skills.json").read_text())
     prompts = {int(k): v["prompt"] for k, v in images.items()}
@@ -191,22 +197,40 @@ def score_folder(images_dir: Path, prompts: dict[int, str], scorer: Any, out_dir
         return {**scores, **{int(r["index"]): float(r["score"]) for r in read_rows(out_dir / SCORES)}}
 
 
-def render_table(results: dict[str, Any]) -> str:
-    """Markdown in the official print order: basic skills + basic, advanced skills + advanced, overall."""
-    def cell(r: dict) -> str:
-        return f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (n={r['n']})"
+def contract_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """``aggregate``'s results as the ``evals.outputs`` summary: headline ``all``; breakdown in the official print
+    order, keyed by the JSON paths (``skills.attribute``, ..., ``basic``, ``skills.counting``, ..., ``advanced``)."""
+    from evals import outputs
 
-    lines = [f"GenAI-Bench VQAScore, backend `{results['backend']}`", "", "| group | skill | score [95% CI] |",
-             "|---|---|---:|"]
-    if "note" in results:
-        lines[1:1] = ["", results["note"]]
+    def entry(r: dict[str, Any]) -> dict[str, Any]:
+        return outputs.score(r["mean"], r["ci95"], r["n"])
+
+    breakdown: dict[str, Any] = {}
     for group, names in (("basic", BASIC_SKILLS), ("advanced", ADVANCED_SKILLS)):
         for name in names:
-            if name in results["skills"]:  # a custom --data may hold fewer skills
-                lines.append(f"| {group} | {name} | {cell(results['skills'][name])} |")
-        lines.append(f"| {group} | **{group}** | {cell(results[group])} |")
-    lines.append(f"| overall | **all** | {cell(results['all'])} |")
-    return "\n".join(lines) + "\n"
+            if name in results["skills"]:  # a custom prompt set may hold fewer skills
+                breakdown[f"skills.{name}"] = entry(results["skills"][name])
+        breakdown[group] = entry(results[group])
+    others = [t for t in results["skills"] if t not in (*BASIC_SKILLS, *ADVANCED_SKILLS, "basic", "advanced")]
+    breakdown.update({f"skills.{t}": entry(results["skills"][t]) for t in others})
+    return {"benchmark": "genai", "headline": {"name": "all", **entry(results["all"])}, "breakdown": breakdown,
+            "items_are": "prompts", **results}
+
+
+def render_table(results: dict[str, Any]) -> str:
+    """``table.md`` of a contract summary (``contract_summary``): the contract rows, then the note of a judge that
+    is a pipeline check."""
+    from evals import outputs
+
+    return outputs.render_table(results, _detail(results))
+
+
+def _detail(results: dict[str, Any]) -> str:
+    lines = [results["note"]] if "note" in results else []
+    if results.get("untagged"):
+        lines.append(f"{len(results['untagged'])} untagged prompts are scored but in no group (as the official "
+                     "aggregation).")
+    return "\n\n".join(lines)
 
 
 ORACLE_NOTE = ("The shapes world's exact answers on shapes-world prompts: a check of the generator's pipeline, not a "
@@ -215,19 +239,25 @@ ORACLE_NOTE = ("The shapes world's exact answers on shapes-world prompts: a chec
 
 def run(images_dir: Path, scorer: Any, out_dir: Path, data_dir: Path = DATA, n_resamples: int = 1000,
         seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Score + aggregate + write results.json / table.md; returns the results dict."""
+    """Score + aggregate + write the ``evals.outputs`` files; returns the summary (as in summary.json)."""
+    from evals import outputs
     from evals.cache import identity_of
 
     prompts, skills = load_benchmark(data_dir)
     stats: dict[str, int] = {}
     scores = score_folder(images_dir, prompts, scorer, out_dir, progress, stats)
-    results = {"backend": scorer.name, "judge": identity_of(scorer), "prompts": len(prompts),
-               "counts": {**getattr(scorer, "counts", {}), "rescored_changed_images": stats["rescored"]},
-               **aggregate(scores, skills, n_resamples, seed)}
+    # every prompt's image must exist and decode (find_images / open_rgb raise), so none fails or is partial
+    counts = {**getattr(scorer, "counts", {}), "rescored_changed_images": stats["rescored"], "scored": len(scores),
+              "failed": 0, "partial": 0}
+    results = contract_summary({"judge": identity_of(scorer), "generator": outputs.generator_of(images_dir),
+                                "prompts": len(prompts), "counts": counts,
+                                **aggregate(scores, skills, n_resamples, seed)})
     if scorer.name == "oracle":
         results["note"] = ORACLE_NOTE
-    atomic_write_text(Path(out_dir) / "results.json", json.dumps(results, indent=1))
-    atomic_write_text(Path(out_dir) / "table.md", render_table(results))
+    members = {t: set(idx) for t, idx in skills.items()}
+    tags = {i: [t for t, idx in members.items() if i in idx] for i in prompts}
+    items = [{"index": i, "prompt": prompts[i], "score": scores[i], "skills": tags[i]} for i in sorted(scores)]
+    outputs.write_outputs(out_dir, results, items, detail=_detail(results), retire=("results.json",))
     return results
 
 
@@ -460,7 +490,7 @@ def parser() -> argparse.ArgumentParser:
     cli.add_judge(p, sorted(SCORERS), JUDGE_DEFAULT,
                   help="VQAScore backend: clip-flant5-xxl / -xl (the published tables' model), hf (any transformers "
                        "VLM, --judge-model), openai (a server with logprobs, --judge-url), oracle (the shapes "
-                       "world's exact answer, offline: --data of python -m evals.generate --prompts shapes)",
+                       "world's exact answer, offline: --prompt-file of python -m evals.generate --prompts shapes)",
                   model_help=f"hf: hub id or local folder (default {HF_DEFAULT}); openai: the served model name; "
                              "clip-flant5-*: a local checkpoint folder (default: the hub id)")
     p.add_argument("--judge-tokenizer", default=None,
@@ -471,15 +501,17 @@ def parser() -> argparse.ArgumentParser:
                         "mm_vision_tower hub id, openai/clip-vit-large-patch14-336)")
     cli.add_placement(p)
     cli.add_batch_size(p, 16, help="image-prompt pairs per model call (openai: concurrent requests)")
-    p.add_argument("--data", type=Path, default=DATA, help="folder with genai_image.json + genai_skills.json")
+    p.add_argument(cli.PROMPT_FILE, type=Path, default=DATA,
+                   help="the prompt set: a genai_image.json (its genai_skills.json beside it) or their folder")
     cli.add_seed(p, 42, help="--ckpt: the image of prompt i uses seed + i (GenAI-Bench's 42); also the bootstrap's "
                              "seed")
     cli.add_n_resamples(p)
-    cli.add_out(p, help="scores.jsonl (the resumable cache), results.json, table.md")
+    cli.add_out(p, help="scores.jsonl (the resumable cache), summary.json, items.jsonl, table.md, judge.json")
     cli.alias(p, "--model", "--judge", choices=sorted(SCORERS))
     cli.alias(p, "--model-id", "--judge-model")
     cli.alias(p, "--url", "--judge-url")
     cli.alias(p, "--api-key-env", "--judge-api-key-env")
+    cli.alias(p, "--data", cli.PROMPT_FILE, type=Path)
     return p
 
 
@@ -519,7 +551,7 @@ def scorer_spec(a: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, A
     if a.judge == "oracle":  # the shapes world's exact answer (evals.shapes_prompts)
         from evals.shapes_prompts import genai_metadata
 
-        return "oracle", {"metadata": genai_metadata(load_benchmark(a.data)[0])}, {"judge": "oracle"}
+        return "oracle", {"metadata": genai_metadata(load_benchmark(a.prompt_file)[0])}, {"judge": "oracle"}
     place = {"device": a.device, "dtype": a.dtype, "device_map": a.device_map, "batch_size": a.batch_size}
     if a.judge.startswith("clip-flant5"):
         return (a.judge, {"model_id": a.judge_model, "tokenizer_id": a.judge_tokenizer,
@@ -565,7 +597,7 @@ def _run_command(a: argparse.Namespace) -> dict[str, Any]:
             result = human_correlation_run(a.human_correlation, a.out, a.images, build_scorer(a))
         print(render_human_table(result))
         return result
-    prompts, _ = load_benchmark(a.data)
+    prompts, _ = load_benchmark(a.prompt_file)
     if a.judge == "oracle":
         from evals.shapes_prompts import genai_metadata
 
@@ -582,7 +614,7 @@ def _run_command(a: argparse.Namespace) -> dict[str, Any]:
         images = a.images
     find_images(images, sorted(prompts))  # every prompt's image exists before the judge loads
     check_resume(a.out, SCORES, scorer_spec(a)[2])
-    results = run(images, build_scorer(a), a.out, a.data, a.n_resamples, a.seed)
+    results = run(images, build_scorer(a), a.out, a.prompt_file, a.n_resamples, a.seed)
     print(render_table(results))
     return results
 

@@ -22,7 +22,7 @@ official GenEval script instead reseeds 42 before every prompt and draws its sam
 every prompt starts from the same noise; batch-size dependent); DPG-Bench states no seed policy; GenAI-Bench's
 generate.py seeds 42 once and draws in sequence.
 
-Prompts: --metadata FILE (geneval: an evaluation_metadata.jsonl; dpg: a questions CSV or a prompts.jsonl of
+Prompts: --prompt-file FILE (geneval: an evaluation_metadata.jsonl; dpg: a questions CSV or a prompts.jsonl of
 {"item_id", "prompt"}; genai: a genai_image.json); default: the official prompt set shipped with this package
 (553 / 1065 / 1600 prompts). --limit N keeps the first N prompts (a quick look before the full run).
 --prompts shapes: a small shapes-world set instead (18 / 20 / 18 prompts), written into --out in the benchmark's
@@ -167,9 +167,9 @@ def parser() -> cli.Parser:
                      help="your generator, fn(prompts: list[str], seeds: list[int]) -> list[PIL.Image]")
     src.add_argument("--pipeline", help="a diffusers pipeline: hub id or local folder")
     src.add_argument("--ckpt", help="a checkpoint of this harness")
-    p.add_argument("--metadata", help="the benchmark's prompt file (see above); default: the shipped official set")
+    p.add_argument(cli.PROMPT_FILE, help="the benchmark's prompt file (see above); default: the shipped official set")
     p.add_argument("--prompts", choices=("official", "shapes"), default="official",
-                   help="official: the shipped prompt set (or --metadata); shapes: a small shapes-world set in the "
+                   help="official: the shipped prompt set (or --prompt-file); shapes: a small shapes-world set in the "
                         "benchmark's format, written into --out, for an offline check with the exact judges")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="only the first N prompts")
     p.add_argument("--n-samples", type=cli.positive_int, default=None,
@@ -182,13 +182,17 @@ def parser() -> cli.Parser:
     cli.add_placement(p)
     cli.add_out(p, help="the image folder to write (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--generator-id", default=None, metavar="TEXT",
+                   help="your name for the generator (e.g. mymodel-v2@step40k), recorded in --out's generation.json "
+                        "and carried into every score of the folder; a resume with another id is refused")
+    cli.alias(p, "--metadata", cli.PROMPT_FILE)
     return p
 
 
 def check_args(args: Any) -> None:
     """Everything that can be checked before a model loads."""
-    if args.prompts == "shapes" and args.metadata is not None:
-        raise ValueError("--prompts shapes writes its own prompt file into --out: drop --metadata")
+    if args.prompts == "shapes" and args.prompt_file is not None:
+        raise ValueError("--prompts shapes writes its own prompt file into --out: drop --prompt-file")
     if args.gen_kwargs and not args.pipeline:
         raise ValueError("--gen-kwargs only applies with --pipeline")
     if args.device_map is not None and not args.pipeline:
@@ -198,6 +202,8 @@ def check_args(args: Any) -> None:
         raise ValueError(f"the DPG-Bench layout is a 2x2 grid, so --n-samples must be 4, got {n}")
     if args.benchmark == "genai" and n not in (None, 1):
         raise ValueError(f"the GenAI-Bench layout holds one image per prompt, so --n-samples must be 1, got {n}")
+    if args.generator_id is not None and not args.generator_id.strip():
+        raise ValueError("--generator-id must not be empty")
     if args.ckpt is not None and not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
     if args.device_map is not None:
@@ -232,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry; returns ``{"out", "generated", "kept", "prompts", "rank", "world"}`` of this process."""
     args = parser().parse_args(argv)
     check_args(args)
-    metadata = args.metadata
+    metadata = args.prompt_file
     if args.prompts == "shapes":
         from evals.shapes_prompts import write_shapes_prompts
 
@@ -247,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         generate = checkpoint_generator(args.ckpt, args.device)
     stats = write_folder(args.benchmark, generate, prompts, args.out, args.n_samples, args.seed, args.batch_size,
-                         generator=generator_label(args), rank=rank, world=world, progress=not args.quiet)
+                         generator=generator_label(args), rank=rank, world=world, progress=not args.quiet,
+                         generator_id=args.generator_id)
     share = f" (rank {rank} of {world})" if world > 1 else ""
     print(f"{args.benchmark}: {stats.generated} images generated, {stats.kept} kept, {stats.prompts} prompts"
           f"{share} -> {args.out}")

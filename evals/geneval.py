@@ -36,10 +36,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from common.files import atomic_write_text, open_rgb
 from common.geneval_spec import POSITION_THRESHOLD, RELATIONS, TASKS, relative_position
 from common.stats import PairedResult, bootstrap_ci, hierarchical_ci, hierarchical_paired, seed_mean, seed_sd
+from evals import outputs
 from evals.detectors import Detection, DetectorBackend, get_detector
 
 ROW_FIELDS: tuple[str, ...] = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
@@ -504,12 +506,13 @@ def check_entry(path: Path) -> None:
 
 def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "shapes",
                     out_dir: str | Path | None = None, ci_resamples: int = 1000, ci_seed: int = 0,
-                    **options: Any) -> tuple[list[dict], dict]:
+                    progress: bool = False, **options: Any) -> tuple[list[dict], dict]:
     """Score a GenEval image folder (``<dir>/<NNNNN>/metadata.jsonl`` + ``samples/<k>.png``).
 
-    ``options``: GenEval overrides (``threshold=0.5``, ...). Returns ``(rows, summary)``; with ``out_dir`` also
-    writes ``results.jsonl`` (official per-image rows), ``components.jsonl`` (``component_outcomes`` per image)
-    and ``summary.json``, atomically.
+    ``options``: GenEval overrides (``threshold=0.5``, ...); ``progress``: a progress bar over the samples on
+    stderr (the CLI shows it). Returns ``(rows, summary)``; with ``out_dir`` also
+    writes ``results.jsonl`` (official per-image rows) and the ``evals.outputs`` contract: ``summary.json``,
+    ``items.jsonl`` (one row per image, with its ``component_outcomes``), ``table.md``, ``judge.json``.
     """
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
@@ -520,6 +523,11 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
               "misnamed_samples": 0, "non_digit_folders": 0}
     problems: list[str] = []
     rows: list[dict] = []
+    # the bar's total: every candidate sample, counted before the detector runs (a listing, no image is read)
+    total = sum(1 for sub in images_dir.iterdir() if sub.is_dir() and sub.name.isdigit()
+                for p in ((sub / "samples").iterdir() if (sub / "samples").is_dir() else ())
+                if _SAMPLE_NAME.fullmatch(p.name))
+    bar = tqdm(total=total, desc=f"GenEval ({backend.name})", unit="img", disable=not progress or not total)
     for sub in sorted(images_dir.iterdir()):
         check_entry(sub)
         if not sub.is_dir():
@@ -551,18 +559,30 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
             rows.append({"filename": str(path), "tag": meta["tag"], "prompt": meta["prompt"], "correct": correct,
                          "reason": reason, "metadata": json.dumps(meta), "details": json.dumps(details),
                          "components": component_outcomes(detections, meta, opts, colors)})
+            bar.update(1)
         if len(rows) == n_before:
             counts["prompts_without_samples"] += 1
             problems.append(f"prompt folder without PNG samples: {sub}")
+    bar.close()
     for line in problems:
         print(f"geneval: {line}", file=sys.stderr)
     if not rows:
         raise ValueError(f"no PNG samples scored under {images_dir}; problems: {problems[:5]}")
     counts["images"] = len(rows)
     counts["prompts"] = int(pd.Series([r["metadata"] for r in rows]).nunique())
+    # the contract's counts (evals.outputs): an image is scored whole or not at all, so none is partial
+    counts.update(scored=len(rows), failed=counts["non_png_samples"] + counts["misnamed_samples"], partial=0)
     summary = summarize(rows)
-    summary["detector"] = backend.name
-    summary["ci95"] = {"overall": list(geneval_bootstrap(rows, ci_resamples, ci_seed))}
+    identity = getattr(backend, "identity", None) or {"judge": backend.name}
+    lo, hi = geneval_bootstrap(rows, ci_resamples, ci_seed)
+    per_prompt = per_prompt_scores(rows)
+    breakdown = {t: outputs.score(acc, task_ci(per_prompt, t, ci_resamples, ci_seed),
+                                  int((per_prompt["tag"] == t).sum())) for t, acc in summary["tasks"].items()}
+    summary = {"benchmark": "geneval",
+               "headline": {"name": "overall", **outputs.score(summary["overall"], (lo, hi), counts["prompts"])},
+               "breakdown": breakdown, "judge": identity, "generator": outputs.generator_of(images_dir),
+               "items_are": "images", **summary}
+    summary["ci95"] = {"overall": [lo, hi]}
     parts = component_shares(rows)
     summary["components"] = {r.component: {"value": float(r.value), "n": int(r.n)}
                              for r in parts[parts.task == "all"].itertuples()}
@@ -571,13 +591,12 @@ def evaluate_folder(images_dir: str | Path, detector: str | DetectorBackend = "s
     summary["options"] = asdict(opts)
     if out_dir is not None:
         out = Path(out_dir)
-        # results.jsonl keeps GenEval's own row fields; the component outcomes go beside it, one line per image
+        # results.jsonl keeps GenEval's own row fields, the official per-image format
         official = [{k: v for k, v in r.items() if k != "components"} for r in rows]
         atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in official))
-        atomic_write_text(out / "components.jsonl", "".join(
-            json.dumps({"filename": r["filename"], "tag": r["tag"], "components": r["components"]}) + "\n"
-            for r in rows))
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        items = [{"filename": r["filename"], "tag": r["tag"], "prompt": r["prompt"], "correct": bool(r["correct"]),
+                  "components": r["components"]} for r in rows]
+        outputs.write_outputs(out, summary, items, detail=_detail_table(summary), retire=("components.jsonl",))
     return rows, summary
 
 
@@ -614,7 +633,7 @@ def missing_samples(images_dir: str | Path, n_prompts: int | None = None, n_samp
 def format_summary(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
     """Compact text table: one line per task, then overall with its CI, images and prompts."""
     df = pd.DataFrame(list(rows))
-    lines = [f"GenEval [{summary['detector']}]: {summary['counts']['prompts']} prompts, "
+    lines = [f"GenEval [{summary['judge']['judge']}]: {summary['counts']['prompts']} prompts, "
              f"{summary['counts']['images']} images", f"{'task':<14} {'acc':>6}  correct/images"]
     for tag, acc in summary["tasks"].items():
         sub = df[df["tag"] == tag]
@@ -625,9 +644,20 @@ def format_summary(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
     if summary.get("components"):
         lines.append("where it fails (share of images where each applies): " + ", ".join(
             f"{c} {v['value']:.3f} (n={v['n']})" for c, v in summary["components"].items()))
-    issues = {k: v for k, v in summary["counts"].items() if k not in ("images", "prompts", "prompt_folders") and v}
+    issues = {k: v for k, v in summary["counts"].items()
+              if k not in ("images", "prompts", "prompt_folders", *outputs.COUNT_KEYS) and v}
     if issues:
         lines.append(f"problems: {issues}")
+    return "\n".join(lines)
+
+
+def _detail_table(summary: Mapping[str, Any]) -> str:
+    """``table.md``'s GenEval part below the contract rows: shares of correct images / prompts and where images
+    fail (not part of the official score)."""
+    lines = ["| score | value |", "|---|---:|", f"| images | {outputs.fmt(summary['images'])} |",
+             f"| prompts | {outputs.fmt(summary['prompts'])} |"]
+    for c, v in summary.get("components", {}).items():
+        lines.append(f"| components.{c} | {outputs.fmt(v['value'])} (n={v['n']}) |")
     return "\n".join(lines)
 
 
@@ -679,7 +709,8 @@ def parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, help="a GenEval image folder")
     src.add_argument("--ckpt", type=Path, help="a checkpoint of this harness: generate OUT/images first, then score")
-    cli.add_out(p, help="writes results.jsonl (GenEval's per-image rows) and summary.json here")
+    cli.add_out(p, help="writes results.jsonl (GenEval's per-image rows), summary.json, items.jsonl, table.md and "
+                        "judge.json here")
     cli.add_judge(p, sorted(DETECTORS), "hf-mask2former", url=False,
                   help="hf-mask2former: COCO Mask2Former (Swin-S) + CLIP colours through transformers; mmdet: "
                        "GenEval's own detector in its conda env; shapes: the shapes world's exact detector",
@@ -688,7 +719,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--color-model", default=CLIP_ID, help="hf-mask2former: the CLIP model of the colour classifier")
     cli.add_placement(p)
     prompts = p.add_mutually_exclusive_group()
-    prompts.add_argument("--metadata", type=Path, help="--ckpt: an evaluation_metadata.jsonl")
+    prompts.add_argument(cli.PROMPT_FILE, dest="prompt_file", type=Path,
+                         help="--ckpt: an evaluation_metadata.jsonl (with --images each prompt folder's own "
+                              "metadata.jsonl is read)")
     prompts.add_argument("--n-per-task", type=cli.positive_int, help="--ckpt: a shapes-world prompt set, K per task")
     p.add_argument("--n-samples", type=cli.positive_int, default=4, help="--ckpt: images per prompt")
     cli.add_seed(p, 0, help="--ckpt: image k of prompt i uses seed + 1000 i + k; also the bootstrap's seed")
@@ -699,12 +732,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
                    help=f"rule overrides; keys: {[f.name for f in fields(GenevalOptions)]}")
     cli.alias(p, "--detector", "--judge", choices=sorted(DETECTORS))
+    cli.alias(p, "--metadata", cli.PROMPT_FILE, type=Path)
     cli.alias(p, "--ci-resamples", "--n-resamples", type=cli.positive_int)
     return p
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m evals.geneval --images DIR | --ckpt CKPT (--metadata FILE | --n-per-task K) --out OUT``."""
+    """``python -m evals.geneval --images DIR | --ckpt CKPT (--prompt-file FILE | --n-per-task K) --out OUT``."""
+    from evals import cli
     from evals.detectors import detector_vocabulary
 
     p = parser()
@@ -720,17 +755,19 @@ def _main(argv: Sequence[str] | None = None) -> int:
     images = args.images
     expected: dict[str, int | None] = {"n_prompts": None, "n_samples": None}
     if args.ckpt is not None:
-        if args.metadata is None and args.n_per_task is None:
-            raise ValueError("--ckpt needs --metadata FILE or --n-per-task K")
+        if args.prompt_file is not None and args.n_per_task is not None:
+            raise ValueError(f"{cli.PROMPT_FILE} and --n-per-task are two prompt sets: pass one")
+        if args.prompt_file is None and args.n_per_task is None:
+            raise ValueError(f"--ckpt needs {cli.PROMPT_FILE} FILE or --n-per-task K")
         if args.n_per_task is not None and args.judge != "shapes":
             raise ValueError(f"--n-per-task writes shapes-world prompts, which only --judge shapes knows (not "
                              f"{args.judge!r})")
         if not args.ckpt.is_file():
             raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
-        if args.metadata is not None:
-            metadata = read_metadata_lines(args.metadata)
+        if args.prompt_file is not None:
+            metadata = read_metadata_lines(args.prompt_file)
             for n, meta in enumerate(metadata, 1):
-                validate_metadata(meta, f"{args.metadata}:{n}", classes, colors)
+                validate_metadata(meta, f"{args.prompt_file}:{n}", classes, colors)
         else:
             from world.prompts import write_geneval_metadata
 
@@ -742,8 +779,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
                              generator=f"ckpt:{args.ckpt.resolve()}", rank=0, world=1)
         images = out / "images"
         expected = {"n_prompts": len(metadata), "n_samples": args.n_samples}
-    elif args.metadata is not None or args.n_per_task is not None:
-        raise ValueError("--metadata / --n-per-task only apply with --ckpt")
+    elif args.prompt_file is not None or args.n_per_task is not None:
+        raise ValueError(f"{cli.PROMPT_FILE} / --n-per-task only apply with --ckpt (with --images each prompt "
+                         "folder's metadata.jsonl is read)")
     check_folder(images, classes, colors)
     missing = missing_samples(images, **expected)
     if missing and not args.allow_partial:
@@ -751,7 +789,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"{images} is partly generated; missing: {shown}. Finish the generation (python -m "
                          "evals.generate resumes it), or pass --allow-partial to score what is there")
     rows, summary = evaluate_folder(images, build_detector(args), out, ci_resamples=args.n_resamples,
-                                    ci_seed=args.seed, **options)
+                                    ci_seed=args.seed, progress=True, **options)
     print(format_summary(summary, rows))
     return 0
 

@@ -255,12 +255,14 @@ def run_units(units: Sequence[Unit], generate: GenerateFn, batch_size: int = 16,
 
 def write_folder(benchmark: str, generate: GenerateFn, prompts: Any, out_dir: str | Path, n_samples: int | None = None,
                  seed: int | None = None, batch_size: int = 16, generator: str | None = None,
-                 rank: int | None = None, world: int | None = None, progress: bool = True) -> Stats:
+                 rank: int | None = None, world: int | None = None, progress: bool = True,
+                 generator_id: str | None = None) -> Stats:
     """Write ``benchmark``'s layout (module docstring) into ``out_dir``.
 
     ``prompts``: GenEval metadata objects (geneval), ``(item_id, text)`` pairs (dpg) or ``{index: text}`` (genai);
     ``generator``: a label of what makes the images; with it, ``generation.json`` guards the folder against
-    mixing (``check_manifest``).
+    mixing (``check_manifest``); ``generator_id``: the user's name for the generator, recorded there too (a
+    folder written without one has none: it is only added when given, so such folders resume as before).
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
@@ -270,8 +272,11 @@ def write_folder(benchmark: str, generate: GenerateFn, prompts: Any, out_dir: st
     make = {"geneval": geneval_units, "dpg": dpg_units, "genai": genai_units}[benchmark]
     units = make(prompts, out, n_samples, seed)
     if generator is not None:
-        check_manifest(out, {"benchmark": benchmark, "generator": generator, "seed": seed, "n_samples": n_samples,
-                             "prompts": len(units), "prompts_sha256": prompts_digest([u.prompt for u in units])})
+        manifest = {"benchmark": benchmark, "generator": generator, "seed": seed, "n_samples": n_samples,
+                    "prompts": len(units), "prompts_sha256": prompts_digest([u.prompt for u in units])}
+        if generator_id is not None:
+            manifest["generator_id"] = generator_id
+        check_manifest(out, manifest)
     out.mkdir(parents=True, exist_ok=True)
     return run_units(units, generate, batch_size, rank, world, progress, where=generator or "generator")
 

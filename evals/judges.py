@@ -324,7 +324,7 @@ class OpenAIJudge(TextJudge):
 
     @property
     def counts(self) -> dict[str, int]:
-        """``retries``: transient failures retried so far (reported in scores.json)."""
+        """``retries``: transient failures retried so far (reported in summary.json)."""
         return {"retries": self.client.retries}
 
     def _one(self, image: Image.Image, prompt: str) -> str:

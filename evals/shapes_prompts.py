@@ -75,7 +75,7 @@ def write_shapes_prompts(benchmark: str, out_dir: str | Path, limit: int | None 
     ``evals.generate.load_prompts`` reads. A folder that already holds images of other prompts (a
     ``generation.json`` but no shapes prompt file), or a prompt file with other content, is refused before
     anything is written."""
-    from evals.images import _write_text  # atomic with a temporary file per process: torchrun ranks all write
+    from common.files import atomic_write_text  # a temporary file per process: torchrun ranks all write these
 
     out = Path(out_dir)
     files = shapes_files(benchmark, limit)
@@ -88,7 +88,7 @@ def write_shapes_prompts(benchmark: str, out_dir: str | Path, limit: int | None 
                          "write into a new --out")
     for name, text in files.items():
         if not (out / name).is_file():  # a resumed run finds the same text there
-            _write_text(out / name, text)
+            atomic_write_text(out / name, text)
     return out / PROMPT_FILE[benchmark]
 
 

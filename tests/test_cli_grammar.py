@@ -89,7 +89,7 @@ BAD = [
     ("generate", ["--benchmark", "genai", "--callable", "m:f", "--gen-kwargs", "steps=2", "--out", "{out}"],
      "--gen-kwargs only applies with --pipeline"),
     ("generate", ["--benchmark", "genai", "--ckpt", "{root}/missing.ckpt", "--out", "{out}"], "checkpoint not found"),
-    ("generate", ["--benchmark", "geneval", "--ckpt", "{ckpt}", "--metadata", "{root}/none.jsonl", "--out", "{out}"],
+    ("generate", ["--benchmark", "geneval", "--ckpt", "{ckpt}", "--prompt-file", "{root}/none.jsonl", "--out", "{out}"],
      "prompt file not found"),
     ("generate", ["--benchmark", "geneval", "--callable", "m:f", "--device-map", "auto", "--out", "{out}"],
      "--device-map applies to --pipeline only"),
@@ -109,17 +109,17 @@ BAD = [
      "checkpoint not found"),
     ("geneval", ["--images", "{geneval}", "--device-map", "everywhere", "--out", "{out}"], "unknown --device-map"),
     # evals.dpg_refined (default judge gemma-3-27b-it)
-    ("dpg", ["--images", "{root}/missing", "--questions", "{q}", "--out", "{out}"], "images folder not found"),
-    ("dpg", ["--images", "{dpg}", "--questions", "{root}/none.csv", "--out", "{out}"], "questions CSV not found"),
-    ("dpg", ["--images", "{dpg}", "--questions", "{q}", "--out", "{out}"], "a DPG-Bench grid must be 2x2 tiles"),
-    ("dpg", ["--images", "{dpg}", "--questions", "{q}", "--judge", "openai", "--out", "{out}"],
+    ("dpg", ["--images", "{root}/missing", "--prompt-file", "{q}", "--out", "{out}"], "images folder not found"),
+    ("dpg", ["--images", "{dpg}", "--prompt-file", "{root}/none.csv", "--out", "{out}"], "questions CSV not found"),
+    ("dpg", ["--images", "{dpg}", "--prompt-file", "{q}", "--out", "{out}"], "a DPG-Bench grid must be 2x2 tiles"),
+    ("dpg", ["--images", "{dpg}", "--prompt-file", "{q}", "--judge", "openai", "--out", "{out}"],
      "--judge openai needs --judge-url"),
-    ("dpg", ["--images", "{dpg}", "--questions", "{q}", "--judge-url", "http://x/v1", "--out", "{out}"],
+    ("dpg", ["--images", "{dpg}", "--prompt-file", "{q}", "--judge-url", "http://x/v1", "--out", "{out}"],
      "--judge-url only applies to --judge openai"),
-    ("dpg", ["--images", "{dpg}", "--questions", "{q}", "--judge", "gpt", "--out", "{out}"], "invalid choice"),
-    ("dpg", ["aggregate", "--questions", "{q}", "--judgments", "{root}/none.jsonl", "--out", "{out}"],
+    ("dpg", ["--images", "{dpg}", "--prompt-file", "{q}", "--judge", "gpt", "--out", "{out}"], "invalid choice"),
+    ("dpg", ["aggregate", "--prompt-file", "{q}", "--judgments", "{root}/none.jsonl", "--out", "{out}"],
      "judgments file not found"),
-    ("dpg", ["--ckpt", "{ckpt}", "--questions", "{q}", "--n-images", "2", "--out", "{out}"],
+    ("dpg", ["--ckpt", "{ckpt}", "--prompt-file", "{q}", "--n-images", "2", "--out", "{out}"],
      "--n-samples must be 4"),
     # evals.genai_bench (default judge clip-flant5-xxl)
     ("genai", ["--images", "{root}/missing", "--out", "{out}"], "image folder not found"),
@@ -138,15 +138,15 @@ BAD = [
     # --out naming an existing file: refused before the run, not when the results are written at its end
     ("generate", ["--benchmark", "genai", "--callable", "m:f", "--out", "{file}"], "is a file, not a folder"),
     ("geneval", ["--images", "{geneval}", "--judge", "shapes", "--out", "{file}"], "is a file, not a folder"),
-    ("dpg", ["--images", "{dpg}", "--questions", "{q}", "--judge", "oracle", "--out", "{file}"],
+    ("dpg", ["--images", "{dpg}", "--prompt-file", "{q}", "--judge", "oracle", "--out", "{file}"],
      "is a file, not a folder"),
-    ("dpg", ["aggregate", "--questions", "{q}", "--judgments", "{q}", "--out", "{file}"], "is a file, not a folder"),
+    ("dpg", ["aggregate", "--prompt-file", "{q}", "--judgments", "{q}", "--out", "{file}"], "is a file, not a folder"),
     ("genai", ["--images", "{genai}", "--out", "{file}"], "is a file, not a folder"),
     # --device: a GPU that is not there, or a name torch does not know, before any judge or generator loads
     ("generate", ["--benchmark", "genai", "--ckpt", "{ckpt}", "--device", "cuda", "--out", "{out}"],
      "device 'cuda': CUDA is not available"),
     ("geneval", ["--images", "{geneval}", "--device", "cuda", "--out", "{out}"], "device 'cuda': CUDA is not"),
-    ("dpg", ["--images", "{dpg}", "--questions", "{q}", "--device", "cuda:1", "--out", "{out}"],
+    ("dpg", ["--images", "{dpg}", "--prompt-file", "{q}", "--device", "cuda:1", "--out", "{out}"],
      "device 'cuda:1': CUDA is not available"),
     ("genai", ["--images", "{genai}", "--device", "cuda", "--out", "{out}"], "device 'cuda': CUDA is not"),
     ("audit", ["--device", "cuda", "--out", "{out}"], "device 'cuda': CUDA is not available"),
@@ -154,18 +154,18 @@ BAD = [
      "unknown device 'gpu'; valid: auto, cpu, cuda, cuda:N, mps"),
     ("geneval", ["--images", "{geneval}", "--judge", "shapes", "--device", "gpu", "--out", "{out}"],
      "unknown device 'gpu'"),
-    ("dpg", ["--images", "{dpg}", "--questions", "{q}", "--judge", "oracle", "--device", "gpu", "--out", "{out}"],
+    ("dpg", ["--images", "{dpg}", "--prompt-file", "{q}", "--judge", "oracle", "--device", "gpu", "--out", "{out}"],
      "unknown device 'gpu'"),
     ("genai", ["--images", "{genai}", "--device", "gpu", "--out", "{out}"], "unknown device 'gpu'"),
     ("audit", ["--device", "gpu", "--out", "{out}"], "unknown device 'gpu'"),
     ("geneval", ["--images", "{geneval}", "--judge", "shapes", "--device", "meta", "--out", "{out}"],
      "device 'meta' is not supported"),
     # DPG on a folder in another layout (or none): what was expected and what is there
-    ("dpg", ["--images", "{empty}", "--questions", "{q}", "--out", "{out}"],
+    ("dpg", ["--images", "{empty}", "--prompt-file", "{q}", "--out", "{out}"],
      "no DPG-Bench images in {empty}: expected <item_id>.png 2x2 grids or <item_id>/<k>.png per-seed files "
      "for the 2 items of the questions"),
-    ("dpg", ["--images", "{empty}", "--questions", "{q}", "--out", "{out}"], "found an empty folder"),
-    ("dpg", ["--images", "{geneval}", "--questions", "{q}", "--out", "{out}"], "found 6 folders (00000/, 00001/"),
+    ("dpg", ["--images", "{empty}", "--prompt-file", "{q}", "--out", "{out}"], "found an empty folder"),
+    ("dpg", ["--images", "{geneval}", "--prompt-file", "{q}", "--out", "{out}"], "found 6 folders (00000/, 00001/"),
     # GenEval entries that cannot be scored as they are: refused by name before the judge loads
     ("geneval", ["--images", "{geneval_loop}", "--judge", "shapes", "--out", "{out}"],
      "geneval_loop/00009 is a symlink that loops or points nowhere"),
@@ -174,9 +174,9 @@ BAD = [
     ("geneval", ["--images", "{geneval_jpeg}", "--judge", "shapes", "--out", "{out}"],
      "00000/samples/00001.png is named .png but its bytes are JPEG"),
     # a DPG cache that is a folder
-    ("dpg", ["--images", "{grids}", "--questions", "{q}", "--judge", "oracle", "--out", "{dir_cache}"],
+    ("dpg", ["--images", "{grids}", "--prompt-file", "{q}", "--judge", "oracle", "--out", "{dir_cache}"],
      "judgments.jsonl is not a regular file"),
-    ("dpg", ["aggregate", "--questions", "{q}", "--judgments", "{dir_cache}/judgments.jsonl", "--out", "{out}"],
+    ("dpg", ["aggregate", "--prompt-file", "{q}", "--judgments", "{dir_cache}/judgments.jsonl", "--out", "{out}"],
      "judgments.jsonl is not a regular file"),
     # a generator that returns nothing
     ("generate", ["--benchmark", "genai", "--callable", "{gens}:forgot_return", "--limit", "1", "--quiet",
@@ -187,7 +187,7 @@ BAD = [
     ("generate", ["--benchmark", "genai", "--callable", "m:f", "--limit", "2", "--ot", "{out}"],
      "unrecognized argument --ot (did you mean --out?)"),
     ("geneval", ["--imags", "{geneval}", "--out", "{out}"], "unrecognized argument --imags (did you mean --images?)"),
-    ("dpg", ["--images", "{dpg}", "--questions", "{q}", "--ot={out}"], "unrecognized argument --ot (did you mean "
+    ("dpg", ["--images", "{dpg}", "--prompt-file", "{q}", "--ot={out}"], "unrecognized argument --ot (did you mean "
                                                                           "--out?)"),
     ("genai", ["--images", "{genai}", "--out", "{out}", "--n-resample", "5", "--bogus"],
      "unrecognized argument --bogus"),
@@ -207,8 +207,8 @@ def test_bad_input_is_one_line_exit_2_before_any_model(tool, argv, message, file
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
-def test_dpg_without_questions_and_hub_says_pass_questions(files, tmp_path, capsys, monkeypatch,
-                                                           no_model_loads) -> None:
+def test_dpg_without_prompt_file_and_hub_says_pass_prompt_file(files, tmp_path, capsys, monkeypatch,
+                                                               no_model_loads) -> None:
     import datasets
 
     def offline(*args, **kwargs):
@@ -218,7 +218,7 @@ def test_dpg_without_questions_and_hub_says_pass_questions(files, tmp_path, caps
     with pytest.raises(SystemExit) as exit_:
         dpg_refined.main(["--images", str(files["dpg"]), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(err) == 1 and "pass --questions" in err[0]
+    assert exit_.value.code == 2 and len(err) == 1 and "pass --prompt-file" in err[0]
 
 
 def test_missing_weights_are_one_clear_line(files, tmp_path) -> None:
@@ -229,7 +229,7 @@ def test_missing_weights_are_one_clear_line(files, tmp_path) -> None:
     grids.mkdir()
     for item_id, _, _ in make_dpg_prompt_set(2, seed=0):
         Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(grids / f"{item_id}.png")
-    for args in (["evals.dpg_refined", "--images", str(grids), "--questions", str(files["q"]), "--judge", "hf",
+    for args in (["evals.dpg_refined", "--images", str(grids), "--prompt-file", str(files["q"]), "--judge", "hf",
                   "--judge-model", "/nonexistent/gemma"],
                  ["evals.generate", "--benchmark", "genai", "--pipeline", "./no/such/pipeline", "--limit", "1"]):
         out = subprocess.run([sys.executable, "-m", *args, "--out", str(tmp_path / "o")], cwd=ROOT,
@@ -262,7 +262,7 @@ def test_old_flag_names_still_work(files, tmp_path, capsys) -> None:
                          "--out", str(tmp_path / "g")]) == 0
     err = capsys.readouterr().err
     assert "note: --detector is an old name of --judge" in err and "--ci-resamples" in err
-    assert json.loads((tmp_path / "g" / "summary.json").read_text())["detector"] == "shapes"
+    assert json.loads((tmp_path / "g" / "summary.json").read_text())["judge"]["judge"] == "shapes"
     # genai_bench: --model / --model-id / --url / --api-key-env land on the judge flags
     a = genai_bench.parser().parse_args(["--images", "d", "--model", "openai", "--model-id", "m", "--url",
                                          "http://h/v1", "--api-key-env", "K", "--out", "o"])
@@ -292,7 +292,7 @@ def test_errors_from_your_generator_keep_their_traceback_and_debug_keeps_ours(fi
         assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr, out.stderr
         assert f"mygen.py\", line {3 if fn == 'broken' else 6}" in out.stderr
         assert out.stderr.strip().splitlines()[-1].startswith(last), out.stderr
-    ours = ["--ckpt", str(files["ckpt"]), "--metadata", str(tmp_path / "none.jsonl")]
+    ours = ["--ckpt", str(files["ckpt"]), "--prompt-file", str(tmp_path / "none.jsonl")]
     plain = run(*ours)
     assert plain.returncode == 2 and plain.stderr.strip().splitlines() == [
         line for line in plain.stderr.strip().splitlines() if line.startswith("error: ")] != []

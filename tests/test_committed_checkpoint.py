@@ -33,7 +33,7 @@ def test_the_committed_lap_checkpoint_reproduces_its_recorded_score(tmp_path: Pa
     meta = tmp_path / "evaluation_metadata.jsonl"
     write_geneval_metadata(meta, g["n_per_task"], g["seed"])  # the prompts the run was scored on
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for args in (["evals.generate", "--benchmark", "geneval", "--ckpt", str(ckpt), "--metadata", str(meta),
+    for args in (["evals.generate", "--benchmark", "geneval", "--ckpt", str(ckpt), "--prompt-file", str(meta),
                   "--n-samples", str(g["n_samples"]), "--seed", str(g["seed"]), "--quiet",
                   "--out", str(tmp_path / "images")],
                  ["evals.geneval", "--images", str(tmp_path / "images"), "--judge", "shapes",

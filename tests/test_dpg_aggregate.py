@@ -4,7 +4,6 @@ null answers, bootstrap CIs, report files and bad input."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def test_worked_example_fixed_matches_notes() -> None:
     assert scores["best_of_n"]["micro_avg"] == 1.0
     assert all(v == 1.0 for v in scores["best_of_n"]["categories"].values())
     assert scores["counts"] == {"prompts": 2, "images": 8, "judgments": 80, "unparsed": 0, "missing_images": 0,
-                                "missing_judgments": 0}
+                                "missing_judgments": 0, "scored": 8, "failed": 0, "partial": 0}
 
 
 def test_worked_example_official_numbers() -> None:
@@ -186,6 +185,8 @@ def test_missing_images_score_zero_and_are_counted() -> None:
     assert scores["fixed"]["micro_avg"] == pytest.approx((1.0 + 2.5 / 4) / 2)
     assert scores["counts"]["missing_images"] == 1 and scores["counts"]["missing_judgments"] == 1
     assert scores["counts"]["images"] == 8 and scores["counts"]["prompts"] == 2
+    # over the 8 images: x's image 2 is missing (failed), x's image 3 lacks a judgment (partial), 7 were judged
+    assert (scores["counts"]["scored"], scores["counts"]["failed"], scores["counts"]["partial"]) == (7, 1, 1)
     assert not rows[1]["legacy_included"]  # the official script only sees files that exist
     # a prompt with no images at all is still a prompt of the benchmark (scored 0), never dropped
     s2, _ = aggregate(questions, judged({("first", 0, 1): "yes"}), n_images=1, n_resamples=20)
@@ -198,6 +199,8 @@ def test_null_answers_count_zero_and_block_children() -> None:
     scores, rows = aggregate(questions, judged(ans), n_resamples=20)
     assert [r["avg"] for r in rows] == pytest.approx([0.0, 1 / 3])
     assert scores["counts"]["unparsed"] == 2 and [r["unparsed"] for r in rows] == [1, 1]
+    # one image per prompt (the most any prompt has), each holding an unparsed answer: both scored, both partly
+    assert (scores["counts"]["scored"], scores["counts"]["failed"], scores["counts"]["partial"]) == (2, 0, 2)
 
 
 def test_non_contiguous_rows_group_by_item_but_legacy_keeps_last_run() -> None:
@@ -231,16 +234,17 @@ def test_ci95_is_a_seeded_bootstrap_over_prompts() -> None:
 def test_aggregate_cli_writes_reports(tmp_path: Path) -> None:
     jpath = tmp_path / "judgments.jsonl"
     jpath.write_text("".join(json.dumps(r) + "\n" for r in worked_judgments()) + '{"item_id": "22')  # torn line
-    main(["aggregate", "--questions", str(FIXTURE), "--judgments", str(jpath), "--out", str(tmp_path / "o"),
+    main(["aggregate", "--prompt-file", str(FIXTURE), "--judgments", str(jpath), "--out", str(tmp_path / "o"),
           "--n-resamples", "100"])
-    scores = json.loads((tmp_path / "o" / "scores.json").read_text())
+    scores = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert scores["fixed"]["micro_avg"] == pytest.approx(0.7875)
     assert set(scores) >= {"fixed", "best_of_n", "legacy", "counts", "ci95"}
     table = (tmp_path / "o" / "table.md").read_text()
-    assert "| Entity | .825 | 1.000 |" in table and "| Relation | .625 | 1.000 |" in table
-    assert "| Global | – | – |" in table
-    with open(tmp_path / "o" / "per_prompt.csv") as fp:
-        per = list(csv.DictReader(fp))
+    assert "| entity | .825 | 1.000 |" in table and "| relation | .625 | 1.000 |" in table
+    assert "| global | – | – |" in table
+    # no judge.json beside the judgments: the aggregate does not invent one
+    assert scores["judge"] == {"judge": "unrecorded"} and not (tmp_path / "o" / "judge.json").exists()
+    per = [json.loads(line) for line in (tmp_path / "o" / "items.jsonl").read_text().splitlines()]
     assert [p["item_id"] for p in per] == ["226", "vrd19"] and float(per[0]["image_1"]) == 0.5
     assert not list((tmp_path / "o").glob("*.tmp"))
 

@@ -110,7 +110,7 @@ def test_a_fresh_clone_runs_the_quick_start_and_scores_its_checkpoint(tmp_path: 
     meta = outside / "geneval_metadata.jsonl"
     write = "import sys; from world.prompts import write_geneval_metadata as w; w(sys.argv[1], n_per_task=1, seed=0)"
     run([py, "-c", write, str(meta)], cwd=outside, PYTHONPATH=str(clone))
-    run([py, "-m", "evals.generate", "--benchmark", "geneval", "--ckpt", str(ckpts[0]), "--metadata", str(meta),
+    run([py, "-m", "evals.generate", "--benchmark", "geneval", "--ckpt", str(ckpts[0]), "--prompt-file", str(meta),
          "--limit", "2", "--n-samples", "1", "--out", str(outside / "images")], cwd=outside, PYTHONPATH=str(clone))
     run([py, "-m", "evals.geneval", "--images", str(outside / "images"), "--judge", "shapes",
          "--out", str(outside / "scores")], cwd=outside, PYTHONPATH=str(clone))

@@ -70,7 +70,7 @@ def bench(tmp_path: Path) -> tuple[Path, Path]:
     return data, images
 
 
-def test_run_resumes_and_labels_the_backend(bench, tmp_path: Path) -> None:
+def test_run_resumes_and_labels_the_judge(bench, tmp_path: Path) -> None:
     data, images = bench
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
@@ -79,9 +79,9 @@ def test_run_resumes_and_labels_the_backend(bench, tmp_path: Path) -> None:
     scorer = CountingScorer()
     r = gb.run(images, scorer, out, data, n_resamples=100, progress=False)
     assert scorer.calls == ["p2", "p3", "p4", "p5"]  # only what was missing
-    assert r["all"]["mean"] == pytest.approx(2.5 / 5, abs=0.01) and r["backend"] == "fake"
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["backend"] == "fake" and "backend `fake`" in (out / "table.md").read_text()
+    assert r["all"]["mean"] == pytest.approx(2.5 / 5, abs=0.01) and r["judge"]["judge"] == "fake"
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["judge"]["judge"] == "fake" and "judge: `fake`" in (out / "table.md").read_text()
     assert len((out / "scores.jsonl").read_text().splitlines()) == 6
     other = CountingScorer()
     other.name = "hf:x"

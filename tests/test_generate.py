@@ -47,7 +47,7 @@ def metadata(tmp_path_factory) -> tuple[Path, list[dict]]:
 def test_callable_folder_scores_one_with_the_shapes_judge(metadata, tmp_path: Path) -> None:
     meta_path, metas = metadata
     images, scores = tmp_path / "D", tmp_path / "O"
-    gen = cli("evals.generate", "--benchmark", "geneval", "--callable", SHAPES, "--metadata", str(meta_path),
+    gen = cli("evals.generate", "--benchmark", "geneval", "--callable", SHAPES, "--prompt-file", str(meta_path),
               "--n-samples", "4", "--out", str(images), "--quiet")
     assert gen.returncode == 0, gen.stderr
     # GenEval's layout: one digit folder per metadata line, holding that line's object and samples/<k:05d>.png
@@ -64,7 +64,7 @@ def test_callable_folder_scores_one_with_the_shapes_judge(metadata, tmp_path: Pa
 
 def test_two_torchrun_processes_write_the_files_of_one(metadata, tmp_path: Path) -> None:
     meta_path, metas = metadata
-    args = ("--benchmark", "geneval", "--callable", SHAPES, "--metadata", str(meta_path), "--n-samples", "3",
+    args = ("--benchmark", "geneval", "--callable", SHAPES, "--prompt-file", str(meta_path), "--n-samples", "3",
             "--batch-size", "5", "--quiet")
     one = cli("evals.generate", *args, "--out", str(tmp_path / "one"))
     two = cli("-m", "evals.generate", *args, "--out", str(tmp_path / "two"),
@@ -80,7 +80,7 @@ def test_two_torchrun_processes_write_the_files_of_one(metadata, tmp_path: Path)
 def test_seeds_batching_and_resume(metadata, tmp_path: Path) -> None:
     meta_path, metas = metadata
     out = tmp_path / "D"
-    base = ["--benchmark", "geneval", "--callable", COLOUR, "--metadata", str(meta_path), "--n-samples", "2",
+    base = ["--benchmark", "geneval", "--callable", COLOUR, "--prompt-file", str(meta_path), "--n-samples", "2",
             "--seed", "7", "--quiet", "--out", str(out)]
     first = generate.main([*base, "--batch-size", "3"])
     assert first["generated"] == 2 * len(metas) and first["kept"] == 0
@@ -167,7 +167,7 @@ def test_diffusers_pipeline(tiny_pipeline: str, tmp_path: Path) -> None:
 
 def test_mixing_another_run_into_a_folder_is_refused(metadata, tmp_path: Path, capsys) -> None:
     meta_path, metas = metadata
-    base = ["--benchmark", "geneval", "--callable", COLOUR, "--metadata", str(meta_path), "--n-samples", "1",
+    base = ["--benchmark", "geneval", "--callable", COLOUR, "--prompt-file", str(meta_path), "--n-samples", "1",
             "--quiet", "--out", str(tmp_path / "D")]
     generate.main(base)
     for extra, word in ((["--seed", "1"], "seed"), (["--limit", "2"], "prompts")):
@@ -182,3 +182,18 @@ def test_mixing_another_run_into_a_folder_is_refused(metadata, tmp_path: Path, c
     with pytest.raises(SystemExit):
         generate.main([*base[:5], str(other), *base[6:]])
     assert "holds another prompt" in capsys.readouterr().err
+
+
+def test_generator_id_is_recorded_and_a_resume_under_another_is_refused(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "g"
+    base = ["--benchmark", "genai", "--prompts", "shapes", "--callable", SHAPES, "--limit", "3", "--quiet",
+            "--out", str(out)]
+    generate.main([*base, "--generator-id", "model-a@step10"])
+    assert json.loads((out / "generation.json").read_text())["generator_id"] == "model-a@step10"
+    assert generate.main([*base, "--generator-id", "model-a@step10"])["kept"] == 3  # same id: resumes
+    capsys.readouterr()
+    for other in (["--generator-id", "model-b"], []):  # another id, or none where one was recorded
+        with pytest.raises(SystemExit) as exit_:
+            generate.main([*base, *other])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and "generator_id: 'model-a@step10'" in err[0], err

@@ -43,8 +43,12 @@ def test_clean_renders_score_one(clean):
 def test_cli_images_end_to_end(clean, tmp_path, capsys):
     images, metadata = clean
     assert main(["--images", str(images), "--detector", "shapes", "--out", str(tmp_path / "out")]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "overall" in printed and "1.000" in printed
+    # a progress bar on stderr, over every sample of the folder
+    n_samples = len(list(images.glob("*/samples/*.png")))
+    assert "GenEval (shapes)" in captured.err and f"{n_samples}/{n_samples}" in captured.err
     lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert len(rows) == 2 * len(metadata)
@@ -55,7 +59,7 @@ def test_cli_images_end_to_end(clean, tmp_path, capsys):
     details = json.loads(first["details"])  # class -> [[x1, y1, x2, y2, score]]
     assert all(len(box) == 5 and box[4] == 1.0 for boxes in details.values() for box in boxes)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["overall"] == 1.0 and summary["detector"] == "shapes"
+    assert summary["overall"] == 1.0 and summary["judge"]["judge"] == "shapes"
     assert not list((tmp_path / "out").glob("*.tmp"))  # atomic writes leave no temp files
 
 
@@ -163,13 +167,13 @@ def test_cli_ckpt_generates_then_scores(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in (out / "images").iterdir() if p.is_dir()) == [f"{i:05d}" for i in range(12)]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["overall"] == 1.0 and summary["counts"]["images"] == 12
-    # --metadata path reads the prompt list instead of sampling one
-    main(["--ckpt", str(tmp_path / "model.ckpt"), "--judge", "shapes", "--metadata",
+    # --prompt-file reads the prompt list instead of sampling one
+    main(["--ckpt", str(tmp_path / "model.ckpt"), "--judge", "shapes", "--prompt-file",
           str(out / "evaluation_metadata.jsonl"), "--n-samples", "1", "--out", str(tmp_path / "run2")])
     assert sum(ShapesModule.calls) == 24 and len(list((tmp_path / "run2" / "images").iterdir())) == 13
     with pytest.raises(SystemExit):
         main(["--ckpt", str(tmp_path / "model.ckpt"), "--judge", "shapes", "--out", str(tmp_path / "run3")])
-    assert "--metadata FILE or --n-per-task K" in capsys.readouterr().err
+    assert "--prompt-file FILE or --n-per-task K" in capsys.readouterr().err
     assert geneval.read_metadata_lines(out / "evaluation_metadata.jsonl")[0]["tag"] == TASKS[0]
 
 

@@ -84,7 +84,7 @@ def test_clean_renders_pass_every_component_and_another_prompts_render_fails_som
     rows, summary = evaluate_folder(tmp_path / "ok", out_dir=tmp_path / "ok_scores")
     assert summary["overall"] == 1.0
     assert all(v["value"] == 1.0 for v in summary["components"].values()), summary["components"]
-    lines = (tmp_path / "ok_scores" / "components.jsonl").read_text().splitlines()
+    lines = (tmp_path / "ok_scores" / "items.jsonl").read_text().splitlines()
     assert len(lines) == len(rows) and json.loads(lines[0])["filename"] == rows[0]["filename"]
     # the renders of the next prompt under each prompt: some components must now fail
     render_geneval_folder(metadata[1:] + metadata[:1], tmp_path / "shuffled", n_samples=1)

@@ -186,7 +186,7 @@ def test_subprocess_protocol_end_to_end_with_a_stub_mmdet(tmp_path: Path, monkey
         backend.close()
     # person: found in the red image only; bicycle: 0.2 is under the 0.3 threshold everywhere
     assert [r["correct"] for r in rows] == [True, False, False, False]
-    assert summary["detector"] == "mmdet" and summary["overall"] == pytest.approx(0.25)
+    assert summary["judge"]["judge"] == "mmdet" and summary["overall"] == pytest.approx(0.25)
     person = [d for d in dets[0] if d.cls == "person"][0]
     assert person.box == (5.0, 6.0, 15.0, 20.0) and person.score == pytest.approx(0.95)
     assert person.mask.sum() == 10 * 14 and person.color is None

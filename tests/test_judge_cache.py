@@ -68,7 +68,7 @@ def test_dpg_resume_under_another_judge_is_refused_before_it_loads(dpg_bench, tm
                                                                    monkeypatch) -> None:
     csv_path, folder, _ = dpg_bench
     out = tmp_path / "out"
-    base = ["--images", str(folder), "--questions", str(csv_path), "--out", str(out), "--n-resamples", "10"]
+    base = ["--images", str(folder), "--prompt-file", str(csv_path), "--out", str(out), "--n-resamples", "10"]
     dpg_refined.main([*base, "--judge", "oracle"])
     before = (out / "judgments.jsonl").read_bytes()
     capsys.readouterr()
@@ -158,7 +158,7 @@ def test_genai_changed_image_is_rescored_and_other_judge_refused(tmp_path: Path,
     assert "scoring them again" in capsys.readouterr().err
     # the CLI refuses another judge on this cache before loading it (the weights do not even exist)
     with pytest.raises(SystemExit) as exit_:
-        genai_bench.main(["--images", str(images), "--data", str(data), "--judge", "hf", "--judge-model",
+        genai_bench.main(["--images", str(images), "--prompt-file", str(data), "--judge", "hf", "--judge-model",
                           str(tmp_path / "no-such-model"), "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and "holds the scores.jsonl of judge pixels" in err[0]

@@ -1,5 +1,5 @@
 """OpenAI-compatible judges retry transient failures (429 / 5xx / timeouts) with backoff and count the retries;
-permanent errors fail at once; the counts reach scores.json / results.json."""
+permanent errors fail at once; the counts reach summary.json."""
 
 from __future__ import annotations
 
@@ -98,5 +98,5 @@ def test_vqascore_client_counts_retries_into_results(tmp_path: Path) -> None:
         scorer = OpenAIVQAScore(server.url, "served", batch_size=3, retry=FAST)
         results = genai_bench.run(images, scorer, tmp_path / "out", data, n_resamples=10, progress=False)
     assert results["counts"]["retries"] == 2 and results["counts"]["answer_not_in_top_k"] == 0
-    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["counts"]["retries"] == 2 and saved["all"]["mean"] == pytest.approx(2.718281828 ** -0.5)

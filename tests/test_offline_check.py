@@ -90,8 +90,8 @@ def test_a_folder_of_other_prompts_is_refused(tmp_path: Path, capsys) -> None:
         _gen("dpg", edited)
     assert exit_.value.code == 2 and "holds another prompt set" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
-        _gen("dpg", tmp_path / "m", EXAMPLE, "--metadata", str(edited / "dpg_bench.csv"))
-    assert exit_.value.code == 2 and "drop --metadata" in capsys.readouterr().err
+        _gen("dpg", tmp_path / "m", EXAMPLE, "--prompt-file", str(edited / "dpg_bench.csv"))
+    assert exit_.value.code == 2 and "drop --prompt-file" in capsys.readouterr().err
 
 
 def test_genai_oracle_scores_the_pairing_of_image_and_prompt(tmp_path: Path) -> None:
@@ -110,14 +110,14 @@ def test_genai_oracle_scores_the_pairing_of_image_and_prompt(tmp_path: Path) -> 
     pa_bytes = pa.read_bytes()
     pa.write_bytes(pb.read_bytes())
     pb.write_bytes(pa_bytes)
-    r = genai_bench.main(["--images", str(images), "--data", str(images), "--judge", "oracle", "--n-resamples", "20",
-                          "--out", str(tmp_path / "s")])
-    assert r["backend"] == "oracle" and r["prompts"] == 18
+    r = genai_bench.main(["--images", str(images), "--prompt-file", str(images), "--judge", "oracle",
+                          "--n-resamples", "20", "--out", str(tmp_path / "s")])
+    assert r["judge"] == {"judge": "oracle"} and r["prompts"] == 18
     assert r["all"]["mean"] == pytest.approx(16 / 18)  # exactly the two swapped prompts fail
     assert r["skills"]["counting"]["mean"] == pytest.approx(2 / 3)
-    saved = json.loads((tmp_path / "s" / "results.json").read_text())
+    saved = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert saved["all"]["mean"] == pytest.approx(16 / 18)
-    # labelled as what it is, in results.json and in the table the console prints
+    # labelled as what it is, in summary.json and in the table the console prints
     assert "not a GenAI-Bench score" in saved["note"]
     assert "not a GenAI-Bench score" in (tmp_path / "s" / "table.md").read_text()
 
@@ -145,7 +145,8 @@ def test_missing_weights_name_the_offline_judge(tmp_path: Path, capsys, module: 
         generate.main(["--benchmark", "geneval", "--callable", BLANK, "--limit", "1", "--quiet", "--out", str(images)])
     else:
         _gen(benchmark, images, BLANK)
-    data = {"geneval": [], "dpg": ["--questions", str(images / "dpg_bench.csv")], "genai": ["--data", str(images)]}
+    data = {"geneval": [], "dpg": ["--prompt-file", str(images / "dpg_bench.csv")],
+            "genai": ["--prompt-file", str(images)]}
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module(module).main(["--images", str(images), *data[benchmark], *args, "--out",
@@ -174,7 +175,7 @@ def test_readme_offline_commands_run_outside_the_checkout(tmp_path: Path) -> Non
     PYTHONPATH stands in for an installed package beside its examples/); then the same commands with the example's
     ``blank`` generator. Every command exits 0 and writes its summary; the exact generator scores 1, blank 0."""
     commands = readme_commands()
-    assert len(commands) == 6 and all(c.startswith("python -m evals.") for c in commands)
+    assert len(commands) == 7 and all(c.startswith("python -m evals.") for c in commands)
     assert not tmp_path.resolve().is_relative_to(ROOT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -187,16 +188,19 @@ def test_readme_offline_commands_run_outside_the_checkout(tmp_path: Path) -> Non
             assert out.returncode == 0, f"{cmd}\n{out.stderr[-3000:]}"
 
     def scores(cwd: Path) -> tuple[dict, dict, dict]:
-        return (json.loads((cwd / "scores/geneval/summary.json").read_text()),
-                json.loads((cwd / "scores/dpg/scores.json").read_text()),
-                json.loads((cwd / "scores/genai/results.json").read_text()))
+        own = [json.loads((cwd / f"scores/{b}/summary.json").read_text()) for b in ("geneval", "dpg", "genai")]
+        # the combined command's rows are each benchmark's own headline, re-scored from the same folders
+        combined = json.loads((cwd / "scores/all/summary.json").read_text())
+        assert [(r["benchmark"], r["value"]) for r in combined["rows"]] == [
+            (s["benchmark"], s["headline"]["value"]) for s in own]
+        return tuple(own)
 
     run_all(tmp_path / "exact", commands)
     geneval, dpg, genai = scores(tmp_path / "exact")
     # the example draws every prompt correctly: every image passes every check of every judge
     assert geneval["counts"]["prompts"] == 18 and geneval["counts"]["images"] == 72 and geneval["overall"] == 1.0
     assert dpg["counts"]["prompts"] == 20 and dpg["counts"]["images"] == 80 and dpg["fixed"]["micro_avg"] == 1.0
-    assert genai["prompts"] == 18 and genai["backend"] == "oracle" and genai["all"]["mean"] == 1.0
+    assert genai["prompts"] == 18 and genai["judge"]["judge"] == "oracle" and genai["all"]["mean"] == 1.0
 
     run_all(tmp_path / "blank", [c.replace(EXAMPLE, BLANK) for c in commands])
     geneval, dpg, genai = scores(tmp_path / "blank")

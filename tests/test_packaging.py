@@ -87,7 +87,7 @@ def test_scoring_needs_no_training_stack(tmp_path: Path) -> None:
 
     write_geneval_metadata(tmp_path / "m.jsonl", n_per_task=1, seed=0)
     steps = [
-        ("evals.generate", "--benchmark", "geneval", "--callable", "tests.shapes_generator:generate", "--metadata",
+        ("evals.generate", "--benchmark", "geneval", "--callable", "tests.shapes_generator:generate", "--prompt-file",
          str(tmp_path / "m.jsonl"), "--n-samples", "1", "--quiet", "--out", str(tmp_path / "g")),
         ("evals.geneval", "--images", str(tmp_path / "g"), "--judge", "shapes", "--n-resamples", "10", "--out",
          str(tmp_path / "gs")),
@@ -95,14 +95,14 @@ def test_scoring_needs_no_training_stack(tmp_path: Path) -> None:
     items = make_dpg_prompt_set(2, seed=0)
     write_dpg_questions_csv(tmp_path / "q.csv", items)
     steps.append(("evals.generate", "--benchmark", "dpg", "--callable", "tests/shapes_generator.py:seed_colour",
-                  "--metadata", str(tmp_path / "q.csv"), "--quiet", "--out", str(tmp_path / "d")))
-    steps.append(("evals.dpg_refined", "--images", str(tmp_path / "d"), "--questions", str(tmp_path / "q.csv"),
+                  "--prompt-file", str(tmp_path / "q.csv"), "--quiet", "--out", str(tmp_path / "d")))
+    steps.append(("evals.dpg_refined", "--images", str(tmp_path / "d"), "--prompt-file", str(tmp_path / "q.csv"),
                   "--judge", "oracle", "--n-resamples", "10", "--out", str(tmp_path / "ds")))
     for module, *args in steps:
         out = run_without_training_stack(module, *args)
         assert out.returncode == 0, f"{module}: {out.stderr[-2000:]}"
     assert json.loads((tmp_path / "gs" / "summary.json").read_text())["overall"] == 1.0
-    assert json.loads((tmp_path / "ds" / "scores.json").read_text())["counts"]["judgments"] > 0
+    assert json.loads((tmp_path / "ds" / "summary.json").read_text())["counts"]["judgments"] > 0
     # and the blocker does block: the training entry point cannot start without Lightning
     out = run_without_training_stack("experiments.train", "--help")
     assert out.returncode != 0 and "blocked by the test" in out.stderr
