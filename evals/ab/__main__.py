@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
 
     c = cmd("demo", "the demo study with SIMULATED annotators on committed shapes-world images", study=False)
     c.add_argument("--out", type=Path, default=Path("results/ab_demo"))
+    c.add_argument("--make-floor", action="store_true",
+                   help="first draw the demo's untrained system again into results/ab_demo/systems/untrained "
+                        "(builds the model; a few seconds)")
     return p
 
 
@@ -135,8 +138,10 @@ def _run(args: argparse.Namespace) -> int:
     from evals.ab.db import make_engine, make_sessions
 
     if args.command == "demo":
-        from evals.ab.demo import run_demo
+        from evals.ab.demo import make_floor, run_demo
 
+        if args.make_floor:
+            print(f"untrained system's images in {make_floor()}")
         print(f"demo report (simulated annotators) in {run_demo(args.out, args.db)}")
         return 0
     engine = make_engine(args.db)

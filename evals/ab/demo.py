@@ -1,9 +1,11 @@
 """A demo study answered by SIMULATED annotators (not people): the tool end to end on committed images.
 
-Systems: two committed shapes-world sample folders of the trained LAP checkpoint (GenEval layout, 12 prompts x 2
-seeds): ``lap`` (all pooled layers) and ``lap_drop_first`` (its first two pooled layers zeroed while sampling, the
-layer-dropout analysis of paper Fig. 8). Each simulated annotator goes through the same functions the web pages
-call (``next_pair`` / ``record_vote``), one pair at a time, round robin:
+Systems: two committed shapes-world sample folders (GenEval layout, 12 prompts x 2 seeds, the same prompts and
+seeds): ``lap``, the trained LAP checkpoint (the layer-dropout analysis's full-model images), and ``untrained``, the
+same configuration before training (the sweep's floor: fresh weights of the checkpoint's seed, never trained;
+``python -m evals.ab demo --make-floor`` draws them again). The two really differ, so the report shows a preference.
+Each simulated annotator goes through the same functions the web pages call (``next_pair`` / ``record_vote``), one
+pair at a time, round robin:
 - a *careful* one answers, with probability 0.85, what the world's exact detector supports — the image where it
   finds more of the prompt's objects (``shapes_world.adherence``), a tie when both score the same; for a gold
   pair, the better image — and otherwise a uniformly random choice;
@@ -27,8 +29,10 @@ from evals.ab.report import build_report, write_report
 from evals.ab.study import add_annotators, create_study
 
 ROOT = Path(__file__).resolve().parents[2]
-IMAGES = ROOT / "results" / "conditioning_candidates" / "analysis" / "lap" / "layer_dropout" / "images"
-SYSTEMS = {"lap": IMAGES / "none", "lap_drop_first": IMAGES / "first"}
+CHECKPOINT = ROOT / "results" / "conditioning_candidates" / "checkpoints" / "lap.ckpt"
+LAP_IMAGES = ROOT / "results" / "conditioning_candidates" / "analysis" / "lap" / "layer_dropout" / "images" / "none"
+FLOOR_IMAGES = ROOT / "results" / "ab_demo" / "systems" / "untrained"
+SYSTEMS = {"lap": LAP_IMAGES, "untrained": FLOOR_IMAGES}
 ASPECTS = ["overall", "prompt_adherence"]
 CAREFUL, CARELESS, P_RIGHT = 6, 2, 0.85
 CAREFUL_SECONDS, CARELESS_SECONDS = (4.0, 6.5, 9.0, 14.0), (1.0, 1.5, 2.5)  # simulated time-on-task per pair
@@ -36,21 +40,23 @@ NOTE = ("SIMULATED annotators, not people: 6 careful ones follow the exact shape
         "2 careless ones answer at random and fast (see evals/ab/demo.py). The numbers show the tool's report, not "
         "a human preference between the two systems.")
 
-README = f"""# A/B demo study — SIMULATED annotators
+README = """# A/B demo study — SIMULATED annotators
 
-{NOTE}
+{note}
 
 Regenerate (about 10 s, no model needed): `python -m evals.ab demo --out results/ab_demo`
 
 - systems: `lap` = the committed LAP checkpoint's samples
-  (`results/conditioning_candidates/analysis/lap/layer_dropout/images/none`), `lap_drop_first` = the same
-  checkpoint with its first two pooled layers zeroed while sampling (`.../images/first`); 12 GenEval prompts x 2
-  seeds = 24 pairs, 3 votes per pair, 8 gold pairs (30%), gold threshold 0.7, minimum median time per pair 3 s
-  (the default). Simulated time-on-task: careful annotators take 4 to 14 s per pair, careless ones 1 to 2.5 s.
-- reading: the exact detector finds the same objects in both systems' images for 23 of the 24 pairs (both
-  variants fail GenEval on every prompt), so careful simulated annotators mostly answer "tie"; the two careless
-  ones are caught by the gold pairs and by their speed (`annotators.csv`, reason `gold+speed`) and left out of
-  `win_rates.csv`, which halves the valid pairs (`win_rates_all_annotators.csv` keeps them).
+  (`results/conditioning_candidates/analysis/lap/layer_dropout/images/none`), `untrained` = the same configuration
+  before training, the sweep's floor (`systems/untrained`, drawn by `python -m evals.ab demo --make-floor`: fresh
+  weights of the checkpoint's seed, the same prompts and seeds); 12 GenEval prompts x 2 seeds = 24 pairs, 3 votes
+  per pair, 8 gold pairs (30%), gold threshold 0.7, minimum median time per pair 3 s (the default). Simulated
+  time-on-task: careful annotators take 4 to 14 s per pair, careless ones 1 to 2.5 s.
+- reading: the exact detector finds more of the prompt's objects in the `lap` image for {lap_better} of the {pairs}
+  pairs, in the `untrained` one for {floor_better}, and as many in both for {ties}; careful simulated annotators
+  follow it, so `lap` is preferred with the CI in `win_rates.csv`. The two careless annotators are caught by the
+  gold pairs and by their speed (`annotators.csv`) and left out of `win_rates.csv` (`win_rates_all_annotators.csv`
+  keeps them).
 
 Files: `report.md`, `win_rates.csv`, `win_rates_all_annotators.csv`, `win_rates.png`, `annotators.csv`,
 `agreement.csv`.
@@ -64,6 +70,24 @@ def _truth(pair: Pair, folder_a: Path) -> str:
     meta = json.loads((folder_a / pair.prompt_key / "metadata.jsonl").read_text().splitlines()[0])
     left, right = adherence(pair.left_image.path, meta), adherence(pair.right_image.path, meta)
     return "left" if left > right else "right" if right > left else "tie"
+
+
+def make_floor(out: str | Path = FLOOR_IMAGES) -> Path:
+    """Draw the ``untrained`` system: the committed LAP checkpoint's configuration with fresh weights of its seed
+    (as the sweep's 0-step floor run), sampled on the LAP images' prompts and seeds into GenEval's layout."""
+    import torch
+
+    from evals.images import generate_geneval_folder
+    from models.checkpoints import load_module
+    from models.module import UniFusionModule
+
+    metadata = [json.loads((d / "metadata.jsonl").read_text().splitlines()[0])
+                for d in sorted(p for p in LAP_IMAGES.iterdir() if p.is_dir())]
+    n_samples = len(list((LAP_IMAGES / "00000" / "samples").glob("*.png")))
+    config = load_module(CHECKPOINT).config
+    torch.manual_seed(int(config["seed"]))
+    floor = UniFusionModule(config).eval()
+    return generate_geneval_folder(floor, metadata, out, n_samples=n_samples, seed=0)
 
 
 def run_demo(out: str | Path, db: str | None = None, seed: int = 0) -> Path:
@@ -96,7 +120,14 @@ def run_demo(out: str | Path, db: str | None = None, seed: int = 0) -> Path:
             record_vote(sessions, token, pair.public_id, choices, now=clock + timedelta(seconds=seconds))
             active.append((token, careful))
         report = build_report(sessions, "ab_demo", note=NOTE)
+        with sessions() as s:  # what the detector supports for each real pair, named by system
+            truths = []
+            for pair in s.query(Pair).filter(Pair.gold_answer.is_(None)):
+                side = _truth(pair, dir_a)
+                truths.append("tie" if side == "tie" else name_a if (side == "left") == pair.a_on_left else name_b)
         engine.dispose()
     write_report(report, out)
-    atomic_write_text(out / "README.md", README)
+    atomic_write_text(out / "README.md", README.format(note=NOTE, pairs=len(truths), ties=truths.count("tie"),
+                                                       lap_better=truths.count(name_a),
+                                                       floor_better=truths.count(name_b)))
     return out
