@@ -32,3 +32,13 @@ def test_readme_plan_totals_are_the_committed_summarys() -> None:
     assert f"the unique runs need {decoded} GPU-hours (the final base alone {base})" in flat
     plans = pd.concat([pd.read_csv(p) for p in (ROOT / "results" / "plan").glob("*.csv") if p.stem != "lap_overhead"])
     assert int(configured.replace(",", "")) == round(plans.gpu_hours.fillna(0).sum())
+
+
+def test_ab_demo_counts_in_the_docs_are_the_committed_demos() -> None:
+    demo = " ".join((ROOT / "results" / "ab_demo" / "README.md").read_text().split())
+    lap, pairs, floor = re.search(r"`lap` image for (\d+) of the (\d+) pairs, in the `untrained` one for (\d+)",
+                                  demo).groups()
+    docs = " ".join((ROOT / "docs" / "ab_studies.md").read_text().split())
+    assert f"LAP image for {lap} of {pairs} pairs and {'never' if floor == '0' else floor} in the untrained" in docs
+    rates = pd.read_csv(ROOT / "results" / "ab_demo" / "win_rates.csv").set_index(["aspect", "system"])
+    assert rates.loc[("overall", "lap"), "wins"] > 0 == rates.loc[("overall", "untrained"), "wins"]
