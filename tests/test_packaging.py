@@ -106,3 +106,35 @@ def test_scoring_needs_no_training_stack(tmp_path: Path) -> None:
     # and the blocker does block: the training entry point cannot start without Lightning
     out = run_without_training_stack("experiments.train", "--help")
     assert out.returncode != 0 and "blocked by the test" in out.stderr
+
+
+def test_console_commands_run_the_tools_with_their_exit_codes(tmp_path: Path) -> None:
+    """Every console command the installed package declares is beside this Python and is its `python -m
+    evals.<tool>`: its help names that module, a bad flag exits 2 with an error, and a real offline run exits 0 with
+    the outputs the module writes."""
+    import os
+    from importlib.metadata import entry_points
+
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.value.startswith("evals.")}
+    assert "[project.scripts]" in (ROOT / "pyproject.toml").read_text()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # examples/ is a checkout folder, not part of the package
+    from evals.scripts import TOOLS
+
+    assert set(scripts.values()) == {f"evals.scripts:{k}" for k in TOOLS}, "pip install -e . again (make venv)"
+    for name, target in scripts.items():
+        module = TOOLS[target.split(":")[1]].removesuffix(".__main__")
+        exe = bin_dir / name
+        assert exe.is_file(), f"{name} is not installed: run `make venv` (pip install -e .)"
+        out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0 and f"python -m {module}" in out.stdout, (name, out.stderr[-300:])
+        bad = subprocess.run([str(exe), "--no-such-flag"], capture_output=True, text=True, timeout=120, env=env)
+        assert bad.returncode == 2 and "error" in bad.stderr, (name, bad.stderr[-300:])
+    run = [str(bin_dir / "unifusion-generate"), "--benchmark", "geneval", "--prompts", "shapes", "--callable",
+           "examples.shapes_generator:generate", "--out", str(tmp_path / "images"), "--quiet"]
+    assert subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300).returncode == 0
+    score = subprocess.run([str(bin_dir / "unifusion-geneval"), "--images", str(tmp_path / "images"), "--judge",
+                            "shapes", "--out", str(tmp_path / "scores")], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert score.returncode == 0, score.stderr[-500:]
+    assert json.loads((tmp_path / "scores" / "summary.json").read_text())["benchmark"] == "geneval"
