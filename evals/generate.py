@@ -6,8 +6,8 @@
     torchrun --nproc_per_node 8 -m evals.generate --benchmark genai --ckpt runs/x/final.ckpt --out images/genai
 
 Generators (exactly one):
-  --callable pkg.module:function   (or path/to/file.py:function) called as fn(prompts, seeds) -> list of PIL
-                                   images (or uint8 (H, W, 3) arrays), one image per (prompt, seed)
+  --callable pkg.module:function   (or path/to/file.py:function) called as fn(prompts, seeds[, **gen_kwargs])
+                                   -> PIL images (or uint8 (H, W, 3) arrays), one image per (prompt, seed)
   --pipeline ID_OR_PATH            diffusers DiffusionPipeline.from_pretrained; each image gets its own
                                    torch.Generator("cpu").manual_seed(seed); --gen-kwargs go to the pipeline call
   --ckpt FILE                      a checkpoint of this harness (final.ckpt / last.ckpt)
@@ -178,7 +178,8 @@ def parser() -> cli.Parser:
                  + ", ".join(f"{b} {s}" for b, s in DEFAULT_SEEDS.items()))
     cli.add_batch_size(p, 16, help="images per generator call")
     p.add_argument("--gen-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra keyword arguments of the pipeline call, e.g. num_inference_steps=50 guidance_scale=9")
+                   help="extra keyword arguments of the pipeline call, e.g. num_inference_steps=50 guidance_scale=9, "
+                        "or of your --callable: fn(prompts, seeds, **kwargs); values parsed as YAML scalars")
     cli.add_placement(p)
     cli.add_out(p, help="the image folder to write (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -193,8 +194,9 @@ def check_args(args: Any) -> None:
     """Everything that can be checked before a model loads."""
     if args.prompts == "shapes" and args.prompt_file is not None:
         raise ValueError("--prompts shapes writes its own prompt file into --out: drop --prompt-file")
-    if args.gen_kwargs and not args.pipeline:
-        raise ValueError("--gen-kwargs only applies with --pipeline")
+    if args.gen_kwargs and not (args.pipeline or args.fn):
+        raise ValueError("--gen-kwargs applies to --pipeline and --callable only (a checkpoint samples with its "
+                         "config's sampler)")
     if args.device_map is not None and not args.pipeline:
         raise ValueError("--device-map applies to --pipeline only")
     n = args.n_samples
@@ -224,12 +226,12 @@ def need_diffusers() -> None:
 
 
 def generator_label(args: Any) -> str:
-    if args.fn:
+    extra = f" {json.dumps(parse_kwargs(args.gen_kwargs), sort_keys=True)}" if args.gen_kwargs else ""
+    if args.fn:  # the keyword arguments are part of what generated the images: a resume with others is refused
         target, _, name = args.fn.rpartition(":")
-        return f"callable:{Path(target).resolve() if target.endswith('.py') else target}:{name}"
+        return f"callable:{Path(target).resolve() if target.endswith('.py') else target}:{name}{extra}"
     if args.pipeline:
-        return f"pipeline:{args.pipeline}" + (f" {json.dumps(parse_kwargs(args.gen_kwargs), sort_keys=True)}"
-                                               if args.gen_kwargs else "")
+        return f"pipeline:{args.pipeline}{extra}"
     return f"ckpt:{Path(args.ckpt).resolve()}"
 
 
@@ -247,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     kwargs = parse_kwargs(args.gen_kwargs)
     rank, world = launch_share()
     if args.fn:
-        generate = load_callable(args.fn)
+        fn = load_callable(args.fn)
+        generate = (lambda prompts, seeds: fn(prompts, seeds, **kwargs)) if kwargs else fn
     elif args.pipeline:
         generate = pipeline_generator(args.pipeline, args.device, args.dtype, args.device_map, kwargs)
     else:

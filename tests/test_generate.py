@@ -197,3 +197,29 @@ def test_generator_id_is_recorded_and_a_resume_under_another_is_refused(tmp_path
             generate.main([*base, *other])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and "generator_id: 'model-a@step10'" in err[0], err
+
+
+def test_gen_kwargs_reach_a_callable_and_belong_to_its_folder(metadata, tmp_path: Path, monkeypatch) -> None:
+    """`--gen-kwargs` go to the callable as keyword arguments (YAML-typed); a resume with other ones is refused
+    (they are part of what made the images), the same ones resume."""
+    meta_path, _ = metadata
+    gen = tmp_path / "gen.py"
+    gen.write_text(
+        "import json, os\n"
+        "import numpy as np\n"
+        "def sample(prompts, seeds, **kw):\n"
+        "    with open(os.environ['KW_LOG'], 'a') as f:\n"
+        "        f.write(json.dumps(kw, sort_keys=True) + '\\n')\n"
+        "    return [np.full((8, 8, 3), 128, np.uint8) for _ in prompts]\n")
+    log = tmp_path / "kw.jsonl"
+    args = ("--benchmark", "geneval", "--callable", f"{gen}:sample", "--prompt-file", str(meta_path),
+            "--n-samples", "1", "--out", str(tmp_path / "img"), "--quiet")
+    monkeypatch.setenv("KW_LOG", str(log))
+    first = cli("evals.generate", *args, "--gen-kwargs", "steps=3", "scale=1.5", "name=fast")
+    assert first.returncode == 0, first.stderr
+    seen = set(log.read_text().splitlines())
+    assert seen == {json.dumps({"name": "fast", "scale": 1.5, "steps": 3}, sort_keys=True)}
+    other = cli("evals.generate", *args, "--gen-kwargs", "steps=4")
+    assert other.returncode == 2 and "was generated with other settings" in other.stderr
+    again = cli("evals.generate", *args, "--gen-kwargs", "steps=3", "scale=1.5", "name=fast")
+    assert again.returncode == 0, again.stderr
