@@ -92,14 +92,19 @@ def test_given_ids_are_used_as_they_are(bpe) -> None:
     assert not torch.allclose(out.features[0, :1], out.features[1, :1])  # different ids, different condition
 
 
-def test_module_caches_and_conditions_on_the_generated_ids(monkeypatch) -> None:
+def bpe_module(monkeypatch) -> UniFusionModule:
+    """A VERIFI module on the random tiny Llama, registered as preset ``bpe-llama`` for this test."""
     preset = EncoderPreset(builder=lambda seed: bpe_llama(), template=TEMPLATE, layers=(-1,), max_length=64,
                            verifi=VERIFI)
     monkeypatch.setitem(ENCODER_PRESETS, "bpe-llama", preset)
     cfg = merge(load_base(), {"candidate": "last_layer", "encoder": {"preset": "bpe-llama", "layers": [-1],
                                                                      "stride": None, "start": None, "verifi": True},
                               "dit": {"dim": 32, "depth": 2, "heads": 2, "patch": 8}, "conditioner": {"heads": 2}})
-    module = UniFusionModule(cfg)
+    return UniFusionModule(cfg)
+
+
+def test_module_caches_and_conditions_on_the_generated_ids(monkeypatch) -> None:
+    module = bpe_module(monkeypatch)
     gen = generated_directly(*bpe_llama())
     out = module.encode([PROMPT, PROMPT])
     assert kept(out, 0) == kept(out, 1) == gen
@@ -153,13 +158,7 @@ def test_rewrite_features_come_from_the_generation_and_equal_encoding_it_again(b
 def test_module_encodes_new_prompts_in_their_generating_pass_and_caches_the_ids(monkeypatch) -> None:
     """A batch of new distinct prompts: one generation, no second encoding, rewrites cached; the same batch again
     is encoded from the cached ids, with the same features."""
-    preset = EncoderPreset(builder=lambda seed: bpe_llama(), template=TEMPLATE, layers=(-1,), max_length=64,
-                           verifi=VERIFI)
-    monkeypatch.setitem(ENCODER_PRESETS, "bpe-llama", preset)
-    cfg = merge(load_base(), {"candidate": "last_layer", "encoder": {"preset": "bpe-llama", "layers": [-1],
-                                                                     "stride": None, "start": None, "verifi": True},
-                              "dit": {"dim": 32, "depth": 2, "heads": 2, "patch": 8}, "conditioner": {"heads": 2}})
-    module = UniFusionModule(cfg)
+    module = bpe_module(monkeypatch)
     prompts = [PROMPT, "two green triangles"]
     real = module.encoder.encode_ids
     with monkeypatch.context() as m:
