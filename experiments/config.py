@@ -191,9 +191,10 @@ def load_experiment(exp: str, smoke: bool = False, paper: bool = False,
             runs += expand_seeds(RunSpec(exp, "_".join([name, *suffix]), cfg))
     from experiments.validation import val_every
 
+    defaults = load_base()
     for r in runs:
         try:
-            check_values(r.config, load_base())
+            check_values(r.config, defaults)
             check_model_config(r.config)
             val_every(r.config)  # held-out validation needs the shapes world (a paper variant must turn it off)
         except ValueError as err:

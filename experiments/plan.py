@@ -338,17 +338,16 @@ def markdown(df: pd.DataFrame, exp: str, assume: Assumptions) -> str:
              "gpu_hours_decode": "GPU-hours, decode"}
     lines = ["| " + " | ".join(names.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
-        vals = {**r.to_dict(), "encoder": r.get("encoder", ""), "gpu_hours_decode": hour_range(r)}
+        vals = {**r.to_dict(), "encoder": r.get("encoder", ""), "gpu_hours_decode": hour_span(*run_hours(r)[1:])}
         if r["status"] == "error":
             vals = {c: (vals[c] if c in ("run", "status") else "") for c in cols}
         lines.append("| " + " | ".join(_fmt(vals.get(c), kinds.get(c, "")) for c in cols) + " |")
     errors = [f"- `{r['run']}` ({r['status']}): {r['error']}" for _, r in df.iterrows() if r["status"] != "ok"]
     total = df["gpu_hours"].fillna(0).sum() if "gpu_hours" in df else 0
     tail = f"\nTotal: {total:,.0f} GPU-hours for the sweep's {len(df)} runs"
-    if "gpu_hours_decode_hi" in df and (df["gpu_hours_decode_hi"].fillna(0) != df["gpu_hours"].fillna(0)).any():
-        lo, hi = (df[c].fillna(0).sum() for c in ("gpu_hours_decode_lo", "gpu_hours_decode_hi"))
-        tail += (f"; {lo:,.0f} - {hi:,.0f} with VERIFI decoded at {assume.decode_ms[0]:g}-{assume.decode_ms[1]:g} "
-                 "ms/token")
+    lo, hi = (sum(run_hours(r)[i] for r in df.to_dict("records")) for i in (1, 2))
+    if hour_span(lo, hi) != f"{total:,.0f}":
+        tail += f"; {hour_span(lo, hi)} with VERIFI decoded at {assume.decode_ms[0]:g}-{assume.decode_ms[1]:g} ms/token"
     tail += ".\n"
     if errors:
         tail += "\nNot ok:\n" + "\n".join(errors) + "\n"
@@ -378,64 +377,59 @@ def run_identities(exp: str) -> dict[str, str]:
     return {r.name: r.dirname[len(r.name):] for r in runs}
 
 
-def hour_range(row: Any) -> str:
-    """``lo - hi`` GPU-hours of a run whose VERIFI rewrite is priced at the assumed decode latencies; the plain
-    GPU-hours for a run without a rewrite (or a plan written before the columns existed)."""
-    lo, hi, plain = (row.get(k) for k in ("gpu_hours_decode_lo", "gpu_hours_decode_hi", "gpu_hours"))
-    if lo is None or pd.isna(lo) or pd.isna(hi):
-        return "" if plain is None or pd.isna(plain) else f"{plain:,.0f}"
-    return f"{lo:,.0f}" if lo == hi else f"{lo:,.0f} - {hi:,.0f}"
+def run_hours(row: Any) -> tuple[float, float, float]:
+    """(GPU-hours, low, high) of one plan row: the high/low price VERIFI's rewrite at the assumed decode latencies;
+    a run without a rewrite, or a plan written before those columns existed, has its GPU-hours for all three."""
+    plain = row.get("gpu_hours")
+    plain = 0.0 if plain is None or pd.isna(plain) else float(plain)
+    lo, hi = (row.get(k) for k in ("gpu_hours_decode_lo", "gpu_hours_decode_hi"))
+    return (plain, plain, plain) if lo is None or pd.isna(lo) or pd.isna(hi) else (plain, float(lo), float(hi))
+
+
+def hour_span(lo: float, hi: float) -> str:
+    """``"1,500 - 2,500"``, or one number when both round alike."""
+    return f"{lo:,.0f}" if round(lo) == round(hi) else f"{lo:,.0f} - {hi:,.0f}"
 
 
 def summary(out: Path = PLAN_DIR) -> str:
     """Markdown: GPU-hours and status of every planned sweep (from the committed ``<exp>.csv`` files), and the total
     over unique runs: a run that another sweep also configures identically (same seed and config hash) trains once,
     so it counts once; the shared ones are listed with who shares them. Beside each number, the range with VERIFI's
-    rewrite decoded at the plan's assumed per-token latencies (``Assumptions.decode_ms``)."""
+    rewrite decoded at the plan's assumed per-token latencies (``Assumptions.decode_ms``, ``run_hours``)."""
     from experiments.config import available_experiments
 
-    def hours(df: pd.DataFrame, col: str) -> float:
-        col = col if col in df else "gpu_hours"  # a plan written before the decode columns: no rewrite range
-        return float(df[col].fillna(0).sum()) if col in df else 0.0
-
-    def span(lo: float, hi: float) -> str:
-        return f"{lo:,.0f}" if round(lo) == round(hi) else f"{lo:,.0f} - {hi:,.0f}"
-
-    ms = ""
-    lines = []
-    rows, total = [], [0.0, 0.0, 0.0]
+    ms, rows, total = "", [], [0.0, 0.0, 0.0]
     owners: dict[str, list[tuple[str, str, tuple[float, float, float]]]] = {}  # identity -> [(sweep, run, hours)]
     for path in [out / f"{exp}.csv" for exp in available_experiments() if (out / f"{exp}.csv").is_file()]:
         df = pd.read_csv(path)
-        h = (hours(df, "gpu_hours"), hours(df, "gpu_hours_decode_lo"), hours(df, "gpu_hours_decode_hi"))
+        records = df.to_dict("records")
+        h = [sum(run_hours(r)[i] for r in records) for i in range(3)]
         total = [t + x for t, x in zip(total, h, strict=True)]
-        ms = ms or (str(df["decode_ms"].dropna().iloc[0]) if "decode_ms" in df and df["decode_ms"].notna().any()
-                    else "")
+        if not ms and "decode_ms" in df and df["decode_ms"].notna().any():
+            ms = str(df["decode_ms"].dropna().iloc[0])
         gpus = ", ".join(str(int(g)) for g in sorted(df["gpus"].dropna().unique())) if "gpus" in df else ""
         gpu = ", ".join(sorted(df["gpu"].dropna().unique())) if "gpu" in df else ""
         rows.append(f"| `{path.stem}` | {len(df)} | {int((df['status'] == 'ok').sum())} | {gpus} | {gpu} | "
-                    f"{h[0]:,.0f} | {span(h[1], h[2])} |")
+                    f"{h[0]:,.0f} | {hour_span(h[1], h[2])} |")
         ids = run_identities(path.stem)
-        for row in df.to_dict("records"):
+        for row in records:
             key = ids.get(row["run"], f"{path.stem}/{row['run']}")  # a run the YAML no longer has: its own identity
-            plain = float(row.get("gpu_hours") or 0)
-            lo, hi = (float(row[c]) if c in row and pd.notna(row[c]) else plain
-                      for c in ("gpu_hours_decode_lo", "gpu_hours_decode_hi"))
-            owners.setdefault(key, []).append((path.stem, row["run"], (plain, lo, hi)))
+            owners.setdefault(key, []).append((path.stem, row["run"], run_hours(row)))
     unique = [sum(group[0][2][i] for group in owners.values()) for i in range(3)]
     decode = f"GPU-hours, VERIFI decoded at {ms} ms/token" if ms else "GPU-hours, decode"
-    lines += [f"| sweep | runs | ok | GPUs per run | GPU | GPU-hours | {decode} |", "|---|---|---|---|---|---|---|"]
-    lines += rows
-    lines.append(f"| all, as configured | | | | | {total[0]:,.0f} | {span(total[1], total[2])} |")
-    lines.append(f"| all, unique runs | | | | | {unique[0]:,.0f} | {span(unique[1], unique[2])} |")
+    lines = [f"| sweep | runs | ok | GPUs per run | GPU | GPU-hours | {decode} |", "|---|---|---|---|---|---|---|",
+             *rows,
+             f"| all, as configured | | | | | {total[0]:,.0f} | {hour_span(total[1], total[2])} |",
+             f"| all, unique runs | | | | | {unique[0]:,.0f} | {hour_span(unique[1], unique[2])} |"]
     shared = [group for group in owners.values() if len(group) > 1]
     if shared:
         lines += ["", "Runs configured identically in more than one sweep (trained once, counted once above):", ""]
-        lines += [f"- {' = '.join(f'`{e}/{r}`' for e, r, _ in group)}: {group[0][2][0]:,.0f} GPU-hours"
-                  + (f" ({span(*group[0][2][1:])} with VERIFI decoded at {ms} ms/token)"
-                     if round(group[0][2][1]) != round(group[0][2][0]) or round(group[0][2][2]) != round(group[0][2][0])
-                     else "")
-                  for group in sorted(shared, key=lambda g: -g[0][2][0])]
+        for group in sorted(shared, key=lambda g: -g[0][2][0]):
+            plain, lo, hi = group[0][2]
+            decoded = hour_span(lo, hi)
+            lines.append(f"- {' = '.join(f'`{e}/{r}`' for e, r, _ in group)}: {plain:,.0f} GPU-hours"
+                         + (f" ({decoded} with VERIFI decoded at {ms} ms/token)" if decoded != f"{plain:,.0f}"
+                            else ""))
     return "\n".join(lines) + "\n"
 
 
