@@ -38,8 +38,12 @@ class EncoderOutput:
     layer_ids: tuple[int, ...]  # the N hidden-state ids, ascending
     token_ids: Tensor | None = None  # (B, T) long, the kept token ids, pad id where mask is False
     positions: Tensor | None = None  # (B, T) long, where each kept token sits in the encoded sequence; -1 = pad
-    rewrites: list[str | None] | None = None  # VERIFI: the decoded rewrite of each prompt, for people to read
     generated: list[Rewrite] | None = None  # VERIFI: each prompt's rewrite: its generated ids and their text
+
+    @property
+    def rewrites(self) -> list[str] | None:
+        """VERIFI: the decoded rewrite of each prompt, for people to read."""
+        return None if self.generated is None else [g.text for g in self.generated]
 
 
 @dataclass
@@ -468,7 +472,6 @@ class FrozenEncoder(nn.Module):
             layer_ids=self.layer_ids,
             token_ids=token_ids.to(d),
             positions=positions.to(d),
-            rewrites=[r.rewrite.text for r in rows] if verifi else None,
             generated=[r.rewrite for r in rows] if verifi else None,
         )
 
