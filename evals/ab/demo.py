@@ -100,6 +100,10 @@ def run_demo(out: str | Path, db: str | None = None, seed: int = 0) -> Path:
         create_study(sessions, "ab_demo", dir_a, dir_b, "geneval", ASPECTS, votes_per_pair=3, name_a=name_a,
                      name_b=name_b, gold_rate=0.3, gold_threshold=0.7, seed=seed)
         people = add_annotators(sessions, "ab_demo", CAREFUL + CARELESS)
+        with sessions() as s:  # the side each pair's answer should be: gold's, or what the detector supports
+            truth = {p.id: p.gold_answer or _truth(p, dir_a) for p in s.query(Pair)}
+            winner = {p.id: "tie" if truth[p.id] == "tie" else name_a if (truth[p.id] == "left") == p.a_on_left
+                      else name_b for p in s.query(Pair).filter(Pair.gold_answer.is_(None))}  # real pairs, by system
         rng, pace = random.Random(seed), random.Random(seed + 1)  # pace: simulated seconds per pair
         clock = utcnow()
         active = [(token, k < CAREFUL) for k, (_, token) in enumerate(people)]
@@ -111,21 +115,14 @@ def run_demo(out: str | Path, db: str | None = None, seed: int = 0) -> Path:
             pair, _, _ = next_pair(sessions, token, now=clock)
             if pair is None:
                 continue  # this one is done; it leaves the round
-            with sessions() as s:
-                pair = s.get(Pair, pair.id)
-                truth = pair.gold_answer or _truth(pair, dir_a)
-            choices = {a: truth if careful and rng.random() < P_RIGHT else rng.choice(["left", "right", "tie"])
+            choices = {a: truth[pair.id] if careful and rng.random() < P_RIGHT else rng.choice(["left", "right", "tie"])
                        for a in ASPECTS}
             seconds = pace.choice(CAREFUL_SECONDS if careful else CARELESS_SECONDS)
             record_vote(sessions, token, pair.public_id, choices, now=clock + timedelta(seconds=seconds))
             active.append((token, careful))
         report = build_report(sessions, "ab_demo", note=NOTE)
-        with sessions() as s:  # what the detector supports for each real pair, named by system
-            truths = []
-            for pair in s.query(Pair).filter(Pair.gold_answer.is_(None)):
-                side = _truth(pair, dir_a)
-                truths.append("tie" if side == "tie" else name_a if (side == "left") == pair.a_on_left else name_b)
         engine.dispose()
+    truths = list(winner.values())
     write_report(report, out)
     atomic_write_text(out / "README.md", README.format(note=NOTE, pairs=len(truths), ties=truths.count("tie"),
                                                        lap_better=truths.count(name_a),
