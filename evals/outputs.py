@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from common.files import atomic_write_text
-from evals.cache import JUDGE_FILE, check_judge
+from evals.cache import JUDGE_FILE, check_judge, describe
 
 SUMMARY = "summary.json"
 ITEMS = "items.jsonl"
@@ -67,8 +67,6 @@ def headline_rows(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]
 def render_table(summary: Mapping[str, Any], detail: str = "") -> str:
     """``table.md``: the judge, one row per headline / breakdown key (names as in summary.json), the counts, then
     the benchmark's own ``detail`` (markdown)."""
-    from evals.cache import describe
-
     title = BENCHMARK_TITLES.get(summary["benchmark"], summary["benchmark"])
     lines = [f"# {title}", "", f"judge: `{describe(summary['judge'])}`"]
     gen = summary.get("generator")
@@ -134,8 +132,6 @@ def read_summary(out_dir: str | Path) -> dict[str, Any]:
 
 def render_combined_table(combined: Mapping[str, Any]) -> str:
     """The combined ``table.md`` of ``evals.all``: one row per benchmark scored (headline, CI, n, judge)."""
-    from evals.cache import describe
-
     lines = ["# All benchmarks", "", "| benchmark | score | value | 95% CI | n | judge | generator |",
              "|---|---|---:|---|---:|---|---|"]
     for r in combined["rows"]:
